@@ -1,0 +1,1 @@
+"""transxssm_kernels: compute kernels of TransXSSM. rope_ssd: SSD with Unified RoPE (references, Triton, decode)."""
