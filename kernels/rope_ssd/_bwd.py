@@ -1,0 +1,266 @@
+"""Backward Triton kernels of the chunked SSD with Unified RoPE (see chunk.py for the derivation).
+
+g is the gradient of y; u_s = delta_s x_s; L_ts = exp(cs_t - cs_s) for s <= t in the same chunk (and document).
+  1. chunk_state_kernel (MODE=1, in _fwd.py): each chunk's own  sum_t exp(cs_t) g_t C~_t^T          (P x N)
+  2. state_pass_bwd_kernel: reverse walk, dH_c = local_c + exp(cs_last_c) dH_{c+1}; overwrites the local sums with
+     the gradient of the state leaving each chunk, and adds <dH_{c+1}, H_{c+1}> to d cs_last of chunk c.
+  3. dc_kernel   (t rows):  dC~_t = exp(cs_t) g_t H_c + sum_s L_ts (g_t.u_s) B~_s ;  g_t.y_t
+  4. dxdb_kernel (s rows):  du_s = w_s dH_{c+1} B~_s + sum_t L_ts (C~_t.B~_s) g_t ;
+                            dB~_s = w_s dH_{c+1}^T u_s + sum_t L_ts (g_t.u_s) C~_t ;  w_s = exp(cs_last - cs_s)
+     then dx = delta du, d delta (direct) = du.x, and u.du.
+  d cs_t = g_t.y_t - u_t.du_t (+ the chunk-end term at the chunk's last row); chunk.py turns it into d delta, d A.
+Rotated gradients go back through the inverse rotation as they are stored.
+"""
+
+import triton
+import triton.language as tl
+
+from ._triton_common import load_rotated, unrotate
+
+
+@triton.jit
+def state_pass_bwd_kernel(
+    dstates_ptr,                              # (b, H, NC, P*N) fp32: in local sums, out d(state leaving chunk c)
+    states_ptr, final_ptr,                    # states entering each chunk, final state
+    dfinal_ptr, dinit_ptr,                    # (b, H, P*N) fp32
+    cs_ptr, seq_ptr, dcs_last_ptr,            # dcs_last (b, H, NC) fp32, zero-initialised (atomic adds)
+    L, Lp, H, NC, PN,
+    Q: tl.constexpr, BLOCK: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    bi = pid_bh // H
+    offs = pid_b * BLOCK + tl.arange(0, BLOCK)
+    m = offs < PN
+    if HAS_DFINAL:
+        run = tl.load(dfinal_ptr + pid_bh.to(tl.int64) * PN + offs, mask=m, other=0.0)
+    else:
+        run = tl.zeros((BLOCK,), dtype=tl.float32)
+    dbase = dstates_ptr + pid_bh.to(tl.int64) * NC * PN
+    sbase = states_ptr + pid_bh.to(tl.int64) * NC * PN
+    cs_base = cs_ptr + pid_bh.to(tl.int64) * Lp
+    for i in range(NC):
+        c = NC - 1 - i
+        local = tl.load(dbase + c * PN + offs, mask=m, other=0.0)
+        tl.store(dbase + c * PN + offs, run, mask=m)
+        if c == NC - 1:
+            h_next = tl.load(final_ptr + pid_bh.to(tl.int64) * PN + offs, mask=m, other=0.0)
+        else:
+            h_next = tl.load(sbase + (c + 1) * PN + offs, mask=m, other=0.0)
+        tl.atomic_add(dcs_last_ptr + pid_bh.to(tl.int64) * NC + c, tl.sum(run * h_next, axis=0))
+        decay = tl.exp(tl.load(cs_base + c * Q + Q - 1))
+        if HAS_SEQ:
+            last = tl.minimum(c * Q + Q, L) - 1
+            prev = tl.maximum(c * Q - 1, 0)
+            same = tl.load(seq_ptr + bi.to(tl.int64) * L + last) == tl.load(seq_ptr + bi.to(tl.int64) * L + prev)
+            decay = tl.where(same, decay, 0.0)
+        run = local + decay * run
+    tl.store(dinit_ptr + pid_bh.to(tl.int64) * PN + offs, run, mask=m)
+
+
+@triton.jit
+def dc_kernel(
+    g_ptr, s_gb, s_gl, s_gh, s_gp,            # (b, l, H, P)
+    x_ptr, s_xb, s_xl, s_xh, s_xp,
+    b_ptr, s_bb, s_bl, s_bg, s_bn,
+    c_ptr, s_cb_, s_cl_, s_cg, s_cn,
+    cos_ptr, sin_ptr, s_tb, s_tl,
+    delta_ptr, cs_ptr, seq_ptr,
+    states_ptr,                               # (b, H, NC, P, N) state entering each chunk
+    dc_ptr, s_db, s_dl, s_dh, s_dn,           # dC per head (b, l, H, N)
+    gy_ptr,                                   # (b, H, Lp) fp32: g_t . y_t
+    L, Lp, H, HPG, P, NC,
+    N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
+    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    c = pid_t // (Q // BT)
+    tb = pid_t % (Q // BT)
+    bi = pid_bh // H
+    hi_ = pid_bh % H
+    gi = hi_ // HPG
+    b64 = bi.to(tl.int64)
+    dot_dtype = x_ptr.dtype.element_ty
+
+    offs_p = tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    half = tl.arange(0, BLOCK_NH)
+    mask_h = half < N_HALF
+    N = 2 * N_HALF
+
+    start = c * Q
+    rows_t = start + tb * BT + tl.arange(0, BT)
+    tmask = rows_t < L
+    cs_base = cs_ptr + pid_bh.to(tl.int64) * Lp
+    delta_base = delta_ptr + pid_bh.to(tl.int64) * Lp
+    cos_base = cos_ptr + b64 * s_tb
+    sin_base = sin_ptr + b64 * s_tb
+    x_base = x_ptr + b64 * s_xb + hi_ * s_xh
+    bm_base = b_ptr + b64 * s_bb + gi * s_bg
+    cm_base = c_ptr + b64 * s_cb_ + gi * s_cg
+
+    cs_t = tl.load(cs_base + rows_t)
+    c_lo, c_hi = load_rotated(cm_base, rows_t, tmask, s_cl_, s_cn, cos_base, sin_base, s_tl, half, mask_h,
+                              N_HALF, HAS_ROPE)
+    c_lo = c_lo.to(dot_dtype)
+    c_hi = c_hi.to(dot_dtype)
+    g = tl.load(g_ptr + b64 * s_gb + hi_ * s_gh + rows_t[:, None] * s_gl + offs_p[None, :] * s_gp,
+                mask=tmask[:, None] & mask_p[None, :], other=0.0)
+    g_f = g.to(tl.float32)
+    g = g.to(dot_dtype)
+
+    st_base = states_ptr + (pid_bh.to(tl.int64) * NC + c) * P * N
+    sptr = st_base + offs_p[:, None] * N + half[None, :]
+    smask = mask_p[:, None] & mask_h[None, :]
+    h_lo = tl.load(sptr, mask=smask, other=0.0).to(dot_dtype)
+    h_hi = tl.load(sptr + N_HALF, mask=smask, other=0.0).to(dot_dtype)
+    w_t = tl.exp(cs_t)
+    if HAS_SEQ:
+        seq_t = tl.load(seq_ptr + b64 * L + rows_t, mask=tmask, other=-1)
+        seq_prev = tl.load(seq_ptr + b64 * L + tl.maximum(start - 1, 0))
+        w_t = tl.where(seq_t == seq_prev, w_t, 0.0)
+    dc_lo = tl.dot(g, h_lo) * w_t[:, None]
+    dc_hi = tl.dot(g, h_hi) * w_t[:, None]
+    y_off = (tl.dot(c_lo, tl.trans(h_lo)) + tl.dot(c_hi, tl.trans(h_hi))) * w_t[:, None]
+    gy = tl.sum(g_f * y_off, axis=1)
+
+    for s0 in range(0, (tb + 1) * BT, BT):
+        rows_s = start + s0 + tl.arange(0, BT)
+        smask_r = rows_s < L
+        b_lo, b_hi = load_rotated(bm_base, rows_s, smask_r, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,
+                                  N_HALF, HAS_ROPE)
+        b_lo = b_lo.to(dot_dtype)
+        b_hi = b_hi.to(dot_dtype)
+        xs = tl.load(x_base + rows_s[:, None] * s_xl + offs_p[None, :] * s_xp,
+                     mask=smask_r[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
+        d_s = tl.load(delta_base + rows_s)
+        cs_s = tl.load(cs_base + rows_s)
+        u = (xs * d_s[:, None]).to(dot_dtype)
+        scores = tl.dot(c_lo, tl.trans(b_lo)) + tl.dot(c_hi, tl.trans(b_hi))
+        gu = tl.dot(g, tl.trans(u))
+        keep = rows_t[:, None] >= rows_s[None, :]
+        if HAS_SEQ:
+            seq_s = tl.load(seq_ptr + b64 * L + rows_s, mask=smask_r, other=-2)
+            keep = keep & (seq_t[:, None] == seq_s[None, :])
+        decay = tl.where(keep, tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0)), 0.0)
+        w = gu * decay
+        gy += tl.sum(w * scores, axis=1)
+        w = w.to(dot_dtype)
+        dc_lo += tl.dot(w, b_lo)
+        dc_hi += tl.dot(w, b_hi)
+
+    dc_lo, dc_hi = unrotate(dc_lo, dc_hi, rows_t, tmask, cos_base, sin_base, s_tl, half, mask_h, HAS_ROPE)
+    dptr = dc_ptr + b64 * s_db + hi_ * s_dh + rows_t[:, None] * s_dl + half[None, :] * s_dn
+    dmask = tmask[:, None] & mask_h[None, :]
+    tl.store(dptr, dc_lo.to(dc_ptr.dtype.element_ty), mask=dmask)
+    tl.store(dptr + N_HALF * s_dn, dc_hi.to(dc_ptr.dtype.element_ty), mask=dmask)
+    tl.store(gy_ptr + pid_bh.to(tl.int64) * Lp + rows_t, gy)
+
+
+@triton.jit
+def dxdb_kernel(
+    g_ptr, s_gb, s_gl, s_gh, s_gp,
+    x_ptr, s_xb, s_xl, s_xh, s_xp,
+    b_ptr, s_bb, s_bl, s_bg, s_bn,
+    c_ptr, s_cb_, s_cl_, s_cg, s_cn,
+    cos_ptr, sin_ptr, s_tb, s_tl,
+    delta_ptr, cs_ptr, seq_ptr,
+    dstates_ptr,                              # (b, H, NC, P, N) gradient of the state leaving each chunk
+    dx_ptr, s_dxb, s_dxl, s_dxh, s_dxp,       # (b, l, H, P)
+    db_ptr, s_db, s_dl, s_dh, s_dn,           # dB per head (b, l, H, N)
+    ddelta_ptr, udu_ptr,                      # (b, H, Lp) fp32
+    L, Lp, H, HPG, P, NC,
+    N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
+    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    c = pid_s // (Q // BT)
+    sb = pid_s % (Q // BT)
+    bi = pid_bh // H
+    hi_ = pid_bh % H
+    gi = hi_ // HPG
+    b64 = bi.to(tl.int64)
+    dot_dtype = x_ptr.dtype.element_ty
+
+    offs_p = tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    half = tl.arange(0, BLOCK_NH)
+    mask_h = half < N_HALF
+    N = 2 * N_HALF
+
+    start = c * Q
+    last = tl.minimum(start + Q, L) - 1
+    rows_s = start + sb * BT + tl.arange(0, BT)
+    smask_r = rows_s < L
+    cs_base = cs_ptr + pid_bh.to(tl.int64) * Lp
+    delta_base = delta_ptr + pid_bh.to(tl.int64) * Lp
+    cos_base = cos_ptr + b64 * s_tb
+    sin_base = sin_ptr + b64 * s_tb
+    g_base = g_ptr + b64 * s_gb + hi_ * s_gh
+    cm_base = c_ptr + b64 * s_cb_ + gi * s_cg
+    bm_base = b_ptr + b64 * s_bb + gi * s_bg
+
+    cs_s = tl.load(cs_base + rows_s)
+    d_s = tl.load(delta_base + rows_s)
+    b_lo, b_hi = load_rotated(bm_base, rows_s, smask_r, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,
+                              N_HALF, HAS_ROPE)
+    b_lo = b_lo.to(dot_dtype)
+    b_hi = b_hi.to(dot_dtype)
+    xs = tl.load(x_ptr + b64 * s_xb + hi_ * s_xh + rows_s[:, None] * s_xl + offs_p[None, :] * s_xp,
+                 mask=smask_r[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
+    u_f = xs * d_s[:, None]
+    u = u_f.to(dot_dtype)
+
+    # the path through the state leaving the chunk
+    w_s = tl.exp(tl.load(cs_base + start + Q - 1) - cs_s)
+    if HAS_SEQ:
+        seq_s = tl.load(seq_ptr + b64 * L + rows_s, mask=smask_r, other=-2)
+        seq_last = tl.load(seq_ptr + b64 * L + last)
+        w_s = tl.where(seq_s == seq_last, w_s, 0.0)
+    dst = dstates_ptr + (pid_bh.to(tl.int64) * NC + c) * P * N
+    sptr = dst + offs_p[:, None] * N + half[None, :]
+    smask = mask_p[:, None] & mask_h[None, :]
+    dh_lo = tl.load(sptr, mask=smask, other=0.0).to(dot_dtype)
+    dh_hi = tl.load(sptr + N_HALF, mask=smask, other=0.0).to(dot_dtype)
+    du = (tl.dot(b_lo, tl.trans(dh_lo)) + tl.dot(b_hi, tl.trans(dh_hi))) * w_s[:, None]
+    db_lo = tl.dot(u, dh_lo) * w_s[:, None]
+    db_hi = tl.dot(u, dh_hi) * w_s[:, None]
+
+    # within the chunk: target blocks from the diagonal one to the chunk's end
+    for t0 in range(sb * BT, Q, BT):
+        rows_t = start + t0 + tl.arange(0, BT)
+        tmask = rows_t < L
+        c_lo, c_hi = load_rotated(cm_base, rows_t, tmask, s_cl_, s_cn, cos_base, sin_base, s_tl, half, mask_h,
+                                  N_HALF, HAS_ROPE)
+        c_lo = c_lo.to(dot_dtype)
+        c_hi = c_hi.to(dot_dtype)
+        g = tl.load(g_base + rows_t[:, None] * s_gl + offs_p[None, :] * s_gp,
+                    mask=tmask[:, None] & mask_p[None, :], other=0.0).to(dot_dtype)
+        cs_t = tl.load(cs_base + rows_t)
+        scores_t = tl.dot(b_lo, tl.trans(c_lo)) + tl.dot(b_hi, tl.trans(c_hi))   # (s, t)
+        ug = tl.dot(u, tl.trans(g))                                              # (s, t)
+        keep = rows_t[None, :] >= rows_s[:, None]
+        if HAS_SEQ:
+            seq_t = tl.load(seq_ptr + b64 * L + rows_t, mask=tmask, other=-1)
+            keep = keep & (seq_t[None, :] == seq_s[:, None])
+        decay = tl.where(keep, tl.exp(tl.minimum(cs_t[None, :] - cs_s[:, None], 0.0)), 0.0)
+        du += tl.dot((scores_t * decay).to(dot_dtype), g)
+        w = (ug * decay).to(dot_dtype)
+        db_lo += tl.dot(w, c_lo)
+        db_hi += tl.dot(w, c_hi)
+
+    dx = du * d_s[:, None]
+    ddelta = tl.sum(du * xs, axis=1)
+    udu = tl.sum(du * u_f, axis=1)
+    tl.store(dx_ptr + b64 * s_dxb + hi_ * s_dxh + rows_s[:, None] * s_dxl + offs_p[None, :] * s_dxp,
+             dx.to(dx_ptr.dtype.element_ty), mask=smask_r[:, None] & mask_p[None, :])
+    tl.store(ddelta_ptr + pid_bh.to(tl.int64) * Lp + rows_s, ddelta)
+    tl.store(udu_ptr + pid_bh.to(tl.int64) * Lp + rows_s, udu)
+
+    db_lo, db_hi = unrotate(db_lo, db_hi, rows_s, smask_r, cos_base, sin_base, s_tl, half, mask_h, HAS_ROPE)
+    dptr = db_ptr + b64 * s_db + hi_ * s_dh + rows_s[:, None] * s_dl + half[None, :] * s_dn
+    dmask = smask_r[:, None] & mask_h[None, :]
+    tl.store(dptr, db_lo.to(db_ptr.dtype.element_ty), mask=dmask)
+    tl.store(dptr + N_HALF * s_dn, db_hi.to(db_ptr.dtype.element_ty), mask=dmask)

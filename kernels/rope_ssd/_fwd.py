@@ -1,0 +1,204 @@
+"""Forward Triton kernels of the chunked SSD with Unified RoPE (see chunk.py for the math and the shapes).
+
+Three launches:
+  1. `chunk_state_kernel`   grid (chunks, b*H): each chunk's own end state  S_c = sum_s w_s x_s B~_s^T  (P x N),
+                            w_s = delta_s exp(cs_last - cs_s). The backward reuses it (MODE=1) for
+                            sum_t exp(cs_t) g_t C~_t^T.
+  2. `state_pass_kernel`    grid (b*H, blocks of P*N): walks the chunks in order, h <- exp(cs_last) h + S_c, and
+                            overwrites S_c with the state entering chunk c (kept for the backward).
+  3. `chunk_output_kernel`  grid (chunks * row blocks, b*H): y_t = exp(cs_t) C~_t h_c^T
+                            + sum_{s<=t} exp(cs_t - cs_s) (C~_t . B~_s) delta_s x_s.
+cs is the within-chunk cumulative sum of delta*A, laid out (b, H, Lp) with Lp = chunks * Q (zero-padded delta).
+"""
+
+import triton
+import triton.language as tl
+
+from ._triton_common import load_rotated
+
+
+@triton.jit
+def chunk_state_kernel(
+    vec_ptr, s_vb, s_vl, s_vh, s_vp,          # x (fwd) or g (bwd): (b, l, H, P)
+    mat_ptr, s_mb, s_ml, s_mg, s_mn,          # B (fwd) or C (bwd): (b, l, G, N)
+    cos_ptr, sin_ptr, s_cb, s_cl,             # (b?, l, N/2) fp32, last dim contiguous
+    delta_ptr, cs_ptr,                        # (b, H, Lp) fp32 contiguous
+    seq_ptr,                                  # (b, l) int32 contiguous
+    out_ptr,                                  # (b, H, NC, P, N) fp32 contiguous
+    L, Lp, H, HPG, P, NC,
+    N_HALF: tl.constexpr, Q: tl.constexpr, BS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
+    MODE: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bi = pid_bh // H
+    hi_ = pid_bh % H
+    gi = hi_ // HPG
+    dot_dtype = vec_ptr.dtype.element_ty
+
+    offs_p = tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    half = tl.arange(0, BLOCK_NH)
+    mask_h = half < N_HALF
+
+    start = pid_c * Q
+    last = tl.minimum(start + Q, L) - 1
+    cs_base = cs_ptr + pid_bh.to(tl.int64) * Lp
+    vec_base = vec_ptr + bi.to(tl.int64) * s_vb + hi_ * s_vh
+    mat_base = mat_ptr + bi.to(tl.int64) * s_mb + gi * s_mg
+    cos_base = cos_ptr + bi.to(tl.int64) * s_cb
+    sin_base = sin_ptr + bi.to(tl.int64) * s_cb
+    if MODE == 0:
+        # forward: decay from each token to the chunk's end; tokens of earlier documents do not reach it
+        cs_ref = tl.load(cs_base + start + Q - 1)
+        ref = last
+    else:
+        # backward: decay from the chunk's start; tokens of later documents do not see the entering state
+        cs_ref = 0.0
+        ref = tl.maximum(start - 1, 0)
+    if HAS_SEQ:
+        seq_ref = tl.load(seq_ptr + bi.to(tl.int64) * L + ref)
+
+    acc_lo = tl.zeros((BLOCK_P, BLOCK_NH), dtype=tl.float32)
+    acc_hi = tl.zeros((BLOCK_P, BLOCK_NH), dtype=tl.float32)
+    for s0 in range(0, Q, BS):
+        rows = start + s0 + tl.arange(0, BS)
+        rmask = rows < L
+        cs = tl.load(cs_base + rows)
+        if MODE == 0:
+            w = tl.load(delta_ptr + pid_bh.to(tl.int64) * Lp + rows) * tl.exp(cs_ref - cs)
+        else:
+            w = tl.exp(cs)
+        if HAS_SEQ:
+            sq = tl.load(seq_ptr + bi.to(tl.int64) * L + rows, mask=rmask, other=-1)
+            w = tl.where(sq == seq_ref, w, 0.0)
+        w = tl.where(rmask, w, 0.0)
+        v = tl.load(vec_base + rows[:, None] * s_vl + offs_p[None, :] * s_vp,
+                    mask=rmask[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
+        vw = (v * w[:, None]).to(dot_dtype)
+        lo, hi = load_rotated(mat_base, rows, rmask, s_ml, s_mn, cos_base, sin_base, s_cl, half, mask_h,
+                              N_HALF, HAS_ROPE)
+        vwt = tl.trans(vw)
+        acc_lo += tl.dot(vwt, lo.to(dot_dtype))
+        acc_hi += tl.dot(vwt, hi.to(dot_dtype))
+
+    N = 2 * N_HALF
+    out_base = out_ptr + (pid_bh.to(tl.int64) * NC + pid_c) * P * N
+    optr = out_base + offs_p[:, None] * N + half[None, :]
+    omask = mask_p[:, None] & mask_h[None, :]
+    tl.store(optr, acc_lo, mask=omask)
+    tl.store(optr + N_HALF, acc_hi, mask=omask)
+
+
+@triton.jit
+def state_pass_kernel(
+    states_ptr,                               # (b, H, NC, P*N) fp32: in S_c, out: state entering chunk c
+    cs_ptr, seq_ptr, init_ptr, final_ptr,     # init/final (b, H, P*N) fp32
+    L, Lp, H, NC, PN,
+    Q: tl.constexpr, BLOCK: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    bi = pid_bh // H
+    offs = pid_b * BLOCK + tl.arange(0, BLOCK)
+    m = offs < PN
+    if HAS_INIT:
+        h = tl.load(init_ptr + pid_bh.to(tl.int64) * PN + offs, mask=m, other=0.0)
+    else:
+        h = tl.zeros((BLOCK,), dtype=tl.float32)
+    base = states_ptr + pid_bh.to(tl.int64) * NC * PN
+    cs_base = cs_ptr + pid_bh.to(tl.int64) * Lp
+    for c in range(NC):
+        s = tl.load(base + c * PN + offs, mask=m, other=0.0)
+        tl.store(base + c * PN + offs, h, mask=m)
+        decay = tl.exp(tl.load(cs_base + c * Q + Q - 1))
+        if HAS_SEQ:
+            last = tl.minimum(c * Q + Q, L) - 1
+            prev = tl.maximum(c * Q - 1, 0)
+            same = tl.load(seq_ptr + bi.to(tl.int64) * L + last) == tl.load(seq_ptr + bi.to(tl.int64) * L + prev)
+            decay = tl.where(same, decay, 0.0)
+        h = decay * h + s
+    tl.store(final_ptr + pid_bh.to(tl.int64) * PN + offs, h, mask=m)
+
+
+@triton.jit
+def chunk_output_kernel(
+    x_ptr, s_xb, s_xl, s_xh, s_xp,            # (b, l, H, P)
+    b_ptr, s_bb, s_bl, s_bg, s_bn,            # B (b, l, G, N)
+    c_ptr, s_cb_, s_cl_, s_cg, s_cn,          # C (b, l, G, N)
+    cos_ptr, sin_ptr, s_tb, s_tl,             # tables
+    delta_ptr, cs_ptr, seq_ptr,
+    states_ptr,                               # (b, H, NC, P, N) fp32: state entering each chunk
+    y_ptr, s_yb, s_yl, s_yh, s_yp,            # (b, l, H, P)
+    L, Lp, H, HPG, P, NC,
+    N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
+    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    c = pid_t // (Q // BT)
+    tb = pid_t % (Q // BT)
+    bi = pid_bh // H
+    hi_ = pid_bh % H
+    gi = hi_ // HPG
+    b64 = bi.to(tl.int64)
+    dot_dtype = x_ptr.dtype.element_ty
+
+    offs_p = tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    half = tl.arange(0, BLOCK_NH)
+    mask_h = half < N_HALF
+    N = 2 * N_HALF
+
+    start = c * Q
+    rows_t = start + tb * BT + tl.arange(0, BT)
+    tmask = rows_t < L
+    cs_base = cs_ptr + pid_bh.to(tl.int64) * Lp
+    delta_base = delta_ptr + pid_bh.to(tl.int64) * Lp
+    cos_base = cos_ptr + b64 * s_tb
+    sin_base = sin_ptr + b64 * s_tb
+    x_base = x_ptr + b64 * s_xb + hi_ * s_xh
+    bm_base = b_ptr + b64 * s_bb + gi * s_bg
+    cm_base = c_ptr + b64 * s_cb_ + gi * s_cg
+
+    cs_t = tl.load(cs_base + rows_t)
+    c_lo, c_hi = load_rotated(cm_base, rows_t, tmask, s_cl_, s_cn, cos_base, sin_base, s_tl, half, mask_h,
+                              N_HALF, HAS_ROPE)
+    c_lo = c_lo.to(dot_dtype)
+    c_hi = c_hi.to(dot_dtype)
+
+    # contribution of the state entering the chunk
+    st_base = states_ptr + (pid_bh.to(tl.int64) * NC + c) * P * N
+    sptr = st_base + offs_p[:, None] * N + half[None, :]
+    smask = mask_p[:, None] & mask_h[None, :]
+    h_lo = tl.load(sptr, mask=smask, other=0.0).to(dot_dtype)
+    h_hi = tl.load(sptr + N_HALF, mask=smask, other=0.0).to(dot_dtype)
+    w_t = tl.exp(cs_t)
+    if HAS_SEQ:
+        seq_t = tl.load(seq_ptr + b64 * L + rows_t, mask=tmask, other=-1)
+        seq_prev = tl.load(seq_ptr + b64 * L + tl.maximum(start - 1, 0))
+        w_t = tl.where(seq_t == seq_prev, w_t, 0.0)
+    acc = tl.dot(c_lo, tl.trans(h_lo)) + tl.dot(c_hi, tl.trans(h_hi))
+    acc = acc * w_t[:, None]
+
+    # within the chunk, causal: source blocks up to and including the diagonal one
+    for s0 in range(0, (tb + 1) * BT, BT):
+        rows_s = start + s0 + tl.arange(0, BT)
+        smask_r = rows_s < L
+        b_lo, b_hi = load_rotated(bm_base, rows_s, smask_r, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,
+                                  N_HALF, HAS_ROPE)
+        xs = tl.load(x_base + rows_s[:, None] * s_xl + offs_p[None, :] * s_xp,
+                     mask=smask_r[:, None] & mask_p[None, :], other=0.0)
+        d_s = tl.load(delta_base + rows_s)
+        cs_s = tl.load(cs_base + rows_s)
+        scores = tl.dot(c_lo, tl.trans(b_lo.to(dot_dtype))) + tl.dot(c_hi, tl.trans(b_hi.to(dot_dtype)))
+        keep = rows_t[:, None] >= rows_s[None, :]
+        if HAS_SEQ:
+            seq_s = tl.load(seq_ptr + b64 * L + rows_s, mask=smask_r, other=-2)
+            keep = keep & (seq_t[:, None] == seq_s[None, :])
+        decay = tl.where(keep, tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0)), 0.0)
+        scores = scores * decay * d_s[None, :]
+        acc += tl.dot(scores.to(dot_dtype), xs.to(dot_dtype))
+
+    yptr = y_ptr + b64 * s_yb + hi_ * s_yh + rows_t[:, None] * s_yl + offs_p[None, :] * s_yp
+    tl.store(yptr, acc.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & mask_p[None, :])

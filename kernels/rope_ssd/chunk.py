@@ -1,0 +1,193 @@
+"""Chunked SSD with Unified RoPE fused in: Triton forward and backward (the CUDA path of the SS mixer).
+
+    y = rope_ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
+                 rope_cos=None, rope_sin=None, seq_idx=None, initial_state=None, return_final_state=False)
+    -> y  or  (y, final_state) when return_final_state
+
+    x  (b, l, H, P)   bf16 / fp16 / fp32; y has x's dtype. P: any multiple of 16 (64 is the tuned case)
+    dt (b, l, H)      raw; delta = softplus(dt + dt_bias) if dt_softplus else dt (+ dt_bias if given)
+    A  (H,)           fp32, negative; one scalar per head
+    B, C (b, l, G, N) G divides H (head h uses group h // (H // G)); N even, N/2 a multiple of 16 (64, 128 tuned)
+    D  (H,) or None;  z (b, l, H, P) or None: y = (ssd + D x) * silu(z)
+    rope_cos, rope_sin: None or fp32 (l, N//2) or (b, l, N//2); rotate_half pairing over N (see rope.py)
+    seq_idx (b, l) int, non-decreasing: the state is reset where it changes; initial_state belongs to the first
+        document. initial_state (b, H, P, N) fp32 or None; final_state (b, H, P, N) fp32.
+    chunk_size: a power of two >= 16 (256 default; 64, 128 selectable); any l (the last chunk is masked).
+
+Every argument is differentiable (x, dt, A, B, C, D, z, dt_bias, initial_state); the RoPE tables and seq_idx are not.
+All options run in the Triton kernels or in exact PyTorch glue around them; there is no fallback to the reference.
+
+How it works (per batch row and head; Q = chunk_size, cs = within-chunk cumulative sum of delta*A):
+  forward   S_c = sum_s exp(cs_last - cs_s) delta_s x_s B~_s^T           (chunk_state_kernel, chunks in parallel)
+            H_{c+1} = exp(cs_last) H_c + S_c                             (state_pass_kernel, sequential, fp32)
+            y_t = exp(cs_t) C~_t H_c^T + sum_{s<=t} exp(cs_t - cs_s) (C~_t.B~_s) delta_s x_s   (chunk_output_kernel)
+  B~, C~ are rotated inside the kernels as B and C are loaded; the rotated tensors never touch memory.
+  backward  see _bwd.py. The gradient through the rotation is the inverse rotation, applied before storing dB, dC.
+  Saved for backward: the inputs, delta and cs (b, H, Lp) fp32, and the fp32 state entering each chunk
+  (b, H, chunks, P, N): 4*P*N/Q bytes per token and head (128 B at P=64, N=128, Q=256).
+dt -> delta (bias, softplus), the cumulative sum, the D skip and the z gate are plain PyTorch around one
+autograd Function (they touch (b, l, H) tensors or are options off the default path).
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from ._bwd import dc_kernel, dxdb_kernel, state_pass_bwd_kernel
+from ._fwd import chunk_output_kernel, chunk_state_kernel, state_pass_kernel
+from .naive import check_ssd_inputs, compute_delta
+
+_PASS_BLOCK = 2048
+
+
+def _strides4(t):
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _meta(P, N, Q):
+    return dict(
+        N_HALF=N // 2,
+        Q=Q,
+        BLOCK_P=max(16, triton.next_power_of_2(P)),
+        BLOCK_NH=max(16, triton.next_power_of_2(N // 2)),
+    )
+
+
+def _tables(cos, sin, ref):
+    """Return (cos, sin, stride_b, stride_l, has_rope) with the last dim contiguous."""
+    if cos is None:
+        dummy = torch.zeros(1, device=ref.device, dtype=torch.float32)
+        return dummy, dummy, 0, 0, False
+    cos = cos.to(torch.float32).contiguous()
+    sin = sin.to(torch.float32).contiguous()
+    if cos.dim() == 2:
+        return cos, sin, 0, cos.stride(0), True
+    return cos, sin, cos.stride(0), cos.stride(1), True
+
+
+def _kernel_opts(Q):
+    return dict(num_warps=4, num_stages=2)
+
+
+class _RopeSSDCore(torch.autograd.Function):
+    """Core: (x, delta_p, cs, B, C, tables, seq, initial_state) -> (y, final_state). delta_p, cs: (b, H, Lp) fp32."""
+
+    @staticmethod
+    def forward(ctx, x, delta_p, cs, B, C, cos, sin, seq, initial_state, Q, y_dtype):
+        b, l, H, P = x.shape
+        G, N = B.shape[2], B.shape[3]
+        Lp = delta_p.shape[-1]
+        nc = Lp // Q
+        BT = min(64, Q)
+        cos_t, sin_t, s_tb, s_tl, has_rope = _tables(cos, sin, x)
+        has_seq = seq is not None
+        seq_t = seq if has_seq else torch.zeros(1, device=x.device, dtype=torch.int32)
+        meta = _meta(P, N, Q)
+
+        states = torch.empty((b, H, nc, P, N), device=x.device, dtype=torch.float32)
+        chunk_state_kernel[(nc, b * H)](
+            x, *_strides4(x), B, *_strides4(B), cos_t, sin_t, s_tb, s_tl, delta_p, cs, seq_t, states,
+            l, Lp, H, H // G, P, nc, BS=BT, MODE=0, HAS_ROPE=has_rope, HAS_SEQ=has_seq, **meta, **_kernel_opts(Q))
+        final = torch.empty((b, H, P, N), device=x.device, dtype=torch.float32)
+        init = initial_state.to(torch.float32).contiguous() if initial_state is not None else final
+        PN = P * N
+        state_pass_kernel[(b * H, triton.cdiv(PN, _PASS_BLOCK))](
+            states, cs, seq_t, init, final, l, Lp, H, nc, PN,
+            Q=Q, BLOCK=_PASS_BLOCK, HAS_INIT=initial_state is not None, HAS_SEQ=has_seq)
+        y = torch.empty((b, l, H, P), device=x.device, dtype=y_dtype)
+        chunk_output_kernel[(nc * (Q // BT), b * H)](
+            x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
+            delta_p, cs, seq_t, states, y, *_strides4(y),
+            l, Lp, H, H // G, P, nc, BT=BT, HAS_ROPE=has_rope, HAS_SEQ=has_seq, **meta, **_kernel_opts(Q))
+
+        ctx.save_for_backward(x, delta_p, cs, B, C, cos_t, sin_t, seq_t, states, final)
+        ctx.cfg = (Q, s_tb, s_tl, has_rope, has_seq, initial_state is not None)
+        ctx.set_materialize_grads(False)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, delta_p, cs, B, C, cos_t, sin_t, seq_t, states, final = ctx.saved_tensors
+        Q, s_tb, s_tl, has_rope, has_seq, has_init = ctx.cfg
+        b, l, H, P = x.shape
+        G, N = B.shape[2], B.shape[3]
+        Lp = delta_p.shape[-1]
+        nc = Lp // Q
+        BT = min(64, Q)
+        meta = _meta(P, N, Q)
+        dev = x.device
+        if dy is None:
+            dy = torch.zeros_like(x)
+        g = dy.to(x.dtype).contiguous()
+
+        # 1-2: gradient of the state leaving each chunk
+        dstates = torch.empty((b, H, nc, P, N), device=dev, dtype=torch.float32)
+        chunk_state_kernel[(nc, b * H)](
+            g, *_strides4(g), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl, delta_p, cs, seq_t, dstates,
+            l, Lp, H, H // G, P, nc, BS=BT, MODE=1, HAS_ROPE=has_rope, HAS_SEQ=has_seq, **meta, **_kernel_opts(Q))
+        PN = P * N
+        dinit = torch.empty((b, H, P, N), device=dev, dtype=torch.float32)
+        dcs_last = torch.zeros((b, H, nc), device=dev, dtype=torch.float32)
+        dfin = dfinal.to(torch.float32).contiguous() if dfinal is not None else dinit
+        state_pass_bwd_kernel[(b * H, triton.cdiv(PN, _PASS_BLOCK))](
+            dstates, states, final, dfin, dinit, cs, seq_t, dcs_last, l, Lp, H, nc, PN,
+            Q=Q, BLOCK=_PASS_BLOCK, HAS_DFINAL=dfinal is not None, HAS_SEQ=has_seq)
+
+        # 3-4: per-token gradients; with G < H the per-head dB, dC are summed over each group's heads
+        bc_dtype = B.dtype if G == H else torch.float32
+        dB_h = torch.empty((b, l, H, N), device=dev, dtype=bc_dtype)
+        dC_h = torch.empty((b, l, H, N), device=dev, dtype=bc_dtype)
+        gy = torch.empty((b, H, Lp), device=dev, dtype=torch.float32)
+        ddelta = torch.empty((b, H, Lp), device=dev, dtype=torch.float32)
+        udu = torch.empty((b, H, Lp), device=dev, dtype=torch.float32)
+        dx = torch.empty_like(x)
+        grid = (nc * (Q // BT), b * H)
+        dc_kernel[grid](
+            g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
+            delta_p, cs, seq_t, states, dC_h, *_strides4(dC_h), gy,
+            l, Lp, H, H // G, P, nc, BT=BT, HAS_ROPE=has_rope, HAS_SEQ=has_seq, **meta, **_kernel_opts(Q))
+        dxdb_kernel[grid](
+            g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
+            delta_p, cs, seq_t, dstates, dx, *_strides4(dx), dB_h, *_strides4(dB_h), ddelta, udu,
+            l, Lp, H, H // G, P, nc, BT=BT, HAS_ROPE=has_rope, HAS_SEQ=has_seq, **meta, **_kernel_opts(Q))
+        if G == H:
+            dB, dC = dB_h, dC_h
+        else:
+            dB = dB_h.view(b, l, G, H // G, N).sum(3).to(B.dtype)
+            dC = dC_h.view(b, l, G, H // G, N).sum(3).to(C.dtype)
+        dcs = gy - udu
+        dcs.view(b, H, nc, Q)[..., Q - 1] += dcs_last
+        return dx, ddelta, dcs, dB, dC, None, None, None, (dinit if has_init else None), None, None
+
+
+def rope_ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
+             rope_cos=None, rope_sin=None, seq_idx=None, initial_state=None, return_final_state=False):
+    """Fused chunked SSD with Unified RoPE on CUDA (Triton). Signature and shapes: see the module docstring."""
+    b, l, H, P, G, N = check_ssd_inputs(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, rope_cos=rope_cos,
+                                        rope_sin=rope_sin, seq_idx=seq_idx, initial_state=initial_state)
+    Q = int(chunk_size)
+    if Q < 16 or Q & (Q - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
+    if N % 32:
+        raise ValueError(f"rope_ssd needs N/2 to be a multiple of 16 (B.shape[3]={N}); use ssd_chunked_reference")
+    if P % 16:
+        raise ValueError(f"rope_ssd needs P (x.shape[3]={P}) to be a multiple of 16; use ssd_chunked_reference")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"rope_ssd takes bf16/fp16/fp32 x, got {x.dtype}; float64 goes to ssd_chunked_reference")
+    nc = triton.cdiv(max(l, 1), Q)
+    Lp = nc * Q
+
+    delta = compute_delta(dt, dt_bias, dt_softplus, torch.float32)                # (b, l, H)
+    delta_p = F.pad(delta, (0, 0, 0, Lp - l)).transpose(1, 2).contiguous()       # (b, H, Lp), zero-padded
+    cs = (delta_p * A.to(torch.float32)[None, :, None]).view(b, H, nc, Q).cumsum(-1).view(b, H, Lp)
+    seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
+    gated = D is not None or z is not None
+    y, final = _RopeSSDCore.apply(x, delta_p, cs, B, C, rope_cos, rope_sin, seq, initial_state, Q,
+                                  torch.float32 if gated else x.dtype)
+    if gated:
+        if D is not None:
+            y = y + D.to(torch.float32)[:, None] * x.to(torch.float32)
+        if z is not None:
+            y = y * F.silu(z.to(torch.float32))
+        y = y.to(x.dtype)
+    return (y, final) if return_final_state else y
