@@ -26,6 +26,8 @@ and chunk states are passed along with the chunk's total decay. Documents (seq_i
 tokens (or a token and a state) of different documents is zeroed, by setting its log to -inf before exp.
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -55,6 +57,38 @@ def _pad_and_chunk(t: torch.Tensor, pad: int, Q: int, value: float = 0.0) -> tor
     return t.reshape(t.shape[0], -1, Q, *t.shape[2:])
 
 
+class _DocumentMasks(NamedTuple):
+    """Which decay factors may be nonzero when sequences are packed; None everywhere without seq_idx.
+
+    Each is bool with a singleton head dim so it broadcasts against (b, H, ...) decays.
+    """
+    same_doc_in_chunk: torch.Tensor | None    # (b, 1, c, Q, Q): token s may feed token t of the same chunk
+    to_chunk_end: torch.Tensor | None         # (b, 1, c, Q): token s may feed the state at its chunk's end
+    from_chunk_start: torch.Tensor | None     # (b, 1, c, Q): token t may read the state entering its chunk
+    same_doc_boundaries: torch.Tensor | None  # (b, 1, c+1, c+1): the state at boundary j may reach boundary k
+
+
+def _document_masks(seq_idx: torch.Tensor | None, pad: int, Q: int) -> _DocumentMasks:
+    if seq_idx is None:
+        return _DocumentMasks(None, None, None, None)
+    # Padding repeats the last document, so padded tokens sit between the last real token and the final state.
+    doc = torch.cat((seq_idx, seq_idx[:, -1:].expand(-1, pad)), dim=1).reshape(seq_idx.shape[0], -1, Q)
+    # Document at each chunk boundary: the first token's for the initial state, then each chunk's last token's.
+    # seq_idx is non-decreasing, so equal indices at two points mean no document starts between them.
+    boundary_doc = torch.cat((seq_idx[:, :1], doc[:, :, -1]), dim=1)                  # (b, c+1)
+    return _DocumentMasks(
+        same_doc_in_chunk=(doc[:, :, :, None] == doc[:, :, None, :]).unsqueeze(1),
+        to_chunk_end=(doc == doc[:, :, -1:]).unsqueeze(1),
+        from_chunk_start=(doc == boundary_doc[:, :-1, None]).unsqueeze(1),
+        same_doc_boundaries=(boundary_doc[:, :, None] == boundary_doc[:, None, :]).unsqueeze(1),
+    )
+
+
+def _masked_exp(log_decay: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """exp(log_decay), exactly 0 where not allowed (-inf before exp keeps gradients finite)."""
+    return torch.exp(log_decay if allowed is None else log_decay.masked_fill(~allowed, float("-inf")))
+
+
 def ssd_chunked_reference(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
                           rope_cos=None, rope_sin=None, seq_idx=None, initial_state=None,
                           return_final_state=False):
@@ -67,8 +101,11 @@ def ssd_chunked_reference(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_
     delta = compute_delta(dt, dt_bias, dt_softplus, dtype)              # (b, l, H)
     B, C, R = rotate_and_expand(B, C, rope_cos, rope_sin, H, dtype)      # (b, l, G, N), rotated
     xs = x.to(dtype)
+    if l == 0:  # nothing to scan: the state passes through unchanged
+        state = xs.new_zeros((b, H, P, N)) if initial_state is None else initial_state.to(dtype)
+        return (x.clone(), state) if return_final_state else x.clone()
 
-    Q = max(1, min(chunk_size, l))       # a short sequence needs no padding up to a full chunk
+    Q = min(chunk_size, l)       # a short sequence needs no padding up to a full chunk
     pad = (-l) % Q
     xdt = _pad_and_chunk(xs * delta[..., None], pad, Q)                  # (b, c, Q, H, P): delta_s x_s
     a = _pad_and_chunk(delta * A.to(dtype), pad, Q)                      # (b, c, Q, H): log-decay per token
@@ -77,32 +114,15 @@ def ssd_chunked_reference(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_
     a = a.permute(0, 3, 1, 2)                                            # (b, H, c, Q)
     a_cum = a.cumsum(dim=-1)                                             # decay from chunk start to token t
 
-    # Document masks. Padding repeats the last document so padded tokens belong with the final state.
-    if seq_idx is not None:
-        doc = _pad_and_chunk(seq_idx, pad, Q)
-        if pad:
-            doc[:, -1, Q - pad:] = seq_idx[:, -1:]
-        same_doc_in_chunk = doc[:, :, :, None] == doc[:, :, None, :]    # (b, c, Q, Q)
-        # Document at each chunk boundary: the first token's for the initial state, then each chunk's last token's.
-        boundary_doc = torch.cat((seq_idx[:, :1], doc[:, :, -1]), dim=1)  # (b, c+1)
-        to_chunk_end = doc == doc[:, :, -1:]                            # (b, c, Q): token feeds its chunk's state
-        from_chunk_start = doc == boundary_doc[:, :-1, None]            # (b, c, Q): token reads the incoming state
-        same_doc_boundaries = boundary_doc[:, :, None] == boundary_doc[:, None, :]  # (b, c+1, c+1)
-        mask = lambda m: m.unsqueeze(1)                                  # broadcast over heads
-    else:
-        same_doc_in_chunk = to_chunk_end = from_chunk_start = same_doc_boundaries = None
-        mask = lambda m: m
-
-    def masked_exp(log_decay, allowed):
-        return torch.exp(log_decay if allowed is None else log_decay.masked_fill(~mask(allowed), float("-inf")))
+    masks = _document_masks(seq_idx, pad, Q)
 
     # 1. Intra-chunk (quadratic) part: y_t = sum_s (C~_t . B~_s) * decay(s -> t) * delta_s x_s.
-    decay_in_chunk = torch.exp(segment_sum(a, None if same_doc_in_chunk is None else mask(same_doc_in_chunk)))
+    decay_in_chunk = torch.exp(segment_sum(a, masks.same_doc_in_chunk))                  # (b, H, c, Q, Q)
     scores = torch.einsum("bctgn,bcsgn->bcgts", Cc, Bc).repeat_interleave(R, dim=2)     # (b, c, H, Q, Q)
     y = torch.einsum("bchts,bcshp->bcthp", scores * decay_in_chunk.transpose(1, 2), xdt)  # (b, c, Q, H, P)
 
     # 2. State of each chunk's own tokens at the chunk end (zero initial state).
-    decay_to_end = masked_exp(a_cum[..., -1:] - a_cum, to_chunk_end)                  # (b, H, c, Q)
+    decay_to_end = _masked_exp(a_cum[..., -1:] - a_cum, masks.to_chunk_end)          # (b, H, c, Q)
     Bh = Bc.repeat_interleave(R, dim=3)                                                 # (b, c, Q, H, N)
     chunk_states = torch.einsum("bcshn,bhcs,bcshp->bchpn", Bh, decay_to_end, xdt)      # (b, c, H, P, N)
 
@@ -112,13 +132,12 @@ def ssd_chunked_reference(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_
         initial_state = xs.new_zeros((b, H, P, N))
     sources = torch.cat((initial_state.to(dtype)[:, None], chunk_states), dim=1)      # (b, c+1, H, P, N)
     chunk_decay = F.pad(a_cum[..., -1], (1, 0))                                         # (b, H, c+1)
-    decay_between = torch.exp(segment_sum(chunk_decay, None if same_doc_boundaries is None
-                                          else mask(same_doc_boundaries)))              # (b, H, c+1, c+1)
+    decay_between = torch.exp(segment_sum(chunk_decay, masks.same_doc_boundaries))     # (b, H, c+1, c+1)
     boundary_states = torch.einsum("bhkj,bjhpn->bkhpn", decay_between, sources)       # (b, c+1, H, P, N)
     states_in, final_state = boundary_states[:, :-1], boundary_states[:, -1]
 
     # 4. Contribution of the state entering each chunk: y_t += decay(chunk start -> t) * S_in C~_t.
-    decay_from_start = masked_exp(a_cum, from_chunk_start)                             # (b, H, c, Q)
+    decay_from_start = _masked_exp(a_cum, masks.from_chunk_start)                       # (b, H, c, Q)
     Ch = Cc.repeat_interleave(R, dim=3)                                                 # (b, c, Q, H, N)
     y = y + torch.einsum("bcthn,bchpn,bhct->bcthp", Ch, states_in, decay_from_start)
 

@@ -87,6 +87,7 @@ CASES = {
     "N64": (1, 37, 2, 4, 2, 64, 16, dict()),
     "N128": (1, 37, 2, 4, 1, 128, 16, dict()),
     "one_chunk_256": (1, 40, 2, 4, 2, 16, 256, dict()),
+    "chunk1": (2, 9, 2, 4, 1, 16, 1, dict(seq_idx=docs(2, 9, [[4], [1, 2]]))),
     # documents: boundaries inside chunks, on chunk edges (16, 32), a one-token document, one in the padded tail
     "docs_inside_and_on_edges": (2, 53, 4, 8, 2, 16, 16, dict(seq_idx=docs(2, 53, [[5, 16, 17, 40], [32, 52]]))),
     "docs_no_rope": (2, 37, 4, 8, 2, 16, 8, dict(rope=False, seq_idx=docs(2, 37, [[3, 8, 30], [1]]))),
@@ -106,6 +107,13 @@ def test_chunked_matches_naive_forward_and_every_gradient(case):
     for name in g_ref:
         assert g_ref[name].norm() > 0, f"gradient of {name} is zero: the test would not see a bug"
         assert rel_err(g[name], g_ref[name]) < 1e-10, name
+
+
+def test_empty_sequence_passes_the_state_through():
+    args, kw = make_inputs(2, 0, 4, 8, 2, 16, seed=2, seq_idx=torch.zeros(2, 0, dtype=torch.int32))
+    for fn in (ssd_naive, ssd_chunked_reference):
+        y, state = fn(**args, **kw, return_final_state=True)
+        assert y.shape == (2, 0, 4, 8) and torch.equal(state, kw["initial_state"])
 
 
 def test_naive_matches_dual_form():
