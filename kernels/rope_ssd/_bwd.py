@@ -71,7 +71,7 @@ def dc_kernel(
     gy_ptr,                                   # (b, H, Lp) fp32: g_t . y_t
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
-    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr,
+    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -81,7 +81,7 @@ def dc_kernel(
     hi_ = pid_bh % H
     gi = hi_ // HPG
     b64 = bi.to(tl.int64)
-    dot_dtype = x_ptr.dtype.element_ty
+    dot_dtype = DOT
 
     offs_p = tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
@@ -172,7 +172,7 @@ def dxdb_kernel(
     ddelta_ptr, udu_ptr,                      # (b, H, Lp) fp32
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
-    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr,
+    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -182,7 +182,7 @@ def dxdb_kernel(
     hi_ = pid_bh % H
     gi = hi_ // HPG
     b64 = bi.to(tl.int64)
-    dot_dtype = x_ptr.dtype.element_ty
+    dot_dtype = DOT
 
     offs_p = tl.arange(0, BLOCK_P)
     mask_p = offs_p < P

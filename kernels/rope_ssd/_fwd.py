@@ -27,14 +27,14 @@ def chunk_state_kernel(
     out_ptr,                                  # (b, H, NC, P, N) fp32 contiguous
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
-    MODE: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr,
+    MODE: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bi = pid_bh // H
     hi_ = pid_bh % H
     gi = hi_ // HPG
-    dot_dtype = vec_ptr.dtype.element_ty
+    dot_dtype = DOT
 
     offs_p = tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
@@ -132,7 +132,7 @@ def chunk_output_kernel(
     y_ptr, s_yb, s_yl, s_yh, s_yp,            # (b, l, H, P)
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
-    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr,
+    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -142,7 +142,7 @@ def chunk_output_kernel(
     hi_ = pid_bh % H
     gi = hi_ // HPG
     b64 = bi.to(tl.int64)
-    dot_dtype = x_ptr.dtype.element_ty
+    dot_dtype = DOT
 
     offs_p = tl.arange(0, BLOCK_P)
     mask_p = offs_p < P

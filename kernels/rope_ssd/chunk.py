@@ -29,9 +29,12 @@ dt -> delta (bias, softplus), the cumulative sum, the D skip and the z gate are 
 autograd Function (they touch (b, l, H) tensors or are options off the default path).
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 
 from ._bwd import dc_kernel, dxdb_kernel, state_pass_bwd_kernel
 from ._fwd import chunk_output_kernel, chunk_state_kernel, state_pass_kernel
@@ -44,8 +47,17 @@ def _strides4(t):
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
-def _meta(P, N, Q):
+def _dot_dtype(dtype):
+    """Dot operand type: the input dtype (fp32 runs as tf32). Triton's CPU interpreter multiplies bf16 as raw
+    integers (triton 3.8), so under TRITON_INTERPRET bf16 operands are multiplied in fp32 instead."""
+    if dtype == torch.bfloat16:
+        return tl.float32 if os.environ.get("TRITON_INTERPRET") == "1" else tl.bfloat16
+    return tl.float16 if dtype == torch.float16 else tl.float32
+
+
+def _meta(P, N, Q, dtype):
     return dict(
+        DOT=_dot_dtype(dtype),
         N_HALF=N // 2,
         Q=Q,
         BLOCK_P=max(16, triton.next_power_of_2(P)),
@@ -82,7 +94,7 @@ class _RopeSSDCore(torch.autograd.Function):
         cos_t, sin_t, s_tb, s_tl, has_rope = _tables(cos, sin, x)
         has_seq = seq is not None
         seq_t = seq if has_seq else torch.zeros(1, device=x.device, dtype=torch.int32)
-        meta = _meta(P, N, Q)
+        meta = _meta(P, N, Q, x.dtype)
 
         states = torch.empty((b, H, nc, P, N), device=x.device, dtype=torch.float32)
         chunk_state_kernel[(nc, b * H)](
@@ -114,7 +126,7 @@ class _RopeSSDCore(torch.autograd.Function):
         Lp = delta_p.shape[-1]
         nc = Lp // Q
         BT = min(64, Q)
-        meta = _meta(P, N, Q)
+        meta = _meta(P, N, Q, x.dtype)
         dev = x.device
         if dy is None:
             dy = torch.zeros_like(x)

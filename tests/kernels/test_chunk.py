@@ -1,0 +1,139 @@
+"""rope_ssd (Triton, kernels/rope_ssd/chunk.py) against ssd_naive (the float64 definition): forward, final state
+and every gradient, on random inputs, through Triton's CPU interpreter at small shapes.
+
+Tolerances (relative norm ||ours - ref|| / ||ref||): fp32 inputs 1e-3 (the interpreter computes fp32 dots exactly;
+on a GPU they are tf32, ~3e-4), bf16/fp16 inputs 2e-2 (operands of every dot rounded to 8/11 bits; fp32 state).
+The bf16 reference sees the same bf16-rounded inputs, upcast to float64.
+"""
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+from transxssm_kernels.rope_ssd import ssd_naive
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="CPU interpreter tests; with CUDA see tests/gpu/test_rope_ssd_gpu.py")
+
+F64 = torch.float64
+TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+@pytest.fixture(scope="module")
+def rope_ssd():
+    """The Triton function, with its kernels built in interpreter mode (reloaded if imported before the env var)."""
+    names = ["transxssm_kernels.rope_ssd._triton_common", "transxssm_kernels.rope_ssd._fwd",
+             "transxssm_kernels.rope_ssd._bwd", "transxssm_kernels.rope_ssd.chunk"]
+    from triton.runtime.interpreter import InterpretedFunction
+    fwd = importlib.import_module(names[1])
+    if not isinstance(fwd.chunk_state_kernel, InterpretedFunction):
+        for n in names:
+            importlib.reload(sys.modules[n]) if n in sys.modules else importlib.import_module(n)
+    return importlib.import_module(names[3]).rope_ssd
+
+
+def tables(positions, N):
+    inv_freq = 10000.0 ** (-torch.arange(N // 2, dtype=F64) * 2 / N)
+    ang = positions.to(F64)[..., None] * inv_freq
+    return ang.cos().float(), ang.sin().float()
+
+
+def make_case(b, l, H, P, G, N, *, dtype, seed, rope="shared", options=False, seq_idx=None, init=False):
+    """Random non-zero inputs: dict of differentiable tensors (in `dtype` where the model has it) + static kwargs."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)
+    t = dict(x=r(b, l, H, P).to(dtype), dt=(r(b, l, H) * 0.5 - 1.0).to(dtype), A=-torch.exp(r(H) * 0.5),
+             B=(r(b, l, G, N) / N**0.25).to(dtype), C=(r(b, l, G, N) / N**0.25).to(dtype))
+    kw = dict(dt_softplus=True)
+    if options:
+        t.update(D=r(H), z=r(b, l, H, P).to(dtype), dt_bias=r(H) * 0.5)
+    if init:
+        t["initial_state"] = r(b, H, P, N) * 0.5
+    if rope == "shared":
+        kw["rope_cos"], kw["rope_sin"] = tables(torch.arange(l) + 3, N)
+    elif rope == "per_batch":
+        kw["rope_cos"], kw["rope_sin"] = tables(torch.arange(l)[None] + 7 * torch.arange(b)[:, None], N)
+    if seq_idx is not None:
+        kw["seq_idx"] = seq_idx
+    return t, kw
+
+
+def run(fn, tensors, kw, *, cast=None, chunk_size, seed=123):
+    """Forward with the final state, backward with random cotangents; returns {name: tensor} in float64."""
+    leaves = {k: (v.to(cast) if cast else v).detach().clone().requires_grad_(True) for k, v in tensors.items()}
+    kw = {k: (v.to(cast) if cast and torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
+    y, final = fn(**leaves, **kw, chunk_size=chunk_size, return_final_state=True)
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(y.shape, generator=g).to(y.dtype)
+    dfinal = torch.randn(final.shape, generator=g).to(final.dtype)
+    ((y.to(F64) * dy.to(F64)).sum() + (final.to(F64) * dfinal.to(F64)).sum()).backward()
+    out = {"y": y, "final_state": final}
+    out.update({f"d{k}": v.grad for k, v in leaves.items()})
+    return {k: v.detach().to(F64) for k, v in out.items()}
+
+
+def check(rope_ssd, tensors, kw, *, dtype, chunk_size):
+    ours = run(rope_ssd, tensors, kw, chunk_size=chunk_size)
+    ref = run(ssd_naive, tensors, kw, cast=F64, chunk_size=chunk_size)
+    errs = {k: ((ours[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref}
+    for k in ref:
+        assert torch.isfinite(ours[k]).all(), f"{k} has non-finite values"
+        assert ref[k].norm() > 0, f"reference {k} is zero: the test would prove nothing"
+    print({k: f"{e:.1e}" for k, e in errs.items()})
+    bad = {k: e for k, e in errs.items() if not e < TOL[dtype]}
+    assert not bad, f"relative errors over {TOL[dtype]:g}: {bad} (all: {errs})"
+
+
+def docs(b, l, starts):
+    seq = torch.zeros(b, l, dtype=torch.int32)
+    for i, ss in enumerate(starts):
+        for s in ss:
+            seq[i, s:] += 1
+    return seq
+
+
+# (b, l, H, P, G, N, chunk): l never a multiple of the chunk, so the masked tail is always exercised
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_path(rope_ssd, dtype):
+    """The model's path: RoPE, G = H, softplus(dt), no D/z/dt_bias, no seq_idx; 3 chunks + a partial one."""
+    t, kw = make_case(2, 57, 2, 32, 2, 32, dtype=dtype, seed=1)
+    check(rope_ssd, t, kw, dtype=dtype, chunk_size=16)
+
+
+def test_fp16_groups_and_odd_P(rope_ssd):
+    """fp16, G = 1 shared by 4 heads (dB, dC summed over heads), P = 48 (padded to 64 in the kernel), N = 64."""
+    t, kw = make_case(1, 40, 4, 48, 1, 64, dtype=torch.float16, seed=2)
+    check(rope_ssd, t, kw, dtype=torch.float16, chunk_size=32)
+
+
+def test_all_options(rope_ssd):
+    """D, z, dt_bias + softplus, seq_idx (document starts inside and on chunk edges), initial and final states,
+    per-batch RoPE tables, G = 2 groups for 4 heads."""
+    seq = docs(2, 50, [[5, 16, 33], [32]])
+    t, kw = make_case(2, 50, 4, 16, 2, 32, dtype=torch.float32, seed=3, rope="per_batch", options=True,
+                      seq_idx=seq, init=True)
+    check(rope_ssd, t, kw, dtype=torch.float32, chunk_size=16)
+
+
+def test_no_rope_larger_chunk(rope_ssd):
+    """No rotation (the conv1d_d / none positional modes), chunk 64: one full chunk and a partial one."""
+    t, kw = make_case(1, 70, 2, 16, 2, 32, dtype=torch.float32, seed=4, rope=None, init=True)
+    check(rope_ssd, t, kw, dtype=torch.float32, chunk_size=64)
+
+
+def test_bf16_options(rope_ssd):
+    """bf16 with every option on, G = 1."""
+    seq = docs(1, 37, [[20]])
+    t, kw = make_case(1, 37, 2, 16, 1, 32, dtype=torch.bfloat16, seed=5, options=True, seq_idx=seq, init=True)
+    check(rope_ssd, t, kw, dtype=torch.bfloat16, chunk_size=16)
+
+
+def test_bad_arguments(rope_ssd):
+    t, kw = make_case(1, 8, 2, 16, 2, 32, dtype=torch.float32, seed=6)
+    with pytest.raises(ValueError, match="chunk_size"):
+        rope_ssd(**t, **kw, chunk_size=48)
+    with pytest.raises(ValueError, match="N/2"):
+        rope_ssd(t["x"], t["dt"], t["A"], t["B"][..., :20], t["C"][..., :20], chunk_size=16)
