@@ -8,7 +8,9 @@ docs/ENGINEERING.md ("Running megatron-core on CPU") lists:
    `add` only records the name and `fork` is a no-op context (there is no CUDA generator to fork).
 3. `device="cuda"` literals in `pipeline_parallel/schedules.py` go to CPU; `torch.cuda.synchronize` is a no-op.
    Pipeline runs over gloo also need `TransformerConfig(batch_p2p_sync=False)` (set by the caller).
-4. Megatron's own attention builds its default causal mask on CUDA; our SA mixer does not use it, so nothing to
+4. `Tensor.cuda()` returns the tensor itself (LanguageModule moves the tied output-layer copy of the
+   embedding to CUDA before its first-stage/last-stage all-reduce when pp > 1).
+5. Megatron's own attention builds its default causal mask on CUDA; our SA mixer does not use it, so nothing to
    patch here.
 Everything is a no-op when CUDA is really available (the GPU tests run without the shim).
 """
@@ -56,6 +58,7 @@ def install_cpu_shim() -> None:
 
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
     from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import schedules

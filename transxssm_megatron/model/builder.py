@@ -1,0 +1,142 @@
+"""From a ModelConfig to megatron-core objects: the TransformerConfig and the TransXSSM HybridModel.
+
+    tc = build_transformer_config(model_cfg, tp=2, pp=1, bf16=True, params_dtype=torch.bfloat16)
+    model = build_model(model_cfg, tc)                # stage flags from parallel_state when not given
+    loss = model(input_ids, position_ids, labels=labels)   # (b, l) fp32 per-token loss; logits (b, l, V/tp) w/o labels
+
+`TransXSSMModel` is megatron's HybridModel (embedding, tied LM head, pipeline-segment selection, checkpoint
+sharding all inherited) with our decoder stack spec and a short forward of its own that computes the Unified
+RoPE tables once per call and hands them to the stack (stack.py), which passes them to every layer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.hybrid.hybrid_model import HybridModel
+from megatron.core.transformer import TransformerConfig
+from megatron.core.utils import init_method_normal
+
+from ..config import ModelConfig
+from .rope import UnifiedRope
+from .specs import hybrid_layer_pattern, transxssm_stack_spec
+
+
+def build_transformer_config(model_cfg: ModelConfig, *, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
+                             params_dtype: torch.dtype = torch.float32, bf16: bool = False,
+                             sequence_parallel: bool = False, **megatron_overrides) -> TransformerConfig:
+    """Megatron's TransformerConfig for `model_cfg` on a (tp, pp[, vpp]) layout; validates model_cfg first.
+
+    `num_layers` counts HybridStack sub-layers (2 per decoder layer). Init is N(0, init_std) everywhere; with
+    `depth_scaled_init` the output projections use init_std / sqrt(2 * decoder layers) (Megatron's scaling).
+    Keyword overrides go straight to TransformerConfig (e.g. batch_p2p_sync=False for gloo pipelines,
+    recompute_granularity="full")."""
+    model_cfg.validate(tp=tp, pp=pp, vpp=vpp)
+    std = model_cfg.init_std
+    out_std = std / math.sqrt(2 * model_cfg.num_layers) if model_cfg.depth_scaled_init else std
+    kwargs = dict(
+        num_layers=2 * model_cfg.num_layers,
+        hidden_size=model_cfg.hidden_size,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+        kv_channels=model_cfg.head_dim,
+        ffn_hidden_size=model_cfg.ffn_hidden_size,
+        is_hybrid_model=True,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=bf16,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        bias_activation_fusion=False,
+        normalization="RMSNorm",
+        layernorm_epsilon=model_cfg.norm_eps,
+        init_method_std=std,
+        init_method=init_method_normal(std),
+        output_layer_init_method=init_method_normal(out_std),
+        use_cpu_initialization=not torch.cuda.is_available(),
+        persist_layer_norm=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        cross_entropy_loss_fusion=False,
+    )
+    kwargs.update(megatron_overrides)
+    return TransformerConfig(**kwargs)
+
+
+class TransXSSMModel(HybridModel):
+    """TransXSSM (or a baseline of SPEC §8) as a megatron HybridModel; one pipeline stage of it when pp > 1."""
+
+    def __init__(self, config: TransformerConfig, model_cfg: ModelConfig, *, pre_process: bool = True,
+                 post_process: bool = True, vp_stage: Optional[int] = None, pg_collection=None):
+        stages = config.pipeline_model_parallel_size * (config.virtual_pipeline_model_parallel_size or 1)
+        super().__init__(
+            config,
+            transxssm_stack_spec(model_cfg),
+            vocab_size=model_cfg.padded_vocab_size,
+            max_sequence_length=model_cfg.max_seq_length,
+            hybrid_layer_pattern=hybrid_layer_pattern(model_cfg, stages),
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=True,
+            position_embedding_type="none",  # positions enter through Unified RoPE only
+            vp_stage=vp_stage,
+            pg_collection=pg_collection,
+        )
+        self.model_cfg = model_cfg
+        self.rope = UnifiedRope(model_cfg.head_dim, model_cfg.state_size if model_cfg.ss_uses_rope else None,
+                                model_cfg.rope_base)
+
+    def _sequence_length(self, input_ids, position_ids, decoder_input) -> tuple[int, torch.device]:
+        if position_ids is not None:
+            return position_ids.shape[1], position_ids.device
+        if input_ids is not None:
+            return input_ids.shape[1], input_ids.device
+        hidden = decoder_input if decoder_input is not None else self.decoder.input_tensor
+        local = hidden.shape[0]  # (l, b, d), sequence-parallel shards hold l / tp positions
+        return local * (self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1), hidden.device
+
+    def forward(self, input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None, decoder_input: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, inference_context=None,
+                runtime_gather_output: Optional[bool] = None, **unused) -> torch.Tensor:
+        """input_ids, position_ids, labels (b, l). Attention is always causal: attention_mask is ignored.
+
+        Returns the per-token loss (b, l) fp32 when labels are given, else logits (b, l, padded_vocab / tp)
+        (all of the vocabulary with runtime_gather_output=True); on a non-last pipeline stage the hidden
+        states (l, b, d). position_ids None means 0..l-1 for every row."""
+        if decoder_input is None and self.pre_process:
+            decoder_input = self.embedding(input_ids=input_ids, position_ids=None)  # (l, b, d)
+        seq_len, device = self._sequence_length(input_ids, position_ids, decoder_input)
+        rope = self.rope(position_ids, seq_len, device)
+        hidden = self.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rope)
+        if not self.post_process:
+            return hidden
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden, weight=weight, runtime_gather_output=runtime_gather_output)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        return self.compute_language_model_loss(labels, logits)
+
+
+def build_model(model_cfg: ModelConfig, transformer_config: TransformerConfig, *,
+                pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                vp_stage: Optional[int] = None) -> TransXSSMModel:
+    """Build this rank's model (stage). pre_process / post_process default to whether this rank holds the
+    first / last pipeline stage (megatron's parallel_state must be initialised)."""
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    return TransXSSMModel(transformer_config, model_cfg, pre_process=pre_process, post_process=post_process,
+                          vp_stage=vp_stage)

@@ -1,0 +1,70 @@
+"""Pre-norm residual sub-layers with learnable skip weights (SPEC.md §4).
+
+A TransXSSM decoder layer is two HybridStack layers, each one `ResidualLayer`:
+
+    h = w_mix ⊙ h + Mixer(RMSNorm(h))        # Mixer = SSMixer ('M') or SelfAttentionMixer ('*')
+    h = w_ffn ⊙ h + SwiGLU(RMSNorm(h))       # '-'
+
+`w` is a per-channel weight on the skip path (init 1, `no_weight_decay`); with `residual_weights: false` it is
+absent and the layer is the plain residual h + f(RMSNorm(h)). Every sub-layer receives the model's RopeTables;
+the FFN ignores them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from ..config import ModelConfig
+from .norms import RMSNorm
+from .rope import RopeTables
+from .ss_mixer import tp_group_of
+
+
+class SwiGLU(MLP):
+    """megatron's MLP with a gated linear unit: down(silu(gate(u)) * up(u)), no bias (the TransformerConfig from
+    build_transformer_config sets gated_linear_unit, activation_func=silu, add_bias_linear=False)."""
+
+    def __init__(self, config, submodules, model_cfg: ModelConfig, layer_number: int = 1, pg_collection=None,
+                 **unused):
+        super().__init__(config, submodules, ffn_hidden_size=model_cfg.ffn_hidden_size,
+                         tp_group=tp_group_of(pg_collection))
+        self.layer_number = layer_number
+
+    def forward(self, hidden_states: torch.Tensor, rope: RopeTables | None = None) -> torch.Tensor:
+        out, bias = super().forward(hidden_states)
+        assert bias is None
+        return out
+
+
+@dataclass
+class ResidualLayerSubmodules:
+    mixer: Union[ModuleSpec, type]
+
+
+class ResidualLayer(MegatronModule):
+    """One pre-norm residual sub-layer; `layer_number` is 1-based over the whole stack (as megatron's)."""
+
+    def __init__(self, config, submodules: ResidualLayerSubmodules, model_cfg: ModelConfig, layer_number: int = 1,
+                 pg_collection=None, **unused):
+        super().__init__(config=config)
+        self.layer_number = layer_number
+        self.norm = RMSNorm(config.hidden_size, eps=model_cfg.norm_eps, sequence_parallel=config.sequence_parallel)
+        self.mixer = build_module(submodules.mixer, config=config, model_cfg=model_cfg, layer_number=layer_number,
+                                  pg_collection=pg_collection)
+        self.skip_weight = None
+        if model_cfg.residual_weights:
+            self.skip_weight = torch.nn.Parameter(torch.ones(config.hidden_size, dtype=config.params_dtype))
+            self.skip_weight.no_weight_decay = True
+            self.skip_weight.sequence_parallel = config.sequence_parallel
+
+    def forward(self, hidden_states: torch.Tensor, rope: RopeTables | None = None) -> torch.Tensor:
+        """hidden_states (l, b, d) -> (l, b, d)."""
+        update = self.mixer(self.norm(hidden_states), rope=rope)
+        skip = hidden_states if self.skip_weight is None else hidden_states * self.skip_weight
+        return skip + update

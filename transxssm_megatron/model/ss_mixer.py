@@ -1,0 +1,162 @@
+"""The state-space (SS) mixer of TransXSSM (SPEC.md §2): in_proj -> [conv1d] -> RoPE(B, C) -> SSD -> out_proj.
+
+Tensor parallelism splits whole B/C groups (and so whole heads): G % tp == 0. To make every TP shard a
+contiguous slice of one TP-independent weight, `in_proj`'s output rows are laid out group by group,
+
+    in_proj rows = [group 0 | group 1 | ... | group G-1],   group g = [z (h_g P) | x (h_g P) | B (N) | C (N) | dt (h_g)]
+
+(z only with the z-gate; h_g = H / G heads per group). Rank r of a column-parallel split then holds groups
+r*G/tp .. (r+1)*G/tp - 1 with everything they need, and checkpoints reshard between TP sizes by plain slicing.
+The per-head parameters (A_log, dt_bias, D), the conv1d channels (x|B|C per group) and the gated-norm weight
+follow the same group order and are split along dim 0 (`sharded_state_dict` says so to dist_checkpointing).
+
+Parameters with `no_weight_decay = True` (A_log, dt_bias, D, gate_norm_weight) must be excluded from weight
+decay by the optimizer (SPEC §7).
+
+Shapes: hidden_states (l, b, d) in, (l, b, d) out (megatron's sequence-first layout; with sequence parallelism
+l is the local shard and in_proj/out_proj gather/scatter it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
+)
+
+from transxssm_kernels.rope_ssd import rope_ssd, ssd_chunked_reference
+
+from ..config import ModelConfig
+from .norms import rms_norm
+from .rope import RopeTables
+
+# Mamba-2 initialisation of dt_bias: softplus(dt_bias) ~ log-uniform in [DT_MIN, DT_MAX].
+DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
+A_INIT_RANGE = (1.0, 16.0)
+
+
+def select_ssd(x: torch.Tensor):
+    """The SSD implementation for x's device: the Triton kernel on CUDA when available, else plain PyTorch."""
+    if x.is_cuda and rope_ssd is not None:
+        return rope_ssd
+    return ssd_chunked_reference
+
+
+def tp_group_of(pg_collection):
+    if pg_collection is not None and getattr(pg_collection, "tp", None) is not None:
+        return pg_collection.tp
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+class SSMixer(MegatronModule):
+    """State-space mixer. Built by megatron's `build_module` from a ModuleSpec whose params carry `model_cfg`."""
+
+    def __init__(self, config, model_cfg: ModelConfig, layer_number: int = 1, pg_collection=None, **unused):
+        super().__init__(config=config)
+        self.model_cfg = m = model_cfg
+        self.layer_number = layer_number
+        self.tp_group = tp_group_of(pg_collection)
+        tp = self.tp_group.size()
+        rank = self.tp_group.rank()
+
+        self.H, self.P, self.N, self.G = m.num_attention_heads, m.head_dim, m.state_size, m.ss_groups
+        self.heads_per_group = self.H // self.G
+        self.groups_local = self.G // tp
+        self.heads_local = self.H // tp
+        self.x_width = self.heads_per_group * self.P                      # x (and z) channels per group
+        self.z_width = self.x_width if m.ss_z_gate else 0
+        self.conv_width = self.x_width + 2 * self.N                       # x|B|C channels per group
+        self.group_width = self.z_width + self.conv_width + self.heads_per_group
+        self.use_rope = m.ss_positional == "rope"
+
+        self.in_proj = tensor_parallel.ColumnParallelLinear(
+            m.hidden_size, self.G * self.group_width, config=config, init_method=config.init_method,
+            bias=False, gather_output=False, tp_group=self.tp_group)
+        self.out_proj = tensor_parallel.RowParallelLinear(
+            self.H * self.P, m.hidden_size, config=config, init_method=config.output_layer_init_method,
+            bias=False, input_is_parallel=True, skip_bias_add=True, tp_group=self.tp_group)
+
+        # Own parameters: draw the full (TP-independent) tensor from the default generator, keep this rank's
+        # rows. Every TP size then starts from the same model, and the RNG stream does not depend on tp.
+        def local(full: torch.Tensor, no_weight_decay: bool) -> torch.nn.Parameter:
+            rows = full.shape[0] // tp
+            device = (torch.cuda.current_device() if torch.cuda.is_available() and not config.use_cpu_initialization
+                      else "cpu")
+            p = torch.nn.Parameter(full[rank * rows:(rank + 1) * rows].to(device=device, dtype=config.params_dtype))
+            tensor_parallel.set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
+            if no_weight_decay:
+                p.no_weight_decay = True
+            return p
+
+        lo, hi = A_INIT_RANGE
+        self.A_log = local(torch.log(torch.empty(self.H).uniform_(lo, hi)), no_weight_decay=True)
+        self.dt_bias = None
+        if m.ss_dt_bias:
+            dt = torch.exp(torch.rand(self.H) * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN))
+            dt = dt.clamp(min=DT_FLOOR)
+            self.dt_bias = local(dt + torch.log(-torch.expm1(-dt)), no_weight_decay=True)  # softplus^-1(dt)
+        self.D = local(torch.ones(self.H), no_weight_decay=True) if m.ss_d_skip else None
+        self.conv1d_weight = self.conv1d_bias = None
+        if m.ss_conv1d:
+            bound = 1.0 / math.sqrt(m.ss_conv_width)  # torch.nn.Conv1d's default for a depthwise conv
+            channels = self.G * self.conv_width
+            self.conv1d_weight = local(torch.empty(channels, 1, m.ss_conv_width).uniform_(-bound, bound), False)
+            self.conv1d_bias = local(torch.empty(channels).uniform_(-bound, bound), no_weight_decay=True)
+        self.gate_norm_weight = local(torch.ones(self.H * self.P), no_weight_decay=True) if m.ss_z_gate else None
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def _causal_conv(self, xbc: torch.Tensor) -> torch.Tensor:
+        """Depthwise causal conv + SiLU over l. xbc (b, l, groups_local, conv_width) -> same shape."""
+        b, l = xbc.shape[:2]
+        u = xbc.reshape(b, l, -1).transpose(1, 2)                                   # (b, channels, l)
+        k = self.conv1d_weight.shape[-1]
+        u = F.conv1d(u, self.conv1d_weight.to(u.dtype), self.conv1d_bias.to(u.dtype), padding=k - 1,
+                     groups=u.shape[1])[..., :l]                                    # left-pad only: causal
+        return F.silu(u).transpose(1, 2).reshape(xbc.shape)
+
+    def forward(self, hidden_states: torch.Tensor, rope: RopeTables | None = None) -> torch.Tensor:
+        proj, _ = self.in_proj(hidden_states)                                       # (l, b, G_loc * width)
+        l, b = proj.shape[:2]
+        proj = proj.transpose(0, 1).reshape(b, l, self.groups_local, self.group_width)
+        z, xbc, dt = proj.split([self.z_width, self.conv_width, self.heads_per_group], dim=-1)
+        if self.conv1d_weight is not None:
+            xbc = self._causal_conv(xbc)
+        x, B, C = xbc.split([self.x_width, self.N, self.N], dim=-1)                # B, C: (b, l, G_loc, N)
+        x = x.reshape(b, l, self.heads_local, self.P)
+        dt = dt.reshape(b, l, self.heads_local)
+        z = z.reshape(b, l, self.heads_local, self.P) if self.z_width else None
+
+        cos = sin = None
+        if self.use_rope:
+            if rope is None or rope.state is None:
+                raise ValueError("SSMixer with ss_positional='rope' needs the model's RopeTables (rope.state)")
+            cos, sin = rope.state
+        A = -torch.exp(self.A_log.float())                                          # (H_loc,) negative, fp32
+        y = select_ssd(x)(x, dt, A, B.contiguous(), C.contiguous(), chunk_size=self.model_cfg.ss_chunk_size,
+                          D=self.D, z=z, dt_bias=self.dt_bias, dt_softplus=True, rope_cos=cos, rope_sin=sin)
+        y = y.reshape(b, l, self.heads_local * self.P)
+        if self.gate_norm_weight is not None:  # y = RMSNorm(y * silu(z)), normalised per B/C group
+            y = rms_norm(y, self.gate_norm_weight, self.model_cfg.norm_eps, group_size=self.x_width)
+        out, _ = self.out_proj(y.transpose(0, 1).contiguous())                      # (l, b, d)
+        return out
+
+    # ------------------------------------------------------------------------------------------ checkpointing
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """Own parameters are TP-split along dim 0; in_proj/out_proj describe themselves."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        own = {}
+        self._save_to_state_dict(own, "", keep_vars=True)
+        result = make_sharded_tensors_for_checkpoint(
+            own, prefix, {name: 0 for name in own}, sharded_offsets, tp_group=self.tp_group,
+            dp_cp_group=metadata["dp_cp_group"])
+        for name, module in self.named_children():
+            result.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                     tp_group=self.tp_group))
+        return result
