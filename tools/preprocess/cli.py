@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -33,11 +34,125 @@ def _run_assets(args) -> int:
     return 0
 
 
+def _add_run(sub) -> None:
+    p = sub.add_parser(
+        "run", help="tokenize a corpus into PREFIX.bin/.idx (+ PREFIX.stats.json)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Tokenize parquet / jsonl / jsonl.gz / jsonl.zst files (or a Hugging Face dataset, streamed) "
+                    "into a megatron-core indexed dataset. Output bytes do not depend on --workers; an interrupted "
+                    "run resumes from PREFIX.work/ when rerun with the same arguments.")
+    src = p.add_argument_group("input (one of)")
+    src.add_argument("--input", nargs="+", metavar="PATH", help="files, folders (searched recursively) or globs")
+    src.add_argument("--hf-dataset", metavar="NAME", help="Hugging Face dataset to stream (needs `datasets`, online)")
+    src.add_argument("--hf-config", metavar="CONFIG", help="dataset config, e.g. cosmopedia-v2")
+    src.add_argument("--hf-split", default="train", help="dataset split")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.stats.json")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer.json file, a folder holding one, or a hub name (online), "
+                        "e.g. .assets/tokenizer/gpt-neox-20b.json")
+    p.add_argument("--text-column", default="text", help="column / JSON key holding the document text")
+    p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="worker processes")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip malformed / empty / invalid documents and count them, instead of stopping")
+    p.add_argument("--no-eod", action="store_true", help="do not append the EOD token after each document")
+    p.add_argument("--eod-token", default="<|endoftext|>", help="token appended after each document")
+    p.add_argument("--max-doc-chars", type=int, default=50_000_000, help="longer documents are bad input")
+    p.add_argument("--shard-mb", type=float, default=64.0, help="input size per shard (unit of work and resume)")
+    p.add_argument("--docs-per-shard", type=int, default=20_000, help="shard size for --hf-dataset streams")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
+    p.add_argument("--restart", action="store_true", help="discard a partial run in PREFIX.work/ instead of resuming")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_run)
+
+
+def _run_run(args) -> int:
+    from .pipeline import preprocess
+    from .sources import InputError
+
+    if bool(args.input) == bool(args.hf_dataset):
+        print("error: give either --input or --hf-dataset", file=sys.stderr)
+        return 2
+    try:
+        preprocess(args.input, args.output_prefix, args.tokenizer, text_column=args.text_column,
+                   workers=args.workers, skip_bad=args.skip_bad, append_eod=not args.no_eod,
+                   eod_token=args.eod_token, max_doc_chars=args.max_doc_chars, shard_mb=args.shard_mb,
+                   overwrite=args.overwrite, restart=args.restart, progress=not args.no_progress,
+                   hf_dataset=args.hf_dataset, hf_config=args.hf_config, hf_split=args.hf_split,
+                   docs_per_shard=args.docs_per_shard)
+    except (InputError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_validate(sub) -> None:
+    p = sub.add_parser("validate", help="check a PREFIX.bin/.idx pair",
+                       description="Check header, sizes, dtype, offsets, document count, token ids < vocab and "
+                                   "that every document ends with EOD. Exit status 1 when a check fails.")
+    p.add_argument("prefix", nargs="+", help="dataset prefix(es) (without .bin/.idx)")
+    p.add_argument("--tokenizer", help="tokenizer.json: checks ids < its vocab size and EOD placement")
+    p.add_argument("--vocab-size", type=int, help="ids must be below this (default: from --tokenizer)")
+    p.add_argument("--eod-id", type=int, help="every document must end with this id (default: from --tokenizer)")
+    p.add_argument("--no-eod-check", action="store_true", help="skip the EOD check (data made with --no-eod)")
+    p.set_defaults(func=_run_validate)
+
+
+def _run_validate(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .validate import validate_dataset
+
+    vocab, eod = args.vocab_size, args.eod_id
+    if args.tokenizer:
+        from .tokenizer import resolve_tokenizer
+
+        info = resolve_tokenizer(args.tokenizer)
+        vocab = vocab if vocab is not None else info.vocab_size
+        eod = eod if eod is not None else info.eod_id
+    if args.no_eod_check:
+        eod = None
+    ok = True
+    for prefix in args.prefix:
+        stats_path = Path(f"{prefix}.stats.json")
+        expected = json.loads(stats_path.read_text())["documents"] if stats_path.is_file() else None
+        report = validate_dataset(prefix, vocab_size=vocab, eod_id=eod, expected_documents=expected)
+        print(json.dumps(report, indent=1))
+        ok &= report["ok"]
+    return 0 if ok else 1
+
+
+def _add_blend(sub) -> None:
+    p = sub.add_parser("blend", help="print megatron's blend for weighted prefixes",
+                       description="WEIGHT PREFIX pairs (or prefixes alone) -> the normalized blend, as JSON "
+                                   "(prefixes, weights) and as Megatron-LM --data-path arguments. WEIGHT may be "
+                                   "'tokens' to use the token count in PREFIX.stats.json.")
+    p.add_argument("items", nargs="+", help="e.g. 0.7 data/fineweb 0.3 data/cosmo")
+    p.set_defaults(func=_run_blend)
+
+
+def _run_blend(args) -> int:
+    import json
+
+    from .blend import BlendError, build_blend, to_megatron_args
+
+    try:
+        blend = build_blend(args.items)
+    except BlendError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"blend": blend, "data_path": to_megatron_args(blend)}, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transxssm-preprocess",
                                      description="Corpus preprocessing for transxssm-megatron.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_assets(sub)
+    _add_run(sub)
+    _add_validate(sub)
+    _add_blend(sub)
     return parser
 
 

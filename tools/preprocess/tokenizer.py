@@ -1,0 +1,53 @@
+"""Load a `tokenizers` tokenizer from a local tokenizer.json (file or folder) or a hub name, and fingerprint it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+EOD_TOKEN = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What workers need to rebuild the same tokenizer, and what stats.json records."""
+
+    source: str  # what the user passed
+    json_text: str  # the serialized tokenizer; workers load from this, so hub and local paths behave alike
+    sha256: str  # of json_text: identifies the tokenizer in stats.json and in the resume fingerprint
+    vocab_size: int
+    eod_id: int | None
+
+
+def resolve_tokenizer(spec: str, eod_token: str | None = EOD_TOKEN) -> TokenizerInfo:
+    """``spec``: a tokenizer.json path, a folder holding tokenizer.json, or a Hugging Face hub name (online only)."""
+    from tokenizers import Tokenizer
+
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if path.is_file():
+        text = path.read_text("utf-8")
+        try:
+            tok = Tokenizer.from_str(text)
+        except Exception as e:  # tokenizers raises a plain Exception for bad JSON
+            raise ValueError(f"--tokenizer {spec}: not a `tokenizers` JSON file ({e})") from e
+    elif os.sep in spec and not path.exists() or spec.endswith(".json"):
+        raise ValueError(f"--tokenizer {spec}: no such file. Run `transxssm-preprocess assets --out .assets` for "
+                         ".assets/tokenizer/gpt-neox-20b.json, or give a hub name such as EleutherAI/gpt-neox-20b")
+    else:
+        try:
+            tok = Tokenizer.from_pretrained(spec)
+        except Exception as e:
+            raise ValueError(f"--tokenizer {spec}: not a local file, and loading it from the Hugging Face hub failed "
+                             f"({e}). Offline? Pass a local tokenizer.json.") from e
+        text = tok.to_str()
+    eod_id = None
+    if eod_token:
+        eod_id = tok.token_to_id(eod_token)
+        if eod_id is None:
+            raise ValueError(f"--tokenizer {spec}: has no {eod_token!r} token; pass --eod-token or --no-eod")
+    return TokenizerInfo(spec, text, hashlib.sha256(text.encode()).hexdigest(),
+                         tok.get_vocab_size(with_added_tokens=True), eod_id)
