@@ -87,9 +87,10 @@ class SSMixer(MegatronModule):
         # rows. Every TP size then starts from the same model, and the RNG stream does not depend on tp.
         def local(full: torch.Tensor, no_weight_decay: bool) -> torch.nn.Parameter:
             rows = full.shape[0] // tp
-            device = (torch.cuda.current_device() if torch.cuda.is_available() and not config.use_cpu_initialization
-                      else "cpu")
-            p = torch.nn.Parameter(full[rank * rows:(rank + 1) * rows].to(device=device, dtype=config.params_dtype))
+            shard = full[rank * rows:(rank + 1) * rows].to(dtype=config.params_dtype)
+            if torch.cuda.is_available() and not config.use_cpu_initialization:
+                shard = shard.to(torch.cuda.current_device())  # else stay on the default device (CPU or meta)
+            p = torch.nn.Parameter(shard.clone())
             tensor_parallel.set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
             if no_weight_decay:
                 p.no_weight_decay = True
