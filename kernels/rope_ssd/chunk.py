@@ -77,8 +77,21 @@ def _tables(cos, sin, ref):
     return cos, sin, cos.stride(0), cos.stride(1), True
 
 
-def _kernel_opts(Q):
-    return dict(num_warps=4, num_stages=2)
+def _tunable(kernel, key):
+    """(launcher, launch options). On CUDA each kernel is autotuned over warps/stages per shape key (the kernels
+    only write their outputs, so re-running them while tuning is harmless); TRANSXSSM_SSD_AUTOTUNE=0 or the CPU
+    interpreter use one fixed configuration."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("TRANSXSSM_SSD_AUTOTUNE", "1") == "0":
+        return kernel, dict(num_warps=4, num_stages=2)
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
+    return triton.autotune(configs, key=key)(kernel), {}
+
+
+_KEY = ["P", "N_HALF", "Q", "H", "L", "HAS_ROPE", "HAS_SEQ"]
+_chunk_state, _OPT_STATE = _tunable(chunk_state_kernel, _KEY + ["MODE"])
+_chunk_output, _OPT_OUT = _tunable(chunk_output_kernel, _KEY)
+_dc, _OPT_DC = _tunable(dc_kernel, _KEY)
+_dxdb, _OPT_DXDB = _tunable(dxdb_kernel, _KEY)
 
 
 class _RopeSSDCore(torch.autograd.Function):
@@ -97,9 +110,9 @@ class _RopeSSDCore(torch.autograd.Function):
         meta = _meta(P, N, Q, x.dtype)
 
         states = torch.empty((b, H, nc, P, N), device=x.device, dtype=torch.float32)
-        chunk_state_kernel[(nc, b * H)](
+        _chunk_state[(nc, b * H)](
             x, *_strides4(x), B, *_strides4(B), cos_t, sin_t, s_tb, s_tl, delta_p, cs, seq_t, states,
-            l, Lp, H, H // G, P, nc, BS=BT, MODE=0, HAS_ROPE=has_rope, HAS_SEQ=has_seq, **meta, **_kernel_opts(Q))
+            l, Lp, H, H // G, P, nc, BS=BT, MODE=0, HAS_ROPE=has_rope, HAS_SEQ=has_seq, **meta, **_OPT_STATE)
         final = torch.empty((b, H, P, N), device=x.device, dtype=torch.float32)
         init = initial_state.to(torch.float32).contiguous() if initial_state is not None else final
         PN = P * N
@@ -107,10 +120,10 @@ class _RopeSSDCore(torch.autograd.Function):
             states, cs, seq_t, init, final, l, Lp, H, nc, PN,
             Q=Q, BLOCK=_PASS_BLOCK, HAS_INIT=initial_state is not None, HAS_SEQ=has_seq)
         y = torch.empty((b, l, H, P), device=x.device, dtype=y_dtype)
-        chunk_output_kernel[(nc * (Q // BT), b * H)](
+        _chunk_output[(nc * (Q // BT), b * H)](
             x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
             delta_p, cs, seq_t, states, y, *_strides4(y),
-            l, Lp, H, H // G, P, nc, BT=BT, HAS_ROPE=has_rope, HAS_SEQ=has_seq, **meta, **_kernel_opts(Q))
+            l, Lp, H, H // G, P, nc, BT=BT, HAS_ROPE=has_rope, HAS_SEQ=has_seq, **meta, **_OPT_OUT)
 
         ctx.save_for_backward(x, delta_p, cs, B, C, cos_t, sin_t, seq_t, states, final)
         ctx.cfg = (Q, s_tb, s_tl, has_rope, has_seq, initial_state is not None)
@@ -134,9 +147,9 @@ class _RopeSSDCore(torch.autograd.Function):
 
         # 1-2: gradient of the state leaving each chunk
         dstates = torch.empty((b, H, nc, P, N), device=dev, dtype=torch.float32)
-        chunk_state_kernel[(nc, b * H)](
+        _chunk_state[(nc, b * H)](
             g, *_strides4(g), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl, delta_p, cs, seq_t, dstates,
-            l, Lp, H, H // G, P, nc, BS=BT, MODE=1, HAS_ROPE=has_rope, HAS_SEQ=has_seq, **meta, **_kernel_opts(Q))
+            l, Lp, H, H // G, P, nc, BS=BT, MODE=1, HAS_ROPE=has_rope, HAS_SEQ=has_seq, **meta, **_OPT_STATE)
         PN = P * N
         dinit = torch.empty((b, H, P, N), device=dev, dtype=torch.float32)
         dcs_last = torch.zeros((b, H, nc), device=dev, dtype=torch.float32)
@@ -154,14 +167,14 @@ class _RopeSSDCore(torch.autograd.Function):
         udu = torch.empty((b, H, Lp), device=dev, dtype=torch.float32)
         dx = torch.empty_like(x)
         grid = (nc * (Q // BT), b * H)
-        dc_kernel[grid](
+        _dc[grid](
             g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
             delta_p, cs, seq_t, states, dC_h, *_strides4(dC_h), gy,
-            l, Lp, H, H // G, P, nc, BT=BT, HAS_ROPE=has_rope, HAS_SEQ=has_seq, **meta, **_kernel_opts(Q))
-        dxdb_kernel[grid](
+            l, Lp, H, H // G, P, nc, BT=BT, HAS_ROPE=has_rope, HAS_SEQ=has_seq, **meta, **_OPT_DC)
+        _dxdb[grid](
             g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
             delta_p, cs, seq_t, dstates, dx, *_strides4(dx), dB_h, *_strides4(dB_h), ddelta, udu,
-            l, Lp, H, H // G, P, nc, BT=BT, HAS_ROPE=has_rope, HAS_SEQ=has_seq, **meta, **_kernel_opts(Q))
+            l, Lp, H, H // G, P, nc, BT=BT, HAS_ROPE=has_rope, HAS_SEQ=has_seq, **meta, **_OPT_DXDB)
         if G == H:
             dB, dC = dB_h, dC_h
         else:

@@ -1,0 +1,226 @@
+"""Benchmark: the SS mixer's SSD with Unified RoPE, ours fused vs. composed from parts vs. attention (one H200).
+
+    python bench/ssd.py --out bench/results/ssd-<date>.json [--mamba-path DIR] [--quick]
+(with the project installed, or PYTHONPATH holding a folder where transxssm_kernels links to kernels/)
+
+Methods, each timed forward and forward+backward (median of triton.testing.do_bench, CUDA events):
+  fused      transxssm_kernels.rope_ssd (B, C rotated on load)
+  eager      PyTorch eager RoPE on B and C, then mamba_ssm's mamba_chunk_scan_combined
+  compiled   torch.compile'd RoPE, then the same
+  mamba      mamba_chunk_scan_combined without RoPE
+  sdpa       PyTorch SDPA causal attention, the same heads (head dim 64), q/k/v given
+Grid: H in {32 (1.3B), 12 (320M)}, P = 64, N in {64, 128}, G = H, l in {4096, 8192, 16384}, b = 32768 / l; bf16
+inputs, fp32 RoPE tables, softplus(dt), chunk 256. Also measured in the same run: device copy bandwidth and bf16
+matmul rate (the ceilings), and the bytes / FLOPs each call must move / do (see bench/NOTES-ssd.md).
+mamba_ssm is a comparison only: its Triton modules are loaded from --mamba-path without its package __init__.
+"""
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import subprocess
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from transxssm_kernels.rope_ssd import rope_ssd
+
+TOKENS = 32768
+DT = torch.bfloat16
+
+
+def load_mamba(path):
+    """Import mamba_ssm.ops.triton.ssd_combined from an unpacked wheel without running mamba_ssm/__init__.py
+    (it imports CUDA extensions that are not built)."""
+    if not path:
+        return None
+    for name, sub in (("mamba_ssm", ""), ("mamba_ssm.ops", "ops"), ("mamba_ssm.ops.triton", "ops/triton"),
+                      ("mamba_ssm.utils", "utils")):
+        mod = types.ModuleType(name)
+        mod.__path__ = [os.path.join(path, "mamba_ssm", sub)]
+        sys.modules[name] = mod
+    return importlib.import_module("mamba_ssm.ops.triton.ssd_combined").mamba_chunk_scan_combined
+
+
+def rope_eager(t, cos, sin):
+    """rotate_half RoPE the usual PyTorch way: t (b, l, G, N) bf16, tables (l, N/2) fp32 -> bf16."""
+    a, b = t.chunk(2, dim=-1)
+    cos = torch.cat((cos, cos), -1)[None, :, None, :]
+    sin = torch.cat((sin, sin), -1)[None, :, None, :]
+    rot = torch.cat((-b, a), -1)
+    return (t.float() * cos + rot.float() * sin).to(t.dtype)
+
+
+rope_compiled = torch.compile(rope_eager, dynamic=True)
+
+
+def ceilings():
+    n = 1 << 30  # 1 GiB bf16 elements -> 2 GiB, read + written
+    src = torch.randn(n // 2, device="cuda", dtype=torch.float32)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    bw = 2 * src.numel() * 4 / (ms * 1e-3)
+    del src, dst
+    a = torch.randn(8192, 8192, device="cuda", dtype=DT)
+    b = torch.randn(8192, 8192, device="cuda", dtype=DT)
+    ms = do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    return {"copy_bytes_per_s": bw, "bf16_matmul_flop_per_s": 2 * 8192**3 / (ms * 1e-3)}
+
+
+def ssd_cost(b, l, H, P, N, Q=256):
+    """Least bytes (each input read once, each output written once) and chunked-SSD FLOPs, fwd and fwd+bwd."""
+    th = b * l * H
+    e = 2  # bf16
+    fwd_bytes = th * (P * e * 2 + 2 * N * e + e) + 2 * l * N // 2 * 4      # x, y, B, C, dt; cos/sin tables
+    bwd_bytes = th * (P * e * 2 + 2 * N * e + e + P * e * 2 + 2 * N * e + e)  # x, dy, B, C, dt + dx, dB, dC, ddt
+    # per token and head: causal half of C B^T (Q/2 * N) and of (CB) x (Q/2 * P), chunk state and output from
+    # the state (P*N each); multiply-add = 2 FLOPs. Backward: every product's two operand gradients.
+    fwd_flops = th * 2 * (Q // 2 * N + Q // 2 * P + 2 * P * N)
+    return {"fwd_bytes": fwd_bytes, "fwdbwd_bytes": fwd_bytes + bwd_bytes,
+            "fwd_flops": fwd_flops, "fwdbwd_flops": 3 * fwd_flops}
+
+
+def sdpa_cost(b, l, H, d=64):
+    fwd = 4 * b * H * l * l * d / 2   # QK^T and PV, causal half
+    return {"fwd_flops": fwd, "fwdbwd_flops": 3.5 * fwd}
+
+
+def bench(fn, grads):
+    return do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
+
+
+def run_shape(H, N, l, mamba, quick, P=64):
+    b = TOKENS // l
+    G = H
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda")
+    x = r(b, l, H, P).to(DT).requires_grad_()
+    dt = (r(b, l, H) * 0.5 - 2.0).to(DT).requires_grad_()
+    A = (-torch.exp(r(H) * 0.5 + 0.5)).requires_grad_()
+    B = (r(b, l, G, N) / N**0.25).to(DT).requires_grad_()
+    C = (r(b, l, G, N) / N**0.25).to(DT).requires_grad_()
+    inv = 10000.0 ** (-torch.arange(N // 2, device="cuda", dtype=torch.float32) * 2 / N)
+    ang = torch.arange(l, device="cuda", dtype=torch.float32)[:, None] * inv
+    cos, sin = ang.cos(), ang.sin()
+    dy = r(b, l, H, P).to(DT)
+    leaves = [x, dt, A, B, C]
+
+    methods = {"fused": lambda: rope_ssd(x, dt, A, B, C, chunk_size=256, dt_softplus=True, rope_cos=cos,
+                                         rope_sin=sin)}
+    if mamba is not None:
+        methods["eager"] = lambda: mamba(x, dt, A, rope_eager(B, cos, sin), rope_eager(C, cos, sin), 256,
+                                         dt_softplus=True)
+        methods["compiled"] = lambda: mamba(x, dt, A, rope_compiled(B, cos, sin), rope_compiled(C, cos, sin), 256,
+                                            dt_softplus=True)
+        methods["mamba"] = lambda: mamba(x, dt, A, B, C, 256, dt_softplus=True)
+    out = {"H": H, "P": P, "N": N, "G": G, "l": l, "b": b, "cost": ssd_cost(b, l, H, P, N), "ms": {}}
+
+    # agreement of the two RoPE-SSD implementations at this size (bf16 both; a sanity check, not the test)
+    if mamba is not None:
+        with torch.no_grad():
+            y0, y1 = methods["fused"](), methods["eager"]()
+            out["rel_diff_fused_vs_eager"] = ((y0.float() - y1.float()).norm() / y1.float().norm()).item()
+
+    for name, f in methods.items():
+        fwd = bench(lambda: f(), None)
+        fb = bench(lambda: f().backward(dy), leaves)
+        out["ms"][name] = {"fwd": fwd, "fwdbwd": fb}
+    # attention with the same heads: q, k, v (b, H, l, 64)
+    q, k, v = (r(b, H, l, 64).to(DT).requires_grad_() for _ in range(3))
+    dya = r(b, H, l, 64).to(DT)
+    att = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out["ms"]["sdpa"] = {"fwd": bench(att, None), "fwdbwd": bench(lambda: att().backward(dya), [q, k, v])}
+    out["sdpa_cost"] = sdpa_cost(b, l, H)
+    return out
+
+
+def profile_fused(H=32, N=128, l=4096, P=64):
+    """Print the CUDA time of each kernel of one fused forward+backward (torch.profiler), after warm-up."""
+    b = TOKENS // l
+    r = lambda *s: torch.randn(*s, device="cuda")
+    x, dy = r(b, l, H, P).to(DT).requires_grad_(), r(b, l, H, P).to(DT)
+    dt = (r(b, l, H) * 0.5 - 2.0).to(DT).requires_grad_()
+    A = (-torch.exp(r(H) * 0.5 + 0.5)).requires_grad_()
+    B, C = ((r(b, l, H, N) / N**0.25).to(DT).requires_grad_() for _ in range(2))
+    ang = torch.arange(l, device="cuda")[:, None] * 10000.0 ** (-torch.arange(N // 2, device="cuda") * 2 / N)
+    cos, sin = ang.cos(), ang.sin()
+    step = lambda: rope_ssd(x, dt, A, B, C, dt_softplus=True, rope_cos=cos, rope_sin=sin).backward(dy)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+
+
+def git_commit():
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
+                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
+    except Exception:  # the device copy of the tree may carry no .git
+        return os.environ.get("GIT_COMMIT", "unknown")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--mamba-path", default=None, help="folder holding an unpacked mamba_ssm wheel")
+    ap.add_argument("--quick", action="store_true", help="only the 1.3B N=128 l=4096 shape")
+    ap.add_argument("--profile", action="store_true", help="per-kernel times of fused fwd+bwd, 1.3B N=128 l=4096")
+    args = ap.parse_args()
+    mamba = load_mamba(args.mamba_path)
+    if args.profile:
+        profile_fused()
+
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "triton": triton.__version__, "command": " ".join([sys.executable] + sys.argv),
+        "ceilings": ceilings(), "shapes": [],
+    }
+    grid = [(32, 128, 4096)] if args.quick else [
+        (H, N, l) for H in (32, 12) for N in (128, 64) for l in (4096, 8192, 16384)]
+    for H, N, l in grid:
+        res = run_shape(H, N, l, mamba, args.quick)
+        result["shapes"].append(res)
+        print(json.dumps({k: res[k] for k in ("H", "N", "l", "ms")}), flush=True)
+        torch.cuda.empty_cache()
+
+    bw = result["ceilings"]["copy_bytes_per_s"]
+    mm = result["ceilings"]["bf16_matmul_flop_per_s"]
+    for s in result["shapes"]:
+        c, f = s["cost"], s["ms"]["fused"]
+        floor = {m: max(c[m + "_bytes"] / bw, c[m + "_flops"] / mm) * 1e3 for m in ("fwd", "fwdbwd")}
+        s["floor_ms"] = floor
+        s["fraction_of_floor"] = {m: floor[m] / f[m] for m in floor}
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=1)
+
+    print(f"\nceilings: copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s; "
+          f"{result['gpu']}, torch {result['torch']}, triton {result['triton']}")
+    print("ms per 32K tokens (fwd / fwd+bwd); x = time / fused time")
+    hdr = f"{'H':>3} {'N':>4} {'l':>6} | {'fused':>11} | {'floor':>11} | " + " | ".join(
+        f"{m:>16}" for m in ("eager", "compiled", "mamba", "sdpa"))
+    print(hdr)
+    for s in result["shapes"]:
+        ms, fu = s["ms"], s["ms"]["fused"]
+        cells = []
+        for m in ("eager", "compiled", "mamba", "sdpa"):
+            if m in ms:
+                cells.append(f"{ms[m]['fwdbwd']:6.2f} ({ms[m]['fwdbwd'] / fu['fwdbwd']:4.1f}x)")
+            else:
+                cells.append(f"{'-':>16}")
+        print(f"{s['H']:>3} {s['N']:>4} {s['l']:>6} | {fu['fwd']:4.2f}/{fu['fwdbwd']:5.2f} | "
+              f"{s['floor_ms']['fwd']:4.2f}/{s['floor_ms']['fwdbwd']:5.2f} | " + " | ".join(cells))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""rope_ssd (Triton) on CUDA at real sizes against ssd_chunked_reference in float64 on the GPU: forward, final
+state and every gradient, random inputs. Skipped without CUDA. Run on the GPU machine:
+
+    python -m pytest tests/gpu/test_rope_ssd_gpu.py -q
+
+Tolerances (relative norm): fp32 inputs 2e-3 (tf32 dots: 10-bit mantissa operands), bf16 2e-2, fp16 1e-2.
+"""
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (real-size kernel tests)")]
+
+F64 = torch.float64
+TOL = {torch.float32: 2e-3, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+
+
+def tables(positions, N):
+    inv_freq = 10000.0 ** (-torch.arange(N // 2, dtype=F64, device=positions.device) * 2 / N)
+    ang = positions.to(F64)[..., None] * inv_freq
+    return ang.cos().float(), ang.sin().float()
+
+
+def make_case(b, l, H, P, G, N, *, dtype, seed, options=False, seq_idx=None, init=False, rope=True):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda")
+    t = dict(x=r(b, l, H, P).to(dtype), dt=(r(b, l, H) * 0.5 - 2.0).to(dtype),
+             A=-torch.exp(r(H) * 0.5 + 0.5), B=(r(b, l, G, N) / N**0.25).to(dtype),
+             C=(r(b, l, G, N) / N**0.25).to(dtype))
+    kw = dict(dt_softplus=True)
+    if options:
+        t.update(D=r(H), z=r(b, l, H, P).to(dtype), dt_bias=r(H) * 0.5)
+    if init:
+        t["initial_state"] = r(b, H, P, N) * 0.5
+    if rope:
+        kw["rope_cos"], kw["rope_sin"] = tables(torch.arange(l, device="cuda") + 11, N)
+    if seq_idx is not None:
+        kw["seq_idx"] = seq_idx
+    return t, kw
+
+
+def run(fn, tensors, kw, *, chunk_size, cast=None, seed=7):
+    leaves = {k: (v.to(cast) if cast else v).detach().clone().requires_grad_(True) for k, v in tensors.items()}
+    kw = {k: (v.to(cast) if cast and torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
+    y, final = fn(**leaves, **kw, chunk_size=chunk_size, return_final_state=True)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dy = torch.randn(y.shape, generator=g, device="cuda").to(y.dtype)
+    dfinal = torch.randn(final.shape, generator=g, device="cuda").to(final.dtype)
+    ((y.to(F64) * dy.to(F64)).sum() + (final.to(F64) * dfinal.to(F64)).sum()).backward()
+    out = {"y": y, "final_state": final}
+    out.update({f"d{k}": v.grad for k, v in leaves.items()})
+    return {k: v.detach().to(F64) for k, v in out.items()}
+
+
+def check(tensors, kw, *, dtype, chunk_size=256):
+    from transxssm_kernels.rope_ssd import rope_ssd, ssd_chunked_reference
+    ours = run(rope_ssd, tensors, kw, chunk_size=chunk_size)
+    ref = run(ssd_chunked_reference, tensors, kw, chunk_size=chunk_size, cast=F64)
+    errs = {k: ((ours[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref}
+    print({k: f"{e:.1e}" for k, e in errs.items()})
+    for k in ref:
+        assert torch.isfinite(ours[k]).all(), f"{k} has non-finite values"
+        assert ref[k].norm() > 0, f"reference {k} is zero"
+    bad = {k: e for k, e in errs.items() if not e < TOL[dtype]}
+    assert not bad, f"relative errors over {TOL[dtype]:g}: {bad}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("N", [128, 64])
+def test_model_layer(dtype, N):
+    """The 1.3B SS layer: H = G = 32, P = 64, chunk 256, l = 4096 (b = 2), RoPE, softplus(dt)."""
+    t, kw = make_case(2, 4096, 32, 64, 32, N, dtype=dtype, seed=N)
+    check(t, kw, dtype=dtype)
+
+
+def test_groups_fp16_odd_length():
+    """G = 1 for 12 heads, fp16, l = 3000 (a partial last chunk), N = 128."""
+    t, kw = make_case(2, 3000, 12, 64, 1, 128, dtype=torch.float16, seed=3)
+    check(t, kw, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("chunk_size", [64, 128])
+def test_all_options(chunk_size):
+    """D, z, dt_bias, seq_idx (documents packed, starts inside and on chunk edges), initial + final state, G = 4."""
+    b, l = 2, 1500
+    seq = torch.zeros(b, l, dtype=torch.int32, device="cuda")
+    for i, starts in enumerate([[100, 256, 700, 1111], [512]]):
+        for s in starts:
+            seq[i, s:] += 1
+    t, kw = make_case(b, l, 8, 64, 4, 128, dtype=torch.bfloat16, seed=5, options=True, seq_idx=seq, init=True)
+    check(t, kw, dtype=torch.bfloat16, chunk_size=chunk_size)
+
+
+def test_no_rope_and_p32():
+    t, kw = make_case(1, 2048, 4, 32, 4, 64, dtype=torch.float32, seed=9, rope=False, init=True)
+    check(t, kw, dtype=torch.float32)
+
+
+def test_repeatable():
+    """Same inputs, same outputs bit for bit (no race between blocks)."""
+    from transxssm_kernels.rope_ssd import rope_ssd
+    t, kw = make_case(4, 4096, 32, 64, 32, 128, dtype=torch.bfloat16, seed=11)
+    a = rope_ssd(**t, **kw)
+    b = rope_ssd(**t, **kw)
+    assert torch.equal(a, b)
