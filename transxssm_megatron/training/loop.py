@@ -1,0 +1,387 @@
+"""The pretraining loop: one `Trainer`, reading like the algorithm.
+
+    summary = train(cfg)        # cfg: RunConfig; collective over all ranks; returns a dict on every rank
+
+    set up ranks -> build model chunks (TP/PP/VPP) -> DDP -> optimizer + scheduler -> resume -> data
+    repeat: micro-batches through megatron's forward_backward_func (grad accumulation to the global batch)
+            -> NaN/inf check -> clip + AdamW step -> schedule -> log / validate / checkpoint / preemption
+
+Everything parallel is megatron-core's: parallel_state, DistributedDataParallel, get_megatron_optimizer
+(distributed optimizer on GPU), OptimizerParamScheduler, the pipeline schedules, finalize_model_grads.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from transxssm_megatron.config import ConfigError
+from transxssm_megatron.training import data as data_lib
+from transxssm_megatron.training import metrics as metrics_lib
+from transxssm_megatron.training import optim as optim_lib
+from transxssm_megatron.training import parallel
+from transxssm_megatron.training.run_config import RunConfig
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue; the message says why and what to change."""
+
+
+# ---------------------------------------------------------------------------------------------- model
+def build_model_chunks(cfg: RunConfig, world: parallel.World, bf16: bool) -> list[torch.nn.Module]:
+    """One model chunk per virtual pipeline stage of this rank, on its device, wrapped in megatron DDP."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    from transxssm_megatron.model.builder import build_model, build_transformer_config
+
+    tconfig = build_transformer_config(
+        cfg.model, tp=world.tp, pp=world.pp, vpp=world.vpp,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        use_cpu_initialization=not world.on_gpu,
+        batch_p2p_sync=world.on_gpu,  # gloo cannot batch isend/irecv synchronously
+    )
+    chunks = []
+    for vp_stage in range(world.vpp or 1):
+        stage = vp_stage if world.vpp else None
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        model = build_model(cfg.model, tconfig, pre_process=pre, post_process=post, vp_stage=stage)
+        model.to(world.device)
+        chunks.append(model)
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=world.on_gpu and cfg.parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=False,  # we detect NaN/inf ourselves and skip the step instead of crashing
+    )
+    wrapped = []
+    for i, model in enumerate(chunks):
+        if bf16:
+            model = Float16Module(tconfig, model)
+        wrapped.append(DistributedDataParallel(tconfig, ddp_config, model, disable_bucketing=i > 0))
+    return wrapped
+
+
+def count_parameters(chunks) -> int:
+    """Parameters of the whole model (summed over TP and PP ranks; tied embedding counted once)."""
+    from megatron.core import parallel_state
+
+    local = 0
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            # The output layer of the last stage shares the embedding (counted on the first stage).
+            if "output_layer" in name and getattr(p, "shared_embedding", False) and not \
+                    parallel_state.is_pipeline_first_stage(ignore_virtual=True):
+                continue
+            local += p.numel()
+    total = torch.tensor([local], dtype=torch.float64, device="cpu")
+    group = parallel_state.get_model_parallel_group()
+    if torch.distributed.get_backend(group) == "nccl":
+        total = total.cuda()
+    torch.distributed.all_reduce(total, group=group)
+    return int(total.item())
+
+
+# ---------------------------------------------------------------------------------------------- steps
+def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Masked sum of per-token losses; megatron divides by the token count and the micro-batch count."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (per_token_loss.reshape(-1).float() * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def make_forward_step(device: torch.device):
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        position_ids = batch["position_ids"].to(device, non_blocking=True)
+        loss_mask = batch["loss_mask"].to(device, non_blocking=True)
+        output = model(tokens, position_ids, None, labels=labels)
+        return output, partial(_loss_func, loss_mask)
+
+    return forward_step
+
+
+def _sum_reports(reports: list[dict]) -> Optional[torch.Tensor]:
+    """[loss_sum, tokens] summed over micro-batches (only the last pipeline stage has any)."""
+    if not reports:
+        return None
+    return torch.stack([r["lm loss"].float().cpu() for r in reports]).sum(0)
+
+
+def _global_mean_loss(pair: Optional[torch.Tensor], world: parallel.World) -> float:
+    """Token-weighted mean loss of the whole global batch, identical on every rank.
+
+    Only last-stage ranks hold [loss_sum, tokens]; others add zeros. TP ranks of a stage hold the same pair,
+    which scales sum and count alike, so one world all-reduce gives the exact mean everywhere (and a NaN
+    anywhere reaches every rank, so all take the same skip decision)."""
+    t = pair.clone() if pair is not None else torch.zeros(2)
+    if world.on_gpu:
+        t = t.to(world.device)
+    torch.distributed.all_reduce(t)
+    return float(t[0] / t[1].clamp(min=1))
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Holds the run's pieces; `run()` trains to `train.steps` (or until preempted / told to exit)."""
+
+    def __init__(self, cfg: RunConfig, print_fn=print):
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.utils import get_model_config
+
+        self.cfg = cfg
+        self.world = parallel.setup(cfg)
+        w = self.world
+        self.is_logger = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+                          and parallel_state.get_tensor_model_parallel_rank() == 0
+                          and parallel_state.get_data_parallel_rank() == 0)
+        self._print = print_fn
+        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and w.on_gpu)
+        if self.bf16 and not w.on_gpu:
+            raise ConfigError("train.precision: bf16 training needs a GPU here; use fp32 (or auto) on CPU")
+        self.num_microbatches = cfg.num_microbatches(w.world_size)
+
+        if w.is_main:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(cfg.run_dir / "config.yaml")
+
+        self.model = build_model_chunks(cfg, w, self.bf16)
+        self.num_params = count_parameters(self.model)
+        self.optimizer = optim_lib.build_optimizer(cfg, self.model, w, self.bf16)
+        self.scheduler = optim_lib.build_scheduler(cfg, self.optimizer)
+
+        # megatron's schedules call these: DP grad all-reduce (and tied-embedding sync) after the last
+        # micro-batch, and no grad sync during accumulation.
+        from megatron.core.distributed import finalize_model_grads
+
+        tconfig = get_model_config(self.model[0])
+        tconfig.finalize_model_grads_func = finalize_model_grads
+        tconfig.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
+        self.forward_backward = get_forward_backward_func()
+        self.forward_step = make_forward_step(w.device)
+
+        self.step = 0
+        self.consumed_samples = 0
+        self.skipped_total = 0
+        self.consecutive_skips = 0
+        self.history: list[dict] = []     # (step, loss) per logged interval, for the summary
+        self.val_history: list[dict] = []
+        self.checkpoints = self._make_checkpoint_manager()
+        self.preemption = self._make_preemption_handler()
+        self.resumed_from = self._maybe_resume()
+
+        total_samples = cfg.train.steps * cfg.train.global_batch_size
+        valid_samples = cfg.train.eval_iters * cfg.train.micro_batch_size * w.dp
+        self.datasets = data_lib.build_datasets(cfg, w, total_samples, valid_samples)
+
+        flops_per_token = metrics_lib.train_flops_per_token(cfg.model, cfg.train.seq_length)
+        peak = metrics_lib.peak_flops_per_device(w.device, cfg.logging.peak_tflops)
+        tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
+        self.throughput = metrics_lib.Throughput(tokens_per_step, flops_per_token, w.world_size, peak)
+        self.metrics = (metrics_lib.MetricsWriter(cfg.run_dir, cfg, self.step, self.print)
+                        if self.is_logger else None)
+
+    # ------------------------------------------------------------------ helpers
+    def print(self, *args) -> None:
+        if self.world.is_main or self.is_logger:
+            self._print(*args, flush=True) if self._print is print else self._print(*args)
+
+    def _make_checkpoint_manager(self):
+        try:
+            from transxssm_megatron.training.checkpointing import CheckpointManager
+        except ImportError:
+            self.print("[train] checkpointing module not available: running without checkpoints")
+            return None
+        return CheckpointManager(self.cfg.checkpoint_dir, keep_last=self.cfg.checkpoint.keep_last)
+
+    def _make_preemption_handler(self):
+        try:
+            from transxssm_megatron.training.preemption import PreemptionHandler
+        except ImportError:
+            return None
+        return PreemptionHandler()
+
+    def _maybe_resume(self) -> Optional[Path]:
+        resume = self.cfg.checkpoint.resume
+        if resume == "none" or self.checkpoints is None:
+            return None
+        if resume == "auto":
+            path = self.checkpoints.latest()
+            state = self.checkpoints.load_latest(self.model, self.optimizer, self.scheduler)
+            if state is None:
+                return None
+        else:
+            path = Path(resume)
+            if not path.exists():
+                raise ConfigError(f"checkpoint.resume: {path} does not exist; use auto, none or a checkpoint "
+                                  f"directory (ls {self.cfg.checkpoint_dir})")
+            state = self.checkpoints.load(path, self.model, self.optimizer, self.scheduler)
+        self.step = int(state["step"])
+        self.consumed_samples = int(state["consumed_samples"])
+        self.skipped_total = int(state.get("skipped_total", 0))
+        self.history = list(state.get("history", []))
+        self.val_history = list(state.get("val_history", []))
+        self.print(f"[train] resumed from {path} at step {self.step} "
+                   f"(consumed samples {self.consumed_samples})")
+        return path
+
+    def train_state(self) -> dict:
+        return {"step": self.step, "consumed_samples": self.consumed_samples, "skipped_total": self.skipped_total,
+                "world_size": self.world.world_size,
+                "history": self.history, "val_history": self.val_history}
+
+    def save_checkpoint(self, reason: str) -> Optional[Path]:
+        if self.checkpoints is None:
+            return None
+        t0 = time.perf_counter()
+        path = self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, self.train_state())
+        self.print(f"[train] checkpoint ({reason}) at step {self.step} -> {path} "
+                   f"({time.perf_counter() - t0:.1f} s)")
+        return path
+
+    def _data_iterators(self, batches_fn):
+        n = len(self.model)
+        return [batches_fn() for _ in range(n)] if n > 1 else batches_fn()
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, data_iterator) -> dict:
+        """Forward/backward over all micro-batches, then a skip-or-step decision. Returns step metrics."""
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        t = self.cfg.train
+        reports = self.forward_backward(
+            forward_step_func=self.forward_step, data_iterator=data_iterator, model=self.model,
+            num_microbatches=self.num_microbatches, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+            forward_only=False)
+        loss = _global_mean_loss(_sum_reports(reports), self.world)
+        bad = not math.isfinite(loss)
+        grad_norm = float("nan")
+        if not bad:
+            found_inf = self.optimizer.prepare_grads()
+            grad_norm = float(self.optimizer.get_grad_norm())
+            bad = found_inf or not math.isfinite(grad_norm)
+        if bad:
+            self.skipped_total += 1
+            self.consecutive_skips += 1
+            self.print(f"[train] step {self.step + 1}: non-finite loss ({loss:.4g}) or grad norm ({grad_norm:.4g}); "
+                       f"update skipped ({self.consecutive_skips} in a row, {self.skipped_total} total)")
+            if self.consecutive_skips >= t.max_consecutive_skips:
+                raise TrainingError(
+                    f"{self.consecutive_skips} consecutive steps had a NaN/inf loss or gradient norm (last at step "
+                    f"{self.step + 1}); training diverged. Lower optim.lr (now {self.cfg.optim.lr}), check the data, "
+                    f"or resume from an earlier checkpoint in {self.cfg.checkpoint_dir}")
+        else:
+            ok, grad_norm, _ = self.optimizer.step()
+            if ok:
+                self.scheduler.step(increment=1)
+                self.consecutive_skips = 0
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        self.step += 1
+        self.consumed_samples += t.global_batch_size
+        return {"loss": loss, "grad_norm": grad_norm, "skipped": bad}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over `eval_iters` fixed micro-batches per DP rank (NaN if no valid split)."""
+        if self.datasets.valid is None or self.cfg.train.eval_iters == 0:
+            return float("nan")
+        for chunk in self.model:
+            chunk.eval()
+        t = self.cfg.train
+        it = self._data_iterators(lambda: data_lib.valid_batches(self.datasets.valid, self.cfg, self.world))
+        reports = self.forward_backward(
+            forward_step_func=self.forward_step, data_iterator=it, model=self.model,
+            num_microbatches=t.eval_iters, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+            forward_only=True)
+        for chunk in self.model:
+            chunk.train()
+        return _global_mean_loss(_sum_reports(reports), self.world)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        cfg, w = self.cfg, self.world
+        t = cfg.train
+        self.print(f"[train] {cfg.model.architecture} {self.num_params / 1e6:.1f}M params | world {w.world_size} "
+                   f"(tp {w.tp}, pp {w.pp}{f', vpp {w.vpp}' if w.vpp else ''}, dp {w.dp}) on {w.device.type} | "
+                   f"{'bf16' if self.bf16 else 'fp32'} | global batch {t.global_batch_size} x {t.seq_length} tokens "
+                   f"= {self.num_microbatches} micro-batches of {t.micro_batch_size} per DP rank | "
+                   f"steps {self.step} -> {t.steps} | run dir {cfg.run_dir}")
+        it = self._data_iterators(
+            lambda: data_lib.train_batches(self.datasets.train, self.consumed_samples, cfg, w))
+        stop_at = min(t.steps, t.exit_after_steps) if t.exit_after_steps else t.steps
+        status = "finished"
+        window: list[float] = []
+        self.throughput.reset()
+        last_saved, last_saved_step = None, None
+        try:
+            while self.step < stop_at:
+                result = self.train_step(it)
+                self.throughput.step()
+                if not result["skipped"]:
+                    window.append(result["loss"])
+                step = self.step
+                if step % cfg.logging.interval == 0 or step == stop_at:
+                    record = {"step": step, "loss": float(np.mean(window)) if window else float("nan"),
+                              "lr": optim_lib.current_lr(self.optimizer), "grad_norm": result["grad_norm"],
+                              "consumed_samples": self.consumed_samples, "skipped_total": self.skipped_total,
+                              **self.throughput.read(), **metrics_lib.memory_stats(w.device)}
+                    window = []
+                    if self.is_logger:
+                        self.metrics.write(record)
+                    self.history.append({"step": step, "loss": record["loss"]})
+                if (t.eval_interval and step % t.eval_interval == 0) or step == t.steps:
+                    val = self.evaluate()
+                    if self.is_logger and math.isfinite(val):
+                        self.metrics.write({"step": step, "val_loss": val})
+                    self.val_history.append({"step": step, "val_loss": val})
+                    self.throughput.reset()
+                if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < stop_at:
+                    last_saved, last_saved_step = self.save_checkpoint("interval"), step
+                    self.throughput.reset()
+                if self.preemption is not None and self.preemption.should_stop():
+                    self.print(f"[train] preemption signal received: saving at step {step} and exiting")
+                    status = "preempted"
+                    break
+        except torch.cuda.OutOfMemoryError:
+            raise TrainingError(
+                f"GPU out of memory at micro_batch_size={t.micro_batch_size}, seq_length={t.seq_length}, "
+                f"tp={w.tp}, pp={w.pp}. Lower train.micro_batch_size (the global batch stays the same: more "
+                f"gradient accumulation) or raise parallel.tp / parallel.pp") from None
+        if status == "finished" and self.step < t.steps:
+            status = "paused"  # exit_after_steps reached
+        if (cfg.checkpoint.save_at_end or status != "finished") and last_saved_step != self.step:
+            last_saved = self.save_checkpoint(status)
+        if status == "preempted" and self.preemption is not None:
+            self.preemption.mark_preempted(cfg.run_dir, self.step)
+        if self.metrics is not None:
+            self.metrics.close()
+        return {"status": status, "step": self.step, "consumed_samples": self.consumed_samples,
+                "skipped_total": self.skipped_total, "history": self.history, "val_history": self.val_history,
+                "run_dir": str(cfg.run_dir), "checkpoint": str(last_saved) if last_saved else None,
+                "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                "num_params": self.num_params}
+
+
+def train(cfg: RunConfig, print_fn=print) -> dict:
+    """Build a Trainer, run it, tear the process groups down. Collective over all ranks."""
+    try:
+        trainer = Trainer(cfg, print_fn=print_fn)
+        return trainer.run()
+    finally:
+        parallel.teardown()

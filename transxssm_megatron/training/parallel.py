@@ -1,0 +1,141 @@
+"""Process group and megatron parallel state set-up, for torchrun, srun, or a plain single process.
+
+    world = setup(cfg)      # -> World(rank, world_size, local_rank, device, dp, ...)
+    ...
+    teardown()
+
+Rank discovery, in order: torchrun's RANK/WORLD_SIZE/LOCAL_RANK; SLURM's SLURM_PROCID/SLURM_NTASKS/
+SLURM_LOCALID (one task per GPU under `srun`); otherwise a single process. MASTER_ADDR/MASTER_PORT must be set
+for more than one process (our SLURM launchers derive them from the node list); a single process defaults
+to 127.0.0.1 and a free port. Backend: NCCL on GPU, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from transxssm_megatron.config import ConfigError
+
+
+@dataclass
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    tp: int
+    pp: int
+    vpp: int | None
+    dp: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def _env_int(*names: str, default: int | None = None) -> int | None:
+    for name in names:
+        if os.environ.get(name, "") != "":
+            return int(os.environ[name])
+    return default
+
+
+def discover_ranks() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun or SLURM variables; (0, 1, 0) when neither is set."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), _env_int("LOCAL_RANK", default=0)
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        return (int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]),
+                _env_int("SLURM_LOCALID", default=0))
+    return 0, 1, 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def choose_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' requested but no GPU is visible; use train.device=cpu or auto")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ConfigError(f"local rank {local_rank} has no GPU (this node shows {count}); start at most {count} "
+                          f"processes per node (torchrun --nproc-per-node / srun --ntasks-per-node)")
+    return torch.device("cuda", local_rank)
+
+
+def setup(cfg) -> World:
+    """Initialise torch.distributed and megatron's parallel_state for `cfg` (a RunConfig). Collective."""
+    from megatron.core import parallel_state
+
+    rank, world_size, local_rank = discover_ranks()
+    device = choose_device(cfg.train.device, local_rank)
+    dp = cfg.data_parallel_size(world_size)  # raises a clear error before any process group exists
+    cfg.num_microbatches(world_size)
+    if world_size == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise ConfigError(f"{name} is not set: with {world_size} processes, launch with torchrun or set "
+                              f"MASTER_ADDR/MASTER_PORT (launch/slurm/*.sbatch does this under srun)")
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        from transxssm_megatron.training.cpu import enable_cpu_execution
+
+        enable_cpu_execution()
+        backend = "gloo"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend, rank=rank, world_size=world_size,
+                                             timeout=timedelta(minutes=10))
+    p = cfg.parallel
+    if parallel_state.model_parallel_is_initialized():  # e.g. a test harness set up its own layout
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
+    )
+    seed_everything(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                 tp=p.tp, pp=p.pp, vpp=p.vpp, dp=dp)
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank; megatron's tracker gives TP ranks their own stream for TP-split regions."""
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def teardown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
