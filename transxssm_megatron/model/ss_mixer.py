@@ -42,9 +42,11 @@ DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
 A_INIT_RANGE = (1.0, 16.0)
 
 
-def select_ssd(x: torch.Tensor):
-    """The SSD implementation for x's device: the Triton kernel on CUDA when available, else plain PyTorch."""
-    if x.is_cuda and rope_ssd is not None:
+def select_ssd(x: torch.Tensor, state_size: int, chunk_size: int):
+    """The SSD implementation for x (b, l, H, P): the Triton kernel on CUDA when importable and the shapes suit
+    it (N % 32 == 0, P % 16 == 0, chunk a power of two >= 16), else the plain PyTorch reference."""
+    fits = state_size % 32 == 0 and x.shape[-1] % 16 == 0 and chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
+    if x.is_cuda and rope_ssd is not None and fits:
         return rope_ssd
     return ssd_chunked_reference
 
@@ -130,9 +132,9 @@ class SSMixer(MegatronModule):
         if self.conv1d_weight is not None:
             xbc = self._causal_conv(xbc)
         x, B, C = xbc.split([self.x_width, self.N, self.N], dim=-1)                # B, C: (b, l, G_loc, N)
-        x = x.reshape(b, l, self.heads_local, self.P)
-        dt = dt.reshape(b, l, self.heads_local)
-        z = z.reshape(b, l, self.heads_local, self.P) if self.z_width else None
+        x = x.reshape(b, l, self.heads_local, self.P).contiguous()
+        dt = dt.reshape(b, l, self.heads_local).contiguous()
+        z = z.reshape(b, l, self.heads_local, self.P).contiguous() if self.z_width else None
 
         cos = sin = None
         if self.use_rope:
@@ -140,8 +142,9 @@ class SSMixer(MegatronModule):
                 raise ValueError("SSMixer with ss_positional='rope' needs the model's RopeTables (rope.state)")
             cos, sin = rope.state
         A = -torch.exp(self.A_log.float())                                          # (H_loc,) negative, fp32
-        y = select_ssd(x)(x, dt, A, B.contiguous(), C.contiguous(), chunk_size=self.model_cfg.ss_chunk_size,
-                          D=self.D, z=z, dt_bias=self.dt_bias, dt_softplus=True, rope_cos=cos, rope_sin=sin)
+        ssd = select_ssd(x, self.N, self.model_cfg.ss_chunk_size)
+        y = ssd(x, dt, A, B.contiguous(), C.contiguous(), chunk_size=self.model_cfg.ss_chunk_size, D=self.D, z=z,
+                dt_bias=self.dt_bias, dt_softplus=True, rope_cos=cos, rope_sin=sin)
         y = y.reshape(b, l, self.heads_local * self.P)
         if self.gate_norm_weight is not None:  # y = RMSNorm(y * silu(z)), normalised per B/C group
             y = rms_norm(y, self.gate_norm_weight, self.model_cfg.norm_eps, group_size=self.x_width)
