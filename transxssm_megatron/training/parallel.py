@@ -85,11 +85,11 @@ def setup(cfg) -> World:
     device = choose_device(cfg.train.device, local_rank)
     dp = cfg.data_parallel_size(world_size)  # raises a clear error before any process group exists
     cfg.num_microbatches(world_size)
-    if world_size == 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    init_method = "env://"
+    if world_size == 1 and "MASTER_PORT" not in os.environ:
+        init_method = f"tcp://127.0.0.1:{_free_port()}"  # a fresh port per run (the demo runs twice in-process)
     for name in ("MASTER_ADDR", "MASTER_PORT"):
-        if name not in os.environ:
+        if init_method == "env://" and name not in os.environ:
             raise ConfigError(f"{name} is not set: with {world_size} processes, launch with torchrun or set "
                               f"MASTER_ADDR/MASTER_PORT (launch/slurm/*.sbatch does this under srun)")
 
@@ -102,7 +102,7 @@ def setup(cfg) -> World:
         enable_cpu_execution()
         backend = "gloo"
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend, rank=rank, world_size=world_size,
+        torch.distributed.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                              timeout=timedelta(minutes=10))
     p = cfg.parallel
     if parallel_state.model_parallel_is_initialized():  # e.g. a test harness set up its own layout
