@@ -29,7 +29,7 @@ from . import __version__
 from .indexed import token_dtype, write_index
 from .sources import BAD_REASONS, Bad, Doc, InputError, Progress, Shard, expand_inputs, parquet_text_column_check, \
     plan_shards, read_shard
-from .tokenizer import EOD_TOKEN, TokenizerInfo, resolve_tokenizer
+from .tokenizer import EOD_TOKEN, TokenizerInfo, load_tokenizer, resolve_tokenizer
 
 PLAN_FORMAT = 1
 BATCH_CHARS = 4_000_000  # tokenize in batches of about this many characters: amortizes Python overhead
@@ -57,14 +57,12 @@ class Options:
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_json: str, single_threaded: bool, report_queue) -> None:
+def _init_worker(tokenizer_json: str, tokenizer_sha: str, single_threaded: bool, report_queue) -> None:
     if single_threaded:
         # One process per core: the tokenizer's own thread pool would only oversubscribe the cores.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         os.environ["RAYON_NUM_THREADS"] = "1"
-    from tokenizers import Tokenizer
-
-    _WORKER["tokenizer"] = Tokenizer.from_str(tokenizer_json)
+    _WORKER["tokenizer"] = load_tokenizer(tokenizer_json, tokenizer_sha)
     _WORKER["queue"] = report_queue
 
 
@@ -96,31 +94,26 @@ def _process_documents(docs: Iterable[Doc | Bad], out_stem: Path, opts: Options,
     stats = {"documents": 0, "tokens": 0, "text_bytes": 0, "skipped": {}, "skipped_examples": [], "max_doc_tokens": 0}
     lengths_all: list[np.ndarray] = []
     batch: list[str] = []
-    batch_chars = 0
+    batch_chars = batch_bytes = 0
 
     def flush() -> None:
-        nonlocal batch, batch_chars
+        nonlocal batch, batch_chars, batch_bytes
         if not batch:
             return
         flat, lengths = _tokenize_batch(batch, eod_id, dtype)
         flat.tofile(bin_file)
         lengths_all.append(lengths)
-        text_bytes = sum(len(t.encode("utf-8")) for t in batch)
+        text_bytes = batch_bytes
         stats["documents"] += len(batch)
         stats["tokens"] += int(flat.size)
         stats["text_bytes"] += text_bytes
         stats["max_doc_tokens"] = max(stats["max_doc_tokens"], int(lengths.max()))
         report(progress.weight, len(batch), int(flat.size), text_bytes)
         progress.weight = 0
-        batch, batch_chars = [], 0
+        batch, batch_chars, batch_bytes = [], 0, 0
 
     with open(bin_tmp, "wb") as bin_file:
         for item in docs:
-            if isinstance(item, Doc):
-                try:
-                    item.text.encode("utf-8")
-                except UnicodeEncodeError as e:  # lone surrogates, e.g. "\ud800" escapes in JSON
-                    item = Bad("invalid_utf8", item.where, str(e))
             if isinstance(item, Bad):
                 if not opts.skip_bad:
                     raise BadInputError(
@@ -132,6 +125,7 @@ def _process_documents(docs: Iterable[Doc | Bad], out_stem: Path, opts: Options,
                 continue
             batch.append(item.text)
             batch_chars += len(item.text)
+            batch_bytes += item.nbytes
             if batch_chars >= BATCH_CHARS:
                 flush()
         flush()
@@ -410,12 +404,12 @@ class _ShardRunner:
     def start(self, total: int | None, done_weight: int) -> None:
         self.bar = _Bar(total, self.progress, done_weight)
         if self.workers == 1:
-            _init_worker(self.tok.json_text, single_threaded=False, report_queue=None)
+            _init_worker(self.tok.json_text, self.tok.sha256, single_threaded=False, report_queue=None)
         else:
             ctx = mp.get_context("spawn")
             self.queue = ctx.Queue()
             self.pool = ctx.Pool(self.workers, initializer=_init_worker,
-                                 initargs=(self.tok.json_text, True, self.queue))
+                                 initargs=(self.tok.json_text, self.tok.sha256, True, self.queue))
 
     def submit(self, fn: Callable, *args) -> None:
         if self.pool is None:

@@ -58,6 +58,7 @@ class Shard:
 class Doc:
     text: str
     where: str
+    nbytes: int = 0  # UTF-8 size of text (stats)
 
 
 @dataclass
@@ -183,7 +184,11 @@ def _validated(value, where: str, max_chars: int) -> Doc | Bad:
         return Bad("empty_text", where)
     if len(value) > max_chars:
         return Bad("too_long", where, f"{len(value):,} characters > --max-doc-chars {max_chars:,}")
-    return Doc(value, where)
+    try:
+        nbytes = len(value.encode("utf-8"))
+    except UnicodeEncodeError as e:  # lone surrogates, e.g. from "\ud800" escapes in JSON; tokenizers rejects them
+        return Bad("invalid_utf8", where, str(e))
+    return Doc(value, where, nbytes)
 
 
 def _line_number(path: str, offset: int, compression: str | None) -> int:

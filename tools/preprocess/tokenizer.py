@@ -21,6 +21,20 @@ class TokenizerInfo:
     eod_id: int | None
 
 
+_LOADED: dict[str, object] = {}  # sha256 -> Tokenizer: loading the 2 MB JSON costs ~0.3 s, and runs repeat it
+
+
+def load_tokenizer(json_text: str, sha256: str | None = None):
+    """A `tokenizers.Tokenizer` from its JSON text, reused across calls in this process."""
+    from tokenizers import Tokenizer
+
+    key = sha256 or hashlib.sha256(json_text.encode()).hexdigest()
+    if key not in _LOADED:
+        _LOADED.clear()  # keep one: a process works with one tokenizer at a time
+        _LOADED[key] = Tokenizer.from_str(json_text)
+    return _LOADED[key]
+
+
 def resolve_tokenizer(spec: str, eod_token: str | None = EOD_TOKEN) -> TokenizerInfo:
     """``spec``: a tokenizer.json path, a folder holding tokenizer.json, or a Hugging Face hub name (online only)."""
     from tokenizers import Tokenizer
@@ -31,7 +45,7 @@ def resolve_tokenizer(spec: str, eod_token: str | None = EOD_TOKEN) -> Tokenizer
     if path.is_file():
         text = path.read_text("utf-8")
         try:
-            tok = Tokenizer.from_str(text)
+            tok = load_tokenizer(text)
         except Exception as e:  # tokenizers raises a plain Exception for bad JSON
             raise ValueError(f"--tokenizer {spec}: not a `tokenizers` JSON file ({e})") from e
     elif os.sep in spec and not path.exists() or spec.endswith(".json"):
