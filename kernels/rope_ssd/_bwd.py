@@ -1,61 +1,91 @@
 """Backward Triton kernels of the chunked SSD with Unified RoPE (see chunk.py for the derivation).
 
-g is the gradient of y; u_s = delta_s x_s; L_ts = exp(cs_t - cs_s) for s <= t in the same chunk (and document).
-  1. chunk_state_kernel (MODE=1, in _fwd.py): each chunk's own  sum_t exp(cs_t) g_t C~_t^T          (P x N)
-  2. state_pass_bwd_kernel: reverse walk, dH_c = local_c + exp(cs_last_c) dH_{c+1}; overwrites the local sums with
-     the gradient of the state leaving each chunk, and adds <dH_{c+1}, H_{c+1}> to d cs_last of chunk c.
-  3. dc_kernel   (t rows):  dC~_t = exp(cs_t) g_t H_c + sum_s L_ts (g_t.u_s) B~_s ;  g_t.y_t
-  4. dxdb_kernel (s rows):  du_s = w_s dH_{c+1} B~_s + sum_t L_ts (C~_t.B~_s) g_t ;
+g is the gradient of y; u_s = delta_s x_s; L_ts = exp(cs_t - cs_s) for s <= t in the same chunk (and document);
+a_j = delta_j A (cs is its within-chunk cumulative sum).
+  1. state_scan_bwd_kernel: reverse walk, dH_c = sum_t exp(cs_t) g_t C~_t^T + decay_c dH_{c+1}; stores the gradient
+     of the state leaving each chunk and K_c = decay_c <dH_{c+1}, H_c>.
+  2. dc_kernel   (t rows):  dC~_t = exp(cs_t) g_t H_c + sum_s L_ts (g_t.u_s) B~_s ;  g_t.y_off_t ;
+                            and the intra-chunk part of d a_j = sum_{t >= j > s} W_ts, W_ts = L_ts (g_t.u_s)(C~_t.B~_s)
+  3. dxdb_kernel (s rows):  du_s = w_s dH_{c+1} B~_s + sum_t L_ts (C~_t.B~_s) g_t ;
                             dB~_s = w_s dH_{c+1}^T u_s + sum_t L_ts (g_t.u_s) C~_t ;  w_s = exp(cs_last - cs_s)
-     then dx = delta du, d delta (direct) = du.x, and u.du.
-  d cs_t = g_t.y_t - u_t.du_t (+ the chunk-end term at the chunk's last row); chunk.py turns it into d delta, d A.
+     then dx = delta du, d delta (direct) = du.x, and V_s = u_s . (state-path part of du_s).
+  d a_j = intra_j + sum_{t >= j} g_t.y_off_t + sum_{s < j} V_s + K_c  (chunk.py adds the parts up). Each part is a
+  sum of terms that do not cancel in pairs; the plain formula d cs_t = g_t.y_t - u_t.du_t followed by a reverse
+  cumulative sum loses the exactly cancelling diagonal terms to bf16 rounding (seen: dA off by 9% at l = 4096).
 Rotated gradients go back through the inverse rotation as they are stored.
 """
 
 import triton
 import triton.language as tl
 
+from ._fwd import chunk_decay, chunk_outer_sum
 from ._triton_common import load_rotated, unrotate
 
 
 @triton.jit
-def state_pass_bwd_kernel(
-    dstates_ptr,                              # (b, H, NC, P*N) fp32: in local sums, out d(state leaving chunk c)
-    states_ptr, final_ptr,                    # states entering each chunk, final state
-    dfinal_ptr, dinit_ptr,                    # (b, H, P*N) fp32
-    cs_ptr, seq_ptr, dcs_last_ptr,            # dcs_last (b, H, NC) fp32, zero-initialised (atomic adds)
-    L, Lp, H, NC, PN,
-    Q: tl.constexpr, BLOCK: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr,
+def state_scan_bwd_kernel(
+    g_ptr, s_gb, s_gl, s_gh, s_gp,            # (b, l, H, P), gradient of y
+    c_ptr, s_cb_, s_cl_, s_cg, s_cn,          # C (b, l, G, N)
+    cos_ptr, sin_ptr, s_tb, s_tl,
+    cs_ptr, seq_ptr,
+    states_ptr,                               # (b, H, NC, P, N) state entering each chunk (forward)
+    dfinal_ptr,                               # (b, H, P, N) fp32
+    dstates_ptr,                              # out (b, H, NC, P, N): gradient of the state leaving each chunk
+    dinit_ptr,                                # out (b, H, P, N)
+    kdec_ptr,                                 # (b, H, NC) fp32, zeroed: += decay_c <dH_{c+1}, H_c> (atomic)
+    L, Lp, H, HPG, P, NC,
+    N_HALF: tl.constexpr, Q: tl.constexpr, BS: tl.constexpr, BLOCK_P: tl.constexpr, BNH: tl.constexpr,
+    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr, DOT: tl.constexpr,
 ):
+    """Reverse walk over the chunks of one (batch row, head), columns block of N/2 in registers:
+    dH_c = decay_c dH_{c+1} + sum_t exp(cs_t) g_t C~_t^T. Grid (b*H, N/2 / BNH)."""
     pid_bh = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    pid_n = tl.program_id(1)
     bi = pid_bh // H
-    offs = pid_b * BLOCK + tl.arange(0, BLOCK)
-    m = offs < PN
-    if HAS_DFINAL:
-        run = tl.load(dfinal_ptr + pid_bh.to(tl.int64) * PN + offs, mask=m, other=0.0)
-    else:
-        run = tl.zeros((BLOCK,), dtype=tl.float32)
-    dbase = dstates_ptr + pid_bh.to(tl.int64) * NC * PN
-    sbase = states_ptr + pid_bh.to(tl.int64) * NC * PN
+    hi_ = pid_bh % H
+    gi = hi_ // HPG
+    b64 = bi.to(tl.int64)
+    offs_p = tl.arange(0, BLOCK_P)
+    half = pid_n * BNH + tl.arange(0, BNH)
+    mask_h = half < N_HALF
+    N = 2 * N_HALF
+    st_off = offs_p[:, None] * N + half[None, :]
+    st_mask = (offs_p < P)[:, None] & mask_h[None, :]
+
+    g_base = g_ptr + b64 * s_gb + hi_ * s_gh
+    cm_base = c_ptr + b64 * s_cb_ + gi * s_cg
+    cos_base = cos_ptr + b64 * s_tb
+    sin_base = sin_ptr + b64 * s_tb
     cs_base = cs_ptr + pid_bh.to(tl.int64) * Lp
+    seq_base = seq_ptr + b64 * L
+    PN = P * N
+    if HAS_DFINAL:
+        r_lo = tl.load(dfinal_ptr + pid_bh.to(tl.int64) * PN + st_off, mask=st_mask, other=0.0)
+        r_hi = tl.load(dfinal_ptr + pid_bh.to(tl.int64) * PN + st_off + N_HALF, mask=st_mask, other=0.0)
+    else:
+        r_lo = tl.zeros((BLOCK_P, BNH), dtype=tl.float32)
+        r_hi = tl.zeros((BLOCK_P, BNH), dtype=tl.float32)
+    st_base = states_ptr + pid_bh.to(tl.int64) * NC * PN
+    dst_base = dstates_ptr + pid_bh.to(tl.int64) * NC * PN
     for i in range(NC):
         c = NC - 1 - i
-        local = tl.load(dbase + c * PN + offs, mask=m, other=0.0)
-        tl.store(dbase + c * PN + offs, run, mask=m)
-        if c == NC - 1:
-            h_next = tl.load(final_ptr + pid_bh.to(tl.int64) * PN + offs, mask=m, other=0.0)
-        else:
-            h_next = tl.load(sbase + (c + 1) * PN + offs, mask=m, other=0.0)
-        tl.atomic_add(dcs_last_ptr + pid_bh.to(tl.int64) * NC + c, tl.sum(run * h_next, axis=0))
-        decay = tl.exp(tl.load(cs_base + c * Q + Q - 1))
+        tl.store(dst_base + c * PN + st_off, r_lo, mask=st_mask)
+        tl.store(dst_base + c * PN + st_off + N_HALF, r_hi, mask=st_mask)
+        decay = chunk_decay(cs_base, seq_base, c, L, Q, HAS_SEQ)
+        h_lo = tl.load(st_base + c * PN + st_off, mask=st_mask, other=0.0)
+        h_hi = tl.load(st_base + c * PN + st_off + N_HALF, mask=st_mask, other=0.0)
+        tl.atomic_add(kdec_ptr + pid_bh.to(tl.int64) * NC + c, decay * tl.sum(tl.sum(r_lo * h_lo + r_hi * h_hi, 1), 0))
+        start = c * Q
+        seq_ref = 0
         if HAS_SEQ:
-            last = tl.minimum(c * Q + Q, L) - 1
-            prev = tl.maximum(c * Q - 1, 0)
-            same = tl.load(seq_ptr + bi.to(tl.int64) * L + last) == tl.load(seq_ptr + bi.to(tl.int64) * L + prev)
-            decay = tl.where(same, decay, 0.0)
-        run = local + decay * run
-    tl.store(dinit_ptr + pid_bh.to(tl.int64) * PN + offs, run, mask=m)
+            seq_ref = tl.load(seq_base + tl.maximum(start - 1, 0))
+        l_lo, l_hi = chunk_outer_sum(g_base, s_gl, s_gp, cm_base, s_cl_, s_cn, cos_base, sin_base, s_tl,
+                                     cs_base, cs_base, seq_base, start, L, P, half, mask_h, seq_ref,
+                                     N_HALF, Q, BS, BLOCK_P, BNH, 1, HAS_ROPE, HAS_SEQ, DOT)
+        r_lo = decay * r_lo + l_lo
+        r_hi = decay * r_hi + l_hi
+    tl.store(dinit_ptr + pid_bh.to(tl.int64) * PN + st_off, r_lo, mask=st_mask)
+    tl.store(dinit_ptr + pid_bh.to(tl.int64) * PN + st_off + N_HALF, r_hi, mask=st_mask)
 
 
 @triton.jit
@@ -68,9 +98,11 @@ def dc_kernel(
     delta_ptr, cs_ptr, seq_ptr,
     states_ptr,                               # (b, H, NC, P, N) state entering each chunk
     dc_ptr, s_db, s_dl, s_dh, s_dn,           # dC per head (b, l, H, N)
-    gy_ptr,                                   # (b, H, Lp) fp32: g_t . y_t
+    gyoff_ptr,                                # out (b, H, Lp) fp32: g_t . (part of y_t from the entering state)
+    da_ptr,                                   # (b, H, Lp) fp32, zeroed: += sum_{t >= j > s} W_ts (atomic)
     L, Lp, H, HPG, P, NC,
-    N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
+    N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_NH: tl.constexpr,
     HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -123,10 +155,11 @@ def dc_kernel(
     dc_lo = tl.dot(g, h_lo) * w_t[:, None]
     dc_hi = tl.dot(g, h_hi) * w_t[:, None]
     y_off = (tl.dot(c_lo, tl.trans(h_lo)) + tl.dot(c_hi, tl.trans(h_hi))) * w_t[:, None]
-    gy = tl.sum(g_f * y_off, axis=1)
+    tl.store(gyoff_ptr + pid_bh.to(tl.int64) * Lp + rows_t, tl.sum(g_f * y_off, axis=1))
+    carry = tl.zeros((BT,), dtype=tl.float32)   # sum over the source blocks done so far of W_ts, per row t
 
-    for s0 in range(0, (tb + 1) * BT, BT):
-        rows_s = start + s0 + tl.arange(0, BT)
+    for s0 in range(0, (tb + 1) * BT, BI):
+        rows_s = start + s0 + tl.arange(0, BI)
         smask_r = rows_s < L
         b_lo, b_hi = load_rotated(bm_base, rows_s, smask_r, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,
                                   N_HALF, HAS_ROPE)
@@ -145,7 +178,13 @@ def dc_kernel(
             keep = keep & (seq_t[:, None] == seq_s[None, :])
         decay = tl.where(keep, tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0)), 0.0)
         w = gu * decay
-        gy += tl.sum(w * scores, axis=1)
+        # d/d a_j of the intra-chunk part, summed pair by pair (no cancelling twins): sum_{t >= j > s} W_ts,
+        # W_ts = (g_t.u_s)(C~_t.B~_s) exp(cs_t - cs_s). Exclusive prefix over s, then column sums over t >= j.
+        wts = w * scores
+        excl = carry[:, None] + tl.cumsum(wts, axis=1) - wts
+        tl.atomic_add(da_ptr + pid_bh.to(tl.int64) * Lp + rows_s,
+                      tl.sum(tl.where(rows_t[:, None] >= rows_s[None, :], excl, 0.0), axis=0))
+        carry += tl.sum(wts, axis=1)
         w = w.to(dot_dtype)
         dc_lo += tl.dot(w, b_lo)
         dc_hi += tl.dot(w, b_hi)
@@ -155,7 +194,6 @@ def dc_kernel(
     dmask = tmask[:, None] & mask_h[None, :]
     tl.store(dptr, dc_lo.to(dc_ptr.dtype.element_ty), mask=dmask)
     tl.store(dptr + N_HALF * s_dn, dc_hi.to(dc_ptr.dtype.element_ty), mask=dmask)
-    tl.store(gy_ptr + pid_bh.to(tl.int64) * Lp + rows_t, gy)
 
 
 @triton.jit
@@ -169,9 +207,10 @@ def dxdb_kernel(
     dstates_ptr,                              # (b, H, NC, P, N) gradient of the state leaving each chunk
     dx_ptr, s_dxb, s_dxl, s_dxh, s_dxp,       # (b, l, H, P)
     db_ptr, s_db, s_dl, s_dh, s_dn,           # dB per head (b, l, H, N)
-    ddelta_ptr, udu_ptr,                      # (b, H, Lp) fp32
+    ddelta_ptr, v_ptr,                        # out (b, H, Lp) fp32: du.x ; u_s . du_s (state path only)
     L, Lp, H, HPG, P, NC,
-    N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
+    N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_NH: tl.constexpr,
     HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
@@ -227,10 +266,11 @@ def dxdb_kernel(
     du = (tl.dot(b_lo, tl.trans(dh_lo)) + tl.dot(b_hi, tl.trans(dh_hi))) * w_s[:, None]
     db_lo = tl.dot(u, dh_lo) * w_s[:, None]
     db_hi = tl.dot(u, dh_hi) * w_s[:, None]
+    tl.store(v_ptr + pid_bh.to(tl.int64) * Lp + rows_s, tl.sum(du * u_f, axis=1))
 
     # within the chunk: target blocks from the diagonal one to the chunk's end
-    for t0 in range(sb * BT, Q, BT):
-        rows_t = start + t0 + tl.arange(0, BT)
+    for t0 in range(sb * BT, Q, BI):
+        rows_t = start + t0 + tl.arange(0, BI)
         tmask = rows_t < L
         c_lo, c_hi = load_rotated(cm_base, rows_t, tmask, s_cl_, s_cn, cos_base, sin_base, s_tl, half, mask_h,
                                   N_HALF, HAS_ROPE)
@@ -253,11 +293,9 @@ def dxdb_kernel(
 
     dx = du * d_s[:, None]
     ddelta = tl.sum(du * xs, axis=1)
-    udu = tl.sum(du * u_f, axis=1)
     tl.store(dx_ptr + b64 * s_dxb + hi_ * s_dxh + rows_s[:, None] * s_dxl + offs_p[None, :] * s_dxp,
              dx.to(dx_ptr.dtype.element_ty), mask=smask_r[:, None] & mask_p[None, :])
     tl.store(ddelta_ptr + pid_bh.to(tl.int64) * Lp + rows_s, ddelta)
-    tl.store(udu_ptr + pid_bh.to(tl.int64) * Lp + rows_s, udu)
 
     db_lo, db_hi = unrotate(db_lo, db_hi, rows_s, smask_r, cos_base, sin_base, s_tl, half, mask_h, HAS_ROPE)
     dptr = db_ptr + b64 * s_db + hi_ * s_dh + rows_s[:, None] * s_dl + half[None, :] * s_dn

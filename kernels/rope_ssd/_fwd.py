@@ -1,12 +1,10 @@
 """Forward Triton kernels of the chunked SSD with Unified RoPE (see chunk.py for the math and the shapes).
 
-Three launches:
-  1. `chunk_state_kernel`   grid (chunks, b*H): each chunk's own end state  S_c = sum_s w_s x_s B~_s^T  (P x N),
-                            w_s = delta_s exp(cs_last - cs_s). The backward reuses it (MODE=1) for
-                            sum_t exp(cs_t) g_t C~_t^T.
-  2. `state_pass_kernel`    grid (b*H, blocks of P*N): walks the chunks in order, h <- exp(cs_last) h + S_c, and
-                            overwrites S_c with the state entering chunk c (kept for the backward).
-  3. `chunk_output_kernel`  grid (chunks * row blocks, b*H): y_t = exp(cs_t) C~_t h_c^T
+Two launches:
+  1. `state_scan_fwd_kernel` grid (b*H, column blocks of N/2): walks the chunks in order with the state in
+                            registers, storing the state entering each chunk (kept for the backward), then
+                            h <- exp(cs_last) h + S_c,  S_c = sum_s delta_s exp(cs_last - cs_s) x_s B~_s^T  (P x N).
+  2. `chunk_output_kernel`  grid (chunks * row blocks, b*H): y_t = exp(cs_t) C~_t h_c^T
                             + sum_{s<=t} exp(cs_t - cs_s) (C~_t . B~_s) delta_s x_s.
 cs is the within-chunk cumulative sum of delta*A, laid out (b, H, Lp) with Lp = chunks * Q (zero-padded delta).
 """
@@ -18,107 +16,114 @@ from ._triton_common import load_rotated
 
 
 @triton.jit
-def chunk_state_kernel(
-    vec_ptr, s_vb, s_vl, s_vh, s_vp,          # x (fwd) or g (bwd): (b, l, H, P)
-    mat_ptr, s_mb, s_ml, s_mg, s_mn,          # B (fwd) or C (bwd): (b, l, G, N)
-    cos_ptr, sin_ptr, s_cb, s_cl,             # (b?, l, N/2) fp32, last dim contiguous
-    delta_ptr, cs_ptr,                        # (b, H, Lp) fp32 contiguous
-    seq_ptr,                                  # (b, l) int32 contiguous
-    out_ptr,                                  # (b, H, NC, P, N) fp32 contiguous
-    L, Lp, H, HPG, P, NC,
-    N_HALF: tl.constexpr, Q: tl.constexpr, BS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
-    MODE: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
-):
-    pid_c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    bi = pid_bh // H
-    hi_ = pid_bh % H
-    gi = hi_ // HPG
-    dot_dtype = DOT
+def chunk_outer_sum(vec_base, s_vl, s_vp, mat_base, s_ml, s_mn, cos_base, sin_base, s_cl,
+                    delta_base, cs_base, seq_base, start, L, P, half, mask_h, seq_ref,
+                    N_HALF: tl.constexpr, Q: tl.constexpr, BS: tl.constexpr, BLOCK_P: tl.constexpr,
+                    BNH: tl.constexpr, MODE: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr,
+                    DOT: tl.constexpr):
+    """One chunk's  sum_s w_s v_s M~_s^T  as halves (BLOCK_P x BNH) over the half-columns `half`.
 
+    MODE 0 (forward):  v = x, M = B, w_s = delta_s exp(cs_last - cs_s) [same document as the chunk's last token]
+    MODE 1 (backward): v = g, M = C, w_t = exp(cs_t) [same document as the token before the chunk]
+    """
     offs_p = tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
-    half = tl.arange(0, BLOCK_NH)
-    mask_h = half < N_HALF
-
-    start = pid_c * Q
-    last = tl.minimum(start + Q, L) - 1
-    cs_base = cs_ptr + pid_bh.to(tl.int64) * Lp
-    vec_base = vec_ptr + bi.to(tl.int64) * s_vb + hi_ * s_vh
-    mat_base = mat_ptr + bi.to(tl.int64) * s_mb + gi * s_mg
-    cos_base = cos_ptr + bi.to(tl.int64) * s_cb
-    sin_base = sin_ptr + bi.to(tl.int64) * s_cb
     if MODE == 0:
-        # forward: decay from each token to the chunk's end; tokens of earlier documents do not reach it
         cs_ref = tl.load(cs_base + start + Q - 1)
-        ref = last
-    else:
-        # backward: decay from the chunk's start; tokens of later documents do not see the entering state
-        cs_ref = 0.0
-        ref = tl.maximum(start - 1, 0)
-    if HAS_SEQ:
-        seq_ref = tl.load(seq_ptr + bi.to(tl.int64) * L + ref)
-
-    acc_lo = tl.zeros((BLOCK_P, BLOCK_NH), dtype=tl.float32)
-    acc_hi = tl.zeros((BLOCK_P, BLOCK_NH), dtype=tl.float32)
+    acc_lo = tl.zeros((BLOCK_P, BNH), dtype=tl.float32)
+    acc_hi = tl.zeros((BLOCK_P, BNH), dtype=tl.float32)
     for s0 in range(0, Q, BS):
         rows = start + s0 + tl.arange(0, BS)
         rmask = rows < L
         cs = tl.load(cs_base + rows)
         if MODE == 0:
-            w = tl.load(delta_ptr + pid_bh.to(tl.int64) * Lp + rows) * tl.exp(cs_ref - cs)
+            w = tl.load(delta_base + rows) * tl.exp(cs_ref - cs)
         else:
             w = tl.exp(cs)
         if HAS_SEQ:
-            sq = tl.load(seq_ptr + bi.to(tl.int64) * L + rows, mask=rmask, other=-1)
+            sq = tl.load(seq_base + rows, mask=rmask, other=-1)
             w = tl.where(sq == seq_ref, w, 0.0)
         w = tl.where(rmask, w, 0.0)
         v = tl.load(vec_base + rows[:, None] * s_vl + offs_p[None, :] * s_vp,
                     mask=rmask[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
-        vw = (v * w[:, None]).to(dot_dtype)
+        vwt = tl.trans((v * w[:, None]).to(DOT))
         lo, hi = load_rotated(mat_base, rows, rmask, s_ml, s_mn, cos_base, sin_base, s_cl, half, mask_h,
                               N_HALF, HAS_ROPE)
-        vwt = tl.trans(vw)
-        acc_lo += tl.dot(vwt, lo.to(dot_dtype))
-        acc_hi += tl.dot(vwt, hi.to(dot_dtype))
-
-    N = 2 * N_HALF
-    out_base = out_ptr + (pid_bh.to(tl.int64) * NC + pid_c) * P * N
-    optr = out_base + offs_p[:, None] * N + half[None, :]
-    omask = mask_p[:, None] & mask_h[None, :]
-    tl.store(optr, acc_lo, mask=omask)
-    tl.store(optr + N_HALF, acc_hi, mask=omask)
+        acc_lo += tl.dot(vwt, lo.to(DOT))
+        acc_hi += tl.dot(vwt, hi.to(DOT))
+    return acc_lo, acc_hi
 
 
 @triton.jit
-def state_pass_kernel(
-    states_ptr,                               # (b, H, NC, P*N) fp32: in S_c, out: state entering chunk c
-    cs_ptr, seq_ptr, init_ptr, final_ptr,     # init/final (b, H, P*N) fp32
-    L, Lp, H, NC, PN,
-    Q: tl.constexpr, BLOCK: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+def chunk_decay(cs_base, seq_base, c, L, Q: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """exp(sum of delta*A over chunk c), or 0 when a document starts inside (or at the start of) the chunk."""
+    decay = tl.exp(tl.load(cs_base + c * Q + Q - 1))
+    if HAS_SEQ:
+        last = tl.minimum(c * Q + Q, L) - 1
+        prev = tl.maximum(c * Q - 1, 0)
+        decay = tl.where(tl.load(seq_base + last) == tl.load(seq_base + prev), decay, 0.0)
+    return decay
+
+
+@triton.jit
+def state_scan_fwd_kernel(
+    x_ptr, s_xb, s_xl, s_xh, s_xp,            # (b, l, H, P)
+    b_ptr, s_bb, s_bl, s_bg, s_bn,            # B (b, l, G, N)
+    cos_ptr, sin_ptr, s_tb, s_tl,             # (b?, l, N/2) fp32, last dim contiguous
+    delta_ptr, cs_ptr,                        # (b, H, Lp) fp32 contiguous
+    seq_ptr,                                  # (b, l) int32 contiguous
+    init_ptr,                                 # (b, H, P, N) fp32
+    states_ptr,                               # out (b, H, NC, P, N) fp32: the state entering each chunk
+    final_ptr,                                # out (b, H, P, N) fp32
+    L, Lp, H, HPG, P, NC,
+    N_HALF: tl.constexpr, Q: tl.constexpr, BS: tl.constexpr, BLOCK_P: tl.constexpr, BNH: tl.constexpr,
+    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr, DOT: tl.constexpr,
 ):
+    """Walk the chunks of one (batch row, head) in order with the state (P x the program's columns) in registers:
+    store the state entering chunk c, then h <- decay_c h + S_c. Grid (b*H, N/2 / BNH)."""
     pid_bh = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    pid_n = tl.program_id(1)
     bi = pid_bh // H
-    offs = pid_b * BLOCK + tl.arange(0, BLOCK)
-    m = offs < PN
-    if HAS_INIT:
-        h = tl.load(init_ptr + pid_bh.to(tl.int64) * PN + offs, mask=m, other=0.0)
-    else:
-        h = tl.zeros((BLOCK,), dtype=tl.float32)
-    base = states_ptr + pid_bh.to(tl.int64) * NC * PN
+    hi_ = pid_bh % H
+    gi = hi_ // HPG
+    b64 = bi.to(tl.int64)
+    offs_p = tl.arange(0, BLOCK_P)
+    half = pid_n * BNH + tl.arange(0, BNH)
+    mask_h = half < N_HALF
+    N = 2 * N_HALF
+    st_off = offs_p[:, None] * N + half[None, :]
+    st_mask = (offs_p < P)[:, None] & mask_h[None, :]
+
+    x_base = x_ptr + b64 * s_xb + hi_ * s_xh
+    bm_base = b_ptr + b64 * s_bb + gi * s_bg
+    cos_base = cos_ptr + b64 * s_tb
+    sin_base = sin_ptr + b64 * s_tb
+    delta_base = delta_ptr + pid_bh.to(tl.int64) * Lp
     cs_base = cs_ptr + pid_bh.to(tl.int64) * Lp
+    seq_base = seq_ptr + b64 * L
+    PN = P * N
+    if HAS_INIT:
+        h_lo = tl.load(init_ptr + pid_bh.to(tl.int64) * PN + st_off, mask=st_mask, other=0.0)
+        h_hi = tl.load(init_ptr + pid_bh.to(tl.int64) * PN + st_off + N_HALF, mask=st_mask, other=0.0)
+    else:
+        h_lo = tl.zeros((BLOCK_P, BNH), dtype=tl.float32)
+        h_hi = tl.zeros((BLOCK_P, BNH), dtype=tl.float32)
+    st_base = states_ptr + pid_bh.to(tl.int64) * NC * PN
     for c in range(NC):
-        s = tl.load(base + c * PN + offs, mask=m, other=0.0)
-        tl.store(base + c * PN + offs, h, mask=m)
-        decay = tl.exp(tl.load(cs_base + c * Q + Q - 1))
+        tl.store(st_base + c * PN + st_off, h_lo, mask=st_mask)
+        tl.store(st_base + c * PN + st_off + N_HALF, h_hi, mask=st_mask)
+        start = c * Q
+        seq_ref = 0
         if HAS_SEQ:
-            last = tl.minimum(c * Q + Q, L) - 1
-            prev = tl.maximum(c * Q - 1, 0)
-            same = tl.load(seq_ptr + bi.to(tl.int64) * L + last) == tl.load(seq_ptr + bi.to(tl.int64) * L + prev)
-            decay = tl.where(same, decay, 0.0)
-        h = decay * h + s
-    tl.store(final_ptr + pid_bh.to(tl.int64) * PN + offs, h, mask=m)
+            seq_ref = tl.load(seq_base + tl.minimum(start + Q, L) - 1)
+        s_lo, s_hi = chunk_outer_sum(x_base, s_xl, s_xp, bm_base, s_bl, s_bn, cos_base, sin_base, s_tl,
+                                     delta_base, cs_base, seq_base, start, L, P, half, mask_h, seq_ref,
+                                     N_HALF, Q, BS, BLOCK_P, BNH, 0, HAS_ROPE, HAS_SEQ, DOT)
+        decay = chunk_decay(cs_base, seq_base, c, L, Q, HAS_SEQ)
+        h_lo = decay * h_lo + s_lo
+        h_hi = decay * h_hi + s_hi
+    tl.store(final_ptr + pid_bh.to(tl.int64) * PN + st_off, h_lo, mask=st_mask)
+    tl.store(final_ptr + pid_bh.to(tl.int64) * PN + st_off + N_HALF, h_hi, mask=st_mask)
 
 
 @triton.jit
@@ -131,7 +136,8 @@ def chunk_output_kernel(
     states_ptr,                               # (b, H, NC, P, N) fp32: state entering each chunk
     y_ptr, s_yb, s_yl, s_yh, s_yp,            # (b, l, H, P)
     L, Lp, H, HPG, P, NC,
-    N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr,
+    N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_NH: tl.constexpr,
     HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -182,8 +188,8 @@ def chunk_output_kernel(
     acc = acc * w_t[:, None]
 
     # within the chunk, causal: source blocks up to and including the diagonal one
-    for s0 in range(0, (tb + 1) * BT, BT):
-        rows_s = start + s0 + tl.arange(0, BT)
+    for s0 in range(0, (tb + 1) * BT, BI):
+        rows_s = start + s0 + tl.arange(0, BI)
         smask_r = rows_s < L
         b_lo, b_hi = load_rotated(bm_base, rows_s, smask_r, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,
                                   N_HALF, HAS_ROPE)

@@ -36,12 +36,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._bwd import dc_kernel, dxdb_kernel, state_pass_bwd_kernel
-from ._fwd import chunk_output_kernel, chunk_state_kernel, state_pass_kernel
+from ._bwd import dc_kernel, dxdb_kernel, state_scan_bwd_kernel
+from ._fwd import chunk_output_kernel, state_scan_fwd_kernel
 from .naive import check_ssd_inputs, compute_delta
-
-_PASS_BLOCK = 2048
-
 
 def _strides4(t):
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
@@ -65,124 +62,153 @@ def _meta(P, N, Q, dtype):
     )
 
 
+# Row block of the tile kernels and the block of their inner loop (each capped at Q); rows of 128 halve the
+# re-reads of the inner operands.
+BLOCK_ROWS = 64
+BLOCK_INNER = 64
+# Rotate bf16/fp16 operands with tables rounded to that dtype (half the table traffic through L2) instead of fp32.
+TABLES_IN_INPUT_DTYPE = False
+
+
 def _tables(cos, sin, ref):
     """Return (cos, sin, stride_b, stride_l, has_rope) with the last dim contiguous."""
     if cos is None:
         dummy = torch.zeros(1, device=ref.device, dtype=torch.float32)
         return dummy, dummy, 0, 0, False
-    cos = cos.to(torch.float32).contiguous()
-    sin = sin.to(torch.float32).contiguous()
+    dtype = ref.dtype if TABLES_IN_INPUT_DTYPE and ref.dtype != torch.float32 else torch.float32
+    cos = cos.to(dtype).contiguous()
+    sin = sin.to(dtype).contiguous()
     if cos.dim() == 2:
         return cos, sin, 0, cos.stride(0), True
     return cos, sin, cos.stride(0), cos.stride(1), True
 
 
-def _tunable(kernel, key):
-    """(launcher, launch options). On CUDA each kernel is autotuned over warps/stages per shape key (the kernels
-    only write their outputs, so re-running them while tuning is harmless); TRANSXSSM_SSD_AUTOTUNE=0 or the CPU
-    interpreter use one fixed configuration."""
+def _tunable(kernel, key, configs, default, reset=None):
+    """(launcher, launch options). On CUDA a kernel is autotuned over `configs` per shape key (kernels with atomic
+    accumulators name them in `reset`, zeroed before each trial); TRANSXSSM_SSD_AUTOTUNE=0 or the CPU interpreter
+    use the `default` configuration."""
     if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("TRANSXSSM_SSD_AUTOTUNE", "1") == "0":
-        return kernel, dict(num_warps=4, num_stages=2)
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
-    return triton.autotune(configs, key=key)(kernel), {}
+        return kernel, dict(default.all_kwargs())
+    return triton.autotune(configs, key=key, reset_to_zero=reset)(kernel), {}
 
 
-_KEY = ["P", "N_HALF", "Q", "H", "L", "HAS_ROPE", "HAS_SEQ"]
-_chunk_state, _OPT_STATE = _tunable(chunk_state_kernel, _KEY + ["MODE"])
-_chunk_output, _OPT_OUT = _tunable(chunk_output_kernel, _KEY)
-_dc, _OPT_DC = _tunable(dc_kernel, _KEY)
-_dxdb, _OPT_DXDB = _tunable(dxdb_kernel, _KEY)
+def _cfg(meta, warps, stages):
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
+
+
+_KEY = ["P", "N_HALF", "Q", "H", "L", "HAS_ROPE", "HAS_SEQ", "BT"]
+_TILE_CONFIGS = [_cfg({}, w, s) for w in (4, 8) for s in (1, 2, 3)]
+_SCAN_CONFIGS = [_cfg({"BNH": n}, w, s) for n in (16, 32) for w in (4,) for s in (1, 2)]
+_state_fwd, _OPT_SFWD = _tunable(state_scan_fwd_kernel, _KEY[:-1], _SCAN_CONFIGS, _cfg({"BNH": 16}, 4, 2))
+_state_bwd, _OPT_SBWD = _tunable(state_scan_bwd_kernel, _KEY[:-1], _SCAN_CONFIGS, _cfg({"BNH": 16}, 4, 2),
+                                 reset=["kdec_ptr"])
+_chunk_output, _OPT_OUT = _tunable(chunk_output_kernel, _KEY, _TILE_CONFIGS, _cfg({}, 4, 2))
+_dc, _OPT_DC = _tunable(dc_kernel, _KEY, _TILE_CONFIGS, _cfg({}, 4, 2), reset=["da_ptr"])
+_dxdb, _OPT_DXDB = _tunable(dxdb_kernel, _KEY, _TILE_CONFIGS, _cfg({}, 4, 2))
+
+
+def _scan_grid(b, H, N, opts):
+    if "BNH" in opts:
+        return (b * H, triton.cdiv(N // 2, opts["BNH"]))
+    return lambda meta: (b * H, triton.cdiv(N // 2, meta["BNH"]))
+
+
+def _chunk_sums(t, nc, Q):
+    """(b, H, Lp) -> (b, H, nc, Q) view."""
+    return t.view(t.shape[0], t.shape[1], nc, Q)
 
 
 class _RopeSSDCore(torch.autograd.Function):
-    """Core: (x, delta_p, cs, B, C, tables, seq, initial_state) -> (y, final_state). delta_p, cs: (b, H, Lp) fp32."""
+    """(x, delta_p, a_p, B, C, tables, seq, initial_state) -> (y, final_state).
+
+    delta_p and a_p = delta * A are (b, H, Lp) fp32, zero-padded to whole chunks; the backward returns d delta (its
+    direct part, through u = delta x) and d a (through the decays).
+    """
 
     @staticmethod
-    def forward(ctx, x, delta_p, cs, B, C, cos, sin, seq, initial_state, Q, y_dtype):
+    def forward(ctx, x, delta_p, a_p, B, C, cos, sin, seq, initial_state, Q, y_dtype):
         b, l, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
         Lp = delta_p.shape[-1]
         nc = Lp // Q
-        BT = min(64, Q)
+        BT, BI = min(BLOCK_ROWS, Q), min(BLOCK_INNER, BLOCK_ROWS, Q)
+        cs = _chunk_sums(a_p, nc, Q).cumsum(-1).view(b, H, Lp)
         cos_t, sin_t, s_tb, s_tl, has_rope = _tables(cos, sin, x)
         has_seq = seq is not None
         seq_t = seq if has_seq else torch.zeros(1, device=x.device, dtype=torch.int32)
         meta = _meta(P, N, Q, x.dtype)
+        flags = dict(HAS_ROPE=has_rope, HAS_SEQ=has_seq)
 
         states = torch.empty((b, H, nc, P, N), device=x.device, dtype=torch.float32)
-        _chunk_state[(nc, b * H)](
-            x, *_strides4(x), B, *_strides4(B), cos_t, sin_t, s_tb, s_tl, delta_p, cs, seq_t, states,
-            l, Lp, H, H // G, P, nc, BS=BT, MODE=0, HAS_ROPE=has_rope, HAS_SEQ=has_seq, **meta, **_OPT_STATE)
         final = torch.empty((b, H, P, N), device=x.device, dtype=torch.float32)
         init = initial_state.to(torch.float32).contiguous() if initial_state is not None else final
-        PN = P * N
-        state_pass_kernel[(b * H, triton.cdiv(PN, _PASS_BLOCK))](
-            states, cs, seq_t, init, final, l, Lp, H, nc, PN,
-            Q=Q, BLOCK=_PASS_BLOCK, HAS_INIT=initial_state is not None, HAS_SEQ=has_seq)
+        _state_fwd[_scan_grid(b, H, N, _OPT_SFWD)](
+            x, *_strides4(x), B, *_strides4(B), cos_t, sin_t, s_tb, s_tl, delta_p, cs, seq_t, init, states, final,
+            l, Lp, H, H // G, P, nc, BS=BI, HAS_INIT=initial_state is not None, **flags, **meta, **_OPT_SFWD)
         y = torch.empty((b, l, H, P), device=x.device, dtype=y_dtype)
         _chunk_output[(nc * (Q // BT), b * H)](
             x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
             delta_p, cs, seq_t, states, y, *_strides4(y),
-            l, Lp, H, H // G, P, nc, BT=BT, HAS_ROPE=has_rope, HAS_SEQ=has_seq, **meta, **_OPT_OUT)
+            l, Lp, H, H // G, P, nc, BT=BT, BI=BI, **flags, **meta, **_OPT_OUT)
 
-        ctx.save_for_backward(x, delta_p, cs, B, C, cos_t, sin_t, seq_t, states, final)
+        ctx.save_for_backward(x, delta_p, cs, B, C, cos_t, sin_t, seq_t, states)
         ctx.cfg = (Q, s_tb, s_tl, has_rope, has_seq, initial_state is not None)
         ctx.set_materialize_grads(False)
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, delta_p, cs, B, C, cos_t, sin_t, seq_t, states, final = ctx.saved_tensors
+        x, delta_p, cs, B, C, cos_t, sin_t, seq_t, states = ctx.saved_tensors
         Q, s_tb, s_tl, has_rope, has_seq, has_init = ctx.cfg
         b, l, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
         Lp = delta_p.shape[-1]
         nc = Lp // Q
-        BT = min(64, Q)
+        BT, BI = min(BLOCK_ROWS, Q), min(BLOCK_INNER, BLOCK_ROWS, Q)
         meta = _meta(P, N, Q, x.dtype)
+        flags = dict(HAS_ROPE=has_rope, HAS_SEQ=has_seq)
         dev = x.device
         if dy is None:
             dy = torch.zeros_like(x)
         g = dy.to(x.dtype).contiguous()
 
-        # 1-2: gradient of the state leaving each chunk
+        # gradient of the state leaving each chunk (reverse scan) and the chunk-decay part of d a
         dstates = torch.empty((b, H, nc, P, N), device=dev, dtype=torch.float32)
-        _chunk_state[(nc, b * H)](
-            g, *_strides4(g), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl, delta_p, cs, seq_t, dstates,
-            l, Lp, H, H // G, P, nc, BS=BT, MODE=1, HAS_ROPE=has_rope, HAS_SEQ=has_seq, **meta, **_OPT_STATE)
-        PN = P * N
         dinit = torch.empty((b, H, P, N), device=dev, dtype=torch.float32)
-        dcs_last = torch.zeros((b, H, nc), device=dev, dtype=torch.float32)
+        kdec = torch.zeros((b, H, nc), device=dev, dtype=torch.float32)
         dfin = dfinal.to(torch.float32).contiguous() if dfinal is not None else dinit
-        state_pass_bwd_kernel[(b * H, triton.cdiv(PN, _PASS_BLOCK))](
-            dstates, states, final, dfin, dinit, cs, seq_t, dcs_last, l, Lp, H, nc, PN,
-            Q=Q, BLOCK=_PASS_BLOCK, HAS_DFINAL=dfinal is not None, HAS_SEQ=has_seq)
+        _state_bwd[_scan_grid(b, H, N, _OPT_SBWD)](
+            g, *_strides4(g), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl, cs, seq_t, states, dfin, dstates, dinit,
+            kdec, l, Lp, H, H // G, P, nc, BS=BI, HAS_DFINAL=dfinal is not None, **flags, **meta, **_OPT_SBWD)
 
-        # 3-4: per-token gradients; with G < H the per-head dB, dC are summed over each group's heads
+        # per-token gradients; with G < H the per-head dB, dC are summed over each group's heads
         bc_dtype = B.dtype if G == H else torch.float32
         dB_h = torch.empty((b, l, H, N), device=dev, dtype=bc_dtype)
         dC_h = torch.empty((b, l, H, N), device=dev, dtype=bc_dtype)
-        gy = torch.empty((b, H, Lp), device=dev, dtype=torch.float32)
+        gyoff = torch.empty((b, H, Lp), device=dev, dtype=torch.float32)
+        da = torch.zeros((b, H, Lp), device=dev, dtype=torch.float32)
         ddelta = torch.empty((b, H, Lp), device=dev, dtype=torch.float32)
-        udu = torch.empty((b, H, Lp), device=dev, dtype=torch.float32)
+        v = torch.empty((b, H, Lp), device=dev, dtype=torch.float32)
         dx = torch.empty_like(x)
         grid = (nc * (Q // BT), b * H)
         _dc[grid](
             g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
-            delta_p, cs, seq_t, states, dC_h, *_strides4(dC_h), gy,
-            l, Lp, H, H // G, P, nc, BT=BT, HAS_ROPE=has_rope, HAS_SEQ=has_seq, **meta, **_OPT_DC)
+            delta_p, cs, seq_t, states, dC_h, *_strides4(dC_h), gyoff, da,
+            l, Lp, H, H // G, P, nc, BT=BT, BI=BI, **flags, **meta, **_OPT_DC)
         _dxdb[grid](
             g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
-            delta_p, cs, seq_t, dstates, dx, *_strides4(dx), dB_h, *_strides4(dB_h), ddelta, udu,
-            l, Lp, H, H // G, P, nc, BT=BT, HAS_ROPE=has_rope, HAS_SEQ=has_seq, **meta, **_OPT_DXDB)
+            delta_p, cs, seq_t, dstates, dx, *_strides4(dx), dB_h, *_strides4(dB_h), ddelta, v,
+            l, Lp, H, H // G, P, nc, BT=BT, BI=BI, **flags, **meta, **_OPT_DXDB)
         if G == H:
             dB, dC = dB_h, dC_h
         else:
             dB = dB_h.view(b, l, G, H // G, N).sum(3).to(B.dtype)
             dC = dC_h.view(b, l, G, H // G, N).sum(3).to(C.dtype)
-        dcs = gy - udu
-        dcs.view(b, H, nc, Q)[..., Q - 1] += dcs_last
-        return dx, ddelta, dcs, dB, dC, None, None, None, (dinit if has_init else None), None, None
+        # d a_j = intra_j + sum_{t >= j} g_t.y_off_t + sum_{s < j} V_s + K_c   (see _bwd.py)
+        gyoff, v, da = _chunk_sums(gyoff, nc, Q), _chunk_sums(v, nc, Q), _chunk_sums(da, nc, Q)
+        da += gyoff.flip(-1).cumsum(-1).flip(-1) + (v.cumsum(-1) - v) + kdec[..., None]
+        return (dx, ddelta, da.view(b, H, Lp), dB, dC, None, None, None, (dinit if has_init else None),
+                None, None)
 
 
 def rope_ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -204,10 +230,10 @@ def rope_ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt
 
     delta = compute_delta(dt, dt_bias, dt_softplus, torch.float32)                # (b, l, H)
     delta_p = F.pad(delta, (0, 0, 0, Lp - l)).transpose(1, 2).contiguous()       # (b, H, Lp), zero-padded
-    cs = (delta_p * A.to(torch.float32)[None, :, None]).view(b, H, nc, Q).cumsum(-1).view(b, H, Lp)
+    a_p = delta_p * A.to(torch.float32)[None, :, None]                           # log-decay per token
     seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     gated = D is not None or z is not None
-    y, final = _RopeSSDCore.apply(x, delta_p, cs, B, C, rope_cos, rope_sin, seq, initial_state, Q,
+    y, final = _RopeSSDCore.apply(x, delta_p, a_p, B, C, rope_cos, rope_sin, seq, initial_state, Q,
                                   torch.float32 if gated else x.dtype)
     if gated:
         if D is not None:

@@ -29,7 +29,7 @@ def rope_ssd():
              "transxssm_kernels.rope_ssd._bwd", "transxssm_kernels.rope_ssd.chunk"]
     from triton.runtime.interpreter import InterpretedFunction
     fwd = importlib.import_module(names[1])
-    if not isinstance(fwd.chunk_state_kernel, InterpretedFunction):
+    if not isinstance(fwd.chunk_output_kernel, InterpretedFunction):
         for n in names:
             importlib.reload(sys.modules[n]) if n in sys.modules else importlib.import_module(n)
     return importlib.import_module(names[3]).rope_ssd
@@ -122,6 +122,16 @@ def test_no_rope_larger_chunk(rope_ssd):
     """No rotation (the conv1d_d / none positional modes), chunk 64: one full chunk and a partial one."""
     t, kw = make_case(1, 70, 2, 16, 2, 32, dtype=torch.float32, seed=4, rope=None, init=True)
     check(rope_ssd, t, kw, dtype=torch.float32, chunk_size=64)
+
+
+def test_row_blocks_larger_than_inner_blocks(rope_ssd, monkeypatch):
+    """Tile kernels with 32-row blocks walking 16-wide inner blocks (the layout of 128 / 64 on the GPU)."""
+    import transxssm_kernels.rope_ssd.chunk as chunk
+    monkeypatch.setattr(chunk, "BLOCK_ROWS", 32)
+    monkeypatch.setattr(chunk, "BLOCK_INNER", 16)
+    seq = docs(1, 75, [[40]])
+    t, kw = make_case(1, 75, 2, 16, 2, 32, dtype=torch.float32, seed=7, seq_idx=seq, init=True)
+    check(rope_ssd, t, kw, dtype=torch.float32, chunk_size=32)
 
 
 def test_bf16_options(rope_ssd):
