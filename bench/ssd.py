@@ -140,7 +140,33 @@ def run_shape(H, N, l, mamba, quick, P=64):
     return out
 
 
-def profile_fused(H=32, N=128, l=4096, P=64):
+def time_variants(H=32, N=128, l=4096, P=64):
+    """ms of fused fwd / fwd+bwd for tile layouts, table precision and chunk size; prints the tuned configs."""
+    from transxssm_kernels.rope_ssd import chunk
+    b = TOKENS // l
+    r = lambda *s: torch.randn(*s, device="cuda")
+    x, dy = r(b, l, H, P).to(DT).requires_grad_(), r(b, l, H, P).to(DT)
+    dt = (r(b, l, H) * 0.5 - 2.0).to(DT).requires_grad_()
+    A = (-torch.exp(r(H) * 0.5 + 0.5)).requires_grad_()
+    B, C = ((r(b, l, H, N) / N**0.25).to(DT).requires_grad_() for _ in range(2))
+    ang = torch.arange(l, device="cuda")[:, None] * 10000.0 ** (-torch.arange(N // 2, device="cuda") * 2 / N)
+    cos, sin = ang.cos(), ang.sin()
+    out = {}
+    for rows, tables_low, Q in [(64, False, 256), (128, False, 256), (128, True, 256), (64, True, 256),
+                                (64, False, 128), (128, True, 128)]:
+        chunk.BLOCK_ROWS, chunk.TABLES_IN_INPUT_DTYPE = rows, tables_low
+        f = lambda: rope_ssd(x, dt, A, B, C, chunk_size=Q, dt_softplus=True, rope_cos=cos, rope_sin=sin)
+        name = f"rows{rows}-{'lowtab' if tables_low else 'fp32tab'}-chunk{Q}"
+        out[name] = {"fwd": bench(f, None), "fwdbwd": bench(lambda: f().backward(dy), [x, dt, A, B, C])}
+        print(name, {k: round(v, 3) for k, v in out[name].items()}, flush=True)
+    chunk.BLOCK_ROWS, chunk.TABLES_IN_INPUT_DTYPE = 64, False
+    for kname in ("_state_fwd", "_chunk_output", "_state_bwd", "_dc", "_dxdb"):
+        cache = getattr(getattr(chunk, kname), "cache", {})
+        print(kname, {str(k[:8]): str(v) for k, v in cache.items()})
+    return out
+
+
+def profile_fused(H=32, N=128, l=4096, P=64, steps_only=False):
     """Print the CUDA time of each kernel of one fused forward+backward (torch.profiler), after warm-up."""
     b = TOKENS // l
     r = lambda *s: torch.randn(*s, device="cuda")
@@ -150,10 +176,14 @@ def profile_fused(H=32, N=128, l=4096, P=64):
     B, C = ((r(b, l, H, N) / N**0.25).to(DT).requires_grad_() for _ in range(2))
     ang = torch.arange(l, device="cuda")[:, None] * 10000.0 ** (-torch.arange(N // 2, device="cuda") * 2 / N)
     cos, sin = ang.cos(), ang.sin()
-    step = lambda: rope_ssd(x, dt, A, B, C, dt_softplus=True, rope_cos=cos, rope_sin=sin).backward(dy)
+    def step():
+        x.grad = dt.grad = A.grad = B.grad = C.grad = None   # no gradient-accumulation kernels in the profile
+        rope_ssd(x, dt, A, B, C, dt_softplus=True, rope_cos=cos, rope_sin=sin).backward(dy)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    if steps_only:
+        return
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             step()
@@ -175,16 +205,22 @@ def main():
     ap.add_argument("--mamba-path", default=None, help="folder holding an unpacked mamba_ssm wheel")
     ap.add_argument("--quick", action="store_true", help="only the 1.3B N=128 l=4096 shape")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of fused fwd+bwd, 1.3B N=128 l=4096")
+    ap.add_argument("--variants", action="store_true", help="time variants of the fused kernel, 1.3B N=128 l=4096")
+    ap.add_argument("--ncu-step", action="store_true", help="run one fused fwd+bwd only (for ncu), then exit")
     args = ap.parse_args()
     mamba = load_mamba(args.mamba_path)
+    if args.ncu_step:
+        profile_fused(steps_only=True)
+        return
     if args.profile:
         profile_fused()
+    variants = time_variants() if args.variants else None
 
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
         "triton": triton.__version__, "command": " ".join([sys.executable] + sys.argv),
-        "ceilings": ceilings(), "shapes": [],
+        "ceilings": ceilings(), "shapes": [], "variants_1p3b_n128_l4096": variants,
     }
     grid = [(32, 128, 4096)] if args.quick else [
         (H, N, l) for H in (32, 12) for N in (128, 64) for l in (4096, 8192, 16384)]

@@ -97,7 +97,7 @@ def _cfg(meta, warps, stages):
 
 
 _KEY = ["P", "N_HALF", "Q", "H", "L", "HAS_ROPE", "HAS_SEQ", "BT"]
-_TILE_CONFIGS = [_cfg({}, w, s) for w in (4, 8) for s in (1, 2, 3)]
+_TILE_CONFIGS = [_cfg({}, w, s) for w in (4, 8) for s in (1, 2)]
 _SCAN_CONFIGS = [_cfg({"BNH": n}, w, s) for n in (16, 32) for w in (4,) for s in (1, 2)]
 _state_fwd, _OPT_SFWD = _tunable(state_scan_fwd_kernel, _KEY[:-1], _SCAN_CONFIGS, _cfg({"BNH": 16}, 4, 2))
 _state_bwd, _OPT_SBWD = _tunable(state_scan_bwd_kernel, _KEY[:-1], _SCAN_CONFIGS, _cfg({"BNH": 16}, 4, 2),
