@@ -59,8 +59,10 @@ def load_full_weights(model, full: dict[str, torch.Tensor]) -> None:
 
 
 def full_grads(model) -> dict[str, torch.Tensor]:
-    """Gradients of this rank's parameters, TP-gathered, keyed by global name (fp32, CPU). The tied embedding
-    appears once per stage that holds a copy; callers add the copies (what finalize_model_grads does)."""
+    """Gradients of this rank's parameters, TP-gathered, keyed by global name (fp32, CPU). As megatron's
+    finalize_model_grads would: gradients of `sequence_parallel` parameters (norms, skip weights; each rank saw
+    part of the sequence) are summed over TP. The tied embedding appears once per stage that holds a copy;
+    callers add the copies."""
     group = parallel_state.get_tensor_model_parallel_group()
     grads = {}
     for name, param in model.named_parameters():
@@ -68,6 +70,9 @@ def full_grads(model) -> dict[str, torch.Tensor]:
         if grad is None:
             continue
         key = global_name(model, name)
+        if getattr(param, "sequence_parallel", False):
+            grad = grad.clone()
+            torch.distributed.all_reduce(grad, group=group)
         g = gather_full(grad, param, group).float().cpu()
         grads[key] = grads[key] + g if key in grads else g
     return grads

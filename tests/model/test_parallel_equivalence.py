@@ -1,4 +1,4 @@
-"""Tensor and pipeline parallelism change nothing: same logits, loss and gradients as one process, from the
+"""Tensor (also with sequence parallelism) and pipeline parallelism change nothing: same logits, loss and gradients as one process, from the
 same weights (2 gloo ranks on CPU, fp32).
 
 The reference (TP=1, PP=1) run returns its full weights; the parallel run loads them by slicing along megatron's
@@ -26,7 +26,7 @@ def batch(n_micro: int = 1):
     return ids[..., :-1], ids[..., 1:]
 
 
-def _tp_run(architecture, full_weights):
+def _tp_run(architecture, full_weights, sequence_parallel=False):
     """Logits, per-token loss and TP-gathered gradients; full weights from this run when none are given."""
     from megatron.core import parallel_state
 
@@ -34,7 +34,7 @@ def _tp_run(architecture, full_weights):
 
     cfg = small_cfg(architecture)
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    model = build_model(cfg, build_transformer_config(cfg, tp=tp))
+    model = build_model(cfg, build_transformer_config(cfg, tp=tp, sequence_parallel=sequence_parallel))
     if full_weights is None:
         full_weights = {k: v.detach().clone() for k, v in model.named_parameters()}
     else:
@@ -43,7 +43,9 @@ def _tp_run(architecture, full_weights):
     logits = model(ids[0], None, runtime_gather_output=True)
     loss = model(ids[0], None, labels=labels[0])
     loss.mean().backward()
-    return dict(logits=logits.detach(), loss=loss.detach(), grads=full_grads(model), weights=full_weights)
+    sp_params = sum(bool(getattr(p, "sequence_parallel", False)) for p in model.parameters())
+    return dict(logits=logits.detach(), loss=loss.detach(), grads=full_grads(model), weights=full_weights,
+                sp_params=sp_params)
 
 
 def _pp_run(full_weights):
@@ -94,10 +96,11 @@ def assert_same_grads(got, want, atol=2e-6, rtol=1e-4):
 
 
 def test_tensor_parallel_2_matches_single_process():
-    for architecture in ("transxssm", "transformer"):
+    for architecture, sequence_parallel in (("transxssm", False), ("transformer", False), ("transxssm", True)):
         (ref,) = run_distributed(_tp_run, 1, architecture, None)
-        tp0, tp1 = run_distributed(_tp_run, 2, architecture, ref["weights"], tp=2)
+        tp0, tp1 = run_distributed(_tp_run, 2, architecture, ref["weights"], sequence_parallel, tp=2)
         assert any(k.endswith("A_log") for k in ref["grads"]) == (architecture == "transxssm")
+        assert (tp0["sp_params"] > 0) == sequence_parallel
         for got in (tp0, tp1):
             torch.testing.assert_close(got["logits"], ref["logits"], atol=2e-5, rtol=1e-4)
             torch.testing.assert_close(got["loss"], ref["loss"], atol=2e-5, rtol=1e-5)
