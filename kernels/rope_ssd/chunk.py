@@ -88,7 +88,7 @@ def _tunable(kernel, key, configs, default, reset=None):
     accumulators name them in `reset`, zeroed before each trial); TRANSXSSM_SSD_AUTOTUNE=0 or the CPU interpreter
     use the `default` configuration."""
     if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("TRANSXSSM_SSD_AUTOTUNE", "1") == "0":
-        return kernel, dict(default.all_kwargs())
+        return kernel, dict(default.kwargs, num_warps=default.num_warps, num_stages=default.num_stages)
     return triton.autotune(configs, key=key, reset_to_zero=reset)(kernel), {}
 
 
