@@ -35,7 +35,7 @@ def state_scan_bwd_kernel(
     kdec_ptr,                                 # (b, H, NC) fp32, zeroed: += decay_c <dH_{c+1}, H_c> (atomic)
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BS: tl.constexpr, BLOCK_P: tl.constexpr, BNH: tl.constexpr,
-    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_NH: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr, DOT: tl.constexpr,
 ):
     """Reverse walk over the chunks of one (batch row, head), columns block of N/2 in registers:
     dH_c = decay_c dH_{c+1} + sum_t exp(cs_t) g_t C~_t^T. Grid (b*H, N/2 / BNH)."""

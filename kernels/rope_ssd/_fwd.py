@@ -77,7 +77,7 @@ def state_scan_fwd_kernel(
     final_ptr,                                # out (b, H, P, N) fp32
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BS: tl.constexpr, BLOCK_P: tl.constexpr, BNH: tl.constexpr,
-    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_NH: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr, DOT: tl.constexpr,
 ):
     """Walk the chunks of one (batch row, head) in order with the state (P x the program's columns) in registers:
     store the state entering chunk c, then h <- decay_c h + S_c. Grid (b*H, N/2 / BNH)."""
