@@ -13,6 +13,7 @@ Everything parallel is megatron-core's: parallel_state, DistributedDataParallel,
 from __future__ import annotations
 
 import math
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -136,6 +137,24 @@ def _global_mean_loss(pair: Optional[torch.Tensor], world: parallel.World) -> fl
 
 
 # ---------------------------------------------------------------------------------------------- trainer
+def preflight(cfg: RunConfig) -> None:
+    """Checks that need no process group: fail in seconds, not after the model is built."""
+    if cfg.data.mode == "gpt":
+        data_lib.check_prefixes(cfg.data.prefixes)
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none") and not Path(resume).exists():
+        raise ConfigError(f"checkpoint.resume: {resume} does not exist; use auto, none or a checkpoint directory "
+                          f"such as {cfg.checkpoint_dir}/iter_0000100")
+    run_dir = cfg.run_dir
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"logging.run_dir: cannot create {run_dir} ({err.strerror}); choose a writable folder") \
+            from None
+    if not os.access(run_dir, os.W_OK):
+        raise ConfigError(f"logging.run_dir: {run_dir} is not writable; choose a writable folder")
+
+
 class Trainer:
     """Holds the run's pieces; `run()` trains to `train.steps` (or until preempted / told to exit)."""
 
@@ -145,6 +164,7 @@ class Trainer:
         from megatron.core.utils import get_model_config
 
         self.cfg = cfg
+        preflight(cfg)
         self.world = parallel.setup(cfg)
         w = self.world
         self.is_logger = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)

@@ -1,0 +1,117 @@
+"""Run config, command-line overrides, fail-fast errors and the FLOP formula (fast: no training here)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from transxssm_megatron.cli import main
+from transxssm_megatron.config import ConfigError, ModelConfig
+from transxssm_megatron.training.metrics import layer_forward_flops_per_token, train_flops_per_token
+from transxssm_megatron.training.run_config import RunConfig, parse_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_overrides_are_parsed_with_types():
+    nested = parse_overrides(["train.steps=100", "optim.lr=3e-4", "train.deterministic=true",
+                              "data.prefixes=[a/b, c/d]", "data.weights=null", "model.num_layers=16"])
+    assert nested == {"train": {"steps": 100, "deterministic": True}, "optim": {"lr": "3e-4"},
+                      "data": {"prefixes": ["a/b", "c/d"], "weights": None}, "model": {"num_layers": 16}}
+    cfg = RunConfig.load(REPO / "configs/tiny.yaml", ["train.steps=100", "optim.lr=3e-4", "model.num_layers=16",
+                                                      "data.prefixes=[a/b, c/d]", "train.deterministic=true"])
+    assert cfg.train.steps == 100 and cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.model.num_layers == 16 and cfg.data.prefixes == ["a/b", "c/d"] and cfg.train.deterministic is True
+    assert cfg.model.hidden_size == 128  # the rest of the preset is kept
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stpes=5", "train.stpes: unknown option (did you mean 'steps'?)"),
+    ("trian.steps=5", "trian: unknown config section (did you mean 'train'?)"),
+    ("model.hiden_size=64", "model.hiden_size: unknown model option"),
+    ("train.steps=many", "train.steps: expected int, got 'many'"),
+    ("train.steps=0", "train.steps: must be > 0"),
+    ("train.precision=fp8", "train.precision: 'fp8'; choose auto, bf16 or fp32"),
+    ("parallel.tp=3", "num_attention_heads: 2 heads are not divisible by tensor parallel size 3"),
+    ("data.mode=gpt", None),
+    ("steps=5", "expected section.key=value"),
+    ("data.split=90,10", "data.split: '90,10'; expected three proportions"),
+])
+def test_bad_values_are_rejected_by_name(override, message):
+    if message is None:  # a valid override as a control: the config loads
+        RunConfig.load(REPO / "configs/tiny.yaml", [override])
+        return
+    with pytest.raises(ConfigError) as err:
+        RunConfig.load(REPO / "configs/tiny.yaml", [override])
+    assert message in str(err.value)
+
+
+def test_batch_layout_errors_name_the_fields():
+    cfg = RunConfig.load(REPO / "configs/tiny.yaml", ["train.global_batch_size=12", "train.micro_batch_size=8"])
+    with pytest.raises(ConfigError, match="train.global_batch_size: 12 is not a multiple of micro_batch_size"):
+        cfg.num_microbatches(world_size=1)
+    cfg = RunConfig.load(REPO / "configs/tiny.yaml", ["parallel.pp=2"])
+    with pytest.raises(ConfigError, match="tp\\*pp = 2 does not divide the world size 3"):
+        cfg.data_parallel_size(3)
+    assert cfg.num_microbatches(world_size=4) == 1  # dp 2, micro 8, global 16
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load_and_round_trip(path, tmp_path):
+    cfg = RunConfig.load(path)
+    cfg.save(tmp_path / "config.yaml")
+    again = RunConfig.load(tmp_path / "config.yaml")
+    assert again.to_dict() == cfg.to_dict()
+    if path.stem != "tiny":  # SPEC §7 recipe
+        o = cfg.optim
+        assert (o.beta1, o.beta2, o.eps, o.weight_decay, o.clip_grad) == (0.9, 0.999, 1e-8, 0.01, 1.0)
+        assert (o.warmup_fraction, o.min_lr_ratio) == (0.1, 0.1)
+        tokens = cfg.train.global_batch_size * cfg.train.seq_length
+        assert tokens == (2**20 if "320m" in path.stem else 2**21)
+        assert o.lr == (3e-4 if "320m" in path.stem else 2e-4)
+
+
+def test_missing_files_fail_fast_with_what_to_do(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml: no such file" in capsys.readouterr().err
+    # A missing dataset prefix is reported before any process group or model exists.
+    rc = main(["train", "--config", str(REPO / "configs/tiny.yaml"), f"data.prefixes=[{tmp_path}/corpus]",
+               f"logging.run_dir={tmp_path}/run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{tmp_path}/corpus.bin does not exist" in err and "transxssm-preprocess run" in err
+    rc = main(["train", "--config", str(REPO / "configs/tiny.yaml"), "data.mode=mock",
+               f"logging.run_dir={tmp_path}/run", "--resume", str(tmp_path / "ckpt")])
+    assert rc == 2 and "checkpoint.resume:" in capsys.readouterr().err
+
+
+def test_config_command_prints_the_resolved_config(capsys):
+    assert main(["config", "--config", str(REPO / "configs/320m.yaml"), "train.steps=7", "parallel.tp=2"]) == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["train"]["steps"] == 7 and out["parallel"]["tp"] == 2
+    assert out["model"]["hidden_size"] == 768 and out["model"]["ss_positional"] == "rope"
+
+
+def test_flop_formula_matches_the_parameter_count():
+    """Matmul FLOPs = 2 x weights touched per token; the rest is the sequence mixing (attention, SSD)."""
+    for arch in ("transformer", "transxssm", "mamba2"):
+        m = ModelConfig.from_preset("320m", architecture=arch)
+        l = 4096
+        d, h, p, n, g, i = 768, 12, 64, 128, 12, 3584
+        per = layer_forward_flops_per_token(m, l)
+        assert per["ffn"] == 2 * 3 * d * i
+        assert per["sa"] == 2 * 4 * d * d + 2 * l * d  # QKV + out, plus QK^T and AV over the causal half
+        z = h * p if m.ss_z_gate else 0
+        conv = 2 * 4 * (h * p + 2 * g * n) if m.ss_conv1d else 0
+        ssd = 2 * h * (128 * (n + p) + 2 * n * p)  # chunk 256: causal half 128
+        assert per["ss"] == 2 * d * (h * p + 2 * g * n + h + z) + 2 * h * p * d + ssd + conv
+        kinds = m.layer_kinds()
+        total = 3 * (sum(per[k] + per["ffn"] for k in kinds) + per["head"])
+        assert math.isclose(train_flops_per_token(m, l), total)
+    # The hybrid does less work per token than the Transformer at long context (attention grows with l).
+    hybrid = train_flops_per_token(ModelConfig.from_preset("320m"), 16384)
+    transformer = train_flops_per_token(ModelConfig.from_preset("320m", architecture="transformer"), 16384)
+    assert hybrid < transformer
