@@ -9,6 +9,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 _QUIET = [
     "ignore:.*Transformer Engine and Apex are not installed.*:UserWarning",
     "ignore:.*absl.logging is not installed.*:UserWarning",
+    "ignore:.*Apex is not installed.*:UserWarning",
+    "ignore:.*imports from `dynamic_context.py` will be removed.*:DeprecationWarning",
 ]
 
 

@@ -8,8 +8,9 @@ Two changes to HybridStack, made here once:
    since we use none of fp8/fp4, CUDA graphs or inference contexts.
 Layer construction, pipeline-segment bookkeeping, `set_input_tensor` and `sharded_state_dict` are HybridStack's.
 
-Activation recomputation: with `recompute_granularity == "full"` each layer is recomputed in backward
-(torch.utils.checkpoint, non-reentrant), which works on CPU and GPU alike.
+Activation recomputation: with `recompute_granularity == "full"` every sub-layer is recomputed in backward
+(torch.utils.checkpoint, non-reentrant; CPU and GPU alike). megatron's TransformerConfig also demands
+`recompute_method` / `recompute_num_layers` then; they are accepted and not used.
 """
 
 from __future__ import annotations
