@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "model"))  # parallel_utils (shared with the CPU tests)
+sys.path.insert(0, os.path.join(HERE, "..", "model"))  # model_parallel_utils (shared with the CPU tests)
 sys.path.insert(0, os.path.join(HERE, ".."))            # megatron_cpu, only used without CUDA
 CUDA = torch.cuda.is_available()
 if not CUDA:
@@ -29,7 +29,7 @@ if not CUDA:
 
 from megatron.core import parallel_state, tensor_parallel  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
-from parallel_utils import full_grads, load_full_weights  # noqa: E402
+from model_parallel_utils import full_grads, load_full_weights  # noqa: E402
 
 from transxssm_megatron.config import ModelConfig  # noqa: E402
 from transxssm_megatron.model import build_model, build_transformer_config  # noqa: E402

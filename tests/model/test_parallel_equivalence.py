@@ -2,12 +2,12 @@
 same weights (2 gloo ranks on CPU, fp32).
 
 The reference (TP=1, PP=1) run returns its full weights; the parallel run loads them by slicing along megatron's
-own partition attributes (tests/model/parallel_utils.py), so a wrong TP layout of any layer shows up here.
+own partition attributes (tests/model/model_parallel_utils.py), so a wrong TP layout of any layer shows up here.
 """
 
 import torch
 from distributed import run_distributed
-from parallel_utils import full_grads, load_full_weights
+from model_parallel_utils import full_grads, load_full_weights
 
 from transxssm_megatron.config import ModelConfig
 
