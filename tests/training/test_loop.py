@@ -1,0 +1,141 @@
+"""The training loop on CPU (gloo): learning on the sample corpus, gradient accumulation, NaN/inf skipping.
+
+Checkpoint / resume tests live with the checkpointing module (tests/training/test_checkpointing*.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from transxssm_megatron.cli import main
+from transxssm_megatron.training import data as data_lib
+from transxssm_megatron.training import parallel
+from transxssm_megatron.training.loop import Trainer, TrainingError
+from transxssm_megatron.training.run_config import RunConfig
+
+REPO = Path(__file__).resolve().parents[2]
+ASSETS = REPO / ".assets"
+
+
+def _mock_config(run_dir: Path, **train) -> RunConfig:
+    return RunConfig.from_dict({
+        "model": {"preset": "tiny", "num_layers": 8},
+        "train": {"steps": 10, "seq_length": 32, "micro_batch_size": 4, "global_batch_size": 4,
+                  "eval_interval": 0, "eval_iters": 0, **train},
+        "optim": {"lr": 1e-3, "clip_grad": 0.0},  # no clipping: compare raw gradients
+        "data": {"mode": "mock"},
+        "checkpoint": {"resume": "none", "interval": 0, "save_at_end": False},
+        "logging": {"run_dir": str(run_dir), "tensorboard": False},
+    })
+
+
+def _flat_grads(trainer: Trainer) -> torch.Tensor:
+    return torch.cat([p.main_grad.detach().flatten().clone() for chunk in trainer.model for p in chunk.parameters()])
+
+
+def _params(trainer: Trainer) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for chunk in trainer.model for p in chunk.parameters()])
+
+
+def _one_step(run_dir: Path, micro_batch_size: int):
+    cfg = _mock_config(run_dir, micro_batch_size=micro_batch_size)
+    trainer = Trainer(cfg)
+    try:
+        assert trainer.num_microbatches == 4 // micro_batch_size
+        batches = data_lib.train_batches(trainer.datasets.train, 0, cfg, trainer.world)
+        result = trainer.train_step(batches)
+        return result["loss"], _flat_grads(trainer)
+    finally:
+        parallel.teardown()
+
+
+def test_grad_accumulation_equals_one_big_micro_batch(tmp_path):
+    """Global batch 4 as 1 x 4, 2 x 2 and 4 x 1 micro-batches: same loss and same gradients."""
+    loss4, grads4 = _one_step(tmp_path / "m4", 4)
+    loss2, grads2 = _one_step(tmp_path / "m2", 2)
+    loss1, grads1 = _one_step(tmp_path / "m1", 1)
+    assert math.isfinite(loss4) and grads4.abs().sum() > 0
+    assert loss2 == pytest.approx(loss4, rel=1e-5) and loss1 == pytest.approx(loss4, rel=1e-5)
+    torch.testing.assert_close(grads2, grads4, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads1, grads4, rtol=1e-4, atol=1e-6)
+
+
+def test_nan_loss_or_grad_skips_the_step_and_stops_after_k_in_a_row(tmp_path):
+    cfg = _mock_config(tmp_path / "nan", max_consecutive_skips=3)
+    trainer = Trainer(cfg)
+    try:
+        batches = data_lib.train_batches(trainer.datasets.train, 0, cfg, trainer.world)
+        clean_step = trainer.forward_step
+        poison = {"mode": None}
+
+        def forward_step(data_iterator, model):
+            output, loss_fn = clean_step(data_iterator, model)
+            if poison["mode"] == "loss":
+                output = output * float("nan")
+            elif poison["mode"] == "grad":  # finite loss, non-finite gradients
+                output.register_hook(lambda g: g * float("inf"))
+            return output, loss_fn
+
+        trainer.forward_step = forward_step
+        assert not trainer.train_step(batches)["skipped"]
+        for mode in ("loss", "grad"):
+            before, lr_steps = _params(trainer), trainer.scheduler.num_steps
+            poison["mode"] = mode
+            result = trainer.train_step(batches)
+            assert result["skipped"], mode
+            torch.testing.assert_close(_params(trainer), before, rtol=0, atol=0)  # no update
+            assert trainer.scheduler.num_steps == lr_steps  # the schedule does not advance either
+        assert (trainer.step, trainer.skipped_total, trainer.consecutive_skips) == (3, 2, 2)
+        assert trainer.consumed_samples == 3 * cfg.train.global_batch_size  # the bad batch is not replayed
+
+        poison["mode"] = None
+        before = _params(trainer)
+        assert not trainer.train_step(batches)["skipped"]
+        assert not torch.equal(_params(trainer), before) and trainer.consecutive_skips == 0
+        assert all(torch.isfinite(p).all() for chunk in trainer.model for p in chunk.parameters())
+
+        poison["mode"] = "loss"
+        trainer.train_step(batches)
+        trainer.train_step(batches)
+        with pytest.raises(TrainingError, match="3 consecutive steps had a NaN/inf loss.*Lower optim.lr"):
+            trainer.train_step(batches)
+    finally:
+        parallel.teardown()
+
+
+@pytest.fixture(scope="module")
+def sample_prefix(tmp_path_factory):
+    """The embedded sample's cosmopedia-v2 subset, tokenized with the GPT-NeoX tokenizer."""
+    if not (ASSETS / "sample" / "cosmopedia-v2").is_dir():
+        pytest.skip("offline assets missing: run `bash scripts/setup.sh`")
+    from transxssm_preprocess import preprocess
+
+    prefix = tmp_path_factory.mktemp("data") / "cosmopedia-v2"
+    preprocess([str(ASSETS / "sample" / "cosmopedia-v2")], prefix, str(ASSETS / "tokenizer" / "gpt-neox-20b.json"),
+               progress=False)
+    return prefix
+
+
+def test_tiny_model_validation_loss_falls_on_the_sample_corpus(sample_prefix, tmp_path):
+    run_dir = tmp_path / "run"
+    rc = main(["train", "--config", str(REPO / "configs/tiny.yaml"), f"data.prefixes=[{sample_prefix}]",
+               "train.steps=40", "train.seq_length=64", "train.micro_batch_size=8", "train.global_batch_size=8",
+               "train.eval_interval=10", "train.eval_iters=2", "optim.lr=2e-3", "data.split=90,10,0",
+               "logging.interval=5", f"logging.run_dir={run_dir}", "logging.tensorboard=false",
+               "checkpoint.interval=0", "checkpoint.save_at_end=false", "--resume", "none"])
+    assert rc == 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    train = [r for r in records if "loss" in r]
+    assert len(val) == 4 and all(math.isfinite(v) for v in val)
+    assert val[-1] < val[0] - 0.5, val            # learning on held-out documents
+    assert val[0] < math.log(50304)                # already below the uniform-guess loss after 10 steps
+    assert train[-1]["loss"] < train[0]["loss"] - 1.0
+    assert {"lr", "grad_norm", "tokens_per_s", "tflops_per_device"} <= set(train[-1])
+    saved = RunConfig.load(run_dir / "config.yaml")  # the resolved config is saved with the run
+    assert saved.train.steps == 40 and saved.data.prefixes == [str(sample_prefix)]
