@@ -1,6 +1,6 @@
 """Run a function on N local gloo ranks with megatron-core's model parallel state initialised (tests only).
 
-    results = run_distributed(fn, world_size, *args, tp=1, pp=1, timeout_s=300)
+    results = run_distributed(fn, world_size, *args, tp=1, pp=1, vpp=None, seed=1234, timeout_s=300)
 
 `fn(*args)` runs in every rank after `torch.distributed.init_process_group("gloo")`, the CPU shim
 (tests/megatron_cpu.py) and `parallel_state.initialize_model_parallel(tp, pp)`; the RNG is seeded with
@@ -42,7 +42,7 @@ def _context():
     return ctx
 
 
-def _rank_main(rank: int, world_size: int, port: int, tp: int, pp: int, seed: int, timeout_s: float,
+def _rank_main(rank: int, world_size: int, port: int, tp: int, pp: int, vpp, seed: int, timeout_s: float,
                tests_dir: str, fn: Callable, args: tuple, results) -> None:
     # The test directory is on the parent's sys.path via pytest; make `import megatron_cpu` work here too.
     if tests_dir not in sys.path:
@@ -63,7 +63,8 @@ def _rank_main(rank: int, world_size: int, port: int, tp: int, pp: int, seed: in
                                              timeout=timedelta(seconds=timeout_s))
         try:
             parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
-                                                     pipeline_model_parallel_size=pp)
+                                                     pipeline_model_parallel_size=pp,
+                                                     virtual_pipeline_model_parallel_size=vpp)
             tensor_parallel.model_parallel_cuda_manual_seed(seed)
             torch.manual_seed(seed)
             payload = pickle.dumps(fn(*args))  # pickle here so an unpicklable result is reported, not lost
@@ -75,9 +76,10 @@ def _rank_main(rank: int, world_size: int, port: int, tp: int, pp: int, seed: in
         results.put((rank, "error", traceback.format_exc()))
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, tp: int = 1, pp: int = 1, seed: int = 1234,
-                    timeout_s: float = 300.0) -> list[Any]:
-    """Run `fn(*args)` on `world_size` gloo ranks (tp * pp must divide world_size); return per-rank results."""
+def run_distributed(fn: Callable, world_size: int, *args: Any, tp: int = 1, pp: int = 1, vpp: int | None = None,
+                    seed: int = 1234, timeout_s: float = 300.0) -> list[Any]:
+    """Run `fn(*args)` on `world_size` gloo ranks (tp * pp must divide world_size; vpp: virtual pipeline
+    stages per rank, None for none); return the per-rank results."""
     if world_size % (tp * pp):
         raise ValueError(f"world_size {world_size} is not a multiple of tp*pp = {tp * pp}")
     ctx = _context()
@@ -85,7 +87,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, tp: int = 1, pp: 
     port = _free_port()
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     procs = [ctx.Process(target=_rank_main, name=f"rank{r}",
-                         args=(r, world_size, port, tp, pp, seed, timeout_s, tests_dir, fn, args, results))
+                         args=(r, world_size, port, tp, pp, vpp, seed, timeout_s, tests_dir, fn, args, results))
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -1,4 +1,4 @@
-"""Tensor (also with sequence parallelism) and pipeline parallelism change nothing: same logits, loss and gradients as one process, from the
+"""Tensor (also with sequence parallelism) and pipeline (also interleaved) parallelism change nothing: same logits, loss and gradients as one process, from the
 same weights (2 gloo ranks on CPU, fp32).
 
 The reference (TP=1, PP=1) run returns its full weights; the parallel run loads them by slicing along megatron's
@@ -48,8 +48,8 @@ def _tp_run(architecture, full_weights, sequence_parallel=False):
                 sp_params=sp_params)
 
 
-def _pp_run(full_weights):
-    """Loss and gradients through megatron's pipeline schedule (2 micro-batches)."""
+def _pp_run(full_weights, vpp=None):
+    """Loss and gradients through megatron's pipeline schedule (2 micro-batches; interleaved with vpp chunks)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -57,11 +57,13 @@ def _pp_run(full_weights):
 
     cfg = small_cfg("transxssm")
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    model = build_model(cfg, build_transformer_config(cfg, pp=pp, batch_p2p_sync=False))
+    tc = build_transformer_config(cfg, pp=pp, vpp=vpp, batch_p2p_sync=False)
+    chunks = [build_model(cfg, tc, vp_stage=stage) for stage in (range(vpp) if vpp else [None])]
     if full_weights is None:
-        full_weights = {k: v.detach().clone() for k, v in model.named_parameters()}
+        full_weights = {k: v.detach().clone() for k, v in chunks[0].named_parameters()}
     else:
-        load_full_weights(model, full_weights)
+        for chunk in chunks:
+            load_full_weights(chunk, full_weights)
     ids, labels = batch(n_micro=2)
 
     def forward_step(data_iterator, model):
@@ -70,15 +72,18 @@ def _pp_run(full_weights):
 
         def loss_func(per_token):
             loss = per_token.float().mean()
-            return loss, {"loss": loss.detach()}
+            return loss, {"loss": loss.detach().clone()}  # clone: megatron scales `loss` in place
 
         return out, loss_func
 
-    losses = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(zip(ids, labels)),
-                                         model=[model], num_microbatches=2, seq_length=SEQ,
+    data = list(zip(ids, labels))
+    losses = get_forward_backward_func()(forward_step_func=forward_step,
+                                         data_iterator=[iter(data) for _ in chunks] if vpp else iter(data),
+                                         model=chunks, num_microbatches=2, seq_length=SEQ,
                                          micro_batch_size=BATCH, forward_only=False)
-    return dict(losses=[float(d["loss"]) for d in losses], grads=full_grads(model), weights=full_weights,
-                stage_params=len(list(model.parameters())))
+    grads = _merge_stage_grads([dict(grads=full_grads(chunk)) for chunk in chunks])
+    return dict(losses=[float(d["loss"]) for d in losses], grads=grads, weights=full_weights,
+                layers=[[layer.layer_number for layer in chunk.decoder.layers] for chunk in chunks])
 
 
 def _merge_stage_grads(per_rank):
@@ -111,9 +116,18 @@ def test_tensor_parallel_2_matches_single_process():
 
 def test_pipeline_parallel_2_matches_single_stage():
     (ref,) = run_distributed(_pp_run, 1, None)
+    assert ref["layers"] == [list(range(1, 9))]                    # 4 decoder layers = 8 HybridStack layers
     first, last = run_distributed(_pp_run, 2, ref["weights"], pp=2)
+    assert first["layers"] == [[1, 2, 3, 4]] and last["layers"] == [[5, 6, 7, 8]]
     assert first["losses"] == [] and len(last["losses"]) == 2
-    assert first["stage_params"] < len(ref["weights"]) and last["stage_params"] < len(ref["weights"])
     torch.testing.assert_close(torch.tensor(last["losses"]), torch.tensor(ref["losses"]), atol=1e-6, rtol=1e-6)
     # The tied embedding lives on both stages; its gradient is the sum of the two copies' (finalize_model_grads).
+    assert_same_grads(_merge_stage_grads([first, last]), ref["grads"])
+
+
+def test_interleaved_virtual_pipeline_matches_single_stage():
+    (ref,) = run_distributed(_pp_run, 1, None)
+    first, last = run_distributed(_pp_run, 2, ref["weights"], 2, pp=2, vpp=2)
+    assert first["layers"] == [[1, 2], [5, 6]] and last["layers"] == [[3, 4], [7, 8]]
+    torch.testing.assert_close(torch.tensor(last["losses"]), torch.tensor(ref["losses"]), atol=1e-6, rtol=1e-6)
     assert_same_grads(_merge_stage_grads([first, last]), ref["grads"])
