@@ -87,3 +87,33 @@ def test_full_activation_recompute_gives_the_same_gradients():
     recomputed = run_distributed(_grads_with_recompute, 1, True)[0]
     for name in plain:
         torch.testing.assert_close(recomputed[name], plain[name], atol=1e-7, rtol=1e-5)
+
+
+def _init_stats(depth_scaled):
+    from transxssm_megatron.model import build_model, build_transformer_config
+
+    cfg = ModelConfig.from_preset("tiny", num_layers=2, attention_period=2, attention_offset=1, vocab_size=512,
+                                  depth_scaled_init=depth_scaled, architecture="jamba")
+    torch.manual_seed(0)
+    model = build_model(cfg, build_transformer_config(cfg))
+    return {n: (float(p.float().std()) if p.dim() == 2 else None, float(p.min()), float(p.max()))
+            for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("depth_scaled", [False, True])
+def test_initialization(depth_scaled):
+    stats = run_distributed(_init_stats, 1, depth_scaled)[0]
+    out_std = 0.02 / (2 * 2) ** 0.5 if depth_scaled else 0.02
+    for name, (std, lo, hi) in stats.items():
+        leaf = name.rsplit(".", 1)[-1]
+        if name.endswith(("out_proj.weight", "linear_proj.weight", "linear_fc2.weight")):
+            assert abs(std - out_std) < 0.1 * out_std, (name, std)
+        elif std is not None:                                   # embedding, in_proj, linear_qkv, linear_fc1
+            assert abs(std - 0.02) < 0.002, (name, std)
+        elif leaf in ("skip_weight", "weight", "D", "gate_norm_weight"):  # norms, skip weights, D: ones
+            assert lo == hi == 1.0, name
+        elif leaf == "A_log":                                   # A = -exp(A_log), A_log = log U[1, 16]
+            assert 0.0 <= lo and hi <= torch.log(torch.tensor(16.0)), name
+        elif leaf == "dt_bias":                                 # softplus(dt_bias) in [1e-3, 1e-1]
+            smallest, largest = torch.nn.functional.softplus(torch.tensor([lo, hi])).tolist()
+            assert 1e-3 * 0.999 <= smallest and largest <= 0.1 * 1.001, name
