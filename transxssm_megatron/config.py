@@ -199,8 +199,10 @@ class ModelConfig:
                               f"(RoPE rotates pairs of state channels)")
         if not 0 <= self.attention_offset < self.attention_period:
             raise ConfigError(f"attention_offset: {self.attention_offset} must lie in [0, attention_period)")
-        if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_base <= 1:
-            raise ConfigError("init_std/norm_eps must be > 0 and rope_base > 1")
+        for name, low in (("init_std", 0.0), ("norm_eps", 0.0), ("rope_base", 1.0)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > low:
+                raise ConfigError(f"{name}: must be a number > {low:g}, got {value!r}")
 
     def validate(self, tp: int = 1, pp: int = 1, vpp: Optional[int] = None) -> "ModelConfig":
         """Check the config against a parallel layout; raises ConfigError naming the field. Returns self."""

@@ -53,6 +53,8 @@ def test_yaml_round_trip_and_model_section(tmp_path):
     (dict(preset="tiny", num_query_groups=3), "num_query_groups"),
     (dict(preset="tiny", ss_positional="conv1d_d", ss_conv1d=False), "ss_conv1d"),
     (dict(preset="tiny", num_layers=0), "num_layers"),
+    (dict(preset="tiny", init_std=0), "init_std"),
+    (dict(preset="tiny", rope_base="10k"), "rope_base"),
 ])
 def test_bad_config_names_the_field(values, field):
     with pytest.raises(ConfigError, match=rf"^{field}:"):
