@@ -57,7 +57,9 @@ def _add_run(sub) -> None:
     p.add_argument("--no-eod", action="store_true", help="do not append the EOD token after each document")
     p.add_argument("--eod-token", default="<|endoftext|>", help="token appended after each document")
     p.add_argument("--max-doc-chars", type=int, default=50_000_000, help="longer documents are bad input")
-    p.add_argument("--shard-mb", type=float, default=64.0, help="input size per shard (unit of work and resume)")
+    p.add_argument("--shard-mb", type=float, default=None,
+                   help="input MB per shard, the unit of work and of resume (default: input size / 256, "
+                        "clamped to 1-64)")
     p.add_argument("--docs-per-shard", type=int, default=20_000, help="shard size for --hf-dataset streams")
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
     p.add_argument("--restart", action="store_true", help="discard a partial run in PREFIX.work/ instead of resuming")

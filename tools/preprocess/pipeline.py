@@ -276,7 +276,7 @@ def _collect_stats(work_dir: Path, n_shards: int) -> dict:
 
 def preprocess(inputs: list[str] | None, output_prefix: str | os.PathLike, tokenizer: str, *,
                text_column: str = "text", workers: int = 1, skip_bad: bool = False, append_eod: bool = True,
-               eod_token: str = EOD_TOKEN, max_doc_chars: int = 50_000_000, shard_mb: float = 64.0,
+               eod_token: str = EOD_TOKEN, max_doc_chars: int = 50_000_000, shard_mb: float | None = None,
                overwrite: bool = False, restart: bool = False, progress: bool = True,
                hf_dataset: str | None = None, hf_config: str | None = None, hf_split: str = "train",
                documents: Iterable | None = None, documents_name: str = "documents",
@@ -310,6 +310,11 @@ def preprocess(inputs: list[str] | None, output_prefix: str | os.PathLike, token
             raise InputError(next(iter(problems.values())) + ", or pass --skip-bad to skip such files")
         skipped_files = list(problems.values())
         usable = [f for f in files if f not in problems]
+        if shard_mb is None:
+            # Enough shards to keep many workers busy on small inputs, 64 MB ones on big inputs. Derived from the
+            # input size only (never the worker count), so a run resumes whatever --workers it is given.
+            total_bytes = sum(os.path.getsize(f) for f in usable)
+            shard_mb = min(64.0, max(1.0, total_bytes / 256 / 2**20))
         shards = plan_shards(usable, int(shard_mb * 1024 * 1024))
         input_list = [{"path": f, "bytes": os.path.getsize(f), "mtime_ns": os.stat(f).st_mtime_ns} for f in files]
         source = {"files": input_list}
