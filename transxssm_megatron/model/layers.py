@@ -21,7 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from ..config import ModelConfig
-from .norms import RMSNorm
+from .norms import RMSNorm, param_device
 from .rope import RopeTables
 from .ss_mixer import tp_group_of
 
@@ -54,12 +54,14 @@ class ResidualLayer(MegatronModule):
                  pg_collection=None, **unused):
         super().__init__(config=config)
         self.layer_number = layer_number
-        self.norm = RMSNorm(config.hidden_size, eps=model_cfg.norm_eps, sequence_parallel=config.sequence_parallel)
+        self.norm = RMSNorm(config.hidden_size, eps=model_cfg.norm_eps, sequence_parallel=config.sequence_parallel,
+                            dtype=config.params_dtype, device=param_device(config))
         self.mixer = build_module(submodules.mixer, config=config, model_cfg=model_cfg, layer_number=layer_number,
                                   pg_collection=pg_collection)
         self.skip_weight = None
         if model_cfg.residual_weights:
-            self.skip_weight = torch.nn.Parameter(torch.ones(config.hidden_size, dtype=config.params_dtype))
+            self.skip_weight = torch.nn.Parameter(torch.ones(config.hidden_size, dtype=config.params_dtype,
+                                                             device=param_device(config)))
             self.skip_weight.no_weight_decay = True
             self.skip_weight.sequence_parallel = config.sequence_parallel
 

@@ -34,7 +34,7 @@ from megatron.core.transformer.utils import (
 from transxssm_kernels.rope_ssd import rope_ssd, ssd_chunked_reference
 
 from ..config import ModelConfig
-from .norms import rms_norm
+from .norms import param_device, rms_norm
 from .rope import RopeTables
 
 # Mamba-2 initialisation of dt_bias: softplus(dt_bias) ~ log-uniform in [DT_MIN, DT_MAX].
@@ -89,9 +89,7 @@ class SSMixer(MegatronModule):
         # rows. Every TP size then starts from the same model, and the RNG stream does not depend on tp.
         def local(full: torch.Tensor, no_weight_decay: bool) -> torch.nn.Parameter:
             rows = full.shape[0] // tp
-            shard = full[rank * rows:(rank + 1) * rows].to(dtype=config.params_dtype)
-            if torch.cuda.is_available() and not config.use_cpu_initialization:
-                shard = shard.to(torch.cuda.current_device())  # else stay on the default device (CPU or meta)
+            shard = full[rank * rows:(rank + 1) * rows].to(dtype=config.params_dtype, device=param_device(config))
             p = torch.nn.Parameter(shard.clone())
             tensor_parallel.set_tensor_model_parallel_attributes(p, is_parallel=True, dim=0, stride=1)
             if no_weight_decay:

@@ -19,7 +19,7 @@ import torch
 from megatron.core.models.hybrid.hybrid_block import HybridStack
 from megatron.core.utils import WrappedTensor, make_viewless_tensor
 
-from .norms import RMSNorm
+from .norms import RMSNorm, param_device
 from .rope import RopeTables
 
 
@@ -29,7 +29,8 @@ class TransXSSMStack(HybridStack):
         self.post_layer_norm = post_layer_norm
         if self.post_process and self.post_layer_norm:
             eps = model_cfg.norm_eps if model_cfg is not None else config.layernorm_epsilon
-            self.final_norm = RMSNorm(config.hidden_size, eps=eps, sequence_parallel=config.sequence_parallel)
+            self.final_norm = RMSNorm(config.hidden_size, eps=eps, sequence_parallel=config.sequence_parallel,
+                                      dtype=config.params_dtype, device=param_device(config))
 
     def forward(self, hidden_states, attention_mask=None, inference_context=None,
                 rotary_pos_emb: RopeTables | None = None, **unused):
