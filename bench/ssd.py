@@ -91,8 +91,15 @@ def sdpa_cost(b, l, H, d=64):
     return {"fwd_flops": fwd, "fwdbwd_flops": 3.5 * fwd}
 
 
+TIMING = {"warmup": 25, "rep": 100}   # milliseconds, as do_bench takes them; --fast lowers them
+
+
 def bench(fn, grads):
-    return do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
+    return do_bench(fn, grad_to_none=grads, return_mode="median", **TIMING)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def run_shape(H, N, l, mamba, quick, P=64):
@@ -112,7 +119,9 @@ def run_shape(H, N, l, mamba, quick, P=64):
     leaves = [x, dt, A, B, C]
 
     methods = {"fused": lambda: rope_ssd(x, dt, A, B, C, chunk_size=256, dt_softplus=True, rope_cos=cos,
-                                         rope_sin=sin)}
+                                         rope_sin=sin),
+               "fused_chunk128": lambda: rope_ssd(x, dt, A, B, C, chunk_size=128, dt_softplus=True, rope_cos=cos,
+                                                  rope_sin=sin)}
     if mamba is not None:
         methods["eager"] = lambda: mamba(x, dt, A, rope_eager(B, cos, sin), rope_eager(C, cos, sin), 256,
                                          dt_softplus=True)
@@ -121,11 +130,20 @@ def run_shape(H, N, l, mamba, quick, P=64):
         methods["mamba"] = lambda: mamba(x, dt, A, B, C, 256, dt_softplus=True)
     out = {"H": H, "P": P, "N": N, "G": G, "l": l, "b": b, "cost": ssd_cost(b, l, H, P, N), "ms": {}}
 
-    # agreement of the two RoPE-SSD implementations at this size (bf16 both; a sanity check, not the test)
+    # agreement with the composed implementation at this size, output and every gradient (bf16 both; a sanity
+    # check of the configuration timed here, beside the float64 tests of tests/gpu)
     if mamba is not None:
-        with torch.no_grad():
-            y0, y1 = methods["fused"](), methods["eager"]()
-            out["rel_diff_fused_vs_eager"] = ((y0.float() - y1.float()).norm() / y1.float().norm()).item()
+        res = {}
+        for name in ("fused", "eager"):
+            for t in leaves:
+                t.grad = None
+            y = methods[name]()
+            y.backward(dy)
+            res[name] = [y.detach()] + [t.grad.detach().clone() for t in leaves]
+        out["rel_diff_fused_vs_eager"] = {k: rel(a, b) for k, a, b in zip(
+            ("y", "dx", "ddt", "dA", "dB", "dC"), res["fused"], res["eager"])}
+        for t in leaves:
+            t.grad = None
 
     for name, f in methods.items():
         fwd = bench(lambda: f(), None)
@@ -138,6 +156,47 @@ def run_shape(H, N, l, mamba, quick, P=64):
     out["ms"]["sdpa"] = {"fwd": bench(att, None), "fwdbwd": bench(lambda: att().backward(dya), [q, k, v])}
     out["sdpa_cost"] = sdpa_cost(b, l, H)
     return out
+
+
+def select_variant(H=32, N=128, l=4096, P=64):
+    """Time a few tile configurations of the fused kernel on the 1.3B layer; keep the fastest fwd+bwd for the run."""
+    from transxssm_kernels.rope_ssd import chunk
+    b = TOKENS // l
+    r = lambda *s: torch.randn(*s, device="cuda")
+    x, dy = r(b, l, H, P).to(DT).requires_grad_(), r(b, l, H, P).to(DT)
+    dt = (r(b, l, H) * 0.5 - 2.0).to(DT).requires_grad_()
+    A = (-torch.exp(r(H) * 0.5 + 0.5)).requires_grad_()
+    B, C = ((r(b, l, H, N) / N**0.25).to(DT).requires_grad_() for _ in range(2))
+    ang = torch.arange(l, device="cuda")[:, None] * 10000.0 ** (-torch.arange(N // 2, device="cuda") * 2 / N)
+    cos, sin = ang.cos(), ang.sin()
+    tiles = (chunk._OPT_OUT, chunk._OPT_DC, chunk._OPT_DXDB)
+    base = [dict(o) for o in tiles]
+    variants = {   # name: (rows, inner, warps of output/dc/dxdb or None for the defaults)
+        "rows64-inner64-default": (64, 64, None), "rows64-inner32-default": (64, 32, None),
+        "rows64-inner32-w8": (64, 32, 8), "rows128-inner32-w8": (128, 32, 8), "rows64-inner64-w8": (64, 64, 8)}
+    out = {}
+    for name, (rows, inner, warps) in variants.items():
+        chunk.BLOCK_ROWS, chunk.BLOCK_INNER = rows, inner
+        for o, o0 in zip(tiles, base):
+            o.clear()
+            o.update(o0)
+            if warps:
+                o["num_warps"] = warps
+        f = lambda: rope_ssd(x, dt, A, B, C, chunk_size=256, dt_softplus=True, rope_cos=cos, rope_sin=sin)
+        try:
+            out[name] = {"fwd": bench(f, None), "fwdbwd": bench(lambda: f().backward(dy), [x, dt, A, B, C])}
+        except Exception as e:  # a configuration that fails to compile is reported, not fatal
+            out[name] = {"error": repr(e)[:200]}
+        print("variant", name, out[name], flush=True)
+    best = min((k for k in out if "fwdbwd" in out[k]), key=lambda k: out[k]["fwdbwd"])
+    rows, inner, warps = variants[best]
+    chunk.BLOCK_ROWS, chunk.BLOCK_INNER = rows, inner
+    for o, o0 in zip(tiles, base):
+        o.clear()
+        o.update(o0)
+        if warps:
+            o["num_warps"] = warps
+    return {"timings": out, "chosen": best}
 
 
 def time_variants(H=32, N=128, l=4096, P=64):
@@ -193,7 +252,7 @@ def profile_fused(H=32, N=128, l=4096, P=64, steps_only=False):
 
 def git_commit():
     try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL,
                                        cwd=os.path.dirname(os.path.abspath(__file__))).strip()
     except Exception:  # the device copy of the tree may carry no .git
         return os.environ.get("GIT_COMMIT", "unknown")
@@ -207,6 +266,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="per-kernel times of fused fwd+bwd, 1.3B N=128 l=4096")
     ap.add_argument("--variants", action="store_true", help="time variants of the fused kernel, 1.3B N=128 l=4096")
     ap.add_argument("--ncu-step", action="store_true", help="run one fused fwd+bwd only (for ncu), then exit")
+    ap.add_argument("--select", action="store_true", help="pick the fastest tile configuration first (1.3B layer)")
+    ap.add_argument("--fast", action="store_true", help="shorter timing windows (5 ms warm-up, 30 ms repeats)")
     args = ap.parse_args()
     mamba = load_mamba(args.mamba_path)
     if args.ncu_step:
@@ -214,42 +275,46 @@ def main():
         return
     if args.profile:
         profile_fused()
+    if args.fast:
+        TIMING.update(warmup=5, rep=30)
     variants = time_variants() if args.variants else None
+    selection = select_variant() if args.select else None
 
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
         "triton": triton.__version__, "command": " ".join([sys.executable] + sys.argv),
         "ceilings": ceilings(), "shapes": [], "variants_1p3b_n128_l4096": variants,
+        "tile_selection_1p3b_n128_l4096": selection, "timing_ms": dict(TIMING),
     }
+    # the 1.3B target shape first, then the rest: each shape is saved as soon as it is measured
     grid = [(32, 128, 4096)] if args.quick else [
-        (H, N, l) for H in (32, 12) for N in (128, 64) for l in (4096, 8192, 16384)]
-    for H, N, l in grid:
-        res = run_shape(H, N, l, mamba, args.quick)
-        result["shapes"].append(res)
-        print(json.dumps({k: res[k] for k in ("H", "N", "l", "ms")}), flush=True)
-        torch.cuda.empty_cache()
-
+        (32, 128, 4096), (12, 128, 4096), (32, 128, 8192), (32, 128, 16384), (32, 64, 4096), (12, 64, 4096),
+        (12, 128, 8192), (12, 128, 16384), (32, 64, 8192), (32, 64, 16384), (12, 64, 8192), (12, 64, 16384)]
     bw = result["ceilings"]["copy_bytes_per_s"]
     mm = result["ceilings"]["bf16_matmul_flop_per_s"]
-    for s in result["shapes"]:
+    for H, N, l in grid:
+        s = run_shape(H, N, l, mamba, args.quick)
         c, f = s["cost"], s["ms"]["fused"]
         floor = {m: max(c[m + "_bytes"] / bw, c[m + "_flops"] / mm) * 1e3 for m in ("fwd", "fwdbwd")}
         s["floor_ms"] = floor
         s["fraction_of_floor"] = {m: floor[m] / f[m] for m in floor}
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=1)
+        result["shapes"].append(s)
+        print(json.dumps({k: s[k] for k in ("H", "N", "l", "ms", "rel_diff_fused_vs_eager") if k in s}), flush=True)
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1)
+        torch.cuda.empty_cache()
 
     print(f"\nceilings: copy {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s; "
           f"{result['gpu']}, torch {result['torch']}, triton {result['triton']}")
     print("ms per 32K tokens (fwd / fwd+bwd); x = time / fused time")
     hdr = f"{'H':>3} {'N':>4} {'l':>6} | {'fused':>11} | {'floor':>11} | " + " | ".join(
-        f"{m:>16}" for m in ("eager", "compiled", "mamba", "sdpa"))
+        f"{m:>16}" for m in ("fused_chunk128", "eager", "compiled", "mamba", "sdpa"))
     print(hdr)
     for s in result["shapes"]:
         ms, fu = s["ms"], s["ms"]["fused"]
         cells = []
-        for m in ("eager", "compiled", "mamba", "sdpa"):
+        for m in ("fused_chunk128", "eager", "compiled", "mamba", "sdpa"):
             if m in ms:
                 cells.append(f"{ms[m]['fwdbwd']:6.2f} ({ms[m]['fwdbwd'] / fu['fwdbwd']:4.1f}x)")
             else:
