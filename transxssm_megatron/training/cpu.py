@@ -10,7 +10,9 @@ redirects exactly those spots to the CPU, in one place, and only when the run ha
    functions (``tensor``, ``zeros``, ``empty``, ...) map a CUDA device argument to the CPU; everything else
    is the real ``torch``. Other code is untouched.
 2. ``torch.cuda.current_device`` returns the CPU device, ``torch.cuda.synchronize`` is a no-op and
-   ``torch.cuda.current_stream`` a stream whose waits do nothing (CPU work is already in program order).
+   ``torch.cuda.current_stream`` a stream whose waits do nothing (CPU work is already in program order), and
+   ``Tensor.cuda()`` returns the tensor itself (LanguageModule moves the tied output-layer copy of the
+   embedding to the GPU before its first-stage/last-stage all-reduce).
 3. Gradient clipping's scale step (it asserts CUDA tensors) is replaced by the same arithmetic in plain
    PyTorch: grads *= max_norm / (total_norm + 1e-6) when that is below 1.
 4. The tensor-parallel RNG tracker: ``model_parallel_cuda_manual_seed`` seeds the CPU generator and
@@ -102,6 +104,7 @@ def enable_cpu_execution() -> None:
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.current_stream = lambda *args, **kwargs: _NullStream()
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
     from megatron.core.optimizer import clip_grads, optimizer as megatron_optimizer
 

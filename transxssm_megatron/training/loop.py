@@ -49,6 +49,7 @@ def build_model_chunks(cfg: RunConfig, world: parallel.World, bf16: bool) -> lis
         sequence_parallel=cfg.parallel.sequence_parallel,
         use_cpu_initialization=not world.on_gpu,
         batch_p2p_sync=world.on_gpu,  # gloo cannot batch isend/irecv synchronously
+        batch_p2p_comm=world.on_gpu,  # gloo: separate, ordered isend/irecv (pp=2 + vpp has one peer both ways)
     )
     chunks = []
     for vp_stage in range(world.vpp or 1):
@@ -74,18 +75,20 @@ def build_model_chunks(cfg: RunConfig, world: parallel.World, bf16: bool) -> lis
 
 
 def count_parameters(chunks) -> int:
-    """Parameters of the whole model (summed over TP and PP ranks; tied embedding counted once)."""
+    """Parameters of the whole model: TP-split tensors summed over TP ranks, replicated ones counted once,
+    summed over pipeline stages, the tied output-layer copy of the embedding not counted again."""
     from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
     local = 0
     for chunk in chunks:
         for name, p in chunk.named_parameters():
-            # The output layer of the last stage shares the embedding (counted on the first stage).
             if "output_layer" in name and getattr(p, "shared_embedding", False) and not \
                     parallel_state.is_pipeline_first_stage(ignore_virtual=True):
                 continue
-            local += p.numel()
-    total = torch.tensor([local], dtype=torch.float64, device="cpu")
+            if param_is_not_tensor_parallel_duplicate(p):
+                local += p.numel()
+    total = torch.tensor([local], dtype=torch.float64)
     group = parallel_state.get_model_parallel_group()
     if torch.distributed.get_backend(group) == "nccl":
         total = total.cuda()
@@ -213,12 +216,14 @@ class Trainer:
         peak = metrics_lib.peak_flops_per_device(w.device, cfg.logging.peak_tflops)
         tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
         self.throughput = metrics_lib.Throughput(tokens_per_step, flops_per_token, w.world_size, peak)
-        self.metrics = (metrics_lib.MetricsWriter(cfg.run_dir, cfg, self.step, self.print)
+        log_print = partial(print, flush=True) if print_fn is print else print_fn
+        self.metrics = (metrics_lib.MetricsWriter(cfg.run_dir, cfg, self.step, log_print)
                         if self.is_logger else None)
 
     # ------------------------------------------------------------------ helpers
     def print(self, *args) -> None:
-        if self.world.is_main or self.is_logger:
+        """Messages from global rank 0 only (step lines come from the loss-holding rank's MetricsWriter)."""
+        if self.world.is_main:
             self._print(*args, flush=True) if self._print is print else self._print(*args)
 
     def _make_checkpoint_manager(self):
