@@ -65,6 +65,14 @@ def _meta(P, N, Q, dtype):
     )
 
 
+# Row block of the tile kernels and the block of their inner loop (each capped at Q); rows of 128 halve the
+# re-reads of the inner operands. bench/ssd.py --select times a few choices.
+BLOCK_ROWS = 64
+BLOCK_INNER = 64
+# Rotate bf16/fp16 operands with tables rounded to that dtype (half the table traffic through L2) instead of fp32.
+TABLES_IN_INPUT_DTYPE = False
+
+
 def _tables(cos, sin, ref):
     """Return (cos, sin, stride_b, stride_l, has_rope) with the last dim contiguous."""
     if cos is None:
