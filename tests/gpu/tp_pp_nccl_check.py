@@ -40,9 +40,16 @@ TOL = {"logits": 5e-3, "loss": 5e-3, "losses": 5e-3, "grads": 2e-2}
 B, L = 2, int(os.environ.get("CHECK_SEQ_LEN", 512))
 
 
-def cfg_for(architecture):
+# name -> (architecture, overrides). jamba-4heads: 2 heads per B/C and KV group on each rank, and every SS option
+# (conv1d, D, z-gate + grouped norm, dt_bias) sharded.
+CASES = {"transxssm": ("transxssm", {}), "transformer": ("transformer", {}),
+         "jamba-4heads-G2-gqa": ("jamba", dict(num_attention_heads=4, ss_groups=2, num_query_groups=2))}
+
+
+def cfg_for(case):
+    architecture, overrides = CASES[case]
     return ModelConfig.from_preset("tiny", architecture=architecture, num_layers=4, attention_period=2,
-                                   attention_offset=1)
+                                   attention_offset=1, **overrides)
 
 
 def batch(n_micro=1):
@@ -57,8 +64,8 @@ def init(tp, pp):
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
 
 
-def make(architecture, weights, tp=1, pp=1, **overrides):
-    cfg = cfg_for(architecture)
+def make(case, weights, tp=1, pp=1, **overrides):
+    cfg = cfg_for(case)
     torch.manual_seed(0)
     tc = build_transformer_config(cfg, tp=tp, pp=pp, use_cpu_initialization=True, batch_p2p_sync=CUDA,
                                   **overrides)
@@ -111,7 +118,7 @@ def main():
 
     init(1, 1)
     refs, weights = {}, {}
-    for arch in ("transxssm", "transformer"):
+    for arch in CASES:
         model = make(arch, None)
         weights[arch] = {k: v.detach().clone() for k, v in model.named_parameters()}
         refs[arch] = direct(model)
@@ -119,7 +126,7 @@ def main():
     refs["pp"] = scheduled(model)
 
     init(2, 1)
-    for arch in ("transxssm", "transformer"):
+    for arch in CASES:
         compare(f"tp2-{arch}", direct(make(arch, weights[arch], tp=2)), refs[arch], report)
     sp_model = make("transxssm", weights["transxssm"], tp=2, sequence_parallel=True)
     compare("tp2-sp-transxssm", direct(sp_model), refs["transxssm"], report)

@@ -1,10 +1,11 @@
-"""Tensor (also with sequence parallelism) and pipeline (also interleaved) parallelism change nothing: same logits, loss and gradients as one process, from the
-same weights (2 gloo ranks on CPU, fp32).
+"""Tensor (also with sequence parallelism) and pipeline (also interleaved) parallelism change nothing: same
+logits, loss and gradients as one process, from the same weights (2 gloo ranks on CPU, fp32).
 
 The reference (TP=1, PP=1) run returns its full weights; the parallel run loads them by slicing along megatron's
 own partition attributes (tests/model/model_parallel_utils.py), so a wrong TP layout of any layer shows up here.
 """
 
+import pytest
 import torch
 from distributed import run_distributed
 from model_parallel_utils import full_grads, load_full_weights
@@ -14,10 +15,20 @@ from transxssm_megatron.config import ModelConfig
 BATCH, SEQ = 2, 40  # 40 = 2.5 SSD chunks of 16: covers state passing and a partial last chunk
 
 
-def small_cfg(architecture: str) -> ModelConfig:
+def small_cfg(architecture: str, **overrides) -> ModelConfig:
     # 4 decoder layers with attention every 2nd, so TP and each PP stage see both mixers.
     return ModelConfig.from_preset("tiny", architecture=architecture, num_layers=4, attention_period=2,
-                                   attention_offset=1, vocab_size=1000, ffn_hidden_size=256, ss_chunk_size=16)
+                                   attention_offset=1, vocab_size=1000, ffn_hidden_size=256, ss_chunk_size=16,
+                                   **overrides)
+
+
+TP_CASES = {
+    "transxssm": ("transxssm", {}, False),
+    "transformer": ("transformer", {}, False),
+    "transxssm-sequence-parallel": ("transxssm", {}, True),
+    # 2 heads per B/C group and per KV group on each rank; conv1d, D, z-gate + grouped norm, dt_bias all sharded
+    "jamba-4heads-G2-gqa": ("jamba", dict(num_attention_heads=4, ss_groups=2, num_query_groups=2), False),
+}
 
 
 def batch(n_micro: int = 1):
@@ -26,13 +37,14 @@ def batch(n_micro: int = 1):
     return ids[..., :-1], ids[..., 1:]
 
 
-def _tp_run(architecture, full_weights, sequence_parallel=False):
+def _tp_run(case, full_weights):
     """Logits, per-token loss and TP-gathered gradients; full weights from this run when none are given."""
     from megatron.core import parallel_state
 
     from transxssm_megatron.model import build_model, build_transformer_config
 
-    cfg = small_cfg(architecture)
+    architecture, overrides, sequence_parallel = TP_CASES[case]
+    cfg = small_cfg(architecture, **overrides)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     model = build_model(cfg, build_transformer_config(cfg, tp=tp, sequence_parallel=sequence_parallel))
     if full_weights is None:
@@ -100,18 +112,19 @@ def assert_same_grads(got, want, atol=2e-6, rtol=1e-4):
         torch.testing.assert_close(got[name], want[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
-def test_tensor_parallel_2_matches_single_process():
-    for architecture, sequence_parallel in (("transxssm", False), ("transformer", False), ("transxssm", True)):
-        (ref,) = run_distributed(_tp_run, 1, architecture, None)
-        tp0, tp1 = run_distributed(_tp_run, 2, architecture, ref["weights"], sequence_parallel, tp=2)
-        assert any(k.endswith("A_log") for k in ref["grads"]) == (architecture == "transxssm")
-        assert (tp0["sp_params"] > 0) == sequence_parallel
-        for got in (tp0, tp1):
-            torch.testing.assert_close(got["logits"], ref["logits"], atol=2e-5, rtol=1e-4)
-            torch.testing.assert_close(got["loss"], ref["loss"], atol=2e-5, rtol=1e-5)
-            assert_same_grads(got["grads"], ref["grads"])
-        # the check is not vacuous: gradients are non-trivial everywhere
-        assert all(g.abs().max() > 0 for g in ref["grads"].values())
+@pytest.mark.parametrize("case", list(TP_CASES))
+def test_tensor_parallel_2_matches_single_process(case):
+    architecture, _, sequence_parallel = TP_CASES[case]
+    (ref,) = run_distributed(_tp_run, 1, case, None)
+    tp0, tp1 = run_distributed(_tp_run, 2, case, ref["weights"], tp=2)
+    assert any(k.endswith("A_log") for k in ref["grads"]) == (architecture != "transformer")
+    assert (tp0["sp_params"] > 0) == sequence_parallel
+    for got in (tp0, tp1):
+        torch.testing.assert_close(got["logits"], ref["logits"], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(got["loss"], ref["loss"], atol=2e-5, rtol=1e-5)
+        assert_same_grads(got["grads"], ref["grads"])
+    # the check is not vacuous: gradients are non-trivial everywhere
+    assert all(g.abs().max() > 0 for g in ref["grads"].values())
 
 
 def test_pipeline_parallel_2_matches_single_stage():

@@ -49,7 +49,7 @@ def build_transformer_config(model_cfg: ModelConfig, *, tp: int = 1, pp: int = 1
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
-        sequence_parallel=sequence_parallel,
+        sequence_parallel=sequence_parallel and tp > 1,  # meaningless without TP (megatron would refuse it)
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=bf16,
