@@ -322,7 +322,8 @@ class CheckpointManager:
         strategy = TorchDistSaveShardedStrategy()
         if _dist_ready() and ps.model_parallel_is_initialized() and ps.get_data_parallel_world_size() > 1:
             # Data-parallel replicas hold identical shards; spread the writing over them instead of DP rank 0.
-            strategy = FullyParallelSaveStrategyWrapper(strategy, ps.get_data_parallel_group(with_context_parallel=True))
+            dp_group = ps.get_data_parallel_group(with_context_parallel=True)
+            strategy = FullyParallelSaveStrategyWrapper(strategy, dp_group)
         return strategy
 
     # -- loading ---------------------------------------------------------------------------------------------
@@ -366,8 +367,9 @@ class CheckpointManager:
         try:
             loaded = dist_checkpointing.load(request, str(path))
         except Exception as err:  # dist_checkpointing's errors do not say which run or what to do
-            hint = (" If only the optimizer state fails to load, pass load_optimizer=False (CLI: --no-load-optim) "
-                    "to start from the saved weights with a fresh optimizer.") if with_optimizer else ""
+            hint = (" If only the optimizer state fails to load (e.g. another optimizer type), "
+                    "CheckpointManager.load(..., load_optimizer=False) starts from the saved weights with a fresh "
+                    "optimizer and schedule.") if with_optimizer else ""
             raise CheckpointError(f"{path}: loading failed at layout {layout} (saved at {saved_layout}): "
                                   f"{type(err).__name__}: {err}.{hint}") from err
 
