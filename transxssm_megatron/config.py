@@ -16,7 +16,7 @@ Positional mode `conv1d_d` implies conv1d and D (an explicit `ss_conv1d: false` 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
