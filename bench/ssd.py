@@ -171,12 +171,13 @@ def select_variant(H=32, N=128, l=4096, P=64):
     cos, sin = ang.cos(), ang.sin()
     tiles = (chunk._OPT_OUT, chunk._OPT_DC, chunk._OPT_DXDB)
     base = [dict(o) for o in tiles]
-    variants = {   # name: (rows, inner, warps of output/dc/dxdb or None for the defaults)
-        "rows64-inner64-default": (64, 64, None), "rows64-inner32-default": (64, 32, None),
-        "rows64-inner32-w8": (64, 32, 8), "rows128-inner32-w8": (128, 32, 8), "rows64-inner64-w8": (64, 64, 8)}
+    variants = {   # name: (rows, inner, warps of output/dc/dxdb or None for the defaults, dA prefix by dot)
+        "rows64-inner64-default": (64, 64, None, False), "rows64-inner64-prefixdot": (64, 64, None, True),
+        "rows64-inner32-default": (64, 32, None, False), "rows64-inner32-w8": (64, 32, 8, False),
+        "rows128-inner32-w8": (128, 32, 8, False), "rows64-inner64-w8": (64, 64, 8, False)}
     out = {}
-    for name, (rows, inner, warps) in variants.items():
-        chunk.BLOCK_ROWS, chunk.BLOCK_INNER = rows, inner
+    for name, (rows, inner, warps, prefix_dot) in variants.items():
+        chunk.BLOCK_ROWS, chunk.BLOCK_INNER, chunk.DA_PREFIX_BY_DOT = rows, inner, prefix_dot
         for o, o0 in zip(tiles, base):
             o.clear()
             o.update(o0)
@@ -189,8 +190,8 @@ def select_variant(H=32, N=128, l=4096, P=64):
             out[name] = {"error": repr(e)[:200]}
         print("variant", name, out[name], flush=True)
     best = min((k for k in out if "fwdbwd" in out[k]), key=lambda k: out[k]["fwdbwd"])
-    rows, inner, warps = variants[best]
-    chunk.BLOCK_ROWS, chunk.BLOCK_INNER = rows, inner
+    rows, inner, warps, prefix_dot = variants[best]
+    chunk.BLOCK_ROWS, chunk.BLOCK_INNER, chunk.DA_PREFIX_BY_DOT = rows, inner, prefix_dot
     for o, o0 in zip(tiles, base):
         o.clear()
         o.update(o0)

@@ -103,7 +103,7 @@ def dc_kernel(
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_NH: tl.constexpr,
-    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
+    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr, PREFIX_DOT: tl.constexpr = False,
 ):
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -157,6 +157,9 @@ def dc_kernel(
     y_off = (tl.dot(c_lo, tl.trans(h_lo)) + tl.dot(c_hi, tl.trans(h_hi))) * w_t[:, None]
     tl.store(gyoff_ptr + pid_bh.to(tl.int64) * Lp + rows_t, tl.sum(g_f * y_off, axis=1))
     carry = tl.zeros((BT,), dtype=tl.float32)   # sum over the source blocks done so far of W_ts, per row t
+    if PREFIX_DOT:
+        inner = tl.arange(0, BI)
+        upper = (inner[:, None] < inner[None, :]).to(tl.float32)   # upper[s, j] = 1 if s < j
 
     for s0 in range(0, (tb + 1) * BT, BI):
         rows_s = start + s0 + tl.arange(0, BI)
@@ -181,7 +184,10 @@ def dc_kernel(
         # d/d a_j of the intra-chunk part, summed pair by pair (no cancelling twins): sum_{t >= j > s} W_ts,
         # W_ts = (g_t.u_s)(C~_t.B~_s) exp(cs_t - cs_s). Exclusive prefix over s, then column sums over t >= j.
         wts = w * scores
-        excl = carry[:, None] + tl.cumsum(wts, axis=1) - wts
+        if PREFIX_DOT:   # the exclusive prefix as a (tf32) product with a triangular ones matrix
+            excl = carry[:, None] + tl.dot(wts, upper)
+        else:
+            excl = carry[:, None] + tl.cumsum(wts, axis=1) - wts
         tl.atomic_add(da_ptr + pid_bh.to(tl.int64) * Lp + rows_s,
                       tl.sum(tl.where(rows_t[:, None] >= rows_s[None, :], excl, 0.0), axis=0))
         carry += tl.sum(wts, axis=1)

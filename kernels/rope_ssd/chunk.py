@@ -69,6 +69,9 @@ def _meta(P, N, Q, dtype):
 # re-reads of the inner operands. bench/ssd.py --select times a few choices.
 BLOCK_ROWS = 64
 BLOCK_INNER = 64
+# Exclusive prefix sums of the pairwise d(delta A) terms in dc_kernel as a matrix product (tensor cores) instead of
+# tl.cumsum; not yet timed on the GPU (bench/ssd.py --select times it).
+DA_PREFIX_BY_DOT = False
 # Rotate bf16/fp16 operands with tables rounded to that dtype (half the table traffic through L2) instead of fp32.
 TABLES_IN_INPUT_DTYPE = False
 
@@ -197,7 +200,7 @@ class _RopeSSDCore(torch.autograd.Function):
         _dc[grid](
             g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
             delta_p, cs, seq_t, states, dC_h, *_strides4(dC_h), gyoff, da,
-            l, Lp, H, H // G, P, nc, BT=BT, BI=BI, **flags, **meta, **_OPT_DC)
+            l, Lp, H, H // G, P, nc, BT=BT, BI=BI, PREFIX_DOT=DA_PREFIX_BY_DOT, **flags, **meta, **_OPT_DC)
         _dxdb[grid](
             g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
             delta_p, cs, seq_t, dstates, dx, *_strides4(dx), dB_h, *_strides4(dB_h), ddelta, v,

@@ -66,6 +66,15 @@ def check(tensors, kw, *, dtype, chunk_size=256):
     assert not bad, f"relative errors over {TOL[dtype]:g}: {bad}"
 
 
+def test_repeatable():
+    """Same inputs, same outputs bit for bit (no race between blocks)."""
+    from transxssm_kernels.rope_ssd import rope_ssd
+    t, kw = make_case(4, 4096, 32, 64, 32, 128, dtype=torch.bfloat16, seed=11)
+    a = rope_ssd(**t, **kw)
+    b = rope_ssd(**t, **kw)
+    assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("N", [128, 64])
 def test_model_layer(dtype, N):
@@ -95,12 +104,3 @@ def test_all_options(chunk_size):
 def test_no_rope_and_p32():
     t, kw = make_case(1, 2048, 4, 32, 4, 64, dtype=torch.float32, seed=9, rope=False, init=True)
     check(t, kw, dtype=torch.float32)
-
-
-def test_repeatable():
-    """Same inputs, same outputs bit for bit (no race between blocks)."""
-    from transxssm_kernels.rope_ssd import rope_ssd
-    t, kw = make_case(4, 4096, 32, 64, 32, 128, dtype=torch.bfloat16, seed=11)
-    a = rope_ssd(**t, **kw)
-    b = rope_ssd(**t, **kw)
-    assert torch.equal(a, b)
