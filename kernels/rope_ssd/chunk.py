@@ -18,15 +18,20 @@ Every argument is differentiable (x, dt, A, B, C, D, z, dt_bias, initial_state);
 All options run in the Triton kernels or in exact PyTorch glue around them; there is no fallback to the reference.
 
 How it works (per batch row and head; Q = chunk_size, cs = within-chunk cumulative sum of delta*A):
-  forward   S_c = sum_s exp(cs_last - cs_s) delta_s x_s B~_s^T           (chunk_state_kernel, chunks in parallel)
-            H_{c+1} = exp(cs_last) H_c + S_c                             (state_pass_kernel, sequential, fp32)
+  forward   H_{c+1} = exp(cs_last) H_c + S_c,  S_c = sum_s exp(cs_last - cs_s) delta_s x_s B~_s^T
+                (state_scan_fwd_kernel: one program per batch row, head and block of N/2, walking the chunks
+                 with the fp32 state in registers; stores the state entering each chunk)
             y_t = exp(cs_t) C~_t H_c^T + sum_{s<=t} exp(cs_t - cs_s) (C~_t.B~_s) delta_s x_s   (chunk_output_kernel)
   B~, C~ are rotated inside the kernels as B and C are loaded; the rotated tensors never touch memory.
-  backward  see _bwd.py. The gradient through the rotation is the inverse rotation, applied before storing dB, dC.
+  backward  state_scan_bwd_kernel (reverse walk), dc_kernel (dC), dxdb_kernel (dx, dB); see _bwd.py. The gradient
+  through the rotation is the inverse rotation, applied before storing dB, dC. d(delta*A) is summed pair by pair
+  (no cancelling terms), which keeps dA at bf16 accuracy over long sequences.
   Saved for backward: the inputs, delta and cs (b, H, Lp) fp32, and the fp32 state entering each chunk
   (b, H, chunks, P, N): 4*P*N/Q bytes per token and head (128 B at P=64, N=128, Q=256).
 dt -> delta (bias, softplus), the cumulative sum, the D skip and the z gate are plain PyTorch around one
 autograd Function (they touch (b, l, H) tensors or are options off the default path).
+Speed (H200, 1.3B layer H=G=32, P=64, N=128, l=4096, 32K tokens, bf16): 1.04 ms forward, 4.48 ms forward+backward
+(chunk 128: 0.97 / 4.00); bench/NOTES-ssd.md has the comparison and what limits it.
 """
 
 import os
