@@ -27,8 +27,8 @@ import numpy as np
 
 from . import __version__
 from .indexed import token_dtype, write_index
-from .sources import BAD_REASONS, Bad, Doc, InputError, Progress, Shard, expand_inputs, parquet_text_column_check, \
-    plan_shards, read_shard
+from .sources import (BAD_REASONS, Bad, Doc, InputError, Progress, Shard, expand_inputs, parquet_text_column_check,
+                      plan_shards, read_shard, validated_text)
 from .tokenizer import EOD_TOKEN, TokenizerInfo, load_tokenizer, resolve_tokenizer
 
 PLAN_FORMAT = 1
@@ -157,8 +157,6 @@ def _run_file_shard(shard: Shard, work_dir: str, opts: Options, eod_id: int | No
 def _run_text_shard(index: int, items: list, where_prefix: str, first: int, work_dir: str, opts: Options,
                     eod_id: int | None, dtype_name: str, report: Callable | None = None) -> int:
     """A shard of an in-memory stream (Hugging Face streaming or a Python iterable): rows -> Doc/Bad."""
-    from .sources import _validated
-
     def docs():
         for k, item in enumerate(items):
             where = f"{where_prefix}:row {first + k}"
@@ -167,7 +165,7 @@ def _run_text_shard(index: int, items: list, where_prefix: str, first: int, work
                     yield Bad("missing_text_column", where, f"keys: {', '.join(list(item)[:10])}")
                     continue
                 item = item[opts.text_column]
-            yield _validated(item, where, opts.max_doc_chars)
+            yield validated_text(item, where, opts.max_doc_chars)
 
     _process_documents(docs(), Path(work_dir) / f"shard-{index:06d}", opts, eod_id, np.dtype(dtype_name).type,
                        Progress(), report or _queue_report)
@@ -353,7 +351,6 @@ def preprocess(inputs: list[str] | None, output_prefix: str | os.PathLike, token
                     runner.submit(_run_text_shard, index, chunk, where_prefix, index * docs_per_shard,
                                   str(work_dir), opts, eod_id, np.dtype(dtype).name)
             runner.finish()
-            plan["shards"] = n_shards
     finally:
         runner.close()
 

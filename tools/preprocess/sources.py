@@ -19,7 +19,7 @@ import gzip
 import io
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -73,7 +73,6 @@ class Progress:
     """Input bytes consumed since the last report (updated by the readers)."""
 
     weight: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _kind_of(path: str) -> tuple[str, str | None] | None:
@@ -169,7 +168,7 @@ def plan_shards(files: list[str], shard_bytes: int) -> list[Shard]:
     return shards
 
 
-def _validated(value, where: str, max_chars: int) -> Doc | Bad:
+def validated_text(value, where: str, max_chars: int) -> Doc | Bad:
     """Turn a raw text value into a Doc, or the reason it is bad."""
     if value is None:
         return Bad("null_text", where)
@@ -191,10 +190,8 @@ def _validated(value, where: str, max_chars: int) -> Doc | Bad:
     return Doc(value, where, nbytes)
 
 
-def _line_number(path: str, offset: int, compression: str | None) -> int:
-    """1-based line number of the line starting at byte ``offset`` (only computed for error messages)."""
-    if compression is not None:
-        return -1
+def _line_number(path: str, offset: int) -> int:
+    """1-based line number of the line starting at byte ``offset`` of an uncompressed file (for messages)."""
     count = 1
     with open(path, "rb") as f:
         remaining = offset
@@ -215,6 +212,21 @@ def _open_decompressed(raw, compression: str):
     return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
 
 
+def _parse_line(line: bytes, text_column: str, max_chars: int) -> Doc | Bad:
+    """One JSON line -> Doc or Bad (``where`` left empty for the caller to fill)."""
+    try:
+        obj = json.loads(line)
+    except UnicodeDecodeError as e:
+        return Bad("invalid_utf8", "", str(e))
+    except ValueError as e:
+        return Bad("malformed_json", "", str(e))
+    if not isinstance(obj, dict):
+        return Bad("malformed_json", "", f"a JSON {type(obj).__name__}, not an object")
+    if text_column not in obj:
+        return Bad("missing_text_column", "", f"keys: {', '.join(list(obj)[:10])}")
+    return validated_text(obj[text_column], "", max_chars)
+
+
 def read_jsonl(shard: Shard, text_column: str, max_chars: int, progress: Progress) -> Iterator[Doc | Bad]:
     """Documents of a JSON-lines shard. Each line owned by the shard is one JSON object."""
     raw = open(shard.path, "rb")
@@ -229,7 +241,9 @@ def read_jsonl(shard: Shard, text_column: str, max_chars: int, progress: Progres
                 # A line belongs to the shard its first byte falls in: skip the tail of the previous shard's line.
                 if raw.read(1) != b"\n":
                     raw.readline()
-            line_no, offset, last_raw = None, raw.tell(), raw.tell()
+            # Line numbers are known from the start of the file only; other shards count them on error.
+            line_no = 0 if shard.start == 0 else None
+            offset = last_raw = raw.tell()
         while True:
             if not shard.compression and offset >= shard.end:
                 break
@@ -245,28 +259,10 @@ def read_jsonl(shard: Shard, text_column: str, max_chars: int, progress: Progres
             last_raw = here
             if not line.strip():
                 continue  # blank lines separate nothing in JSON lines; not a document
-            where_line = line_no if line_no is not None else None
-
-            def where() -> str:
-                n = where_line if where_line is not None else _line_number(shard.path, line_start, None)
-                return f"{shard.path}:line {n}"
-
-            try:
-                obj = json.loads(line)
-            except UnicodeDecodeError as e:
-                yield Bad("invalid_utf8", where(), str(e))
-                continue
-            except ValueError as e:
-                yield Bad("malformed_json", where(), str(e))
-                continue
-            if not isinstance(obj, dict):
-                yield Bad("malformed_json", where(), f"a JSON {type(obj).__name__}, not an object")
-                continue
-            if text_column not in obj:
-                yield Bad("missing_text_column", where(), f"keys: {', '.join(list(obj)[:10])}")
-                continue
-            result = _validated(obj[text_column], "", max_chars)
-            result.where = where() if isinstance(result, Bad) else ""
+            result = _parse_line(line, text_column, max_chars)
+            if isinstance(result, Bad):  # locate it; line numbers of byte-range shards are counted only now
+                n = line_no if line_no is not None else _line_number(shard.path, line_start)
+                result.where = f"{shard.path}:line {n}"
             yield result
     finally:
         raw.close()
@@ -300,7 +296,7 @@ def read_parquet(shard: Shard, text_column: str, max_chars: int, progress: Progr
                 if isinstance(value, UnicodeDecodeError):
                     yield Bad("invalid_utf8", where, str(value))
                 else:
-                    result = _validated(value, where, max_chars)
+                    result = validated_text(value, where, max_chars)
                     yield result
             progress.weight += int(per_row * (hi - lo))
         row0 += n
