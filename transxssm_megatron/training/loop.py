@@ -139,6 +139,13 @@ def _global_mean_loss(pair: Optional[torch.Tensor], world: parallel.World) -> fl
     return float(t[0] / t[1].clamp(min=1))
 
 
+def _any_rank(flag: bool, world: parallel.World) -> bool:
+    """True on every rank when `flag` is true on any rank (ranks' clocks and signals can disagree)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=world.device if world.on_gpu else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 # ---------------------------------------------------------------------------------------------- trainer
 def preflight(cfg: RunConfig) -> None:
     """Checks that need no process group: fail in seconds, not after the model is built."""
@@ -350,6 +357,7 @@ class Trainer:
         it = self._data_iterators(
             lambda: data_lib.train_batches(self.datasets.train, self.consumed_samples, cfg, w))
         stop_at = min(t.steps, t.exit_after_steps) if t.exit_after_steps else t.steps
+        deadline = time.monotonic() + 60 * t.time_limit_minutes if t.time_limit_minutes else None
         status = "finished"
         window: list[float] = []
         self.throughput.reset()
@@ -379,6 +387,10 @@ class Trainer:
                 if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < stop_at:
                     last_saved, last_saved_step = self.save_checkpoint("interval"), step
                     self.throughput.reset()
+                if deadline is not None and _any_rank(time.monotonic() > deadline, w):
+                    self.print(f"[train] train.time_limit_minutes={t.time_limit_minutes} reached at step {step}")
+                    status = "time_limit"
+                    break
                 if self.preemption is not None and self.preemption.should_stop():
                     self.print(f"[train] preemption signal received: saving at step {step} and exiting")
                     status = "preempted"

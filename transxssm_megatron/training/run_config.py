@@ -45,6 +45,7 @@ class TrainConfig:
     device: str = "auto"                 # auto | cuda | cpu
     deterministic: bool = False          # torch deterministic algorithms (bitwise-repeatable runs)
     exit_after_steps: Optional[int] = None  # stop (with a checkpoint) after reaching this step; for demos/tests
+    time_limit_minutes: Optional[float] = None  # stop (with a checkpoint) once training ran this long
 
 
 @dataclass

@@ -1,0 +1,225 @@
+"""GPU training benchmarks of the pretraining loop (run on the H200 machine through bench/train_gpu.sh).
+
+    python bench/train.py OUT_DIR [--data DIR] [--only 320m_1gpu,parallel,1.3b_1gpu]
+
+Scenarios (each a real `transxssm train` under torchrun, bf16, real data = the preprocessed embedded sample):
+  320m_1gpu   320m at l=4096 on 1 GPU, a few hundred steps: tokens/s, TFLOP/s, MFU, memory, loss curve
+  parallel    320m at l=4096 on 2 GPUs: TP=2 (steps 0-20, checkpoint) -> resume at PP=2 (20-40)
+              [-> resume at PP=2 x DP=2 on 4 GPUs (40-60)], distributed optimizer over NCCL; checks that the
+              loss continues across each change of layout
+  1.3b_1gpu   1.3b at l=4096 on 1 GPU: tokens/s, TFLOP/s, MFU, memory
+Each writes OUT_DIR/train_<scenario>.json (date, commit, GPU, versions, commands, results); all logs go to
+OUT_DIR/train_logs.txt. MFU uses the FLOP count of transxssm_megatron/training/metrics.py (docs/training.md)
+against 989 TFLOP/s dense bf16 per H200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SUBSETS = ("cosmopedia-v2", "fineweb-edu-dedup", "python-edu")
+
+
+def versions() -> dict:
+    import megatron.core
+    import torch
+
+    out = {"python": sys.version.split()[0], "torch": torch.__version__, "megatron_core": megatron.core.__version__,
+           "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(),
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+def commit() -> str:
+    env = os.environ.get("TRANSXSSM_COMMIT")
+    if env:
+        return env
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        path = REPO / ".device" / "COMMIT"
+        return path.read_text().strip() if path.is_file() else "unknown"
+
+
+class Runner:
+    def __init__(self, out: Path, data: Path, cpu_smoke: bool = False):
+        self.cpu_smoke = cpu_smoke
+        self.out = out
+        self.data = data
+        self.log = open(out / "train_logs.txt", "a")
+        self.work = Path(os.environ.get("BENCH_WORK", "/tmp/transxssm_bench"))
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True)
+
+    def prefixes(self) -> str:
+        return "[" + ", ".join(str(self.data / s) for s in SUBSETS) + "]"
+
+    def train(self, name: str, gpus: int, config: str, overrides: list[str], run_dir: Path,
+              timeout_s: float) -> dict:
+        """One `transxssm train` under torchrun; returns the command, exit code, wall time, metrics records."""
+        if self.cpu_smoke:  # same scenario at toy size on CPU/gloo: checks this script, not performance
+            config = "configs/tiny.yaml"
+            overrides = [o for o in overrides if not o.startswith(("train.seq_length", "model.max_seq_length"))]
+            overrides += ["train.seq_length=64", "train.device=cpu", "train.time_limit_minutes=0.5"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
+               "-m", "transxssm_megatron.cli", "train", "--config", config,
+               f"data.prefixes={self.prefixes()}", f"logging.run_dir={run_dir}", "logging.tensorboard=false",
+               *overrides]
+        self.log.write(f"\n===== {name}: {' '.join(cmd)}\n")
+        self.log.flush()
+        started = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, timeout=timeout_s)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        wall = time.monotonic() - started
+        records = []
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file():
+            records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        print(f"[bench] {name}: exit {rc} in {wall:.0f} s, {len(records)} metric records", flush=True)
+        return {"command": " ".join(cmd), "exit_code": rc, "wall_s": round(wall, 1), "records": records}
+
+
+def summarize(records: list[dict], skip_first: int = 1) -> dict:
+    """Steady-state throughput (median over logged intervals after the first) and the loss curve."""
+    train = [r for r in records if "loss" in r]
+    steady = train[skip_first:] or train
+    med = lambda key: statistics.median([r[key] for r in steady if key in r]) if any(key in r for r in steady) \
+        else None
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    return {
+        "steps": train[-1]["step"] if train else 0,
+        "tokens_per_s": med("tokens_per_s"), "tflops_per_gpu": med("tflops_per_device"), "mfu": med("mfu"),
+        "step_time_s": med("step_time_s"),
+        "mem_peak_gib": max((r.get("mem_peak_gib", 0) for r in train), default=None),
+        "loss_first": train[0]["loss"] if train else None, "loss_last": train[-1]["loss"] if train else None,
+        "loss_curve": [(r["step"], round(r["loss"], 4)) for r in train],
+        "val_loss": val, "skipped_total": train[-1].get("skipped_total", 0) if train else None,
+    }
+
+
+def write(out: Path, name: str, payload: dict) -> None:
+    payload = {"benchmark": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+               "commit": commit(), **versions(), **payload}
+    (out / f"train_{name}.json").write_text(json.dumps(payload, indent=1))
+
+
+L4096 = ["train.seq_length=4096", "model.max_seq_length=4096"]
+
+
+def bench_320m_1gpu(r: Runner, out: Path) -> None:
+    run_dir = r.work / "320m_1gpu"
+    overrides = [*L4096, "train.steps=300", "train.micro_batch_size=4", "train.global_batch_size=8",
+                 "train.eval_interval=100", "train.eval_iters=4", "logging.interval=10", "checkpoint.interval=0",
+                 "checkpoint.save_at_end=false", "checkpoint.resume=none", "train.time_limit_minutes=1.5"]
+    res = r.train("320m_1gpu", 1, "configs/320m.yaml", overrides, run_dir, timeout_s=200)
+    write(out, "320m_1gpu", {"scenario": "320m, l=4096, 1 GPU, bf16, global batch 8 x 4096 tokens, real data "
+                                         "(the embedded sample corpus, repeated)", "command": res["command"],
+                             "exit_code": res["exit_code"], "wall_s": res["wall_s"], **summarize(res["records"])})
+
+
+def bench_parallel(r: Runner, out: Path, gpus: int) -> None:
+    run_dir = r.work / "parallel"
+    base = [*L4096, "train.steps=60", "train.micro_batch_size=2", "train.global_batch_size=16",
+            "train.eval_interval=20", "train.eval_iters=2", "logging.interval=5", "checkpoint.interval=20",
+            "checkpoint.resume=auto", "parallel.use_distributed_optimizer=true"]
+    stages = [("tp2", 2, ["parallel.tp=2", "parallel.pp=1", "train.exit_after_steps=20"]),
+              ("pp2", 2, ["parallel.tp=1", "parallel.pp=2", "train.exit_after_steps=40"])]
+    if gpus >= 4:
+        stages.append(("pp2_dp2", 4, ["parallel.tp=1", "parallel.pp=2"]))
+    results = {}
+    for name, n, extra in stages:
+        res = r.train(f"parallel_{name}", n, "configs/320m.yaml", [*base, *extra], run_dir, timeout_s=200)
+        records = [rec for rec in res["records"] if rec.get("step", 0) > (results[list(results)[-1]]["steps"]
+                                                                           if results else 0)]
+        results[name] = {"gpus": n, "command": res["command"], "exit_code": res["exit_code"], "wall_s": res["wall_s"],
+                         **summarize(records)}
+        if res["exit_code"] != 0:
+            break
+    # Resume across a layout change: the first loss after each resume continues the previous stage's curve.
+    names = list(results)
+    continuity = []
+    for a, b in zip(names, names[1:]):
+        before, after = results[a]["loss_last"], results[b]["loss_first"]
+        if before is not None and after is not None:
+            continuity.append({"from": a, "to": b, "loss_before": before, "loss_after": after,
+                               "abs_diff": round(abs(after - before), 4)})
+    write(out, "parallel", {"scenario": "320m, l=4096, bf16, distributed optimizer over NCCL: TP=2 -> resume at "
+                                        "PP=2" + (" -> resume at PP=2 x DP=2" if gpus >= 4 else ""),
+                            "stages": results, "resume_continuity": continuity})
+
+
+def bench_1p3b_1gpu(r: Runner, out: Path) -> None:
+    run_dir = r.work / "1.3b_1gpu"
+    overrides = [*L4096, "train.steps=40", "train.micro_batch_size=2", "train.global_batch_size=8",
+                 "train.eval_interval=0", "train.eval_iters=0", "logging.interval=5", "checkpoint.interval=0",
+                 "checkpoint.save_at_end=false", "checkpoint.resume=none", "train.time_limit_minutes=1.0"]
+    res = r.train("1.3b_1gpu", 1, "configs/1.3b.yaml", overrides, run_dir, timeout_s=170)
+    write(out, "1.3b_1gpu", {"scenario": "1.3b, l=4096, 1 GPU, bf16, global batch 8 x 4096 tokens, real data",
+                             "command": res["command"], "exit_code": res["exit_code"], "wall_s": res["wall_s"],
+                             **summarize(res["records"])})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="folder for the JSON results and logs")
+    parser.add_argument("--data", type=Path, default=REPO / ".device" / "train_data",
+                        help="folder with the preprocessed sample: <subset>.bin/.idx (bench/train_gpu.sh --prepare)")
+    parser.add_argument("--only", default="320m_1gpu,parallel,1.3b_1gpu")
+    parser.add_argument("--cpu-smoke", action="store_true", help="run every scenario with tiny on CPU (gloo)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for subset in SUBSETS:
+        if not (args.data / f"{subset}.idx").is_file():
+            print(f"error: {args.data / subset}.bin/.idx missing; run `bash bench/train_gpu.sh --prepare` on the "
+                  f"machine with the assets and carry .device/", file=sys.stderr)
+            return 2
+    import torch
+
+    gpus = 2 if args.cpu_smoke else torch.cuda.device_count()
+    if gpus == 0:
+        print("error: no GPU visible", file=sys.stderr)
+        return 2
+    r = Runner(args.out, args.data.resolve(), cpu_smoke=args.cpu_smoke)
+    chosen = args.only.split(",")
+    started = time.monotonic()
+    if "320m_1gpu" in chosen:
+        bench_320m_1gpu(r, args.out)
+    if "parallel" in chosen:
+        if gpus >= 2:
+            bench_parallel(r, args.out, gpus)
+        else:
+            print("[bench] parallel: skipped (fewer than 2 GPUs)", flush=True)
+    if "1.3b_1gpu" in chosen:
+        bench_1p3b_1gpu(r, args.out)
+    print(f"[bench] all done in {time.monotonic() - started:.0f} s; results in {args.out}", flush=True)
+    for path in sorted(args.out.glob("train_*.json")):
+        data = json.loads(path.read_text())
+        keys = ("tokens_per_s", "tflops_per_gpu", "mfu", "mem_peak_gib", "loss_first", "loss_last", "exit_code")
+        print(path.name, {k: data.get(k) for k in keys if k in data} or
+              {k: {kk: v.get(kk) for kk in keys} for k, v in data.get("stages", {}).items()},
+              data.get("resume_continuity", ""), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
