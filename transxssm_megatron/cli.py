@@ -11,15 +11,18 @@ SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID) or as a single process.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 
 
 def _quiet_imports() -> None:
-    # megatron-core warns at import time about optional packages we do not use (TE, apex, absl).
-    for pattern in (".*Transformer Engine and Apex are not installed.*", ".*absl.logging is not installed.*",
-                    ".*Apex is not installed.*", ".*GPTModel IS DEPRECATED.*", ".*No CUDA runtime is found.*"):
-        warnings.filterwarnings("ignore", message=pattern)
+    """megatron-core warns about optional packages we do not use (TE, apex, absl) and its own deprecations;
+    none of it is actionable for a user of this CLI."""
+    for category in (UserWarning, DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"megatron\.")
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|absl).* not installed.*")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
 
 
 def _load_config(args):
