@@ -1,11 +1,6 @@
 """Shared pytest setup. The tests/ directory is put on sys.path by pytest (this conftest lives here), so test
 modules import the helpers directly: `from distributed import run_distributed`, `from megatron_cpu import ...`."""
 
-import os
-
-# Keep the shared 2-core CI machine responsive: one intra-op thread per process unless asked otherwise.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 _QUIET = [
     "ignore:.*Transformer Engine and Apex are not installed.*:UserWarning",
     "ignore:.*absl.logging is not installed.*:UserWarning",

@@ -47,12 +47,14 @@ def _rank_main(rank: int, world_size: int, port: int, tp: int, pp: int, vpp, see
     # The test directory is on the parent's sys.path via pytest; make `import megatron_cpu` work here too.
     if tests_dir not in sys.path:
         sys.path.insert(0, tests_dir)
+    # Share the cores between the ranks (2 ranks on 2 cores: one thread each) unless OMP_NUM_THREADS says.
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // world_size))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+                      WORLD_SIZE=str(world_size), OMP_NUM_THREADS=threads)
     try:
         import torch
 
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        torch.set_num_threads(int(threads))
         from megatron_cpu import install_cpu_shim
 
         install_cpu_shim()
