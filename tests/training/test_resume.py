@@ -82,13 +82,10 @@ def _complete_checkpoints(run_dir: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------- end to end
 def test_kill_9_and_resume_gives_the_same_losses(tmp_path):
     steps, interval = 8, 3
-    straight = tmp_path / "straight"
-    _run(_train_args(straight, steps, interval), tmp_path / "straight.log")
-    reference = _losses(straight)
-    assert sorted(reference) == list(range(1, steps + 1))
-
-    killed = tmp_path / "killed"
-    log = tmp_path / "killed.log"
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight_log, log = tmp_path / "straight.log", tmp_path / "killed.log"
+    # The uninterrupted reference and the run to be killed go side by side (one core each).
+    reference_run = _start(_train_args(straight, steps, interval), straight_log)
     proc = _start(_train_args(killed, steps, interval), log)
     # Kill after the step-3 checkpoint and two more steps: steps 4-5 are lost and must be redone identically.
     _wait_for(lambda: "iter_0000003" in _complete_checkpoints(killed) and max(_losses(killed), default=0) >= 5,
@@ -97,9 +94,17 @@ def test_kill_9_and_resume_gives_the_same_losses(tmp_path):
     proc.wait()
     assert max(_losses(killed)) < steps, "the run finished before it was killed; nothing was tested"
 
+    # What a kill during a save leaves behind; --resume auto must skip both and take iter_0000003 (or 6).
+    ckpt = killed / "checkpoints"
+    (ckpt / "iter_0000007.tmp").mkdir()
+    (ckpt / "iter_0000007.tmp" / "__0_0.distcp").write_bytes(b"half a shard")
+    (ckpt / "iter_0000008").mkdir()
     _run(_train_args(killed, steps, interval, "checkpoint.resume=auto"), log)
-    assert "resumed from" in log.read_text()
-    resumed = _losses(killed)
+    assert "resumed from" in log.read_text() and "iter_0000008" not in log.read_text().split("resumed from")[1][:80]
+    assert not (ckpt / "iter_0000007.tmp").exists()  # cleaned by the next save
+    assert reference_run.wait(timeout=300) == 0, straight_log.read_text()[-3000:]
+    reference, resumed = _losses(straight), _losses(killed)
+    assert sorted(reference) == list(range(1, steps + 1))
     assert resumed == reference, (f"per-step losses differ after kill + resume:\n"
                                   f"{ {s: (reference[s], resumed.get(s)) for s in reference} }")
 
