@@ -18,6 +18,7 @@ import os
 import queue as queue_mod
 import shutil
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -331,7 +332,7 @@ def preprocess(inputs: list[str] | None, output_prefix: str | os.PathLike, token
     _prepare_work_dir(work_dir, plan, restart)
     done = _done_shards(work_dir)
 
-    runner = _ShardRunner(workers, tok, progress)
+    runner = _ShardRunner(workers, tok, progress, streaming=shards is None)
     try:
         if shards is not None:
             pending = [s for s in shards if s.index not in done]
@@ -395,23 +396,34 @@ def _hf_stream(name: str, config: str | None, split: str):
     return datasets.load_dataset(name, config, split=split, streaming=True)
 
 
-class _ShardRunner:
-    """Runs shard jobs in this process (workers == 1) or in a spawn pool, feeding one progress bar."""
+def _start_method(streaming: bool) -> str:
+    """How to start workers. fork when reading files and no other Python thread runs: workers then start in
+    milliseconds with the tokenizer already loaded (numpy's BLAS and pyarrow, the native libraries loaded here, handle
+    fork). spawn for streams (`datasets` runs network threads) and where fork does not exist."""
+    if not streaming and threading.active_count() == 1 and "fork" in mp.get_all_start_methods():
+        return "fork"
+    return "spawn"
 
-    def __init__(self, workers: int, tok: TokenizerInfo, progress: bool):
-        self.workers, self.tok, self.progress = workers, tok, progress
+
+class _ShardRunner:
+    """Runs shard jobs in this process (workers == 1) or in a process pool, feeding one progress bar."""
+
+    def __init__(self, workers: int, tok: TokenizerInfo, progress: bool, streaming: bool):
+        self.workers, self.tok, self.progress, self.streaming = workers, tok, progress, streaming
         self.pool = self.queue = self.bar = None
         self.pending: list = []
 
     def start(self, total: int | None, done_weight: int) -> None:
-        self.bar = _Bar(total, self.progress, done_weight)
         if self.workers == 1:
             _init_worker(self.tok.json_text, self.tok.sha256, single_threaded=False, report_queue=None)
         else:
-            ctx = mp.get_context("spawn")
+            ctx = mp.get_context(_start_method(self.streaming))
             self.queue = ctx.Queue()
+            if ctx.get_start_method() == "fork":
+                load_tokenizer(self.tok.json_text, self.tok.sha256)  # children inherit it: no 2 MB JSON parse each
             self.pool = ctx.Pool(self.workers, initializer=_init_worker,
                                  initargs=(self.tok.json_text, self.tok.sha256, True, self.queue))
+        self.bar = _Bar(total, self.progress, done_weight)  # after the fork: tqdm starts a monitor thread
 
     def submit(self, fn: Callable, *args) -> None:
         if self.pool is None:
