@@ -114,6 +114,7 @@ def setup(cfg) -> World:
     )
     seed_everything(cfg.train.seed)
     if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable GEMMs
         torch.use_deterministic_algorithms(True, warn_only=True)
     return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
                  tp=p.tp, pp=p.pp, vpp=p.vpp, dp=dp)

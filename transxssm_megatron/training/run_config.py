@@ -266,6 +266,9 @@ class RunConfig:
                               f"e.g. '98,2,0'") from None
         if self.checkpoint.keep_last < 1:
             raise ConfigError("checkpoint.keep_last: must be >= 1")
+        if p.vpp is not None and (p.vpp < 2 or p.pp < 2):
+            raise ConfigError(f"parallel.vpp: {p.vpp}; virtual pipeline stages need parallel.pp >= 2 and vpp >= 2 "
+                              f"(or vpp: null)")
         if p.sequence_parallel and p.tp == 1:
             raise ConfigError("parallel.sequence_parallel: needs parallel.tp > 1")
         self.model.validate(tp=p.tp, pp=p.pp, vpp=p.vpp)
