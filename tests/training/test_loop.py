@@ -51,6 +51,7 @@ def _one_step(run_dir: Path, micro_batch_size: int):
         result = trainer.train_step(batches)
         return result["loss"], _flat_grads(trainer)
     finally:
+        trainer.close()
         parallel.teardown()
 
 
@@ -105,6 +106,7 @@ def test_nan_loss_or_grad_skips_the_step_and_stops_after_k_in_a_row(tmp_path):
         with pytest.raises(TrainingError, match="3 consecutive steps had a NaN/inf loss.*Lower optim.lr"):
             trainer.train_step(batches)
     finally:
+        trainer.close()
         parallel.teardown()
 
 
@@ -148,6 +150,7 @@ def _dp_rank_grads(run_dir: str):
     assert trainer.world.dp == 2 and trainer.num_microbatches == 1
     batches = data_lib.train_batches(trainer.datasets.train, 0, cfg, trainer.world)
     result = trainer.train_step(batches)
+    trainer.close()
     return result["loss"], _flat_grads(trainer)
 
 

@@ -27,6 +27,8 @@ from transxssm_megatron.training import data as data_lib
 from transxssm_megatron.training import metrics as metrics_lib
 from transxssm_megatron.training import optim as optim_lib
 from transxssm_megatron.training import parallel
+from transxssm_megatron.training.checkpointing import CheckpointManager
+from transxssm_megatron.training.preemption import PreemptionHandler
 from transxssm_megatron.training.run_config import RunConfig
 
 
@@ -163,6 +165,8 @@ def preflight(cfg: RunConfig) -> None:
             from None
     if not os.access(run_dir, os.W_OK):
         raise ConfigError(f"logging.run_dir: {run_dir} is not writable; choose a writable folder")
+    if cfg.train.precision == "bf16" and (cfg.train.device == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError("train.precision: bf16 training needs a GPU; use fp32 (or auto) on CPU")
 
 
 class Trainer:
@@ -182,8 +186,6 @@ class Trainer:
                           and parallel_state.get_data_parallel_rank() == 0)
         self._print = print_fn
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and w.on_gpu)
-        if self.bf16 and not w.on_gpu:
-            raise ConfigError("train.precision: bf16 training needs a GPU here; use fp32 (or auto) on CPU")
         self.num_microbatches = cfg.num_microbatches(w.world_size)
 
         if w.is_main:
@@ -211,8 +213,8 @@ class Trainer:
         self.consecutive_skips = 0
         self.history: list[dict] = []     # (step, loss) per logged interval, for the summary
         self.val_history: list[dict] = []
-        self.checkpoints = self._make_checkpoint_manager()
-        self.preemption = self._make_preemption_handler()
+        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
+        self.preemption = PreemptionHandler()  # SIGTERM / SIGUSR1 -> checkpoint at the next step, exit cleanly
         self.resumed_from = self._maybe_resume()
 
         total_samples = cfg.train.steps * cfg.train.global_batch_size
@@ -233,24 +235,9 @@ class Trainer:
         if self.world.is_main:
             self._print(*args, flush=True) if self._print is print else self._print(*args)
 
-    def _make_checkpoint_manager(self):
-        try:
-            from transxssm_megatron.training.checkpointing import CheckpointManager
-        except ImportError:
-            self.print("[train] checkpointing module not available: running without checkpoints")
-            return None
-        return CheckpointManager(self.cfg.checkpoint_dir, keep_last=self.cfg.checkpoint.keep_last)
-
-    def _make_preemption_handler(self):
-        try:
-            from transxssm_megatron.training.preemption import PreemptionHandler
-        except ImportError:
-            return None
-        return PreemptionHandler()
-
     def _maybe_resume(self) -> Optional[Path]:
         resume = self.cfg.checkpoint.resume
-        if resume == "none" or self.checkpoints is None:
+        if resume == "none":
             return None
         if resume == "auto":
             path = self.checkpoints.latest()
@@ -277,9 +264,7 @@ class Trainer:
                 "world_size": self.world.world_size,
                 "history": self.history, "val_history": self.val_history}
 
-    def save_checkpoint(self, reason: str) -> Optional[Path]:
-        if self.checkpoints is None:
-            return None
+    def save_checkpoint(self, reason: str) -> Path:
         t0 = time.perf_counter()
         path = self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, self.train_state())
         self.print(f"[train] checkpoint ({reason}) at step {self.step} -> {path} "
@@ -391,7 +376,7 @@ class Trainer:
                     self.print(f"[train] train.time_limit_minutes={t.time_limit_minutes} reached at step {step}")
                     status = "time_limit"
                     break
-                if self.preemption is not None and self.preemption.should_stop():
+                if self.preemption.should_stop():
                     self.print(f"[train] preemption signal received: saving at step {step} and exiting")
                     status = "preempted"
                     break
@@ -404,10 +389,8 @@ class Trainer:
             status = "paused"  # exit_after_steps reached
         if (cfg.checkpoint.save_at_end or status != "finished") and last_saved_step != self.step:
             last_saved = self.save_checkpoint(status)
-        if status == "preempted" and self.preemption is not None:
+        if status == "preempted":
             self.preemption.mark_preempted(cfg.run_dir, self.step)
-        if self.metrics is not None:
-            self.metrics.close()
         return {"status": status, "step": self.step, "consumed_samples": self.consumed_samples,
                 "skipped_total": self.skipped_total, "history": self.history, "val_history": self.val_history,
                 "run_dir": str(cfg.run_dir), "checkpoint": str(last_saved) if last_saved else None,
@@ -415,10 +398,21 @@ class Trainer:
                 "num_params": self.num_params}
 
 
+    def close(self) -> None:
+        """Flush the metric sinks and give the signal handlers back (the process groups stay up)."""
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        self.preemption.uninstall()
+
+
 def train(cfg: RunConfig, print_fn=print) -> dict:
     """Build a Trainer, run it, tear the process groups down. Collective over all ranks."""
+    trainer = None
     try:
         trainer = Trainer(cfg, print_fn=print_fn)
         return trainer.run()
     finally:
+        if trainer is not None:
+            trainer.close()
         parallel.teardown()
