@@ -77,9 +77,10 @@ def timed(cmd: list[str], env: dict) -> tuple[float, float]:
     return seconds, cpu
 
 
-def version_of(python: str, module: str) -> str:
-    out = subprocess.run([python, "-c", f"import {module}; print({module}.__version__)"], capture_output=True,
-                         text=True)
+def version_of(python: str, distribution: str) -> str:
+    """Installed version of a distribution, as the given interpreter sees it."""
+    code = f"import importlib.metadata as m; print(m.version({distribution!r}))"
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True)
     return out.stdout.strip() or "n/a"
 
 
@@ -162,7 +163,7 @@ def main() -> int:
         "note": "shared CI machine: other jobs ran at the same time; runs alternate so both tools see the same load",
         "versions": {"python": platform.python_version(), "tokenizers": version_of(sys.executable, "tokenizers"),
                      "numpy": version_of(sys.executable, "numpy"), "pyarrow": version_of(sys.executable, "pyarrow"),
-                     "megatron_core (ours)": version_of(sys.executable, "megatron.core"),
+                     "megatron_core (ours)": version_of(sys.executable, "megatron-core"),
                      "transformers (baseline)": version_of(args.baseline_python, "transformers")},
         "input": corpus | {"path": "corpus.jsonl (sample corpus texts as JSON lines, repeated)"},
         "tokens": tokens, "workers": args.workers,
