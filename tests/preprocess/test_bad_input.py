@@ -80,7 +80,7 @@ def test_error_in_worker_process_names_the_exact_line(tmp_path, tokenizer_path):
     lines[350] = b"{not json}\n"
     src = tmp_path / "in.jsonl"
     src.write_bytes(b"".join(lines))
-    with pytest.raises(BadInputError, match=rf"in\.jsonl:line 351: the line is not valid JSON"):
+    with pytest.raises(BadInputError, match=r"in\.jsonl:line 351: the line is not valid JSON"):
         preprocess([str(src)], tmp_path / "out", str(tokenizer_path), workers=2, shard_mb=0.02, progress=False)
     assert not (tmp_path / "out.bin").exists() and not (tmp_path / "out.idx").exists()
 
@@ -106,3 +106,15 @@ def test_changed_inputs_do_not_resume_a_stale_partial_run(tmp_path, tokenizer_pa
         preprocess([str(src)], tmp_path / "out", str(tokenizer_path), progress=False)
     stats = preprocess([str(src)], tmp_path / "out", str(tokenizer_path), restart=True, progress=False)
     assert stats["documents"] == len(GOOD)
+
+
+def test_python_edu_hub_parquet_without_text_says_how_to_get_it(tmp_path, tokenizer_path):
+    """The hub's python-edu files hold blob ids only; the error points at the download recipe."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "python-edu.parquet"
+    pq.write_table(pa.table({"blob_id": ["a" * 40], "repo_name": ["x/y"], "path": ["m.py"], "length_bytes": [10],
+                             "score": [4.1], "int_score": [4]}), src)
+    with pytest.raises(InputError, match=r"python-edu parquet holds only blob ids.*docs/preprocess\.md"):
+        preprocess([str(src)], tmp_path / "out", str(tokenizer_path), progress=False)
