@@ -332,59 +332,42 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
-        cfg, w = self.cfg, self.world
-        t = cfg.train
+        """Train from the current step to `train.steps` (or exit_after_steps / time limit / preemption)."""
+        cfg, w, t = self.cfg, self.world, self.cfg.train
         self.print(f"[train] {cfg.model.architecture} {self.num_params / 1e6:.1f}M params | world {w.world_size} "
                    f"(tp {w.tp}, pp {w.pp}{f', vpp {w.vpp}' if w.vpp else ''}, dp {w.dp}) on {w.device.type} | "
                    f"{'bf16' if self.bf16 else 'fp32'} | global batch {t.global_batch_size} x {t.seq_length} tokens "
                    f"= {self.num_microbatches} micro-batches of {t.micro_batch_size} per DP rank | "
                    f"steps {self.step} -> {t.steps} | run dir {cfg.run_dir}")
-        it = self._data_iterators(
+        batches = self._data_iterators(
             lambda: data_lib.train_batches(self.datasets.train, self.consumed_samples, cfg, w))
         stop_at = min(t.steps, t.exit_after_steps) if t.exit_after_steps else t.steps
         deadline = time.monotonic() + 60 * t.time_limit_minutes if t.time_limit_minutes else None
-        status = "finished"
-        window: list[float] = []
+        status, last_saved, last_saved_step = "finished", None, None
+        window: list[float] = []  # losses since the last log line
         self.throughput.reset()
-        last_saved, last_saved_step = None, None
-        try:
-            while self.step < stop_at:
-                result = self.train_step(it)
-                self.throughput.step()
-                if not result["skipped"]:
-                    window.append(result["loss"])
-                step = self.step
-                if step % cfg.logging.interval == 0 or step == stop_at:
-                    record = {"step": step, "loss": float(np.mean(window)) if window else float("nan"),
-                              "lr": optim_lib.current_lr(self.optimizer), "grad_norm": result["grad_norm"],
-                              "consumed_samples": self.consumed_samples, "skipped_total": self.skipped_total,
-                              **self.throughput.read(), **metrics_lib.memory_stats(w.device)}
-                    window = []
-                    if self.is_logger:
-                        self.metrics.write(record)
-                    self.history.append({"step": step, "loss": record["loss"]})
-                if (t.eval_interval and step % t.eval_interval == 0) or step == t.steps:
-                    val = self.evaluate()
-                    if self.is_logger and math.isfinite(val):
-                        self.metrics.write({"step": step, "val_loss": val})
-                    self.val_history.append({"step": step, "val_loss": val})
-                    self.throughput.reset()
-                if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < stop_at:
-                    last_saved, last_saved_step = self.save_checkpoint("interval"), step
-                    self.throughput.reset()
-                if deadline is not None and _any_rank(time.monotonic() > deadline, w):
-                    self.print(f"[train] train.time_limit_minutes={t.time_limit_minutes} reached at step {step}")
-                    status = "time_limit"
-                    break
-                if self.preemption.should_stop():
-                    self.print(f"[train] preemption signal received: saving at step {step} and exiting")
-                    status = "preempted"
-                    break
-        except torch.cuda.OutOfMemoryError:
-            raise TrainingError(
-                f"GPU out of memory at micro_batch_size={t.micro_batch_size}, seq_length={t.seq_length}, "
-                f"tp={w.tp}, pp={w.pp}. Lower train.micro_batch_size (the global batch stays the same: more "
-                f"gradient accumulation) or raise parallel.tp / parallel.pp") from None
+        while self.step < stop_at:
+            result = self.train_step(batches)
+            self.throughput.step()
+            if not result["skipped"]:
+                window.append(result["loss"])
+            step = self.step
+            if step % cfg.logging.interval == 0 or step == stop_at:
+                self._log(step, window, result["grad_norm"])
+                window = []
+            if (t.eval_interval and step % t.eval_interval == 0) or step == t.steps:
+                self._validate(step)
+            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < stop_at:
+                last_saved, last_saved_step = self.save_checkpoint("interval"), step
+                self.throughput.reset()  # keep checkpoint time out of tokens/s
+            if deadline is not None and _any_rank(time.monotonic() > deadline, w):
+                self.print(f"[train] train.time_limit_minutes={t.time_limit_minutes} reached at step {step}")
+                status = "time_limit"
+                break
+            if self.preemption.should_stop():
+                self.print(f"[train] preemption signal received: saving at step {step} and exiting")
+                status = "preempted"
+                break
         if status == "finished" and self.step < t.steps:
             status = "paused"  # exit_after_steps reached
         if (cfg.checkpoint.save_at_end or status != "finished") and last_saved_step != self.step:
@@ -397,6 +380,21 @@ class Trainer:
                 "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                 "num_params": self.num_params}
 
+    def _log(self, step: int, losses: list[float], grad_norm: float) -> None:
+        record = {"step": step, "loss": float(np.mean(losses)) if losses else float("nan"),
+                  "lr": optim_lib.current_lr(self.optimizer), "grad_norm": grad_norm,
+                  "consumed_samples": self.consumed_samples, "skipped_total": self.skipped_total,
+                  **self.throughput.read(), **metrics_lib.memory_stats(self.world.device)}
+        if self.is_logger:
+            self.metrics.write(record)
+        self.history.append({"step": step, "loss": record["loss"]})
+
+    def _validate(self, step: int) -> None:
+        val = self.evaluate()
+        if self.is_logger and math.isfinite(val):
+            self.metrics.write({"step": step, "val_loss": val})
+        self.val_history.append({"step": step, "val_loss": val})
+        self.throughput.reset()  # keep validation time out of tokens/s
 
     def close(self) -> None:
         """Flush the metric sinks and give the signal handlers back (the process groups stay up)."""
@@ -412,6 +410,13 @@ def train(cfg: RunConfig, print_fn=print) -> dict:
     try:
         trainer = Trainer(cfg, print_fn=print_fn)
         return trainer.run()
+    except torch.cuda.OutOfMemoryError:
+        t, p = cfg.train, cfg.parallel
+        raise TrainingError(
+            f"GPU out of memory with micro_batch_size={t.micro_batch_size}, seq_length={t.seq_length}, "
+            f"tp={p.tp}, pp={p.pp}. Lower train.micro_batch_size (the global batch stays the same: more gradient "
+            f"accumulation), or raise parallel.tp / parallel.pp, or use parallel.use_distributed_optimizer=true "
+            f"with more data-parallel ranks") from None
     finally:
         if trainer is not None:
             trainer.close()
