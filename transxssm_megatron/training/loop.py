@@ -290,9 +290,13 @@ class Trainer:
         bad = not math.isfinite(loss)
         grad_norm = float("nan")
         if not bad:
+            # Megatron's step() would clip NaN gradients and apply them; check the global norm first.
             found_inf = self.optimizer.prepare_grads()
             grad_norm = float(self.optimizer.get_grad_norm())
             bad = found_inf or not math.isfinite(grad_norm)
+        if not bad:
+            updated, _, _ = self.optimizer.step()  # clip to optim.clip_grad with the same norm, then AdamW
+            bad = not updated
         if bad:
             self.skipped_total += 1
             self.consecutive_skips += 1
@@ -304,11 +308,8 @@ class Trainer:
                     f"{self.step + 1}); training diverged. Lower optim.lr (now {self.cfg.optim.lr}), check the data, "
                     f"or resume from an earlier checkpoint in {self.cfg.checkpoint_dir}")
         else:
-            ok, grad_norm, _ = self.optimizer.step()
-            if ok:
-                self.scheduler.step(increment=1)
-                self.consecutive_skips = 0
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            self.scheduler.step(increment=1)  # the schedule advances with successful updates only
+            self.consecutive_skips = 0
         self.step += 1
         self.consumed_samples += t.global_batch_size
         return {"loss": loss, "grad_norm": grad_norm, "skipped": bad}
