@@ -143,9 +143,9 @@ def bench_parallel(r: Runner, out: Path, gpus: int) -> None:
             "train.eval_interval=20", "train.eval_iters=2", "logging.interval=5", "checkpoint.interval=20",
             "checkpoint.resume=auto", "parallel.use_distributed_optimizer=true"]
     stages = [("tp2", 2, ["parallel.tp=2", "parallel.pp=1", "train.exit_after_steps=20"]),
-              ("pp2", 2, ["parallel.tp=1", "parallel.pp=2", "train.exit_after_steps=40"])]
+              ("pp2_vpp2", 2, ["parallel.tp=1", "parallel.pp=2", "parallel.vpp=2", "train.exit_after_steps=40"])]
     if gpus >= 4:
-        stages.append(("pp2_dp2", 4, ["parallel.tp=1", "parallel.pp=2"]))
+        stages.append(("pp2_dp2", 4, ["parallel.tp=1", "parallel.pp=2", "parallel.vpp=null"]))
     results = {}
     for name, n, extra in stages:
         res = r.train(f"parallel_{name}", n, "configs/320m.yaml", [*base, *extra], run_dir, timeout_s=200)
@@ -164,7 +164,7 @@ def bench_parallel(r: Runner, out: Path, gpus: int) -> None:
             continuity.append({"from": a, "to": b, "loss_before": before, "loss_after": after,
                                "abs_diff": round(abs(after - before), 4)})
     write(out, "parallel", {"scenario": "320m, l=4096, bf16, distributed optimizer over NCCL: TP=2 -> resume at "
-                                        "PP=2" + (" -> resume at PP=2 x DP=2" if gpus >= 4 else ""),
+                                        "PP=2 x VPP=2 (interleaved)" + (" -> resume at PP=2 x DP=2" if gpus >= 4 else ""),
                             "stages": results, "resume_continuity": continuity})
 
 
