@@ -77,7 +77,7 @@ class Runner:
         if self.cpu_smoke:  # same scenario at toy size on CPU/gloo: checks this script, not performance
             config = "configs/tiny.yaml"
             overrides = [o for o in overrides if not o.startswith(("train.seq_length", "model.max_seq_length"))]
-            overrides += ["train.seq_length=64", "train.device=cpu", "train.time_limit_minutes=0.5"]
+            overrides += ["train.seq_length=64", "train.device=cpu", "train.time_limit_minutes=1.5"]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
                "-m", "transxssm_megatron.cli", "train", "--config", config,
                f"data.prefixes={self.prefixes()}", f"logging.run_dir={run_dir}", "logging.tensorboard=false",
@@ -140,29 +140,35 @@ def bench_320m_1gpu(r: Runner, out: Path) -> None:
 def bench_parallel(r: Runner, out: Path, gpus: int) -> None:
     run_dir = r.work / "parallel"
     base = [*L4096, "train.steps=60", "train.micro_batch_size=2", "train.global_batch_size=16",
-            "train.eval_interval=20", "train.eval_iters=2", "logging.interval=5", "checkpoint.interval=20",
+            "train.eval_interval=20", "train.eval_iters=2", "train.eval_at_start=true", "logging.interval=5",
+            "checkpoint.interval=20",
             "checkpoint.resume=auto", "parallel.use_distributed_optimizer=true"]
     stages = [("tp2", 2, ["parallel.tp=2", "parallel.pp=1", "train.exit_after_steps=20"]),
               ("pp2_vpp2", 2, ["parallel.tp=1", "parallel.pp=2", "parallel.vpp=2", "train.exit_after_steps=40"])]
     if gpus >= 4:
         stages.append(("pp2_dp2", 4, ["parallel.tp=1", "parallel.pp=2", "parallel.vpp=null"]))
-    results = {}
+    results, seen = {}, 0
     for name, n, extra in stages:
         res = r.train(f"parallel_{name}", n, "configs/320m.yaml", [*base, *extra], run_dir, timeout_s=200)
-        records = [rec for rec in res["records"] if rec.get("step", 0) > (results[list(results)[-1]]["steps"]
-                                                                           if results else 0)]
+        start = results[list(results)[-1]]["steps"] if results else 0
+        records = res["records"][seen:]  # metrics.jsonl is shared by the stages: this stage's lines only
+        seen = len(res["records"])
+        at_start = next(((r["step"], r["val_loss"]) for r in records if "val_loss" in r and r["step"] == start), None)
         results[name] = {"gpus": n, "command": res["command"], "exit_code": res["exit_code"], "wall_s": res["wall_s"],
-                         **summarize(records)}
+                         **summarize([r for r in records if r["step"] > start]), "val_loss_at_start": at_start}
         if res["exit_code"] != 0:
             break
-    # Resume across a layout change: the first loss after each resume continues the previous stage's curve.
+    # Resume across a layout change: each stage validates at its last step, the next one validates the
+    # loaded weights before its first step; the two validation losses must agree (bf16 reduction order aside).
     names = list(results)
     continuity = []
     for a, b in zip(names, names[1:]):
-        before, after = results[a]["loss_last"], results[b]["loss_first"]
-        if before is not None and after is not None:
-            continuity.append({"from": a, "to": b, "loss_before": before, "loss_after": after,
-                               "abs_diff": round(abs(after - before), 4)})
+        if not results[a]["val_loss"] or not results[b]["val_loss_at_start"]:
+            continue
+        (step_a, before), (step_b, after) = results[a]["val_loss"][-1], results[b]["val_loss_at_start"]
+        continuity.append({"from": a, "to": b, "step": step_b, "val_loss_saved_run": before,
+                           "val_loss_after_resume": after, "abs_diff": round(abs(after - before), 5),
+                           "same_step": step_a == step_b})
     write(out, "parallel", {"scenario": "320m, l=4096, bf16, distributed optimizer over NCCL: TP=2 -> resume at "
                                         "PP=2 x VPP=2 (interleaved)" + (" -> resume at PP=2 x DP=2" if gpus >= 4 else ""),
                             "stages": results, "resume_continuity": continuity})

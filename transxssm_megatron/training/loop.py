@@ -346,6 +346,8 @@ class Trainer:
         deadline = time.monotonic() + 60 * t.time_limit_minutes if t.time_limit_minutes else None
         status, last_saved, last_saved_step = "finished", None, None
         window: list[float] = []  # losses since the last log line
+        if t.eval_at_start:
+            self._validate(self.step)
         self.throughput.reset()
         while self.step < stop_at:
             result = self.train_step(batches)

@@ -42,6 +42,7 @@ class TrainConfig:
     max_consecutive_skips: int = 10      # stop after this many NaN/inf steps in a row
     eval_interval: int = 500             # validation every N steps (0: only at the end)
     eval_iters: int = 10                 # validation micro-batches per DP rank
+    eval_at_start: bool = False          # also validate before the first step (after a resume: checks the load)
     device: str = "auto"                 # auto | cuda | cpu
     deterministic: bool = False          # torch deterministic algorithms (bitwise-repeatable runs)
     exit_after_steps: Optional[int] = None  # stop (with a checkpoint) after reaching this step; for demos/tests
