@@ -52,6 +52,24 @@ def check_prefixes(prefixes: list[str]) -> None:
                     f"`transxssm-preprocess run --output-prefix PREFIX`, or use data.mode=mock")
 
 
+def _blend(prefixes: list, weights: Optional[list]) -> tuple[list[str], Optional[list[float]]]:
+    """megatron's blend tuple; no weights means weights proportional to each prefix's token count.
+
+    (megatron's own `None` builds a single epoch weighted by split sizes, so a prefix whose validation split
+    holds no full sequence gets weight 0 and fails deep inside BlendedDataset; token weights avoid that.)"""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    prefixes = [str(p) for p in prefixes]
+    if weights is None and len(prefixes) > 1:
+        weights = [_token_count(IndexedDataset(p)) for p in prefixes]
+    return prefixes, weights
+
+
+def _token_count(dataset) -> float:
+    # Sum while `dataset` is alive: sequence_lengths is a view into its mmap, closed when it is collected.
+    return float(dataset.sequence_lengths.sum())
+
+
 def build_datasets(cfg, world, num_train_samples: int, num_valid_samples: int) -> Datasets:
     """GPTDataset (or MockGPTDataset) splits through BlendedMegatronDatasetBuilder. Collective over all ranks."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -62,7 +80,7 @@ def build_datasets(cfg, world, num_train_samples: int, num_valid_samples: int) -
     if not mock:
         check_prefixes(d.prefixes)
     cache = d.cache_dir or str(cfg.run_dir / "data_cache")
-    blend = None if mock else ([str(p) for p in d.prefixes], d.weights)
+    blend = None if mock else _blend(d.prefixes, d.weights)
     ds_config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.train.seq_length,
