@@ -1,0 +1,56 @@
+"""Blended GPTDataset construction from preprocessed prefixes (no process group needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from transxssm_megatron.training import data as data_lib
+from transxssm_megatron.training.run_config import RunConfig
+
+REPO = Path(__file__).resolve().parents[2]
+ASSETS = REPO / ".assets"
+SUBSETS = ("cosmopedia-v2", "python-edu")
+
+
+@pytest.fixture(scope="module")
+def prefixes(tmp_path_factory):
+    from transxssm_preprocess import preprocess
+
+    out = tmp_path_factory.mktemp("blend")
+    result = []
+    for subset in SUBSETS:
+        prefix = out / subset
+        preprocess([str(ASSETS / "sample" / subset)], prefix, str(ASSETS / "tokenizer" / "gpt-neox-20b.json"),
+                   progress=False)
+        result.append(prefix)
+    return result
+
+
+def _config(run_dir: Path, prefixes, seq_length: int) -> RunConfig:
+    return RunConfig.from_dict({
+        "model": {"preset": "tiny", "max_seq_length": seq_length},
+        "train": {"steps": 4, "seq_length": seq_length, "micro_batch_size": 1, "global_batch_size": 1},
+        "data": {"prefixes": [str(p) for p in prefixes], "split": "98,2,0"},
+        "logging": {"run_dir": str(run_dir), "tensorboard": False},
+    })
+
+
+def test_unweighted_blend_weights_prefixes_by_token_count(prefixes):
+    names, weights = data_lib._blend(prefixes, None)
+    tokens = [json.loads(Path(f"{p}.stats.json").read_text())["tokens"] for p in prefixes]
+    assert names == [str(p) for p in prefixes]
+    assert weights == [float(t) for t in tokens]
+    assert data_lib._blend(prefixes, [0.3, 0.7])[1] == [0.3, 0.7]
+
+
+def test_long_sequences_build_even_when_a_valid_split_holds_less_than_one_sequence(prefixes, tmp_path):
+    # At l=4096 the 2% validation split of a small prefix is shorter than one sequence: megatron's
+    # size-weighted blend would give it weight 0 and assert inside BlendedDataset (seen on the GPU machine).
+    cfg = _config(tmp_path, prefixes, seq_length=4096)
+    sets = data_lib.build_datasets(cfg, None, num_train_samples=8, num_valid_samples=2)
+    assert len(sets.train) >= 8 and len(sets.valid) >= 2
+    sample = sets.valid[0]
+    assert sample["tokens"].shape == (4096,) and int(sample["tokens"].max()) < 50_304
