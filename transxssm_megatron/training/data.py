@@ -109,29 +109,19 @@ def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _rank_slice(start: int, cfg, world) -> range:
-    m = cfg.train.micro_batch_size
-    dp_rank = _dp_rank()
-    first = start + dp_rank * m
-    return range(first, first + m)
+def train_batches(dataset, consumed_samples: int, cfg, world) -> Iterator[dict[str, torch.Tensor]]:
+    """Micro-batches for this DP rank from global sample `consumed_samples` on, forever (wraps the dataset).
 
-
-def _dp_rank() -> int:
+    Each group of m * DP consecutive global samples is one micro-batch of every DP rank; rank r takes its
+    r-th block of m."""
     from megatron.core import parallel_state
 
-    return parallel_state.get_data_parallel_rank()
-
-
-def train_batches(dataset, consumed_samples: int, cfg, world) -> Iterator[dict[str, torch.Tensor]]:
-    """Micro-batches for this DP rank from global sample `consumed_samples` on, forever (wraps the dataset)."""
     m = cfg.train.micro_batch_size
-    per_microbatch = m * world.dp
+    first = consumed_samples + parallel_state.get_data_parallel_rank() * m
     n = len(dataset)
-    position = consumed_samples
     while True:
-        idx = _rank_slice(position, cfg, world)
-        yield _collate([dataset[i % n] for i in idx])
-        position += per_microbatch
+        yield _collate([dataset[i % n] for i in range(first, first + m)])
+        first += m * world.dp
 
 
 def valid_batches(dataset, cfg, world) -> Iterator[dict[str, torch.Tensor]]:
