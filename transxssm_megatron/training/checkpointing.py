@@ -167,9 +167,11 @@ def _optimizer_dicts(tree: Any):
 def _optimizer_sharded_state_dict(optimizer, model_state: dict, is_loading: bool) -> dict:
     from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
 
-    # The distributed optimizer (GPU) can write several formats; this one stores each parameter's state under
-    # the parameter's global key, which is the format that reloads at any TP/PP/DP.
-    metadata = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+    # The distributed optimizer (GPU) can write several formats; `fully_reshardable` gathers each parameter's
+    # state into model space under the parameter's global key, so it reloads at any TP/PP/DP. (megatron-core
+    # 0.19.2's default, `fully_sharded_model_space`, builds flattened-range shards that its own
+    # dist_checkpointing then rejects: "ShardedTensor.flattened_range is not supported", seen on an H200.)
+    metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
     state = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
     # param_groups hold rank-local parameter ids: keep them out of the checkpoint (see the module docstring).
     # A LocalNonpersistentObject is dropped on save and, on load, stands for "use the current value".
