@@ -102,20 +102,28 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def run_shape(H, N, l, mamba, quick, P=64):
+def layer_inputs(H, N, l, P=64, seed=None, device="cuda"):
+    """Random bf16 inputs of one SS layer (G = H) at 32K tokens, the output gradient and fp32 RoPE tables over N.
+
+    Returns x, dt, A, B, C (leaves needing grad), dy, cos, sin."""
     b = TOKENS // l
-    G = H
-    g = torch.Generator(device="cuda").manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g, device="cuda")
+    g = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    r = lambda *s: torch.randn(*s, generator=g, device=device)
     x = r(b, l, H, P).to(DT).requires_grad_()
     dt = (r(b, l, H) * 0.5 - 2.0).to(DT).requires_grad_()
     A = (-torch.exp(r(H) * 0.5 + 0.5)).requires_grad_()
-    B = (r(b, l, G, N) / N**0.25).to(DT).requires_grad_()
-    C = (r(b, l, G, N) / N**0.25).to(DT).requires_grad_()
-    inv = 10000.0 ** (-torch.arange(N // 2, device="cuda", dtype=torch.float32) * 2 / N)
-    ang = torch.arange(l, device="cuda", dtype=torch.float32)[:, None] * inv
-    cos, sin = ang.cos(), ang.sin()
+    B = (r(b, l, H, N) / N**0.25).to(DT).requires_grad_()
+    C = (r(b, l, H, N) / N**0.25).to(DT).requires_grad_()
     dy = r(b, l, H, P).to(DT)
+    inv = 10000.0 ** (-torch.arange(N // 2, device=device, dtype=torch.float32) * 2 / N)
+    ang = torch.arange(l, device=device, dtype=torch.float32)[:, None] * inv
+    return x, dt, A, B, C, dy, ang.cos(), ang.sin()
+
+
+def run_shape(H, N, l, mamba, quick, P=64):
+    b = TOKENS // l
+    G = H
+    x, dt, A, B, C, dy, cos, sin = layer_inputs(H, N, l, P, seed=0)
     leaves = [x, dt, A, B, C]
 
     methods = {"fused": lambda: rope_ssd(x, dt, A, B, C, chunk_size=256, dt_softplus=True, rope_cos=cos,
@@ -150,6 +158,8 @@ def run_shape(H, N, l, mamba, quick, P=64):
         fb = bench(lambda: f().backward(dy), leaves)
         out["ms"][name] = {"fwd": fwd, "fwdbwd": fb}
     # attention with the same heads: q, k, v (b, H, l, 64)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda")
     q, k, v = (r(b, H, l, 64).to(DT).requires_grad_() for _ in range(3))
     dya = r(b, H, l, 64).to(DT)
     att = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -161,28 +171,25 @@ def run_shape(H, N, l, mamba, quick, P=64):
 def select_variant(H=32, N=128, l=4096, P=64):
     """Time a few tile configurations of the fused kernel on the 1.3B layer; keep the fastest fwd+bwd for the run."""
     from transxssm_kernels.rope_ssd import chunk
-    b = TOKENS // l
-    r = lambda *s: torch.randn(*s, device="cuda")
-    x, dy = r(b, l, H, P).to(DT).requires_grad_(), r(b, l, H, P).to(DT)
-    dt = (r(b, l, H) * 0.5 - 2.0).to(DT).requires_grad_()
-    A = (-torch.exp(r(H) * 0.5 + 0.5)).requires_grad_()
-    B, C = ((r(b, l, H, N) / N**0.25).to(DT).requires_grad_() for _ in range(2))
-    ang = torch.arange(l, device="cuda")[:, None] * 10000.0 ** (-torch.arange(N // 2, device="cuda") * 2 / N)
-    cos, sin = ang.cos(), ang.sin()
+    x, dt, A, B, C, dy, cos, sin = layer_inputs(H, N, l, P)
     tiles = (chunk._OPT_OUT, chunk._OPT_DC, chunk._OPT_DXDB)
     base = [dict(o) for o in tiles]
     variants = {   # name: (rows, inner, warps of output/dc/dxdb or None for the defaults, dA prefix by dot)
         "rows64-inner64-default": (64, 64, None, False), "rows64-inner64-prefixdot": (64, 64, None, True),
         "rows64-inner32-default": (64, 32, None, False), "rows64-inner32-w8": (64, 32, 8, False),
         "rows128-inner32-w8": (128, 32, 8, False), "rows64-inner64-w8": (64, 64, 8, False)}
-    out = {}
-    for name, (rows, inner, warps, prefix_dot) in variants.items():
+
+    def use(rows, inner, warps, prefix_dot):
         chunk.BLOCK_ROWS, chunk.BLOCK_INNER, chunk.DA_PREFIX_BY_DOT = rows, inner, prefix_dot
         for o, o0 in zip(tiles, base):
             o.clear()
             o.update(o0)
             if warps:
                 o["num_warps"] = warps
+
+    out = {}
+    for name, variant in variants.items():
+        use(*variant)
         f = lambda: rope_ssd(x, dt, A, B, C, chunk_size=256, dt_softplus=True, rope_cos=cos, rope_sin=sin)
         try:
             out[name] = {"fwd": bench(f, None), "fwdbwd": bench(lambda: f().backward(dy), [x, dt, A, B, C])}
@@ -190,27 +197,14 @@ def select_variant(H=32, N=128, l=4096, P=64):
             out[name] = {"error": repr(e)[:200]}
         print("variant", name, out[name], flush=True)
     best = min((k for k in out if "fwdbwd" in out[k]), key=lambda k: out[k]["fwdbwd"])
-    rows, inner, warps, prefix_dot = variants[best]
-    chunk.BLOCK_ROWS, chunk.BLOCK_INNER, chunk.DA_PREFIX_BY_DOT = rows, inner, prefix_dot
-    for o, o0 in zip(tiles, base):
-        o.clear()
-        o.update(o0)
-        if warps:
-            o["num_warps"] = warps
+    use(*variants[best])
     return {"timings": out, "chosen": best}
 
 
 def time_variants(H=32, N=128, l=4096, P=64):
     """ms of fused fwd / fwd+bwd for tile layouts, table precision and chunk size; prints the tuned configs."""
     from transxssm_kernels.rope_ssd import chunk
-    b = TOKENS // l
-    r = lambda *s: torch.randn(*s, device="cuda")
-    x, dy = r(b, l, H, P).to(DT).requires_grad_(), r(b, l, H, P).to(DT)
-    dt = (r(b, l, H) * 0.5 - 2.0).to(DT).requires_grad_()
-    A = (-torch.exp(r(H) * 0.5 + 0.5)).requires_grad_()
-    B, C = ((r(b, l, H, N) / N**0.25).to(DT).requires_grad_() for _ in range(2))
-    ang = torch.arange(l, device="cuda")[:, None] * 10000.0 ** (-torch.arange(N // 2, device="cuda") * 2 / N)
-    cos, sin = ang.cos(), ang.sin()
+    x, dt, A, B, C, dy, cos, sin = layer_inputs(H, N, l, P)
     out = {}
     for rows, tables_low, Q in [(64, False, 256), (128, False, 256), (128, True, 256), (64, True, 256),
                                 (64, False, 128), (128, True, 128)]:
@@ -228,14 +222,7 @@ def time_variants(H=32, N=128, l=4096, P=64):
 
 def profile_fused(H=32, N=128, l=4096, P=64, steps_only=False):
     """Print the CUDA time of each kernel of one fused forward+backward (torch.profiler), after warm-up."""
-    b = TOKENS // l
-    r = lambda *s: torch.randn(*s, device="cuda")
-    x, dy = r(b, l, H, P).to(DT).requires_grad_(), r(b, l, H, P).to(DT)
-    dt = (r(b, l, H) * 0.5 - 2.0).to(DT).requires_grad_()
-    A = (-torch.exp(r(H) * 0.5 + 0.5)).requires_grad_()
-    B, C = ((r(b, l, H, N) / N**0.25).to(DT).requires_grad_() for _ in range(2))
-    ang = torch.arange(l, device="cuda")[:, None] * 10000.0 ** (-torch.arange(N // 2, device="cuda") * 2 / N)
-    cos, sin = ang.cos(), ang.sin()
+    x, dt, A, B, C, dy, cos, sin = layer_inputs(H, N, l, P)
     def step():
         x.grad = dt.grad = A.grad = B.grad = C.grad = None   # no gradient-accumulation kernels in the profile
         rope_ssd(x, dt, A, B, C, dt_softplus=True, rope_cos=cos, rope_sin=sin).backward(dy)
