@@ -15,6 +15,8 @@ import torch
 
 from transxssm_kernels.rope_ssd import ssd_naive
 
+from test_reference import docs, rope_tables  # noqa: E402  (same folder, pytest rootdir import)
+
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="CPU interpreter tests; with CUDA see tests/gpu/test_rope_ssd_gpu.py")
 
@@ -36,9 +38,8 @@ def rope_ssd():
 
 
 def tables(positions, N):
-    inv_freq = 10000.0 ** (-torch.arange(N // 2, dtype=F64) * 2 / N)
-    ang = positions.to(F64)[..., None] * inv_freq
-    return ang.cos().float(), ang.sin().float()
+    """fp32 RoPE tables (the model computes them in fp32)."""
+    return tuple(t.float() for t in rope_tables(positions, N))
 
 
 def make_case(b, l, H, P, G, N, *, dtype, seed, rope="shared", options=False, seq_idx=None, init=False):
@@ -85,14 +86,6 @@ def check(rope_ssd, tensors, kw, *, dtype, chunk_size):
     print({k: f"{e:.1e}" for k, e in errs.items()})
     bad = {k: e for k, e in errs.items() if not e < TOL[dtype]}
     assert not bad, f"relative errors over {TOL[dtype]:g}: {bad} (all: {errs})"
-
-
-def docs(b, l, starts):
-    seq = torch.zeros(b, l, dtype=torch.int32)
-    for i, ss in enumerate(starts):
-        for s in ss:
-            seq[i, s:] += 1
-    return seq
 
 
 # (b, l, H, P, G, N, chunk): l never a multiple of the chunk, so the masked tail is always exercised
