@@ -5,13 +5,15 @@ a_j = delta_j A (cs is its within-chunk cumulative sum).
   1. state_scan_bwd_kernel: reverse walk, dH_c = sum_t exp(cs_t) g_t C~_t^T + decay_c dH_{c+1}; stores the gradient
      of the state leaving each chunk and K_c = decay_c <dH_{c+1}, H_c>.
   2. dc_kernel   (t rows):  dC~_t = exp(cs_t) g_t H_c + sum_s L_ts (g_t.u_s) B~_s ;  g_t.y_off_t ;
-                            and the intra-chunk part of d a_j = sum_{t >= j > s} W_ts, W_ts = L_ts (g_t.u_s)(C~_t.B~_s)
+                            and the row sums R_t = sum_s W_ts,  W_ts = L_ts (g_t.u_s)(C~_t.B~_s)
   3. dxdb_kernel (s rows):  du_s = w_s dH_{c+1} B~_s + sum_t L_ts (C~_t.B~_s) g_t ;
                             dB~_s = w_s dH_{c+1}^T u_s + sum_t L_ts (g_t.u_s) C~_t ;  w_s = exp(cs_last - cs_s)
-     then dx = delta du, d delta (direct) = du.x, and V_s = u_s . (state-path part of du_s).
-  d a_j = intra_j + sum_{t >= j} g_t.y_off_t + sum_{s < j} V_s + K_c  (chunk.py adds the parts up). Each part is a
-  sum of terms that do not cancel in pairs; the plain formula d cs_t = g_t.y_t - u_t.du_t followed by a reverse
-  cumulative sum loses the exactly cancelling diagonal terms to bf16 rounding (seen: dA off by 9% at l = 4096).
+     then dx = delta du, d delta (direct) = du.x, V_s = u_s . (state-path part of du_s), and the column sums
+     K_s = sum_t W_ts.
+  d cs_t (intra) = R_t - K_t, so d a_j = sum_{t >= j} (R_t - K_t + g_t.y_off_t) + sum_{s < j} V_s + K_c
+  (chunk.py adds the parts up). R and K are fp32 sums of the same fp32 products W_ts (the same rounded operands
+  in both kernels), so the diagonal twins W_tt cancel to fp32 rounding. The plain formula
+  d cs_t = g_t.y_t - u_t.du_t instead subtracts bf16-rounded outputs and lost dA to that (9% off at l = 4096).
 Rotated gradients go back through the inverse rotation as they are stored.
 """
 
@@ -99,11 +101,11 @@ def dc_kernel(
     states_ptr,                               # (b, H, NC, P, N) state entering each chunk
     dc_ptr, s_db, s_dl, s_dh, s_dn,           # dC per head (b, l, H, N)
     gyoff_ptr,                                # out (b, H, Lp) fp32: g_t . (part of y_t from the entering state)
-    da_ptr,                                   # (b, H, Lp) fp32, zeroed: += sum_{t >= j > s} W_ts (atomic)
+    wrow_ptr,                                 # out (b, H, Lp) fp32: R_t = sum_s W_ts
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_NH: tl.constexpr,
-    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr, PREFIX_DOT: tl.constexpr = False,
+    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -156,10 +158,7 @@ def dc_kernel(
     dc_hi = tl.dot(g, h_hi) * w_t[:, None]
     y_off = (tl.dot(c_lo, tl.trans(h_lo)) + tl.dot(c_hi, tl.trans(h_hi))) * w_t[:, None]
     tl.store(gyoff_ptr + pid_bh.to(tl.int64) * Lp + rows_t, tl.sum(g_f * y_off, axis=1))
-    carry = tl.zeros((BT,), dtype=tl.float32)   # sum over the source blocks done so far of W_ts, per row t
-    if PREFIX_DOT:
-        inner = tl.arange(0, BI)
-        upper = (inner[:, None] < inner[None, :]).to(tl.float32)   # upper[s, j] = 1 if s < j
+    wrow = tl.zeros((BT,), dtype=tl.float32)
 
     for s0 in range(0, (tb + 1) * BT, BI):
         rows_s = start + s0 + tl.arange(0, BI)
@@ -181,20 +180,12 @@ def dc_kernel(
             keep = keep & (seq_t[:, None] == seq_s[None, :])
         decay = tl.where(keep, tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0)), 0.0)
         w = gu * decay
-        # d/d a_j of the intra-chunk part, summed pair by pair (no cancelling twins): sum_{t >= j > s} W_ts,
-        # W_ts = (g_t.u_s)(C~_t.B~_s) exp(cs_t - cs_s). Exclusive prefix over s, then column sums over t >= j.
-        wts = w * scores
-        if PREFIX_DOT:   # the exclusive prefix as a (tf32) product with a triangular ones matrix
-            excl = carry[:, None] + tl.dot(wts, upper)
-        else:
-            excl = carry[:, None] + tl.cumsum(wts, axis=1) - wts
-        tl.atomic_add(da_ptr + pid_bh.to(tl.int64) * Lp + rows_s,
-                      tl.sum(tl.where(rows_t[:, None] >= rows_s[None, :], excl, 0.0), axis=0))
-        carry += tl.sum(wts, axis=1)
+        wrow += tl.sum(w * scores, axis=1)
         w = w.to(dot_dtype)
         dc_lo += tl.dot(w, b_lo)
         dc_hi += tl.dot(w, b_hi)
 
+    tl.store(wrow_ptr + pid_bh.to(tl.int64) * Lp + rows_t, wrow)
     dc_lo, dc_hi = unrotate(dc_lo, dc_hi, rows_t, tmask, cos_base, sin_base, s_tl, half, mask_h, HAS_ROPE)
     dptr = dc_ptr + b64 * s_db + hi_ * s_dh + rows_t[:, None] * s_dl + half[None, :] * s_dn
     dmask = tmask[:, None] & mask_h[None, :]
@@ -213,7 +204,7 @@ def dxdb_kernel(
     dstates_ptr,                              # (b, H, NC, P, N) gradient of the state leaving each chunk
     dx_ptr, s_dxb, s_dxl, s_dxh, s_dxp,       # (b, l, H, P)
     db_ptr, s_db, s_dl, s_dh, s_dn,           # dB per head (b, l, H, N)
-    ddelta_ptr, v_ptr,                        # out (b, H, Lp) fp32: du.x ; u_s . du_s (state path only)
+    ddelta_ptr, v_ptr, wcol_ptr,              # out (b, H, Lp) fp32: du.x ; u_s . du_s (state path) ; sum_t W_ts
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_NH: tl.constexpr,
@@ -273,6 +264,7 @@ def dxdb_kernel(
     db_lo = tl.dot(u, dh_lo) * w_s[:, None]
     db_hi = tl.dot(u, dh_hi) * w_s[:, None]
     tl.store(v_ptr + pid_bh.to(tl.int64) * Lp + rows_s, tl.sum(du * u_f, axis=1))
+    wcol = tl.zeros((BT,), dtype=tl.float32)
 
     # within the chunk: target blocks from the diagonal one to the chunk's end
     for t0 in range(sb * BT, Q, BI):
@@ -293,7 +285,9 @@ def dxdb_kernel(
             keep = keep & (seq_t[None, :] == seq_s[:, None])
         decay = tl.where(keep, tl.exp(tl.minimum(cs_t[None, :] - cs_s[:, None], 0.0)), 0.0)
         du += tl.dot((scores_t * decay).to(dot_dtype), g)
-        w = (ug * decay).to(dot_dtype)
+        w = ug * decay
+        wcol += tl.sum(w * scores_t, axis=1)
+        w = w.to(dot_dtype)
         db_lo += tl.dot(w, c_lo)
         db_hi += tl.dot(w, c_hi)
 
@@ -302,6 +296,7 @@ def dxdb_kernel(
     tl.store(dx_ptr + b64 * s_dxb + hi_ * s_dxh + rows_s[:, None] * s_dxl + offs_p[None, :] * s_dxp,
              dx.to(dx_ptr.dtype.element_ty), mask=smask_r[:, None] & mask_p[None, :])
     tl.store(ddelta_ptr + pid_bh.to(tl.int64) * Lp + rows_s, ddelta)
+    tl.store(wcol_ptr + pid_bh.to(tl.int64) * Lp + rows_s, wcol)
 
     db_lo, db_hi = unrotate(db_lo, db_hi, rows_s, smask_r, cos_base, sin_base, s_tl, half, mask_h, HAS_ROPE)
     dptr = db_ptr + b64 * s_db + hi_ * s_dh + rows_s[:, None] * s_dl + half[None, :] * s_dn

@@ -24,8 +24,8 @@ How it works (per batch row and head; Q = chunk_size, cs = within-chunk cumulati
             y_t = exp(cs_t) C~_t H_c^T + sum_{s<=t} exp(cs_t - cs_s) (C~_t.B~_s) delta_s x_s   (chunk_output_kernel)
   B~, C~ are rotated inside the kernels as B and C are loaded; the rotated tensors never touch memory.
   backward  state_scan_bwd_kernel (reverse walk), dc_kernel (dC), dxdb_kernel (dx, dB); see _bwd.py. The gradient
-  through the rotation is the inverse rotation, applied before storing dB, dC. d(delta*A) is summed pair by pair
-  (no cancelling terms), which keeps dA at bf16 accuracy over long sequences.
+  through the rotation is the inverse rotation, applied before storing dB, dC. d(delta*A) comes from fp32 row
+  and column sums of the same pairwise products (their diagonal twins cancel in fp32, not after bf16 rounding).
   Saved for backward: the inputs, delta and cs (b, H, Lp) fp32, and the fp32 state entering each chunk
   (b, H, chunks, P, N): 4*P*N/Q bytes per token and head (128 B at P=64, N=128, Q=256).
 dt -> delta (bias, softplus), the cumulative sum, the D skip and the z gate are plain PyTorch around one
@@ -74,9 +74,6 @@ def _meta(P, N, Q, dtype):
 # re-reads of the inner operands. bench/ssd.py --select times a few choices.
 BLOCK_ROWS = 64
 BLOCK_INNER = 64
-# Exclusive prefix sums of the pairwise d(delta A) terms in dc_kernel as a matrix product (tensor cores) instead of
-# tl.cumsum; not yet timed on the GPU (bench/ssd.py --select times it).
-DA_PREFIX_BY_DOT = False
 # Rotate bf16/fp16 operands with tables rounded to that dtype (half the table traffic through L2) instead of fp32.
 TABLES_IN_INPUT_DTYPE = False
 
@@ -114,7 +111,7 @@ _state_fwd, _OPT_SFWD = _tunable(state_scan_fwd_kernel, _KEY[:-1], _SCAN_CONFIGS
 _state_bwd, _OPT_SBWD = _tunable(state_scan_bwd_kernel, _KEY[:-1], _SCAN_CONFIGS, _cfg({"BNH": 32}, 4, 1),
                                  reset=["kdec_ptr"])
 _chunk_output, _OPT_OUT = _tunable(chunk_output_kernel, _KEY, _TILE_CONFIGS, _cfg({}, 4, 1))
-_dc, _OPT_DC = _tunable(dc_kernel, _KEY, _TILE_CONFIGS, _cfg({}, 4, 1), reset=["da_ptr"])
+_dc, _OPT_DC = _tunable(dc_kernel, _KEY, _TILE_CONFIGS, _cfg({}, 4, 1))
 _dxdb, _OPT_DXDB = _tunable(dxdb_kernel, _KEY, _TILE_CONFIGS, _cfg({}, 4, 2))
 
 
@@ -196,28 +193,26 @@ class _RopeSSDCore(torch.autograd.Function):
         bc_dtype = B.dtype if G == H else torch.float32
         dB_h = torch.empty((b, l, H, N), device=dev, dtype=bc_dtype)
         dC_h = torch.empty((b, l, H, N), device=dev, dtype=bc_dtype)
-        gyoff = torch.empty((b, H, Lp), device=dev, dtype=torch.float32)
-        da = torch.zeros((b, H, Lp), device=dev, dtype=torch.float32)
-        ddelta = torch.empty((b, H, Lp), device=dev, dtype=torch.float32)
-        v = torch.empty((b, H, Lp), device=dev, dtype=torch.float32)
+        gyoff, wrow, wcol, ddelta, v = torch.empty((5, b, H, Lp), device=dev, dtype=torch.float32)
         dx = torch.empty_like(x)
         grid = (nc * (Q // BT), b * H)
         _dc[grid](
             g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
-            delta_p, cs, seq_t, states, dC_h, *_strides4(dC_h), gyoff, da,
-            l, Lp, H, H // G, P, nc, BT=BT, BI=BI, PREFIX_DOT=DA_PREFIX_BY_DOT, **flags, **meta, **_OPT_DC)
+            delta_p, cs, seq_t, states, dC_h, *_strides4(dC_h), gyoff, wrow,
+            l, Lp, H, H // G, P, nc, BT=BT, BI=BI, **flags, **meta, **_OPT_DC)
         _dxdb[grid](
             g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
-            delta_p, cs, seq_t, dstates, dx, *_strides4(dx), dB_h, *_strides4(dB_h), ddelta, v,
+            delta_p, cs, seq_t, dstates, dx, *_strides4(dx), dB_h, *_strides4(dB_h), ddelta, v, wcol,
             l, Lp, H, H // G, P, nc, BT=BT, BI=BI, **flags, **meta, **_OPT_DXDB)
         if G == H:
             dB, dC = dB_h, dC_h
         else:
             dB = dB_h.view(b, l, G, H // G, N).sum(3).to(B.dtype)
             dC = dC_h.view(b, l, G, H // G, N).sum(3).to(C.dtype)
-        # d a_j = intra_j + sum_{t >= j} g_t.y_off_t + sum_{s < j} V_s + K_c   (see _bwd.py)
-        gyoff, v, da = _chunk_sums(gyoff, nc, Q), _chunk_sums(v, nc, Q), _chunk_sums(da, nc, Q)
-        da += gyoff.flip(-1).cumsum(-1).flip(-1) + (v.cumsum(-1) - v) + kdec[..., None]
+        # d a_j = sum_{t >= j} (R_t - K_t + g_t.y_off_t) + sum_{s < j} V_s + K_c   (see _bwd.py)
+        dcs = _chunk_sums(wrow - wcol + gyoff, nc, Q)
+        v = _chunk_sums(v, nc, Q)
+        da = dcs.flip(-1).cumsum(-1).flip(-1) + (v.cumsum(-1) - v) + kdec[..., None]
         return (dx, ddelta, da.view(b, H, Lp), dB, dC, None, None, None, (dinit if has_init else None),
                 None, None)
 

@@ -67,12 +67,18 @@ def check(tensors, kw, *, dtype, chunk_size=256):
 
 
 def test_repeatable():
-    """Same inputs, same outputs bit for bit (no race between blocks)."""
+    """Same inputs, same output and gradients bit for bit (no race or atomic order between blocks)."""
     from transxssm_kernels.rope_ssd import rope_ssd
     t, kw = make_case(4, 4096, 32, 64, 32, 128, dtype=torch.bfloat16, seed=11)
-    a = rope_ssd(**t, **kw)
-    b = rope_ssd(**t, **kw)
-    assert torch.equal(a, b)
+    leaves = {k: v.requires_grad_(True) for k, v in t.items()}
+    dy = torch.randn(4, 4096, 32, 64, device="cuda").to(torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        y = rope_ssd(**leaves, **kw)
+        grads = torch.autograd.grad(y, list(leaves.values()), dy)
+        runs.append([y.detach(), *grads])
+    for name, a, b in zip(["y", *[f"d{k}" for k in leaves]], *runs):
+        assert torch.equal(a, b), f"{name} differs between two identical calls"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
