@@ -6,13 +6,21 @@
 
 `train` runs as one process per device under torchrun or srun (ranks from RANK/WORLD_SIZE/LOCAL_RANK or
 SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID) or as a single process.
+
+A hung job: `kill -USR2 <pid of a rank>` prints every thread's Python stack of that rank to its stderr and lets it
+run on. In a run of several processes, a rank that fails prints its error and exits at once (no interpreter
+teardown, which can block on a collective the other ranks are still in), so torchrun/srun stop the job.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import os
+import signal
 import sys
+import traceback
 import warnings
 
 
@@ -81,17 +89,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+
+
 def main(argv=None) -> int:
     _quiet_imports()
     args = build_parser().parse_args(argv)
     from transxssm_megatron.config import ConfigError
     from transxssm_megatron.training.loop import TrainingError
 
+    if hasattr(signal, "SIGUSR2"):
+        faulthandler.register(signal.SIGUSR2, all_threads=True)
+    distributed = args.command == "train" and _world_size() > 1
     try:
         return args.fn(args)
     except (ConfigError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+        code = 2
+    except Exception:
+        if not distributed:
+            raise
+        rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "?"
+        print(f"[rank {rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        code = 1
+    if distributed:
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
