@@ -125,5 +125,6 @@ def train_batches(dataset, consumed_samples: int, cfg, world) -> Iterator[dict[s
 
 
 def valid_batches(dataset, cfg, world) -> Iterator[dict[str, torch.Tensor]]:
-    """The first `eval_iters` validation micro-batches of this DP rank (the same ones at every evaluation)."""
+    """This DP rank's micro-batches of the valid split from its first sample on (the same ones at every
+    evaluation; over all DP ranks, `eval_iters` global batches cover the first eval_iters * global_batch)."""
     return train_batches(dataset, 0, cfg, world)

@@ -218,7 +218,7 @@ class Trainer:
         self.resumed_from = self._maybe_resume()
 
         total_samples = cfg.train.steps * cfg.train.global_batch_size
-        valid_samples = cfg.train.eval_iters * cfg.train.micro_batch_size * w.dp
+        valid_samples = cfg.train.eval_iters * cfg.train.global_batch_size  # the same set at any TP/PP/DP
         self.datasets = data_lib.build_datasets(cfg, w, total_samples, valid_samples)
 
         flops_per_token = metrics_lib.train_flops_per_token(cfg.model, cfg.train.seq_length)
@@ -316,7 +316,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over `eval_iters` fixed micro-batches per DP rank (NaN if no valid split)."""
+        """Mean validation loss over the first `eval_iters` global batches of the valid split, the same samples
+        at every evaluation and at any layout (NaN if no valid split)."""
         if self.datasets.valid is None or self.cfg.train.eval_iters == 0:
             return float("nan")
         for chunk in self.model:
@@ -325,7 +326,7 @@ class Trainer:
         it = self._data_iterators(lambda: data_lib.valid_batches(self.datasets.valid, self.cfg, self.world))
         reports = self.forward_backward(
             forward_step_func=self.forward_step, data_iterator=it, model=self.model,
-            num_microbatches=t.eval_iters, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+            num_microbatches=t.eval_iters * self.num_microbatches, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
             forward_only=True)
         for chunk in self.model:
             chunk.train()

@@ -41,7 +41,7 @@ class TrainConfig:
     precision: str = "auto"              # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     max_consecutive_skips: int = 10      # stop after this many NaN/inf steps in a row
     eval_interval: int = 500             # validation every N steps (0: only at the end)
-    eval_iters: int = 10                 # validation micro-batches per DP rank
+    eval_iters: int = 10                 # validation batches of global_batch_size samples (Megatron-LM's)
     eval_at_start: bool = False          # also validate before the first step (after a resume: checks the load)
     device: str = "auto"                 # auto | cuda | cpu
     deterministic: bool = False          # torch deterministic algorithms (bitwise-repeatable runs)
