@@ -168,55 +168,46 @@ def run_shape(H, N, l, mamba, quick, P=64):
     return out
 
 
-def select_variant(H=32, N=128, l=4096, P=64):
-    """Time a few tile configurations of the fused kernel on the 1.3B layer; keep the fastest fwd+bwd for the run."""
+# Tile layouts of the fused kernel: (rows, inner, warps of the output/dc/dxdb kernels, RoPE tables in the input
+# dtype, chunk). The first is the shipped default; --variants times them all on the 1.3B layer.
+VARIANTS = [(64, 64, 4, False, 256), (64, 32, 4, False, 256), (64, 64, 8, False, 256), (64, 32, 8, False, 256),
+            (128, 64, 8, False, 256), (128, 32, 8, False, 256), (64, 64, 4, True, 256),
+            (64, 64, 4, False, 128), (64, 32, 4, False, 128), (128, 64, 8, False, 128), (64, 32, 8, False, 128)]
+
+
+def variant_name(rows, inner, warps, tables_low, Q):
+    return f"rows{rows}-inner{inner}-w{warps}-{'lowtab' if tables_low else 'fp32tab'}-chunk{Q}"
+
+
+def use_variant(rows, inner, warps, tables_low):
+    """Point the fused kernel at one tile layout (module globals of chunk.py and the launch options)."""
     from transxssm_kernels.rope_ssd import chunk
-    x, dt, A, B, C, dy, cos, sin = layer_inputs(H, N, l, P)
-    tiles = (chunk._OPT_OUT, chunk._OPT_DC, chunk._OPT_DXDB)
-    base = [dict(o) for o in tiles]
-    variants = {   # name: (rows, inner, warps of output/dc/dxdb or None for the defaults, dA prefix by dot)
-        "rows64-inner64-default": (64, 64, None, False), "rows64-inner64-prefixdot": (64, 64, None, True),
-        "rows64-inner32-default": (64, 32, None, False), "rows64-inner32-w8": (64, 32, 8, False),
-        "rows128-inner32-w8": (128, 32, 8, False), "rows64-inner64-w8": (64, 64, 8, False)}
-
-    def use(rows, inner, warps, prefix_dot):
-        chunk.BLOCK_ROWS, chunk.BLOCK_INNER, chunk.DA_PREFIX_BY_DOT = rows, inner, prefix_dot
-        for o, o0 in zip(tiles, base):
-            o.clear()
-            o.update(o0)
-            if warps:
-                o["num_warps"] = warps
-
-    out = {}
-    for name, variant in variants.items():
-        use(*variant)
-        f = lambda: rope_ssd(x, dt, A, B, C, chunk_size=256, dt_softplus=True, rope_cos=cos, rope_sin=sin)
-        try:
-            out[name] = {"fwd": bench(f, None), "fwdbwd": bench(lambda: f().backward(dy), [x, dt, A, B, C])}
-        except Exception as e:  # a configuration that fails to compile is reported, not fatal
-            out[name] = {"error": repr(e)[:200]}
-        print("variant", name, out[name], flush=True)
-    best = min((k for k in out if "fwdbwd" in out[k]), key=lambda k: out[k]["fwdbwd"])
-    use(*variants[best])
-    return {"timings": out, "chosen": best}
+    chunk.BLOCK_ROWS, chunk.BLOCK_INNER, chunk.TABLES_IN_INPUT_DTYPE = rows, inner, tables_low
+    for opts in (chunk._OPT_OUT, chunk._OPT_DC, chunk._OPT_DXDB):
+        opts["num_warps"] = warps
 
 
 def time_variants(H=32, N=128, l=4096, P=64):
-    """ms of fused fwd / fwd+bwd for tile layouts, table precision and chunk size; prints the tuned configs."""
+    """ms of fused fwd / fwd+bwd for each of VARIANTS; leaves the default in place. Returns {name: timings}."""
     from transxssm_kernels.rope_ssd import chunk
+    defaults = [dict(o) for o in (chunk._OPT_OUT, chunk._OPT_DC, chunk._OPT_DXDB)]
+    saved = (chunk.BLOCK_ROWS, chunk.BLOCK_INNER, chunk.TABLES_IN_INPUT_DTYPE)
     x, dt, A, B, C, dy, cos, sin = layer_inputs(H, N, l, P)
     out = {}
-    for rows, tables_low, Q in [(64, False, 256), (128, False, 256), (128, True, 256), (64, True, 256),
-                                (64, False, 128), (128, True, 128)]:
-        chunk.BLOCK_ROWS, chunk.TABLES_IN_INPUT_DTYPE = rows, tables_low
+    for rows, inner, warps, tables_low, Q in VARIANTS:
+        name = variant_name(rows, inner, warps, tables_low, Q)
+        use_variant(rows, inner, warps, tables_low)
         f = lambda: rope_ssd(x, dt, A, B, C, chunk_size=Q, dt_softplus=True, rope_cos=cos, rope_sin=sin)
-        name = f"rows{rows}-{'lowtab' if tables_low else 'fp32tab'}-chunk{Q}"
-        out[name] = {"fwd": bench(f, None), "fwdbwd": bench(lambda: f().backward(dy), [x, dt, A, B, C])}
-        print(name, {k: round(v, 3) for k, v in out[name].items()}, flush=True)
-    chunk.BLOCK_ROWS, chunk.TABLES_IN_INPUT_DTYPE = 64, False
-    for kname in ("_state_fwd", "_chunk_output", "_state_bwd", "_dc", "_dxdb"):
-        cache = getattr(getattr(chunk, kname), "cache", {})
-        print(kname, {str(k[:8]): str(v) for k, v in cache.items()})
+        try:
+            out[name] = {"fwd": bench(f, None), "fwdbwd": bench(lambda: f().backward(dy), [x, dt, A, B, C])}
+        except Exception as e:  # a layout that fails to compile or run is reported, not fatal
+            out[name] = {"error": repr(e)[:300]}
+        print("variant", name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out[name].items()},
+              flush=True)
+    chunk.BLOCK_ROWS, chunk.BLOCK_INNER, chunk.TABLES_IN_INPUT_DTYPE = saved
+    for opts, d in zip((chunk._OPT_OUT, chunk._OPT_DC, chunk._OPT_DXDB), defaults):
+        opts.clear()
+        opts.update(d)
     return out
 
 
@@ -254,7 +245,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="per-kernel times of fused fwd+bwd, 1.3B N=128 l=4096")
     ap.add_argument("--variants", action="store_true", help="time variants of the fused kernel, 1.3B N=128 l=4096")
     ap.add_argument("--ncu-step", action="store_true", help="run one fused fwd+bwd only (for ncu), then exit")
-    ap.add_argument("--select", action="store_true", help="pick the fastest tile configuration first (1.3B layer)")
+    ap.add_argument("--part", default="1/1", help="K/N: measure every N-th shape of the grid from the K-th (1-based), "
+                    "to spread the grid over N GPUs")
     ap.add_argument("--fast", action="store_true", help="shorter timing windows (5 ms warm-up, 30 ms repeats)")
     args = ap.parse_args()
     mamba = load_mamba(args.mamba_path)
@@ -266,19 +258,20 @@ def main():
     if args.fast:
         TIMING.update(warmup=5, rep=30)
     variants = time_variants() if args.variants else None
-    selection = select_variant() if args.select else None
 
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
         "triton": triton.__version__, "command": " ".join([sys.executable] + sys.argv),
         "ceilings": ceilings(), "shapes": [], "variants_1p3b_n128_l4096": variants,
-        "tile_selection_1p3b_n128_l4096": selection, "timing_ms": dict(TIMING),
+        "timing_ms": dict(TIMING),
     }
     # the 1.3B target shape first, then the rest: each shape is saved as soon as it is measured
     grid = [(32, 128, 4096)] if args.quick else [
         (32, 128, 4096), (12, 128, 4096), (32, 128, 8192), (32, 128, 16384), (32, 64, 4096), (12, 64, 4096),
         (12, 128, 8192), (12, 128, 16384), (32, 64, 8192), (32, 64, 16384), (12, 64, 8192), (12, 64, 16384)]
+    k, n = (int(v) for v in args.part.split("/"))
+    grid = grid[k - 1::n]
     bw = result["ceilings"]["copy_bytes_per_s"]
     mm = result["ceilings"]["bf16_matmul_flop_per_s"]
     for H, N, l in grid:

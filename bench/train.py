@@ -1,15 +1,18 @@
 """GPU training benchmarks of the pretraining loop (run on the H200 machine through bench/train_gpu.sh).
 
-    python bench/train.py OUT_DIR [--data DIR] [--only 320m_1gpu,parallel,1.3b_1gpu]
+    python bench/train.py OUT_DIR [--data DIR] [--only 320m_1gpu,parallel,1.3b_1gpu] [--stages tp2,pp2_vpp2,pp2_dp2]
 
 Scenarios (each a real `transxssm train` under torchrun, bf16, real data = the preprocessed embedded sample):
-  320m_1gpu   320m at l=4096 on 1 GPU, a few hundred steps: tokens/s, TFLOP/s, MFU, memory, loss curve
+  320m_1gpu   320m at l=4096 on 1 GPU, a few hundred steps: tokens/s, TFLOP/s, MFU, memory, loss curve; the
+              distributed optimizer's checkpoint at the time limit, then a resumed run of a few steps
   parallel    320m at l=4096 on 2 GPUs: TP=2 (steps 0-20, checkpoint) -> resume at PP=2 (20-40)
               [-> resume at PP=2 x DP=2 on 4 GPUs (40-60)], distributed optimizer over NCCL; checks that the
-              loss continues across each change of layout
+              loss continues across each change of layout. --stages runs some of them; a later call with
+              --keep-work (same OUT_DIR and BENCH_WORK) runs the rest from the saved checkpoints
   1.3b_1gpu   1.3b at l=4096 on 1 GPU: tokens/s, TFLOP/s, MFU, memory
 Each writes OUT_DIR/train_<scenario>.json (date, commit, GPU, versions, commands, results); all logs go to
-OUT_DIR/train_logs.txt. MFU uses the FLOP count of transxssm_megatron/training/metrics.py (docs/training.md)
+OUT_DIR/train_logs.txt. A run that outlives its time limit gets SIGUSR2 first (every rank prints its Python
+stacks into the log: where it hangs), then is killed. MFU uses the FLOP count of transxssm_megatron/training/metrics.py (docs/training.md)
 against 989 TFLOP/s dense bf16 per H200.
 """
 
@@ -20,6 +23,7 @@ import datetime
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -59,14 +63,15 @@ def commit() -> str:
 
 
 class Runner:
-    def __init__(self, out: Path, data: Path, cpu_smoke: bool = False):
+    def __init__(self, out: Path, data: Path, cpu_smoke: bool = False, keep_work: bool = False):
         self.cpu_smoke = cpu_smoke
         self.out = out
         self.data = data
         self.log = open(out / "train_logs.txt", "a")
         self.work = Path(os.environ.get("BENCH_WORK", "/tmp/transxssm_bench"))
-        shutil.rmtree(self.work, ignore_errors=True)
-        self.work.mkdir(parents=True)
+        if not keep_work:
+            shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True, exist_ok=True)
 
     def prefixes(self) -> str:
         return "[" + ", ".join(str(self.data / s) for s in SUBSETS) + "]"
@@ -85,18 +90,52 @@ class Runner:
         self.log.write(f"\n===== {name}: {' '.join(cmd)}\n")
         self.log.flush()
         started = time.monotonic()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         try:
-            proc = subprocess.run(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, timeout=timeout_s)
-            rc = proc.returncode
+            rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
+            dump_stacks_and_kill(proc)
             rc = "timeout"
         wall = time.monotonic() - started
-        records = []
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.is_file():
-            records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        records = read_records(run_dir / "metrics.jsonl")
         print(f"[bench] {name}: exit {rc} in {wall:.0f} s, {len(records)} metric records", flush=True)
         return {"command": " ".join(cmd), "exit_code": rc, "wall_s": round(wall, 1), "records": records}
+
+
+def read_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of `pid` (the ranks torchrun started), from /proc."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def dump_stacks_and_kill(proc: subprocess.Popen) -> None:
+    """A hung run: every rank prints its Python stacks (faulthandler on SIGUSR2, see cli.py), then all die."""
+    for pid in children(proc.pid):
+        try:
+            os.kill(pid, signal.SIGUSR2)
+        except ProcessLookupError:
+            pass
+    time.sleep(5)
+    for pid in children(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.kill()
+    proc.wait()
 
 
 def summarize(records: list[dict], skip_first: int = 1) -> dict:
@@ -130,29 +169,53 @@ def bench_320m_1gpu(r: Runner, out: Path) -> None:
     run_dir = r.work / "320m_1gpu"
     overrides = [*L4096, "train.steps=300", "train.micro_batch_size=4", "train.global_batch_size=8",
                  "train.eval_interval=100", "train.eval_iters=4", "logging.interval=10", "checkpoint.interval=0",
-                 "checkpoint.save_at_end=false", "checkpoint.resume=none", "train.time_limit_minutes=1.5"]
-    res = r.train("320m_1gpu", 1, "configs/320m.yaml", overrides, run_dir, timeout_s=200)
+                 "checkpoint.save_at_end=false", "checkpoint.resume=none", "train.time_limit_minutes=1.5",
+                 "parallel.use_distributed_optimizer=true"]
+    res = r.train("320m_1gpu", 1, "configs/320m.yaml", overrides, run_dir, timeout_s=240)
+    summary = summarize(res["records"])
+    # The time limit saves a checkpoint (distributed optimizer, dist_checkpointing); a second run resumes from it.
+    resumed = r.train("320m_1gpu_resume", 1, "configs/320m.yaml",
+                      [*overrides[:-2], "checkpoint.resume=auto", "train.time_limit_minutes=0.3",
+                       "parallel.use_distributed_optimizer=true"], run_dir, timeout_s=150)
+    after = [rec for rec in resumed["records"][len(res["records"]):] if "loss" in rec]
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*")) \
+        if (run_dir / "checkpoints").is_dir() else []
     write(out, "320m_1gpu", {"scenario": "320m, l=4096, 1 GPU, bf16, global batch 8 x 4096 tokens, real data "
-                                         "(the embedded sample corpus, repeated)", "command": res["command"],
-                             "exit_code": res["exit_code"], "wall_s": res["wall_s"], **summarize(res["records"])})
+                                         "(the embedded sample corpus, repeated), distributed optimizer; "
+                                         "checkpoint at the time limit, then resumed",
+                             "command": res["command"], "exit_code": res["exit_code"], "wall_s": res["wall_s"],
+                             **summary,
+                             "resume": {"command": resumed["command"], "exit_code": resumed["exit_code"],
+                                        "wall_s": resumed["wall_s"], "checkpoints": checkpoints,
+                                        "first_step_after_resume": after[0]["step"] if after else None,
+                                        "loss_curve": [(rec["step"], round(rec["loss"], 4)) for rec in after]}})
 
 
-def bench_parallel(r: Runner, out: Path, gpus: int) -> None:
+PARALLEL_STAGES = {   # name: (GPUs, overrides); each resumes from the previous one's checkpoint
+    "tp2": (2, ["parallel.tp=2", "parallel.pp=1", "train.exit_after_steps=20"]),
+    "pp2_vpp2": (2, ["parallel.tp=1", "parallel.pp=2", "parallel.vpp=2", "train.exit_after_steps=40"]),
+    "pp2_dp2": (4, ["parallel.tp=1", "parallel.pp=2", "parallel.vpp=null"]),
+}
+
+
+def bench_parallel(r: Runner, out: Path, gpus: int, stages: list[str]) -> None:
     run_dir = r.work / "parallel"
     base = [*L4096, "train.steps=60", "train.micro_batch_size=2", "train.global_batch_size=16",
             "train.eval_interval=20", "train.eval_iters=2", "train.eval_at_start=true", "logging.interval=5",
             "checkpoint.interval=20",
             "checkpoint.resume=auto", "parallel.use_distributed_optimizer=true"]
-    stages = [("tp2", 2, ["parallel.tp=2", "parallel.pp=1", "train.exit_after_steps=20"]),
-              ("pp2_vpp2", 2, ["parallel.tp=1", "parallel.pp=2", "parallel.vpp=2", "train.exit_after_steps=40"])]
-    if gpus >= 4:
-        stages.append(("pp2_dp2", 4, ["parallel.tp=1", "parallel.pp=2", "parallel.vpp=null"]))
-    results, seen = {}, 0
-    for name, n, extra in stages:
-        res = r.train(f"parallel_{name}", n, "configs/320m.yaml", [*base, *extra], run_dir, timeout_s=200)
-        start = results[list(results)[-1]]["steps"] if results else 0
+    path = out / "train_parallel.json"
+    results = json.loads(path.read_text())["stages"] if path.is_file() else {}   # earlier calls (--keep-work)
+    metrics = run_dir / "metrics.jsonl"
+    for name in stages:
+        n, extra = PARALLEL_STAGES[name]
+        if n > gpus:
+            print(f"[bench] parallel_{name}: skipped ({n} GPUs needed, {gpus} visible)", flush=True)
+            continue
+        seen = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+        start = max([rec["step"] for rec in read_records(metrics) if "loss" in rec], default=0)
+        res = r.train(f"parallel_{name}", n, "configs/320m.yaml", [*base, *extra], run_dir, timeout_s=240)
         records = res["records"][seen:]  # metrics.jsonl is shared by the stages: this stage's lines only
-        seen = len(res["records"])
         at_start = next(((r["step"], r["val_loss"]) for r in records if "val_loss" in r and r["step"] == start), None)
         results[name] = {"gpus": n, "command": res["command"], "exit_code": res["exit_code"], "wall_s": res["wall_s"],
                          **summarize([r for r in records if r["step"] > start]), "val_loss_at_start": at_start}
@@ -160,7 +223,7 @@ def bench_parallel(r: Runner, out: Path, gpus: int) -> None:
             break
     # Resume across a layout change: each stage validates at its last step, the next one validates the
     # loaded weights before its first step; the two validation losses must agree (bf16 reduction order aside).
-    names = list(results)
+    names = [n for n in PARALLEL_STAGES if n in results]
     continuity = []
     for a, b in zip(names, names[1:]):
         if not results[a]["val_loss"] or not results[b]["val_loss_at_start"]:
@@ -169,8 +232,8 @@ def bench_parallel(r: Runner, out: Path, gpus: int) -> None:
         continuity.append({"from": a, "to": b, "step": step_b, "val_loss_saved_run": before,
                            "val_loss_after_resume": after, "abs_diff": round(abs(after - before), 5),
                            "same_step": step_a == step_b})
-    write(out, "parallel", {"scenario": "320m, l=4096, bf16, distributed optimizer over NCCL: TP=2 -> resume at "
-                                        "PP=2 x VPP=2 (interleaved)" + (" -> resume at PP=2 x DP=2" if gpus >= 4 else ""),
+    write(out, "parallel", {"scenario": "320m, l=4096, bf16, distributed optimizer over NCCL: "
+                                        + " -> resume at ".join(f"{k} ({results[k]['gpus']} GPUs)" for k in names),
                             "stages": results, "resume_continuity": continuity})
 
 
@@ -191,6 +254,10 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=REPO / ".device" / "train_data",
                         help="folder with the preprocessed sample: <subset>.bin/.idx (bench/train_gpu.sh --prepare)")
     parser.add_argument("--only", default="320m_1gpu,parallel,1.3b_1gpu")
+    parser.add_argument("--stages", default=",".join(PARALLEL_STAGES),
+                        help="stages of the parallel scenario, in order (those needing more GPUs are skipped)")
+    parser.add_argument("--keep-work", action="store_true",
+                        help="keep BENCH_WORK (checkpoints of an earlier call) instead of starting clean")
     parser.add_argument("--cpu-smoke", action="store_true", help="run every scenario with tiny on CPU (gloo)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -201,18 +268,18 @@ def main() -> int:
             return 2
     import torch
 
-    gpus = 2 if args.cpu_smoke else torch.cuda.device_count()
+    gpus = 4 if args.cpu_smoke else torch.cuda.device_count()
     if gpus == 0:
         print("error: no GPU visible", file=sys.stderr)
         return 2
-    r = Runner(args.out, args.data.resolve(), cpu_smoke=args.cpu_smoke)
+    r = Runner(args.out, args.data.resolve(), cpu_smoke=args.cpu_smoke, keep_work=args.keep_work)
     chosen = args.only.split(",")
     started = time.monotonic()
     if "320m_1gpu" in chosen:
         bench_320m_1gpu(r, args.out)
     if "parallel" in chosen:
         if gpus >= 2:
-            bench_parallel(r, args.out, gpus)
+            bench_parallel(r, args.out, gpus, args.stages.split(","))
         else:
             print("[bench] parallel: skipped (fewer than 2 GPUs)", flush=True)
     if "1.3b_1gpu" in chosen:

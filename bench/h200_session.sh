@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One device call on the 4-GPU H200 machine (device kind nvidia-h200-x4; carry .whl and .device, made by
+# `bash bench/train_gpu.sh --prepare`). Runs independent work side by side, one job per GPU, and packs the logs
+# and JSON into OUT (the device returns at most 8 files):
+#
+#   bash bench/h200_session.sh checks OUT    # GPU0: tests/gpu/test_rope_ssd_gpu.py, then bench/ssd.py --variants
+#                                            #   --quick (tile layouts + the 1.3B layer against (b)-(e));
+#                                            # GPU1: 320m 1 GPU (+ checkpoint, resume), then 1.3b 1 GPU;
+#                                            # GPUs 2,3: TP=2 -> PP=2 x VPP=2; then all four: -> PP=2 x DP=2
+#   bash bench/h200_session.sh ssd-grid OUT  # the 12 shapes of bench/ssd.py, three per GPU, merged into one JSON
+set -uo pipefail
+mode=${1:?usage: bash bench/h200_session.sh checks|ssd-grid OUT}
+out=${2:?usage: bash bench/h200_session.sh checks|ssd-grid OUT}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+mkdir -p "$out"
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export GIT_COMMIT=$(head -1 .device/COMMIT 2>/dev/null || echo unknown) TRANSXSSM_COMMIT=$(head -1 .device/COMMIT)
+"$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/megatron_core-*.whl || exit 1
+"$py" -m zipfile -e .whl/mamba_ssm-*.whl /tmp/mb || exit 1
+map=$(mktemp -d)
+ln -s "$repo/kernels" "$map/transxssm_kernels"
+ln -s "$repo/tools/preprocess" "$map/transxssm_preprocess"
+export PYTHONPATH="$repo:$map:/tmp/site"
+work=$(mktemp -d)
+nvidia-smi > "$work/nvidia-smi.txt" 2>&1
+
+case "$mode" in
+checks)
+    ( export CUDA_VISIBLE_DEVICES=0
+      timeout 300 "$py" -m pytest tests/gpu/test_rope_ssd_gpu.py -v -s -p no:cacheprovider -o addopts="" \
+          > "$work/gpu-tests.txt" 2>&1
+      timeout 300 "$py" bench/ssd.py --variants --quick --fast --mamba-path /tmp/mb --out "$work/ssd-variants.json" \
+          > "$work/ssd-variants.log" 2>&1 ) &
+    ( export CUDA_VISIBLE_DEVICES=1 BENCH_WORK=/tmp/bench1
+      bash bench/train_gpu.sh "$work/train1" --only 320m_1gpu,1.3b_1gpu > "$work/train1.log" 2>&1 ) &
+    ( export CUDA_VISIBLE_DEVICES=2,3 BENCH_WORK=/tmp/bench2
+      bash bench/train_gpu.sh "$work/train2" --only parallel --stages tp2,pp2_vpp2 > "$work/train2.log" 2>&1 ) &
+    wait
+    BENCH_WORK=/tmp/bench2 bash bench/train_gpu.sh "$work/train2" --only parallel --stages pp2_dp2 --keep-work \
+        >> "$work/train2.log" 2>&1
+    ;;
+ssd-grid)
+    for k in 1 2 3 4; do
+        CUDA_VISIBLE_DEVICES=$((k - 1)) timeout 540 "$py" bench/ssd.py --fast --part "$k/4" --mamba-path /tmp/mb \
+            --out "$work/ssd-part$k.json" > "$work/ssd-part$k.log" 2>&1 &
+    done
+    wait
+    "$py" - "$work" <<'PY'
+import json, sys, pathlib
+work = pathlib.Path(sys.argv[1])
+parts = [json.loads(p.read_text()) for p in sorted(work.glob("ssd-part*.json"))]
+merged = dict(parts[0], shapes=[s for p in parts for s in p["shapes"]],
+              command=[p["command"] for p in parts], ceilings_per_gpu=[p["ceilings"] for p in parts])
+(work / "ssd-grid.json").write_text(json.dumps(merged, indent=1))
+PY
+    ;;
+*) echo "unknown mode $mode" >&2; exit 2 ;;
+esac
+tar -C "$work" -czf "$out/logs.tar.gz" .
+cp "$work"/*.json "$work"/train*/train_*.json "$out"/ 2>/dev/null
+ls -la "$out"
+tail -n 25 "$work"/*.log "$work"/gpu-tests.txt 2>/dev/null | cut -c1-220
