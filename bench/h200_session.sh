@@ -7,7 +7,9 @@
 #                                            #   --quick (tile layouts + the 1.3B layer against (b)-(e));
 #                                            # GPU1: 320m 1 GPU (+ checkpoint, resume), then 1.3b 1 GPU;
 #                                            # GPUs 2,3: TP=2 -> PP=2 x VPP=2; then all four: -> PP=2 x DP=2
-#   bash bench/h200_session.sh ssd-grid OUT  # the 12 shapes of bench/ssd.py, three per GPU, merged into one JSON
+#   bash bench/h200_session.sh checks-x2 OUT # 2 GPUs: TP=2 -> PP=2 x VPP=2 -> DP=2 on both; then GPU0: 320m 1 GPU
+#                                            #   (+ checkpoint, resume); GPU1: the kernel GPU tests, the variants
+#   bash bench/h200_session.sh ssd-grid OUT  # the 12 shapes of bench/ssd.py spread over the GPUs, one JSON
 set -uo pipefail
 mode=${1:?usage: bash bench/h200_session.sh checks|ssd-grid OUT}
 out=${2:?usage: bash bench/h200_session.sh checks|ssd-grid OUT}
@@ -41,9 +43,22 @@ checks)
     BENCH_WORK=/tmp/bench2 bash bench/train_gpu.sh "$work/train2" --only parallel --stages pp2_dp2 --keep-work \
         >> "$work/train2.log" 2>&1
     ;;
+checks-x2)
+    BENCH_WORK=/tmp/bench2 bash bench/train_gpu.sh "$work/train2" --only parallel --stages tp2,pp2_vpp2,dp2 \
+        > "$work/train2.log" 2>&1
+    ( export CUDA_VISIBLE_DEVICES=0 BENCH_WORK=/tmp/bench1
+      bash bench/train_gpu.sh "$work/train1" --only 320m_1gpu > "$work/train1.log" 2>&1 ) &
+    ( export CUDA_VISIBLE_DEVICES=1
+      timeout 150 "$py" -m pytest tests/gpu/test_rope_ssd_gpu.py -v -s -p no:cacheprovider -o addopts="" \
+          > "$work/gpu-tests.txt" 2>&1
+      timeout 200 "$py" bench/ssd.py --variants --quick --fast --out "$work/ssd-variants.json" \
+          > "$work/ssd-variants.log" 2>&1 ) &
+    wait
+    ;;
 ssd-grid)
-    for k in 1 2 3 4; do
-        CUDA_VISIBLE_DEVICES=$((k - 1)) timeout 540 "$py" bench/ssd.py --fast --part "$k/4" --mamba-path /tmp/mb \
+    n=$(nvidia-smi -L | wc -l)
+    for k in $(seq 1 "$n"); do
+        CUDA_VISIBLE_DEVICES=$((k - 1)) timeout 530 "$py" bench/ssd.py --fast --part "$k/$n" --mamba-path /tmp/mb \
             --out "$work/ssd-part$k.json" > "$work/ssd-part$k.log" 2>&1 &
     done
     wait

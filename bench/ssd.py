@@ -168,21 +168,24 @@ def run_shape(H, N, l, mamba, quick, P=64):
     return out
 
 
-# Tile layouts of the fused kernel: (rows, inner, warps of the output/dc/dxdb kernels, RoPE tables in the input
-# dtype, chunk). The first is the shipped default; --variants times them all on the 1.3B layer.
-VARIANTS = [(64, 64, 4, False, 256), (64, 32, 4, False, 256), (64, 64, 8, False, 256), (64, 32, 8, False, 256),
-            (128, 64, 8, False, 256), (128, 32, 8, False, 256), (64, 64, 4, True, 256),
-            (64, 64, 4, False, 128), (64, 32, 4, False, 128), (128, 64, 8, False, 128), (64, 32, 8, False, 128)]
+# Tile layouts of the fused kernel: (rows, inner block forward, inner block backward, warps of the output/dc/dxdb
+# kernels, RoPE tables in the input dtype, chunk). The first is the shipped default; --variants times them all on
+# the 1.3B layer.
+VARIANTS = [(64, 64, 32, 4, True, 256), (64, 64, 64, 4, False, 256), (64, 32, 32, 4, False, 256),
+            (64, 64, 32, 4, False, 256), (64, 32, 32, 4, True, 256), (128, 64, 64, 8, True, 256),
+            (64, 64, 32, 4, True, 128), (64, 32, 32, 4, True, 128), (128, 64, 32, 8, True, 128)]
 
 
-def variant_name(rows, inner, warps, tables_low, Q):
-    return f"rows{rows}-inner{inner}-w{warps}-{'lowtab' if tables_low else 'fp32tab'}-chunk{Q}"
+def variant_name(rows, inner_fwd, inner_bwd, warps, tables_low, Q):
+    return (f"rows{rows}-inner{inner_fwd}/{inner_bwd}-w{warps}-{'lowtab' if tables_low else 'fp32tab'}"
+            f"-chunk{Q}")
 
 
-def use_variant(rows, inner, warps, tables_low):
+def use_variant(rows, inner_fwd, inner_bwd, warps, tables_low):
     """Point the fused kernel at one tile layout (module globals of chunk.py and the launch options)."""
     from transxssm_kernels.rope_ssd import chunk
-    chunk.BLOCK_ROWS, chunk.BLOCK_INNER, chunk.TABLES_IN_INPUT_DTYPE = rows, inner, tables_low
+    chunk.BLOCK_ROWS, chunk.BLOCK_INNER_FWD, chunk.BLOCK_INNER_BWD = rows, inner_fwd, inner_bwd
+    chunk.TABLES_IN_INPUT_DTYPE = tables_low
     for opts in (chunk._OPT_OUT, chunk._OPT_DC, chunk._OPT_DXDB):
         opts["num_warps"] = warps
 
@@ -191,12 +194,12 @@ def time_variants(H=32, N=128, l=4096, P=64):
     """ms of fused fwd / fwd+bwd for each of VARIANTS; leaves the default in place. Returns {name: timings}."""
     from transxssm_kernels.rope_ssd import chunk
     defaults = [dict(o) for o in (chunk._OPT_OUT, chunk._OPT_DC, chunk._OPT_DXDB)]
-    saved = (chunk.BLOCK_ROWS, chunk.BLOCK_INNER, chunk.TABLES_IN_INPUT_DTYPE)
+    saved = (chunk.BLOCK_ROWS, chunk.BLOCK_INNER_FWD, chunk.BLOCK_INNER_BWD, chunk.TABLES_IN_INPUT_DTYPE)
     x, dt, A, B, C, dy, cos, sin = layer_inputs(H, N, l, P)
     out = {}
-    for rows, inner, warps, tables_low, Q in VARIANTS:
-        name = variant_name(rows, inner, warps, tables_low, Q)
-        use_variant(rows, inner, warps, tables_low)
+    for rows, inner_fwd, inner_bwd, warps, tables_low, Q in VARIANTS:
+        name = variant_name(rows, inner_fwd, inner_bwd, warps, tables_low, Q)
+        use_variant(rows, inner_fwd, inner_bwd, warps, tables_low)
         f = lambda: rope_ssd(x, dt, A, B, C, chunk_size=Q, dt_softplus=True, rope_cos=cos, rope_sin=sin)
         try:
             out[name] = {"fwd": bench(f, None), "fwdbwd": bench(lambda: f().backward(dy), [x, dt, A, B, C])}
@@ -204,7 +207,7 @@ def time_variants(H=32, N=128, l=4096, P=64):
             out[name] = {"error": repr(e)[:300]}
         print("variant", name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out[name].items()},
               flush=True)
-    chunk.BLOCK_ROWS, chunk.BLOCK_INNER, chunk.TABLES_IN_INPUT_DTYPE = saved
+    chunk.BLOCK_ROWS, chunk.BLOCK_INNER_FWD, chunk.BLOCK_INNER_BWD, chunk.TABLES_IN_INPUT_DTYPE = saved
     for opts, d in zip((chunk._OPT_OUT, chunk._OPT_DC, chunk._OPT_DXDB), defaults):
         opts.clear()
         opts.update(d)

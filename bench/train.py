@@ -5,8 +5,8 @@
 Scenarios (each a real `transxssm train` under torchrun, bf16, real data = the preprocessed embedded sample):
   320m_1gpu   320m at l=4096 on 1 GPU, a few hundred steps: tokens/s, TFLOP/s, MFU, memory, loss curve; the
               distributed optimizer's checkpoint at the time limit, then a resumed run of a few steps
-  parallel    320m at l=4096 on 2 GPUs: TP=2 (steps 0-20, checkpoint) -> resume at PP=2 (20-40)
-              [-> resume at PP=2 x DP=2 on 4 GPUs (40-60)], distributed optimizer over NCCL; checks that the
+  parallel    320m at l=4096: TP=2 (steps 0-20, checkpoint) -> resume at PP=2 x VPP=2 (20-40) -> resume at DP=2
+              (40-60) on 2 GPUs [-> resume at PP=2 x DP=2 on 4 GPUs (60-80)], distributed optimizer over NCCL; checks that the
               loss continues across each change of layout. --stages runs some of them; a later call with
               --keep-work (same OUT_DIR and BENCH_WORK) runs the rest from the saved checkpoints
   1.3b_1gpu   1.3b at l=4096 on 1 GPU: tokens/s, TFLOP/s, MFU, memory
@@ -194,13 +194,14 @@ def bench_320m_1gpu(r: Runner, out: Path) -> None:
 PARALLEL_STAGES = {   # name: (GPUs, overrides); each resumes from the previous one's checkpoint
     "tp2": (2, ["parallel.tp=2", "parallel.pp=1", "train.exit_after_steps=20"]),
     "pp2_vpp2": (2, ["parallel.tp=1", "parallel.pp=2", "parallel.vpp=2", "train.exit_after_steps=40"]),
+    "dp2": (2, ["parallel.tp=1", "parallel.pp=1", "parallel.vpp=null", "train.exit_after_steps=60"]),
     "pp2_dp2": (4, ["parallel.tp=1", "parallel.pp=2", "parallel.vpp=null"]),
 }
 
 
 def bench_parallel(r: Runner, out: Path, gpus: int, stages: list[str]) -> None:
     run_dir = r.work / "parallel"
-    base = [*L4096, "train.steps=60", "train.micro_batch_size=2", "train.global_batch_size=16",
+    base = [*L4096, "train.steps=80", "train.micro_batch_size=2", "train.global_batch_size=16",
             "train.eval_interval=20", "train.eval_iters=2", "train.eval_at_start=true", "logging.interval=5",
             "checkpoint.interval=20",
             "checkpoint.resume=auto", "parallel.use_distributed_optimizer=true"]

@@ -99,8 +99,8 @@ def main(argv=None) -> int:
     from transxssm_megatron.config import ConfigError
     from transxssm_megatron.training.loop import TrainingError
 
-    if hasattr(signal, "SIGUSR2"):
-        faulthandler.register(signal.SIGUSR2, all_threads=True)
+    if hasattr(signal, "SIGUSR2") and sys.__stderr__ is not None:
+        faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)  # the process's own fd 2
     distributed = args.command == "train" and _world_size() > 1
     try:
         return args.fn(args)

@@ -121,7 +121,8 @@ def test_row_blocks_larger_than_inner_blocks(rope_ssd, monkeypatch):
     """Tile kernels with 32-row blocks walking 16-wide inner blocks (the layout of 128 / 64 on the GPU)."""
     import transxssm_kernels.rope_ssd.chunk as chunk
     monkeypatch.setattr(chunk, "BLOCK_ROWS", 32)
-    monkeypatch.setattr(chunk, "BLOCK_INNER", 16)
+    monkeypatch.setattr(chunk, "BLOCK_INNER_FWD", 16)
+    monkeypatch.setattr(chunk, "BLOCK_INNER_BWD", 16)
     seq = docs(1, 75, [[40]])
     t, kw = make_case(1, 75, 2, 16, 2, 32, dtype=torch.float32, seed=7, seq_idx=seq, init=True)
     check(rope_ssd, t, kw, dtype=torch.float32, chunk_size=32)

@@ -164,6 +164,24 @@ def _optimizer_dicts(tree: Any):
             yield from _optimizer_dicts(value)
 
 
+def _allocate_adam_state(opt) -> None:
+    """Give a distributed optimizer that has not stepped yet the Adam state a first step would create.
+
+    megatron-core 0.19.2's DistributedOptimizer.sharded_state_dict reads the step count from its inner torch
+    optimizer's state and asserts that there is exactly one, so with no state yet (a fresh run loading a
+    checkpoint, or a save before the first step) it fails (seen on an H200). Zero moments and step 0 are what
+    torch's AdamW would allocate lazily; a load overwrites them in place."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(opt, "optimizer", None)
+    if not isinstance(opt, DistributedOptimizer) or inner is None or len(inner.state) > 0:
+        return
+    for group in inner.param_groups:
+        for param in group["params"]:
+            inner.state[param] = {"step": torch.tensor(0.0, dtype=torch.float32),
+                                  "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
+
+
 def _optimizer_sharded_state_dict(optimizer, model_state: dict, is_loading: bool) -> dict:
     from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
 
@@ -172,6 +190,8 @@ def _optimizer_sharded_state_dict(optimizer, model_state: dict, is_loading: bool
     # 0.19.2's default, `fully_sharded_model_space`, builds flattened-range shards that its own
     # dist_checkpointing then rejects: "ShardedTensor.flattened_range is not supported", seen on an H200.)
     metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        _allocate_adam_state(opt)
     state = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
     # param_groups hold rank-local parameter ids: keep them out of the checkpoint (see the module docstring).
     # A LocalNonpersistentObject is dropped on save and, on load, stands for "use the current value".
