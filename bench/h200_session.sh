@@ -9,6 +9,9 @@
 #                                            # GPUs 2,3: TP=2 -> PP=2 x VPP=2; then all four: -> PP=2 x DP=2
 #   bash bench/h200_session.sh checks-x2 OUT # 2 GPUs: TP=2 -> PP=2 x VPP=2 -> DP=2 on both; then GPU0: 320m 1 GPU
 #                                            #   (+ checkpoint, resume); GPU1: the kernel GPU tests, the variants
+#   bash bench/h200_session.sh resume-x2 OUT # 2 GPUs: TP=2 -> PP=2 x VPP=2 -> DP=2 on both; then GPU0: 320m 1 GPU
+#                                            #   (+ checkpoint, resume) then the grid's 1st half, GPU1: its 2nd half,
+#                                            #   until 9 minutes have passed (each shape is saved when measured)
 #   bash bench/h200_session.sh ssd-grid OUT  # the 12 shapes of bench/ssd.py spread over the GPUs, one JSON
 set -uo pipefail
 mode=${1:?usage: bash bench/h200_session.sh checks|ssd-grid OUT}
@@ -53,6 +56,18 @@ checks-x2)
           > "$work/gpu-tests.txt" 2>&1
       timeout 200 "$py" bench/ssd.py --variants --quick --fast --out "$work/ssd-variants.json" \
           > "$work/ssd-variants.log" 2>&1 ) &
+    wait
+    ;;
+resume-x2)
+    deadline=$((SECONDS + 540))
+    BENCH_WORK=/tmp/bench2 bash bench/train_gpu.sh "$work/train2" --only parallel --stages tp2,pp2_vpp2,dp2 \
+        > "$work/train2.log" 2>&1
+    ( export CUDA_VISIBLE_DEVICES=0 BENCH_WORK=/tmp/bench1
+      bash bench/train_gpu.sh "$work/train1" --only 320m_1gpu > "$work/train1.log" 2>&1
+      timeout $((deadline - SECONDS)) "$py" bench/ssd.py --fast --part 1/2 --mamba-path /tmp/mb \
+          --out "$work/ssd-part1.json" > "$work/ssd-part1.log" 2>&1 ) &
+    CUDA_VISIBLE_DEVICES=1 timeout $((deadline - SECONDS)) "$py" bench/ssd.py --fast --part 2/2 \
+        --mamba-path /tmp/mb --out "$work/ssd-part2.json" > "$work/ssd-part2.log" 2>&1 &
     wait
     ;;
 ssd-grid)

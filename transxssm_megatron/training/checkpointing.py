@@ -164,22 +164,30 @@ def _optimizer_dicts(tree: Any):
             yield from _optimizer_dicts(value)
 
 
-def _allocate_adam_state(opt) -> None:
-    """Give a distributed optimizer that has not stepped yet the Adam state a first step would create.
-
-    megatron-core 0.19.2's DistributedOptimizer.sharded_state_dict reads the step count from its inner torch
-    optimizer's state and asserts that there is exactly one, so with no state yet (a fresh run loading a
-    checkpoint, or a save before the first step) it fails (seen on an H200). Zero moments and step 0 are what
-    torch's AdamW would allocate lazily; a load overwrites them in place."""
+def _prepare_distributed_optimizer(opt) -> None:
+    """Work around two gaps of megatron-core 0.19.2's DistributedOptimizer with torch's AdamW (no TE/apex), both
+    seen on an H200:
+    - sharded_state_dict reads the step count from the inner optimizer's state and asserts there is exactly one,
+      so with no state yet (a fresh run loading a checkpoint, or a save before the first step) it fails. We give
+      it the state a first AdamW step would allocate (zero moments, step 0); a load overwrites it in place.
+    - loading parameter state copies every tensor of the inner state, `step` included, from the checkpoint's
+      per-parameter tensors, which never hold `step` (it travels in param_groups): KeyError 'step'. We let that
+      copy skip `step` (megatron's own load sets it from param_groups)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     inner = getattr(opt, "optimizer", None)
-    if not isinstance(opt, DistributedOptimizer) or inner is None or len(inner.state) > 0:
+    if not isinstance(opt, DistributedOptimizer) or inner is None:
         return
-    for group in inner.param_groups:
-        for param in group["params"]:
-            inner.state[param] = {"step": torch.tensor(0.0, dtype=torch.float32),
-                                  "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
+    if len(inner.state) == 0:
+        for group in inner.param_groups:
+            for param in group["params"]:
+                inner.state[param] = {"step": torch.tensor(0.0, dtype=torch.float32),
+                                      "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
+    if not getattr(opt, "_transxssm_step_tolerant", False):
+        set_states = opt._set_main_param_and_optimizer_states
+        # a non-tensor value is skipped by megatron's copy loop
+        opt._set_main_param_and_optimizer_states = lambda param, tensors: set_states(param, {"step": None, **tensors})
+        opt._transxssm_step_tolerant = True
 
 
 def _optimizer_sharded_state_dict(optimizer, model_state: dict, is_loading: bool) -> dict:
@@ -191,7 +199,7 @@ def _optimizer_sharded_state_dict(optimizer, model_state: dict, is_loading: bool
     # dist_checkpointing then rejects: "ShardedTensor.flattened_range is not supported", seen on an H200.)
     metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        _allocate_adam_state(opt)
+        _prepare_distributed_optimizer(opt)
     state = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=metadata)
     # param_groups hold rank-local parameter ids: keep them out of the checkpoint (see the module docstring).
     # A LocalNonpersistentObject is dropped on save and, on load, stands for "use the current value".
