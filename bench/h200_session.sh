@@ -73,13 +73,15 @@ resume-x2)
 pp-fresh)
     # from scratch, 20 steps each, the parallel scenario's settings: does PP=2 (x VPP=2) learn like TP=2?
     data="[$repo/.device/train_data/cosmopedia-v2, $repo/.device/train_data/fineweb-edu-dedup, $repo/.device/train_data/python-edu]"
-    for layout in "parallel.pp=2 parallel.vpp=2" "parallel.pp=2 parallel.vpp=null"; do
+    layouts=("parallel.pp=2 parallel.vpp=2" "parallel.pp=2 parallel.vpp=null")
+    [ -n "${ONLY_VPP:-}" ] && layouts=("parallel.pp=2 parallel.vpp=2")
+    for layout in "${layouts[@]}"; do
         name=$(echo "$layout" | tr ' =.' '___')
         timeout 110 "$py" -m torch.distributed.run --standalone --nproc-per-node=2 -m transxssm_megatron.cli train \
             --config configs/320m.yaml "data.prefixes=$data" logging.run_dir=/tmp/fresh/$name logging.tensorboard=false \
             train.seq_length=4096 model.max_seq_length=4096 train.steps=80 train.micro_batch_size=2 \
             train.global_batch_size=16 train.eval_interval=0 train.eval_iters=0 logging.interval=5 \
-            checkpoint.interval=0 checkpoint.save_at_end=false checkpoint.resume=none train.exit_after_steps=20 \
+            checkpoint.interval=0 checkpoint.save_at_end=false checkpoint.resume=none train.time_limit_minutes=0.6 \
             parallel.use_distributed_optimizer=true parallel.tp=1 $layout 2>&1 | grep -v Warning > "$work/fresh_$name.log"
     done
     ;;
