@@ -79,9 +79,9 @@ pp-fresh)
         name=$(echo "$layout" | tr ' =.' '___')
         timeout 110 "$py" -m torch.distributed.run --standalone --nproc-per-node=2 -m transxssm_megatron.cli train \
             --config configs/320m.yaml "data.prefixes=$data" logging.run_dir=/tmp/fresh/$name logging.tensorboard=false \
-            train.seq_length=4096 model.max_seq_length=4096 train.steps=80 train.micro_batch_size=2 \
+            train.seq_length=4096 model.max_seq_length=4096 train.steps=${STEPS:-80} train.micro_batch_size=2 \
             train.global_batch_size=16 train.eval_interval=0 train.eval_iters=0 logging.interval=5 \
-            checkpoint.interval=0 checkpoint.save_at_end=false checkpoint.resume=none train.time_limit_minutes=0.6 \
+            checkpoint.interval=0 checkpoint.save_at_end=false checkpoint.resume=none \
             parallel.use_distributed_optimizer=true parallel.tp=1 $layout 2>&1 | grep -v Warning > "$work/fresh_$name.log"
     done
     ;;
