@@ -233,11 +233,15 @@ def profile_fused(H=32, N=128, l=4096, P=64, steps_only=False):
 
 
 def git_commit():
+    """GIT_COMMIT if set (bench/h200_session.sh sets it from .device/COMMIT: the device copy's .git may be stale),
+    else the checkout's HEAD."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL,
                                        cwd=os.path.dirname(os.path.abspath(__file__))).strip()
-    except Exception:  # the device copy of the tree may carry no .git
-        return os.environ.get("GIT_COMMIT", "unknown")
+    except Exception:
+        return "unknown"
 
 
 def main():
