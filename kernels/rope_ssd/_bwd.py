@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._fwd import chunk_decay, chunk_outer_sum
-from ._triton_common import load_rotated, unrotate
+from ._triton_common import entering_state_weight, load_rotated, load_state_halves, scan_program, tile_program, unrotate
 
 
 @triton.jit
@@ -41,34 +41,24 @@ def state_scan_bwd_kernel(
 ):
     """Reverse walk over the chunks of one (batch row, head), columns block of N/2 in registers:
     dH_c = decay_c dH_{c+1} + sum_t exp(cs_t) g_t C~_t^T. Grid (b*H, N/2 / BNH)."""
-    pid_bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    bi = pid_bh // H
-    hi_ = pid_bh % H
-    gi = hi_ // HPG
-    b64 = bi.to(tl.int64)
-    offs_p = tl.arange(0, BLOCK_P)
-    half = pid_n * BNH + tl.arange(0, BNH)
-    mask_h = half < N_HALF
+    b64, hi_, gi, bh64, half, mask_h, st_off, st_mask = scan_program(H, HPG, P, N_HALF, BLOCK_P, BNH)
     N = 2 * N_HALF
-    st_off = offs_p[:, None] * N + half[None, :]
-    st_mask = (offs_p < P)[:, None] & mask_h[None, :]
 
     g_base = g_ptr + b64 * s_gb + hi_ * s_gh
     cm_base = c_ptr + b64 * s_cb_ + gi * s_cg
     cos_base = cos_ptr + b64 * s_tb
     sin_base = sin_ptr + b64 * s_tb
-    cs_base = cs_ptr + pid_bh.to(tl.int64) * Lp
+    cs_base = cs_ptr + bh64 * Lp
     seq_base = seq_ptr + b64 * L
     PN = P * N
     if HAS_DFINAL:
-        r_lo = tl.load(dfinal_ptr + pid_bh.to(tl.int64) * PN + st_off, mask=st_mask, other=0.0)
-        r_hi = tl.load(dfinal_ptr + pid_bh.to(tl.int64) * PN + st_off + N_HALF, mask=st_mask, other=0.0)
+        r_lo = tl.load(dfinal_ptr + bh64 * PN + st_off, mask=st_mask, other=0.0)
+        r_hi = tl.load(dfinal_ptr + bh64 * PN + st_off + N_HALF, mask=st_mask, other=0.0)
     else:
         r_lo = tl.zeros((BLOCK_P, BNH), dtype=tl.float32)
         r_hi = tl.zeros((BLOCK_P, BNH), dtype=tl.float32)
-    st_base = states_ptr + pid_bh.to(tl.int64) * NC * PN
-    dst_base = dstates_ptr + pid_bh.to(tl.int64) * NC * PN
+    st_base = states_ptr + bh64 * NC * PN
+    dst_base = dstates_ptr + bh64 * NC * PN
     for i in range(NC):
         c = NC - 1 - i
         tl.store(dst_base + c * PN + st_off, r_lo, mask=st_mask)
@@ -76,7 +66,7 @@ def state_scan_bwd_kernel(
         decay = chunk_decay(cs_base, seq_base, c, L, Q, HAS_SEQ)
         h_lo = tl.load(st_base + c * PN + st_off, mask=st_mask, other=0.0)
         h_hi = tl.load(st_base + c * PN + st_off + N_HALF, mask=st_mask, other=0.0)
-        tl.atomic_add(kdec_ptr + pid_bh.to(tl.int64) * NC + c, decay * tl.sum(tl.sum(r_lo * h_lo + r_hi * h_hi, 1), 0))
+        tl.atomic_add(kdec_ptr + bh64 * NC + c, decay * tl.sum(tl.sum(r_lo * h_lo + r_hi * h_hi, 1), 0))
         start = c * Q
         seq_ref = 0
         if HAS_SEQ:
@@ -86,8 +76,8 @@ def state_scan_bwd_kernel(
                                      N_HALF, Q, BS, BLOCK_P, BNH, 1, HAS_ROPE, HAS_SEQ, DOT)
         r_lo = decay * r_lo + l_lo
         r_hi = decay * r_hi + l_hi
-    tl.store(dinit_ptr + pid_bh.to(tl.int64) * PN + st_off, r_lo, mask=st_mask)
-    tl.store(dinit_ptr + pid_bh.to(tl.int64) * PN + st_off + N_HALF, r_hi, mask=st_mask)
+    tl.store(dinit_ptr + bh64 * PN + st_off, r_lo, mask=st_mask)
+    tl.store(dinit_ptr + bh64 * PN + st_off + N_HALF, r_hi, mask=st_mask)
 
 
 @triton.jit
@@ -107,14 +97,7 @@ def dc_kernel(
     BLOCK_NH: tl.constexpr,
     HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    c = pid_t // (Q // BT)
-    tb = pid_t % (Q // BT)
-    bi = pid_bh // H
-    hi_ = pid_bh % H
-    gi = hi_ // HPG
-    b64 = bi.to(tl.int64)
+    c, tb, b64, hi_, gi, bh64 = tile_program(H, HPG, Q, BT)
     dot_dtype = DOT
 
     offs_p = tl.arange(0, BLOCK_P)
@@ -126,8 +109,8 @@ def dc_kernel(
     start = c * Q
     rows_t = start + tb * BT + tl.arange(0, BT)
     tmask = rows_t < L
-    cs_base = cs_ptr + pid_bh.to(tl.int64) * Lp
-    delta_base = delta_ptr + pid_bh.to(tl.int64) * Lp
+    cs_base = cs_ptr + bh64 * Lp
+    delta_base = delta_ptr + bh64 * Lp
     cos_base = cos_ptr + b64 * s_tb
     sin_base = sin_ptr + b64 * s_tb
     x_base = x_ptr + b64 * s_xb + hi_ * s_xh
@@ -144,20 +127,13 @@ def dc_kernel(
     g_f = g.to(tl.float32)
     g = g.to(dot_dtype)
 
-    st_base = states_ptr + (pid_bh.to(tl.int64) * NC + c) * P * N
-    sptr = st_base + offs_p[:, None] * N + half[None, :]
-    smask = mask_p[:, None] & mask_h[None, :]
-    h_lo = tl.load(sptr, mask=smask, other=0.0).to(dot_dtype)
-    h_hi = tl.load(sptr + N_HALF, mask=smask, other=0.0).to(dot_dtype)
-    w_t = tl.exp(cs_t)
-    if HAS_SEQ:
-        seq_t = tl.load(seq_ptr + b64 * L + rows_t, mask=tmask, other=-1)
-        seq_prev = tl.load(seq_ptr + b64 * L + tl.maximum(start - 1, 0))
-        w_t = tl.where(seq_t == seq_prev, w_t, 0.0)
+    h_lo, h_hi = load_state_halves(states_ptr + (bh64 * NC + c) * P * N, offs_p, mask_p, half, mask_h, N_HALF,
+                                   dot_dtype)
+    w_t, seq_t = entering_state_weight(cs_t, seq_ptr + b64 * L, rows_t, tmask, start, HAS_SEQ)
     dc_lo = tl.dot(g, h_lo) * w_t[:, None]
     dc_hi = tl.dot(g, h_hi) * w_t[:, None]
     y_off = (tl.dot(c_lo, tl.trans(h_lo)) + tl.dot(c_hi, tl.trans(h_hi))) * w_t[:, None]
-    tl.store(gyoff_ptr + pid_bh.to(tl.int64) * Lp + rows_t, tl.sum(g_f * y_off, axis=1))
+    tl.store(gyoff_ptr + bh64 * Lp + rows_t, tl.sum(g_f * y_off, axis=1))
     wrow = tl.zeros((BT,), dtype=tl.float32)
 
     for s0 in range(0, (tb + 1) * BT, BI):
@@ -185,7 +161,7 @@ def dc_kernel(
         dc_lo += tl.dot(w, b_lo)
         dc_hi += tl.dot(w, b_hi)
 
-    tl.store(wrow_ptr + pid_bh.to(tl.int64) * Lp + rows_t, wrow)
+    tl.store(wrow_ptr + bh64 * Lp + rows_t, wrow)
     dc_lo, dc_hi = unrotate(dc_lo, dc_hi, rows_t, tmask, cos_base, sin_base, s_tl, half, mask_h, HAS_ROPE)
     dptr = dc_ptr + b64 * s_db + hi_ * s_dh + rows_t[:, None] * s_dl + half[None, :] * s_dn
     dmask = tmask[:, None] & mask_h[None, :]
@@ -210,14 +186,7 @@ def dxdb_kernel(
     BLOCK_NH: tl.constexpr,
     HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
 ):
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    c = pid_s // (Q // BT)
-    sb = pid_s % (Q // BT)
-    bi = pid_bh // H
-    hi_ = pid_bh % H
-    gi = hi_ // HPG
-    b64 = bi.to(tl.int64)
+    c, sb, b64, hi_, gi, bh64 = tile_program(H, HPG, Q, BT)
     dot_dtype = DOT
 
     offs_p = tl.arange(0, BLOCK_P)
@@ -230,8 +199,8 @@ def dxdb_kernel(
     last = tl.minimum(start + Q, L) - 1
     rows_s = start + sb * BT + tl.arange(0, BT)
     smask_r = rows_s < L
-    cs_base = cs_ptr + pid_bh.to(tl.int64) * Lp
-    delta_base = delta_ptr + pid_bh.to(tl.int64) * Lp
+    cs_base = cs_ptr + bh64 * Lp
+    delta_base = delta_ptr + bh64 * Lp
     cos_base = cos_ptr + b64 * s_tb
     sin_base = sin_ptr + b64 * s_tb
     g_base = g_ptr + b64 * s_gb + hi_ * s_gh
@@ -255,15 +224,12 @@ def dxdb_kernel(
         seq_s = tl.load(seq_ptr + b64 * L + rows_s, mask=smask_r, other=-2)
         seq_last = tl.load(seq_ptr + b64 * L + last)
         w_s = tl.where(seq_s == seq_last, w_s, 0.0)
-    dst = dstates_ptr + (pid_bh.to(tl.int64) * NC + c) * P * N
-    sptr = dst + offs_p[:, None] * N + half[None, :]
-    smask = mask_p[:, None] & mask_h[None, :]
-    dh_lo = tl.load(sptr, mask=smask, other=0.0).to(dot_dtype)
-    dh_hi = tl.load(sptr + N_HALF, mask=smask, other=0.0).to(dot_dtype)
+    dh_lo, dh_hi = load_state_halves(dstates_ptr + (bh64 * NC + c) * P * N, offs_p, mask_p, half, mask_h, N_HALF,
+                                     dot_dtype)
     du = (tl.dot(b_lo, tl.trans(dh_lo)) + tl.dot(b_hi, tl.trans(dh_hi))) * w_s[:, None]
     db_lo = tl.dot(u, dh_lo) * w_s[:, None]
     db_hi = tl.dot(u, dh_hi) * w_s[:, None]
-    tl.store(v_ptr + pid_bh.to(tl.int64) * Lp + rows_s, tl.sum(du * u_f, axis=1))
+    tl.store(v_ptr + bh64 * Lp + rows_s, tl.sum(du * u_f, axis=1))
     wcol = tl.zeros((BT,), dtype=tl.float32)
 
     # within the chunk: target blocks from the diagonal one to the chunk's end
@@ -295,8 +261,8 @@ def dxdb_kernel(
     ddelta = tl.sum(du * xs, axis=1)
     tl.store(dx_ptr + b64 * s_dxb + hi_ * s_dxh + rows_s[:, None] * s_dxl + offs_p[None, :] * s_dxp,
              dx.to(dx_ptr.dtype.element_ty), mask=smask_r[:, None] & mask_p[None, :])
-    tl.store(ddelta_ptr + pid_bh.to(tl.int64) * Lp + rows_s, ddelta)
-    tl.store(wcol_ptr + pid_bh.to(tl.int64) * Lp + rows_s, wcol)
+    tl.store(ddelta_ptr + bh64 * Lp + rows_s, ddelta)
+    tl.store(wcol_ptr + bh64 * Lp + rows_s, wcol)
 
     db_lo, db_hi = unrotate(db_lo, db_hi, rows_s, smask_r, cos_base, sin_base, s_tl, half, mask_h, HAS_ROPE)
     dptr = db_ptr + b64 * s_db + hi_ * s_dh + rows_s[:, None] * s_dl + half[None, :] * s_dn

@@ -12,7 +12,7 @@ cs is the within-chunk cumulative sum of delta*A, laid out (b, H, Lp) with Lp = 
 import triton
 import triton.language as tl
 
-from ._triton_common import load_rotated
+from ._triton_common import entering_state_weight, load_rotated, load_state_halves, scan_program, tile_program
 
 
 @triton.jit
@@ -81,34 +81,24 @@ def state_scan_fwd_kernel(
 ):
     """Walk the chunks of one (batch row, head) in order with the state (P x the program's columns) in registers:
     store the state entering chunk c, then h <- decay_c h + S_c. Grid (b*H, N/2 / BNH)."""
-    pid_bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    bi = pid_bh // H
-    hi_ = pid_bh % H
-    gi = hi_ // HPG
-    b64 = bi.to(tl.int64)
-    offs_p = tl.arange(0, BLOCK_P)
-    half = pid_n * BNH + tl.arange(0, BNH)
-    mask_h = half < N_HALF
+    b64, hi_, gi, bh64, half, mask_h, st_off, st_mask = scan_program(H, HPG, P, N_HALF, BLOCK_P, BNH)
     N = 2 * N_HALF
-    st_off = offs_p[:, None] * N + half[None, :]
-    st_mask = (offs_p < P)[:, None] & mask_h[None, :]
 
     x_base = x_ptr + b64 * s_xb + hi_ * s_xh
     bm_base = b_ptr + b64 * s_bb + gi * s_bg
     cos_base = cos_ptr + b64 * s_tb
     sin_base = sin_ptr + b64 * s_tb
-    delta_base = delta_ptr + pid_bh.to(tl.int64) * Lp
-    cs_base = cs_ptr + pid_bh.to(tl.int64) * Lp
+    delta_base = delta_ptr + bh64 * Lp
+    cs_base = cs_ptr + bh64 * Lp
     seq_base = seq_ptr + b64 * L
     PN = P * N
     if HAS_INIT:
-        h_lo = tl.load(init_ptr + pid_bh.to(tl.int64) * PN + st_off, mask=st_mask, other=0.0)
-        h_hi = tl.load(init_ptr + pid_bh.to(tl.int64) * PN + st_off + N_HALF, mask=st_mask, other=0.0)
+        h_lo = tl.load(init_ptr + bh64 * PN + st_off, mask=st_mask, other=0.0)
+        h_hi = tl.load(init_ptr + bh64 * PN + st_off + N_HALF, mask=st_mask, other=0.0)
     else:
         h_lo = tl.zeros((BLOCK_P, BNH), dtype=tl.float32)
         h_hi = tl.zeros((BLOCK_P, BNH), dtype=tl.float32)
-    st_base = states_ptr + pid_bh.to(tl.int64) * NC * PN
+    st_base = states_ptr + bh64 * NC * PN
     for c in range(NC):
         tl.store(st_base + c * PN + st_off, h_lo, mask=st_mask)
         tl.store(st_base + c * PN + st_off + N_HALF, h_hi, mask=st_mask)
@@ -122,8 +112,8 @@ def state_scan_fwd_kernel(
         decay = chunk_decay(cs_base, seq_base, c, L, Q, HAS_SEQ)
         h_lo = decay * h_lo + s_lo
         h_hi = decay * h_hi + s_hi
-    tl.store(final_ptr + pid_bh.to(tl.int64) * PN + st_off, h_lo, mask=st_mask)
-    tl.store(final_ptr + pid_bh.to(tl.int64) * PN + st_off + N_HALF, h_hi, mask=st_mask)
+    tl.store(final_ptr + bh64 * PN + st_off, h_lo, mask=st_mask)
+    tl.store(final_ptr + bh64 * PN + st_off + N_HALF, h_hi, mask=st_mask)
 
 
 @triton.jit
@@ -140,14 +130,7 @@ def chunk_output_kernel(
     BLOCK_NH: tl.constexpr,
     HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    c = pid_t // (Q // BT)
-    tb = pid_t % (Q // BT)
-    bi = pid_bh // H
-    hi_ = pid_bh % H
-    gi = hi_ // HPG
-    b64 = bi.to(tl.int64)
+    c, tb, b64, hi_, gi, bh64 = tile_program(H, HPG, Q, BT)
     dot_dtype = DOT
 
     offs_p = tl.arange(0, BLOCK_P)
@@ -159,8 +142,8 @@ def chunk_output_kernel(
     start = c * Q
     rows_t = start + tb * BT + tl.arange(0, BT)
     tmask = rows_t < L
-    cs_base = cs_ptr + pid_bh.to(tl.int64) * Lp
-    delta_base = delta_ptr + pid_bh.to(tl.int64) * Lp
+    cs_base = cs_ptr + bh64 * Lp
+    delta_base = delta_ptr + bh64 * Lp
     cos_base = cos_ptr + b64 * s_tb
     sin_base = sin_ptr + b64 * s_tb
     x_base = x_ptr + b64 * s_xb + hi_ * s_xh
@@ -174,16 +157,9 @@ def chunk_output_kernel(
     c_hi = c_hi.to(dot_dtype)
 
     # contribution of the state entering the chunk
-    st_base = states_ptr + (pid_bh.to(tl.int64) * NC + c) * P * N
-    sptr = st_base + offs_p[:, None] * N + half[None, :]
-    smask = mask_p[:, None] & mask_h[None, :]
-    h_lo = tl.load(sptr, mask=smask, other=0.0).to(dot_dtype)
-    h_hi = tl.load(sptr + N_HALF, mask=smask, other=0.0).to(dot_dtype)
-    w_t = tl.exp(cs_t)
-    if HAS_SEQ:
-        seq_t = tl.load(seq_ptr + b64 * L + rows_t, mask=tmask, other=-1)
-        seq_prev = tl.load(seq_ptr + b64 * L + tl.maximum(start - 1, 0))
-        w_t = tl.where(seq_t == seq_prev, w_t, 0.0)
+    h_lo, h_hi = load_state_halves(states_ptr + (bh64 * NC + c) * P * N, offs_p, mask_p, half, mask_h, N_HALF,
+                                   dot_dtype)
+    w_t, seq_t = entering_state_weight(cs_t, seq_ptr + b64 * L, rows_t, tmask, start, HAS_SEQ)
     acc = tl.dot(c_lo, tl.trans(h_lo)) + tl.dot(c_hi, tl.trans(h_hi))
     acc = acc * w_t[:, None]
 

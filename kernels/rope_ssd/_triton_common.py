@@ -41,3 +41,48 @@ def unrotate(d_lo, d_hi, rows, row_mask, cos_base, sin_base, stride_cos_row, hal
         return d_lo * cos + d_hi * sin, d_hi * cos - d_lo * sin
     else:
         return d_lo, d_hi
+
+
+@triton.jit
+def tile_program(H, HPG, Q: tl.constexpr, BT: tl.constexpr):
+    """Where a tile-kernel program works, grid (chunks * Q/BT, b*H): (chunk, row block in it, batch row, head,
+    B/C group, batch*H + head); the batch row and that index as int64 for pointer offsets."""
+    pid_rows = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    head = pid_bh % H
+    return (pid_rows // (Q // BT), pid_rows % (Q // BT), (pid_bh // H).to(tl.int64), head, head // HPG,
+            pid_bh.to(tl.int64))
+
+
+@triton.jit
+def load_state_halves(base, offs_p, mask_p, half, mask_h, N_HALF: tl.constexpr, DOT: tl.constexpr):
+    """A (P x N) fp32 state (or its gradient) at `base` as two (P x N/2) halves in the dot dtype."""
+    ptr = base + offs_p[:, None] * (2 * N_HALF) + half[None, :]
+    m = mask_p[:, None] & mask_h[None, :]
+    return tl.load(ptr, mask=m, other=0.0).to(DOT), tl.load(ptr + N_HALF, mask=m, other=0.0).to(DOT)
+
+
+@triton.jit
+def entering_state_weight(cs_t, seq_base, rows_t, tmask, start, HAS_SEQ: tl.constexpr):
+    """exp(cs_t), the weight of the state entering the chunk in y_t, zero for tokens of a document that starts
+    inside the chunk; and the document ids of rows_t (rows_t itself without documents, unused then)."""
+    w_t = tl.exp(cs_t)
+    seq_t = rows_t
+    if HAS_SEQ:
+        seq_t = tl.load(seq_base + rows_t, mask=tmask, other=-1)
+        w_t = tl.where(seq_t == tl.load(seq_base + tl.maximum(start - 1, 0)), w_t, 0.0)
+    return w_t, seq_t
+
+
+@triton.jit
+def scan_program(H, HPG, P, N_HALF: tl.constexpr, BLOCK_P: tl.constexpr, BNH: tl.constexpr):
+    """Where a state-scan program works, grid (b*H, N/2 / BNH): (batch row as int64, head, B/C group, batch*H + head
+    as int64, its half-columns and their mask, offsets and mask of its (P x columns) part of a (P x N) state)."""
+    pid_bh = tl.program_id(0)
+    head = pid_bh % H
+    offs_p = tl.arange(0, BLOCK_P)
+    half = tl.program_id(1) * BNH + tl.arange(0, BNH)
+    mask_h = half < N_HALF
+    st_off = offs_p[:, None] * (2 * N_HALF) + half[None, :]
+    st_mask = (offs_p < P)[:, None] & mask_h[None, :]
+    return (pid_bh // H).to(tl.int64), head, head // HPG, pid_bh.to(tl.int64), half, mask_h, st_off, st_mask
