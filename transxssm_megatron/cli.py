@@ -89,19 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
-
-
 def main(argv=None) -> int:
     _quiet_imports()
     args = build_parser().parse_args(argv)
     from transxssm_megatron.config import ConfigError
     from transxssm_megatron.training.loop import TrainingError
+    from transxssm_megatron.training.parallel import discover_ranks
 
     if hasattr(signal, "SIGUSR2") and sys.__stderr__ is not None:
         faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)  # the process's own fd 2
-    distributed = args.command == "train" and _world_size() > 1
+    rank, world_size, _ = discover_ranks()
+    distributed = args.command == "train" and world_size > 1
     try:
         return args.fn(args)
     except (ConfigError, TrainingError) as err:
@@ -110,7 +108,6 @@ def main(argv=None) -> int:
     except Exception:
         if not distributed:
             raise
-        rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "?"
         print(f"[rank {rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         code = 1
     if distributed:
