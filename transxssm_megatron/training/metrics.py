@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -122,6 +123,15 @@ def format_line(record: dict) -> str:
     return " | ".join(parts)
 
 
+def _wandb_run_id(run_dir: Path) -> str:
+    """One wandb run per run dir: the id is made once and kept in run_dir/wandb_run_id, so a resumed job appends
+    to the same wandb run instead of starting a new one."""
+    path = run_dir / "wandb_run_id"
+    if not path.is_file():
+        path.write_text(uuid.uuid4().hex[:16] + "\n")
+    return path.read_text().strip()
+
+
 class MetricsWriter:
     """Writes each record to metrics.jsonl, TensorBoard (if installed and enabled) and wandb (if enabled).
 
@@ -147,7 +157,7 @@ class MetricsWriter:
                 import wandb
 
                 self.wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(run_dir), config=cfg.to_dict(),
-                                        name=run_dir.name, resume="allow")
+                                        name=run_dir.name, id=_wandb_run_id(run_dir), resume="allow")
             except ImportError:
                 self.print("[metrics] logging.wandb=true but wandb is not installed; skipping")
 
