@@ -160,6 +160,7 @@ def _agree_on_stop(run_dir: str):
 
     handler = PreemptionHandler()
     before = handler.should_stop()
+    clock = handler.poll(torch.distributed.get_rank() == 0)  # only rank 0's clock has passed the time limit
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 1:  # only one rank hears the signal
         os.kill(os.getpid(), signal.SIGTERM)
@@ -168,12 +169,13 @@ def _agree_on_stop(run_dir: str):
     after = handler.should_stop()
     marker = handler.mark_preempted(run_dir, step=7)
     handler.uninstall()
-    return before, after, str(marker) if marker else None
+    return before, after, str(marker) if marker else None, clock
 
 
 def test_all_ranks_agree_to_stop_when_one_is_signalled(tmp_path):
     results = run_distributed(_agree_on_stop, 2, str(tmp_path), timeout_s=120)
     assert [r[:2] for r in results] == [(False, True), (False, True)]
+    assert [r[3] for r in results] == [(False, True), (False, True)]  # one rank out of time: all stop
     assert results[1][2] is None  # rank 0 writes the marker
     marker = json.loads((tmp_path / "PREEMPTED").read_text())
     assert marker["step"] == 7 and marker["signal"] == "peer rank"

@@ -147,13 +147,6 @@ def _global_mean_loss(pair: Optional[torch.Tensor], world: parallel.World) -> fl
     return float(t[0] / t[1].clamp(min=1))
 
 
-def _any_rank(flag: bool, world: parallel.World) -> bool:
-    """True on every rank when `flag` is true on any rank (ranks' clocks and signals can disagree)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=world.device if world.on_gpu else "cpu")
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 # ---------------------------------------------------------------------------------------------- trainer
 def preflight(cfg: RunConfig) -> None:
     """Checks that need no process group: fail in seconds, not after the model is built."""
@@ -370,11 +363,13 @@ class Trainer:
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < stop_at:
                 last_saved, last_saved_step = self.save_checkpoint("interval"), step
                 self.throughput.reset()  # keep checkpoint time out of tokens/s
-            if deadline is not None and _any_rank(time.monotonic() > deadline, w):
+            # one collective for both: ranks' clocks and signals can disagree, the decision must not
+            preempted, out_of_time = self.preemption.poll(deadline is not None and time.monotonic() > deadline)
+            if out_of_time:
                 self.print(f"[train] train.time_limit_minutes={t.time_limit_minutes} reached at step {step}")
                 status = "time_limit"
                 break
-            if self.preemption.should_stop():
+            if preempted:
                 self.print(f"[train] preemption signal received: saving at step {step} and exiting")
                 status = "preempted"
                 break

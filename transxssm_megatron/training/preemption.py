@@ -62,16 +62,23 @@ class PreemptionHandler:
 
     def should_stop(self, group=None) -> bool:
         """True on every rank as soon as any rank has received a signal. Collective when distributed."""
+        return self.poll(group=group)[0]
+
+    def poll(self, *flags: bool, group=None) -> tuple[bool, ...]:
+        """(a signal reached any rank, then each of `flags` is true on any rank): one all-reduce for the loop's
+        per-step stop checks (the training loop adds its time limit). Collective when distributed."""
+        local = [self.requested, *flags]
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return self.requested
+            return tuple(bool(f) for f in local)
         backend = torch.distributed.get_backend(group)
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
-        if flag.item() and not self.requested:
+        agreed = torch.tensor([1 if f else 0 for f in local], dtype=torch.int32, device=device)
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX, group=group)
+        agreed = [bool(v) for v in agreed.tolist()]
+        if agreed[0] and not self.requested:
             self.requested = True
             self.signal_name = self.signal_name or "peer rank"
-        return bool(flag.item())
+        return tuple(agreed)
 
     def mark_preempted(self, run_dir: str | os.PathLike, step: int) -> Path | None:
         """Rank 0 writes `run_dir/PREEMPTED` (JSON: step, signal, time): the launcher's cue to requeue the job."""
