@@ -12,10 +12,12 @@
 #   bash bench/h200_session.sh resume-x2 OUT # 2 GPUs: TP=2 -> PP=2 x VPP=2 -> DP=2 on both; then GPU0: 320m 1 GPU
 #                                            #   (+ checkpoint, resume) then the grid's 1st half, GPU1: its 2nd half,
 #                                            #   until 9 minutes have passed (each shape is saved when measured)
+#   [STEPS=N ONLY_VPP=1] bash bench/h200_session.sh pp-fresh OUT  # PP=2 (x VPP=2) from scratch on 2 GPUs
 #   bash bench/h200_session.sh ssd-grid OUT  # the 12 shapes of bench/ssd.py spread over the GPUs, one JSON
 set -uo pipefail
-mode=${1:?usage: bash bench/h200_session.sh checks|ssd-grid OUT}
-out=${2:?usage: bash bench/h200_session.sh checks|ssd-grid OUT}
+usage="usage: bash bench/h200_session.sh checks|checks-x2|resume-x2|pp-fresh|ssd-grid OUT"
+mode=${1:?$usage}
+out=${2:?$usage}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 mkdir -p "$out"
@@ -71,7 +73,8 @@ resume-x2)
     wait
     ;;
 pp-fresh)
-    # from scratch, 20 steps each, the parallel scenario's settings: does PP=2 (x VPP=2) learn like TP=2?
+    # from scratch, STEPS steps (default 80), the parallel scenario's settings: does PP=2 (x VPP=2) learn like
+    # TP=2? ONLY_VPP=1 runs PP=2 x VPP=2 alone
     data="[$repo/.device/train_data/cosmopedia-v2, $repo/.device/train_data/fineweb-edu-dedup, $repo/.device/train_data/python-edu]"
     layouts=("parallel.pp=2 parallel.vpp=2" "parallel.pp=2 parallel.vpp=null")
     [ -n "${ONLY_VPP:-}" ] && layouts=("parallel.pp=2 parallel.vpp=2")

@@ -167,16 +167,15 @@ L4096 = ["train.seq_length=4096", "model.max_seq_length=4096"]
 
 def bench_320m_1gpu(r: Runner, out: Path) -> None:
     run_dir = r.work / "320m_1gpu"
-    overrides = [*L4096, "train.steps=300", "train.micro_batch_size=4", "train.global_batch_size=8",
-                 "train.eval_interval=100", "train.eval_iters=4", "logging.interval=10", "checkpoint.interval=0",
-                 "checkpoint.save_at_end=false", "checkpoint.resume=none", "train.time_limit_minutes=1.5",
-                 "parallel.use_distributed_optimizer=true"]
-    res = r.train("320m_1gpu", 1, "configs/320m.yaml", overrides, run_dir, timeout_s=240)
+    common = [*L4096, "train.steps=300", "train.micro_batch_size=4", "train.global_batch_size=8",
+              "train.eval_interval=100", "train.eval_iters=4", "logging.interval=10", "checkpoint.interval=0",
+              "checkpoint.save_at_end=false", "parallel.use_distributed_optimizer=true"]
+    res = r.train("320m_1gpu", 1, "configs/320m.yaml",
+                  [*common, "checkpoint.resume=none", "train.time_limit_minutes=1.5"], run_dir, timeout_s=240)
     summary = summarize(res["records"])
     # The time limit saves a checkpoint (distributed optimizer, dist_checkpointing); a second run resumes from it.
     resumed = r.train("320m_1gpu_resume", 1, "configs/320m.yaml",
-                      [*overrides[:-2], "checkpoint.resume=auto", "train.time_limit_minutes=0.3",
-                       "parallel.use_distributed_optimizer=true"], run_dir, timeout_s=150)
+                      [*common, "checkpoint.resume=auto", "train.time_limit_minutes=0.3"], run_dir, timeout_s=150)
     after = [rec for rec in resumed["records"][len(res["records"]):] if "loss" in rec]
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*")) \
         if (run_dir / "checkpoints").is_dir() else []

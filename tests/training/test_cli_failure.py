@@ -8,19 +8,14 @@ import textwrap
 CHILD = textwrap.dedent("""
     import atexit, sys, time
     import transxssm_megatron.cli as cli
+    import transxssm_megatron.training.loop as loop
 
     atexit.register(time.sleep, 600)   # stands in for teardown blocked on a collective the other ranks are in
 
-    def failing_train(args):
+    def failing_train(cfg):
         raise RuntimeError("dataset build failed on this rank")
 
-    cli.cmd_train = failing_train
-    parser = cli.build_parser
-    def build_parser():
-        p = parser()
-        p._subparsers._group_actions[0].choices["train"].set_defaults(fn=failing_train)
-        return p
-    cli.build_parser = build_parser
+    loop.train = failing_train         # `transxssm train` resolves it at call time
     sys.exit(cli.main(["train", "--config", "configs/tiny.yaml"]))
 """)
 
