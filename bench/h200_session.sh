@@ -14,8 +14,10 @@
 #                                            #   until 9 minutes have passed (each shape is saved when measured)
 #   [STEPS=N ONLY_VPP=1] bash bench/h200_session.sh pp-fresh OUT  # PP=2 (x VPP=2) from scratch on 2 GPUs
 #   bash bench/h200_session.sh ssd-grid OUT  # the 12 shapes of bench/ssd.py spread over the GPUs, one JSON
+#   [PROFILE="default split"] bash bench/h200_session.sh ssd-layouts OUT  # 1 GPU: kernel GPU tests, the layouts
+#                                            #   of bench/ssd.py --variants beside .device/baseline, profiles
 set -uo pipefail
-usage="usage: bash bench/h200_session.sh checks|checks-x2|resume-x2|pp-fresh|ssd-grid OUT"
+usage="usage: bash bench/h200_session.sh checks|checks-x2|resume-x2|pp-fresh|ssd-grid|ssd-layouts OUT"
 mode=${1:?$usage}
 out=${2:?$usage}
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -103,6 +105,15 @@ merged = dict(parts[0], shapes=[s for p in parts for s in p["shapes"]],
               command=[p["command"] for p in parts], ceilings_per_gpu=[p["ceilings"] for p in parts])
 (work / "ssd-grid.json").write_text(json.dumps(merged, indent=1))
 PY
+    ;;
+ssd-layouts)
+    # one GPU: the kernel GPU tests, then the layouts of bench/ssd.py (VARIANTS) beside the kernels of the commit in
+    # .device/baseline/kernels (`git archive <commit> kernels | tar -x -C .device/baseline`), per-kernel profiles
+    timeout 240 "$py" -m pytest tests/gpu/test_rope_ssd_gpu.py -v -s -p no:cacheprovider -o addopts="" \
+        > "$work/gpu-tests.txt" 2>&1
+    base=(); [ -d .device/baseline/kernels ] && base=(--baseline-kernels .device/baseline/kernels)
+    timeout 280 "$py" bench/ssd.py --variants --quick --fast "${base[@]}" --profile ${PROFILE:-default} \
+        --out "$work/ssd-variants.json" > "$work/ssd-variants.log" 2>&1
     ;;
 *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac

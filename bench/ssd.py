@@ -168,54 +168,87 @@ def run_shape(H, N, l, mamba, quick, P=64):
     return out
 
 
-# Tile layouts of the fused kernel: (rows, inner block forward, inner block backward, warps of the output/dc/dxdb
-# kernels, RoPE tables in the input dtype, chunk). The first is the shipped default; --variants times them all on
-# the 1.3B layer.
-VARIANTS = [(64, 64, 32, 4, True, 256), (64, 64, 64, 4, False, 256), (64, 32, 32, 4, False, 256),
-            (64, 64, 32, 4, False, 256), (64, 32, 32, 4, True, 256), (128, 64, 64, 8, True, 256),
-            (64, 64, 32, 4, True, 128), (64, 32, 32, 4, True, 128), (128, 64, 32, 8, True, 128)]
+# Layouts of the fused kernel: overrides of chunk.py's module settings, plus "chunk" (the chunk size), "warps" (of
+# the output/dc/dxdb kernels) and "scan_cols" (half-columns per state-scan program). The first is the shipped
+# default; --variants times them all on the 1.3B layer (and the kernels of --baseline-kernels, if given).
+VARIANTS = {
+    "default": {},
+    "split": dict(SPLIT_DXDB=True),
+    "lowstates": dict(STATES_IN_INPUT_DTYPE=True),
+    "split+lowstates": dict(SPLIT_DXDB=True, STATES_IN_INPUT_DTYPE=True),
+    "split+lowstates inner-bwd16": dict(SPLIT_DXDB=True, STATES_IN_INPUT_DTYPE=True, BLOCK_INNER_BWD=16),
+    "split+lowstates inner-bwd64": dict(SPLIT_DXDB=True, STATES_IN_INPUT_DTYPE=True, BLOCK_INNER_BWD=64),
+    "split+lowstates scan64": dict(SPLIT_DXDB=True, STATES_IN_INPUT_DTYPE=True, scan_cols=64),
+    "split+lowstates scan16": dict(SPLIT_DXDB=True, STATES_IN_INPUT_DTYPE=True, scan_cols=16),
+    "split+lowstates rows128 w8": dict(SPLIT_DXDB=True, STATES_IN_INPUT_DTYPE=True, BLOCK_ROWS=128, warps=8),
+    "chunk128": dict(chunk=128),
+    "split+lowstates chunk128": dict(SPLIT_DXDB=True, STATES_IN_INPUT_DTYPE=True, chunk=128),
+    "split+lowstates chunk128 inner-bwd64": dict(SPLIT_DXDB=True, STATES_IN_INPUT_DTYPE=True, chunk=128,
+                                                 BLOCK_INNER_BWD=64),
+}
 
 
-def variant_name(rows, inner_fwd, inner_bwd, warps, tables_low, Q):
-    return (f"rows{rows}-inner{inner_fwd}/{inner_bwd}-w{warps}-{'lowtab' if tables_low else 'fp32tab'}"
-            f"-chunk{Q}")
-
-
-def use_variant(rows, inner_fwd, inner_bwd, warps, tables_low):
-    """Point the fused kernel at one tile layout (module globals of chunk.py and the launch options)."""
+def use_variant(overrides):
+    """Point the fused kernel at one layout; returns a function that restores the previous one."""
     from transxssm_kernels.rope_ssd import chunk
-    chunk.BLOCK_ROWS, chunk.BLOCK_INNER_FWD, chunk.BLOCK_INNER_BWD = rows, inner_fwd, inner_bwd
-    chunk.TABLES_IN_INPUT_DTYPE = tables_low
-    for opts in (chunk._OPT_OUT, chunk._OPT_DC, chunk._OPT_DXDB):
-        opts["num_warps"] = warps
+    opts = {"warps": (chunk._OPT_OUT, chunk._OPT_DC, chunk._OPT_DXDB), "scan_cols": (chunk._OPT_SFWD, chunk._OPT_SBWD)}
+    saved_opts = [dict(o) for group in opts.values() for o in group]
+    saved = {k: getattr(chunk, k) for k in overrides if k not in opts and k != "chunk"}
+    for k, v in overrides.items():
+        if k == "warps":
+            for o in opts[k]:
+                o["num_warps"] = v
+        elif k == "scan_cols":
+            for o in opts[k]:
+                o["BNH"] = v
+        elif k != "chunk":
+            setattr(chunk, k, v)
+
+    def restore():
+        for k, v in saved.items():
+            setattr(chunk, k, v)
+        for o, d in zip([o for group in opts.values() for o in group], saved_opts):
+            o.clear()
+            o.update(d)
+    return restore
 
 
-def time_variants(H=32, N=128, l=4096, P=64):
-    """ms of fused fwd / fwd+bwd for each of VARIANTS; leaves the default in place. Returns {name: timings}."""
-    from transxssm_kernels.rope_ssd import chunk
-    defaults = [dict(o) for o in (chunk._OPT_OUT, chunk._OPT_DC, chunk._OPT_DXDB)]
-    saved = (chunk.BLOCK_ROWS, chunk.BLOCK_INNER_FWD, chunk.BLOCK_INNER_BWD, chunk.TABLES_IN_INPUT_DTYPE)
+def load_baseline(path):
+    """rope_ssd of another checkout's kernels/ folder (e.g. the previous commit), imported as `baseline_kernels`."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("baseline_kernels", os.path.join(path, "__init__.py"),
+                                                  submodule_search_locations=[path])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["baseline_kernels"] = mod
+    spec.loader.exec_module(mod)
+    return importlib.import_module("baseline_kernels.rope_ssd").rope_ssd
+
+
+def time_variants(H=32, N=128, l=4096, P=64, baseline=None):
+    """ms of fused fwd / fwd+bwd for each of VARIANTS (and the baseline kernels); leaves the default in place."""
     x, dt, A, B, C, dy, cos, sin = layer_inputs(H, N, l, P)
+    runs = [(name, v, rope_ssd) for name, v in VARIANTS.items()]
+    if baseline is not None:
+        runs.insert(0, ("baseline", {}, baseline))
     out = {}
-    for rows, inner_fwd, inner_bwd, warps, tables_low, Q in VARIANTS:
-        name = variant_name(rows, inner_fwd, inner_bwd, warps, tables_low, Q)
-        use_variant(rows, inner_fwd, inner_bwd, warps, tables_low)
-        f = lambda: rope_ssd(x, dt, A, B, C, chunk_size=Q, dt_softplus=True, rope_cos=cos, rope_sin=sin)
+    for name, overrides, fn in runs:
+        restore = use_variant(overrides)
+        Q = overrides.get("chunk", 256)
+        f = lambda: fn(x, dt, A, B, C, chunk_size=Q, dt_softplus=True, rope_cos=cos, rope_sin=sin)
         try:
             out[name] = {"fwd": bench(f, None), "fwdbwd": bench(lambda: f().backward(dy), [x, dt, A, B, C])}
         except Exception as e:  # a layout that fails to compile or run is reported, not fatal
             out[name] = {"error": repr(e)[:300]}
+        finally:
+            restore()
         print("variant", name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out[name].items()},
               flush=True)
-    chunk.BLOCK_ROWS, chunk.BLOCK_INNER_FWD, chunk.BLOCK_INNER_BWD, chunk.TABLES_IN_INPUT_DTYPE = saved
-    for opts, d in zip((chunk._OPT_OUT, chunk._OPT_DC, chunk._OPT_DXDB), defaults):
-        opts.clear()
-        opts.update(d)
     return out
 
 
-def profile_fused(H=32, N=128, l=4096, P=64, steps_only=False):
+def profile_fused(H=32, N=128, l=4096, P=64, steps_only=False, variant="default"):
     """Print the CUDA time of each kernel of one fused forward+backward (torch.profiler), after warm-up."""
+    restore = use_variant(VARIANTS[variant])
     x, dt, A, B, C, dy, cos, sin = layer_inputs(H, N, l, P)
     def step():
         x.grad = dt.grad = A.grad = B.grad = C.grad = None   # no gradient-accumulation kernels in the profile
@@ -224,11 +257,14 @@ def profile_fused(H=32, N=128, l=4096, P=64, steps_only=False):
         step()
     torch.cuda.synchronize()
     if steps_only:
+        restore()
         return
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             step()
         torch.cuda.synchronize()
+    restore()
+    print(f"profile of layout {variant!r}, 5 steps:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
 
 
@@ -249,7 +285,11 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--mamba-path", default=None, help="folder holding an unpacked mamba_ssm wheel")
     ap.add_argument("--quick", action="store_true", help="only the 1.3B N=128 l=4096 shape")
-    ap.add_argument("--profile", action="store_true", help="per-kernel times of fused fwd+bwd, 1.3B N=128 l=4096")
+    ap.add_argument("--profile", nargs="*", metavar="LAYOUT", default=None,
+                    help="per-kernel times of fused fwd+bwd, 1.3B N=128 l=4096, for these VARIANTS names (default: "
+                    "the default layout)")
+    ap.add_argument("--baseline-kernels", default=None, metavar="DIR",
+                    help="another checkout's kernels/ folder, timed beside the variants as 'baseline'")
     ap.add_argument("--variants", action="store_true", help="time variants of the fused kernel, 1.3B N=128 l=4096")
     ap.add_argument("--ncu-step", action="store_true", help="run one fused fwd+bwd only (for ncu), then exit")
     ap.add_argument("--part", default="1/1", help="K/N: measure every N-th shape of the grid from the K-th (1-based), "
@@ -260,11 +300,13 @@ def main():
     if args.ncu_step:
         profile_fused(steps_only=True)
         return
-    if args.profile:
-        profile_fused()
+    if args.profile is not None:
+        for name in args.profile or ["default"]:
+            profile_fused(variant=name)
     if args.fast:
         TIMING.update(warmup=5, rep=30)
-    variants = time_variants() if args.variants else None
+    baseline = load_baseline(args.baseline_kernels) if args.baseline_kernels else None
+    variants = time_variants(baseline=baseline) if args.variants else None
 
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -82,7 +82,9 @@ def main() -> None:
         "chunk_output": (_fwd.chunk_output_kernel, dict(common, BT=bt, BI=bi_f), args.warps, 1),
         "state_scan_bwd": (_bwd.state_scan_bwd_kernel, dict(common, BS=bi_b, BNH=32, HAS_DFINAL=False), 4, 1),
         "dc": (_bwd.dc_kernel, dict(common, BT=bt, BI=bi_b), args.warps, 1),
-        "dxdb": (_bwd.dxdb_kernel, dict(common, BT=bt, BI=bi_b), args.warps, 2),
+        "dxdb": (_bwd.dxdb_kernel, dict(common, BT=bt, BI=bi_b, OUT=3), args.warps, 2),
+        "dxdb split: dx": (_bwd.dxdb_kernel, dict(common, BT=bt, BI=bi_b, OUT=1), args.warps, 2),
+        "dxdb split: dB": (_bwd.dxdb_kernel, dict(common, BT=bt, BI=bi_b, OUT=2), args.warps, 2),
     }
     table = {name: ptxas_report(ptx_of(k, c, w, s)) for name, (k, c, w, s) in cases.items()}
     print(f"sm_90, triton {triton.__version__}, {vars(args)}")

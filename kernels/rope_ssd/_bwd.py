@@ -4,16 +4,17 @@ g is the gradient of y; u_s = delta_s x_s; L_ts = exp(cs_t - cs_s) for s <= t in
 a_j = delta_j A (cs is its within-chunk cumulative sum).
   1. state_scan_bwd_kernel: reverse walk, dH_c = sum_t exp(cs_t) g_t C~_t^T + decay_c dH_{c+1}; stores the gradient
      of the state leaving each chunk and K_c = decay_c <dH_{c+1}, H_c>.
-  2. dc_kernel   (t rows):  dC~_t = exp(cs_t) g_t H_c + sum_s L_ts (g_t.u_s) B~_s ;  g_t.y_off_t ;
-                            and the row sums R_t = sum_s W_ts,  W_ts = L_ts (g_t.u_s)(C~_t.B~_s)
+  2. dc_kernel   (t rows):  dC~_t = exp(cs_t) g_t H_c + sum_s L_ts (g_t.u_s) B~_s ;  E_t = C~_t . dC~_t
   3. dxdb_kernel (s rows):  du_s = w_s dH_{c+1} B~_s + sum_t L_ts (C~_t.B~_s) g_t ;
                             dB~_s = w_s dH_{c+1}^T u_s + sum_t L_ts (g_t.u_s) C~_t ;  w_s = exp(cs_last - cs_s)
-     then dx = delta du, d delta (direct) = du.x, V_s = u_s . (state-path part of du_s), and the column sums
-     K_s = sum_t W_ts.
-  d cs_t (intra) = R_t - K_t, so d a_j = sum_{t >= j} (R_t - K_t + g_t.y_off_t) + sum_{s < j} V_s + K_c
-  (chunk.py adds the parts up). R and K are fp32 sums of the same fp32 products W_ts (the same rounded operands
-  in both kernels), so the diagonal twins W_tt cancel to fp32 rounding. The plain formula
-  d cs_t = g_t.y_t - u_t.du_t instead subtracts bf16-rounded outputs and lost dA to that (9% off at l = 4096).
+     then dx = delta du, d delta (direct) = du.x, V_s = u_s . (state-path part of du_s), F_s = B~_s . dB~_s.
+  d(delta*A): with W_ts = L_ts (g_t.u_s)(C~_t.B~_s), d cs_t (intra) = sum_s W_ts - sum_t' W_t't. The first sum is
+  the intra part of E_t (its state part is g_t.y_off_t), the second the intra part of F_t (its state part is V_t), so
+  d cs_t = E_t - F_t + V_t and d a_j = sum_{t >= j} d cs_t + sum_{s < j} V_s + K_c (chunk.py adds the parts up).
+  Both kernels round L (g.u) to the dot dtype the same way and dot it with the same rounded C~, B~ in fp32, so the
+  diagonal twins W_tt of E_t and F_t cancel to fp32 rounding; the first version's d cs_t = g_t.y_t - u_t.du_t
+  subtracted bf16-rounded outputs instead and lost dA to that (9% off at l = 4096). E and F cost one row sum each,
+  after the loops: dc needs no C~ B~^T at all.
 Rotated gradients go back through the inverse rotation as they are stored.
 """
 
@@ -90,8 +91,7 @@ def dc_kernel(
     delta_ptr, cs_ptr, seq_ptr,
     states_ptr,                               # (b, H, NC, P, N) state entering each chunk
     dc_ptr, s_db, s_dl, s_dh, s_dn,           # dC per head (b, l, H, N)
-    gyoff_ptr,                                # out (b, H, Lp) fp32: g_t . (part of y_t from the entering state)
-    wrow_ptr,                                 # out (b, H, Lp) fp32: R_t = sum_s W_ts
+    e_ptr,                                    # out (b, H, Lp) fp32: E_t = C~_t . dC~_t
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_NH: tl.constexpr,
@@ -118,50 +118,39 @@ def dc_kernel(
     cm_base = c_ptr + b64 * s_cb_ + gi * s_cg
 
     cs_t = tl.load(cs_base + rows_t)
-    c_lo, c_hi = load_rotated(cm_base, rows_t, tmask, s_cl_, s_cn, cos_base, sin_base, s_tl, half, mask_h,
-                              N_HALF, HAS_ROPE)
-    c_lo = c_lo.to(dot_dtype)
-    c_hi = c_hi.to(dot_dtype)
     g = tl.load(g_ptr + b64 * s_gb + hi_ * s_gh + rows_t[:, None] * s_gl + offs_p[None, :] * s_gp,
-                mask=tmask[:, None] & mask_p[None, :], other=0.0)
-    g_f = g.to(tl.float32)
-    g = g.to(dot_dtype)
+                mask=tmask[:, None] & mask_p[None, :], other=0.0).to(dot_dtype)
 
     h_lo, h_hi = load_state_halves(states_ptr + (bh64 * NC + c) * P * N, offs_p, mask_p, half, mask_h, N_HALF,
                                    dot_dtype)
     w_t, seq_t = entering_state_weight(cs_t, seq_ptr + b64 * L, rows_t, tmask, start, HAS_SEQ)
     dc_lo = tl.dot(g, h_lo) * w_t[:, None]
     dc_hi = tl.dot(g, h_hi) * w_t[:, None]
-    y_off = (tl.dot(c_lo, tl.trans(h_lo)) + tl.dot(c_hi, tl.trans(h_hi))) * w_t[:, None]
-    tl.store(gyoff_ptr + bh64 * Lp + rows_t, tl.sum(g_f * y_off, axis=1))
-    wrow = tl.zeros((BT,), dtype=tl.float32)
 
     for s0 in range(0, (tb + 1) * BT, BI):
         rows_s = start + s0 + tl.arange(0, BI)
         smask_r = rows_s < L
         b_lo, b_hi = load_rotated(bm_base, rows_s, smask_r, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,
                                   N_HALF, HAS_ROPE)
-        b_lo = b_lo.to(dot_dtype)
-        b_hi = b_hi.to(dot_dtype)
         xs = tl.load(x_base + rows_s[:, None] * s_xl + offs_p[None, :] * s_xp,
                      mask=smask_r[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
         d_s = tl.load(delta_base + rows_s)
         cs_s = tl.load(cs_base + rows_s)
         u = (xs * d_s[:, None]).to(dot_dtype)
-        scores = tl.dot(c_lo, tl.trans(b_lo)) + tl.dot(c_hi, tl.trans(b_hi))
         gu = tl.dot(g, tl.trans(u))
         keep = rows_t[:, None] >= rows_s[None, :]
         if HAS_SEQ:
             seq_s = tl.load(seq_ptr + b64 * L + rows_s, mask=smask_r, other=-2)
             keep = keep & (seq_t[:, None] == seq_s[None, :])
-        decay = tl.where(keep, tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0)), 0.0)
-        w = gu * decay
-        wrow += tl.sum(w * scores, axis=1)
-        w = w.to(dot_dtype)
-        dc_lo += tl.dot(w, b_lo)
-        dc_hi += tl.dot(w, b_hi)
+        w = tl.where(keep, gu * tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0)), 0.0).to(dot_dtype)
+        dc_lo += tl.dot(w, b_lo.to(dot_dtype))
+        dc_hi += tl.dot(w, b_hi.to(dot_dtype))
 
-    tl.store(wrow_ptr + bh64 * Lp + rows_t, wrow)
+    # E_t = C~_t . dC~_t with the C~ the dots used (see the module docstring); then back through the rotation
+    c_lo, c_hi = load_rotated(cm_base, rows_t, tmask, s_cl_, s_cn, cos_base, sin_base, s_tl, half, mask_h,
+                              N_HALF, HAS_ROPE)
+    e = tl.sum(c_lo.to(dot_dtype).to(tl.float32) * dc_lo + c_hi.to(dot_dtype).to(tl.float32) * dc_hi, axis=1)
+    tl.store(e_ptr + bh64 * Lp + rows_t, e)
     dc_lo, dc_hi = unrotate(dc_lo, dc_hi, rows_t, tmask, cos_base, sin_base, s_tl, half, mask_h, HAS_ROPE)
     dptr = dc_ptr + b64 * s_db + hi_ * s_dh + rows_t[:, None] * s_dl + half[None, :] * s_dn
     dmask = tmask[:, None] & mask_h[None, :]
@@ -180,14 +169,19 @@ def dxdb_kernel(
     dstates_ptr,                              # (b, H, NC, P, N) gradient of the state leaving each chunk
     dx_ptr, s_dxb, s_dxl, s_dxh, s_dxp,       # (b, l, H, P)
     db_ptr, s_db, s_dl, s_dh, s_dn,           # dB per head (b, l, H, N)
-    ddelta_ptr, v_ptr, wcol_ptr,              # out (b, H, Lp) fp32: du.x ; u_s . du_s (state path) ; sum_t W_ts
+    ddelta_ptr, v_ptr, k_ptr,                 # out (b, H, Lp) fp32: du.x ; u_s . du_s (state path) ; K_s or F_s
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_NH: tl.constexpr,
-    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
+    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr, OUT: tl.constexpr,
 ):
+    """OUT = 3: dx and dB in one pass over the target blocks, k_ptr gets K_s = sum_t W_ts (from the same rounded
+    L (u.g) as dc's); OUT = 1: dx, d delta and V only; OUT = 2: dB only, k_ptr gets F_s = B~_s . dB~_s (= K_s + V_s).
+    Two launches (1 and 2) keep fewer tiles live than one (3) at the cost of loading C~ and g twice."""
     c, sb, b64, hi_, gi, bh64 = tile_program(H, HPG, Q, BT)
     dot_dtype = DOT
+    DO_DX: tl.constexpr = OUT % 2 == 1
+    DO_DB: tl.constexpr = OUT >= 2
 
     offs_p = tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
@@ -209,12 +203,9 @@ def dxdb_kernel(
 
     cs_s = tl.load(cs_base + rows_s)
     d_s = tl.load(delta_base + rows_s)
-    b_lo, b_hi = load_rotated(bm_base, rows_s, smask_r, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,
-                              N_HALF, HAS_ROPE)
-    b_lo = b_lo.to(dot_dtype)
-    b_hi = b_hi.to(dot_dtype)
-    xs = tl.load(x_ptr + b64 * s_xb + hi_ * s_xh + rows_s[:, None] * s_xl + offs_p[None, :] * s_xp,
-                 mask=smask_r[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
+    x_mask = smask_r[:, None] & mask_p[None, :]
+    xs = tl.load(x_ptr + b64 * s_xb + hi_ * s_xh + rows_s[:, None] * s_xl + offs_p[None, :] * s_xp, mask=x_mask,
+                 other=0.0).to(tl.float32)
     u_f = xs * d_s[:, None]
     u = u_f.to(dot_dtype)
 
@@ -226,11 +217,17 @@ def dxdb_kernel(
         w_s = tl.where(seq_s == seq_last, w_s, 0.0)
     dh_lo, dh_hi = load_state_halves(dstates_ptr + (bh64 * NC + c) * P * N, offs_p, mask_p, half, mask_h, N_HALF,
                                      dot_dtype)
-    du = (tl.dot(b_lo, tl.trans(dh_lo)) + tl.dot(b_hi, tl.trans(dh_hi))) * w_s[:, None]
-    db_lo = tl.dot(u, dh_lo) * w_s[:, None]
-    db_hi = tl.dot(u, dh_hi) * w_s[:, None]
-    tl.store(v_ptr + bh64 * Lp + rows_s, tl.sum(du * u_f, axis=1))
-    wcol = tl.zeros((BT,), dtype=tl.float32)
+    if DO_DX:
+        b_lo, b_hi = load_rotated(bm_base, rows_s, smask_r, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,
+                                  N_HALF, HAS_ROPE)
+        b_lo = b_lo.to(dot_dtype)
+        b_hi = b_hi.to(dot_dtype)
+        du = (tl.dot(b_lo, tl.trans(dh_lo)) + tl.dot(b_hi, tl.trans(dh_hi))) * w_s[:, None]
+        tl.store(v_ptr + bh64 * Lp + rows_s, tl.sum(du * u_f, axis=1))
+    if DO_DB:
+        db_lo = tl.dot(u, dh_lo) * w_s[:, None]
+        db_hi = tl.dot(u, dh_hi) * w_s[:, None]
+    k = tl.zeros((BT,), dtype=tl.float32)
 
     # within the chunk: target blocks from the diagonal one to the chunk's end
     for t0 in range(sb * BT, Q, BI):
@@ -243,29 +240,33 @@ def dxdb_kernel(
         g = tl.load(g_base + rows_t[:, None] * s_gl + offs_p[None, :] * s_gp,
                     mask=tmask[:, None] & mask_p[None, :], other=0.0).to(dot_dtype)
         cs_t = tl.load(cs_base + rows_t)
-        scores_t = tl.dot(b_lo, tl.trans(c_lo)) + tl.dot(b_hi, tl.trans(c_hi))   # (s, t)
-        ug = tl.dot(u, tl.trans(g))                                              # (s, t)
         keep = rows_t[None, :] >= rows_s[:, None]
         if HAS_SEQ:
             seq_t = tl.load(seq_ptr + b64 * L + rows_t, mask=tmask, other=-1)
             keep = keep & (seq_t[None, :] == seq_s[:, None])
         decay = tl.where(keep, tl.exp(tl.minimum(cs_t[None, :] - cs_s[:, None], 0.0)), 0.0)
-        du += tl.dot((scores_t * decay).to(dot_dtype), g)
-        w = ug * decay
-        wcol += tl.sum(w * scores_t, axis=1)
-        w = w.to(dot_dtype)
-        db_lo += tl.dot(w, c_lo)
-        db_hi += tl.dot(w, c_hi)
+        if DO_DX:
+            scores_t = tl.dot(b_lo, tl.trans(c_lo)) + tl.dot(b_hi, tl.trans(c_hi))   # (s, t)
+            du += tl.dot((scores_t * decay).to(dot_dtype), g)
+        if DO_DB:
+            w = (tl.dot(u, tl.trans(g)) * decay).to(dot_dtype)                        # (s, t)
+            if DO_DX:
+                k += tl.sum(w.to(tl.float32) * scores_t, axis=1)
+            db_lo += tl.dot(w, c_lo)
+            db_hi += tl.dot(w, c_hi)
 
-    dx = du * d_s[:, None]
-    ddelta = tl.sum(du * xs, axis=1)
-    tl.store(dx_ptr + b64 * s_dxb + hi_ * s_dxh + rows_s[:, None] * s_dxl + offs_p[None, :] * s_dxp,
-             dx.to(dx_ptr.dtype.element_ty), mask=smask_r[:, None] & mask_p[None, :])
-    tl.store(ddelta_ptr + bh64 * Lp + rows_s, ddelta)
-    tl.store(wcol_ptr + bh64 * Lp + rows_s, wcol)
-
-    db_lo, db_hi = unrotate(db_lo, db_hi, rows_s, smask_r, cos_base, sin_base, s_tl, half, mask_h, HAS_ROPE)
-    dptr = db_ptr + b64 * s_db + hi_ * s_dh + rows_s[:, None] * s_dl + half[None, :] * s_dn
-    dmask = smask_r[:, None] & mask_h[None, :]
-    tl.store(dptr, db_lo.to(db_ptr.dtype.element_ty), mask=dmask)
-    tl.store(dptr + N_HALF * s_dn, db_hi.to(db_ptr.dtype.element_ty), mask=dmask)
+    if DO_DX:
+        tl.store(dx_ptr + b64 * s_dxb + hi_ * s_dxh + rows_s[:, None] * s_dxl + offs_p[None, :] * s_dxp,
+                 (du * d_s[:, None]).to(dx_ptr.dtype.element_ty), mask=x_mask)
+        tl.store(ddelta_ptr + bh64 * Lp + rows_s, tl.sum(du * xs, axis=1))
+    if DO_DB:
+        if not DO_DX:
+            b_lo, b_hi = load_rotated(bm_base, rows_s, smask_r, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,
+                                      N_HALF, HAS_ROPE)
+            k = tl.sum(b_lo.to(dot_dtype).to(tl.float32) * db_lo + b_hi.to(dot_dtype).to(tl.float32) * db_hi, 1)
+        tl.store(k_ptr + bh64 * Lp + rows_s, k)
+        db_lo, db_hi = unrotate(db_lo, db_hi, rows_s, smask_r, cos_base, sin_base, s_tl, half, mask_h, HAS_ROPE)
+        dptr = db_ptr + b64 * s_db + hi_ * s_dh + rows_s[:, None] * s_dl + half[None, :] * s_dn
+        dmask = smask_r[:, None] & mask_h[None, :]
+        tl.store(dptr, db_lo.to(db_ptr.dtype.element_ty), mask=dmask)
+        tl.store(dptr + N_HALF * s_dn, db_hi.to(db_ptr.dtype.element_ty), mask=dmask)

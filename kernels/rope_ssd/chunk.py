@@ -24,8 +24,8 @@ How it works (per batch row and head; Q = chunk_size, cs = within-chunk cumulati
             y_t = exp(cs_t) C~_t H_c^T + sum_{s<=t} exp(cs_t - cs_s) (C~_t.B~_s) delta_s x_s   (chunk_output_kernel)
   B~, C~ are rotated inside the kernels as B and C are loaded; the rotated tensors never touch memory.
   backward  state_scan_bwd_kernel (reverse walk), dc_kernel (dC), dxdb_kernel (dx, dB); see _bwd.py. The gradient
-  through the rotation is the inverse rotation, applied before storing dB, dC. d(delta*A) comes from fp32 row
-  and column sums of the same pairwise products (their diagonal twins cancel in fp32, not after bf16 rounding).
+  through the rotation is the inverse rotation, applied before storing dB, dC. d(delta*A) comes from C~.dC~ and
+  B~.dB~ row sums in fp32 (their diagonal twins cancel in fp32, not after bf16 rounding; see _bwd.py).
   Saved for backward: the inputs, delta and cs (b, H, Lp) fp32, and the fp32 state entering each chunk
   (b, H, chunks, P, N): 4*P*N/Q bytes per token and head (128 B at P=64, N=128, Q=256).
 dt -> delta (bias, softplus), the cumulative sum, the D skip and the z gate are plain PyTorch around one
@@ -76,10 +76,19 @@ def _meta(P, N, Q, dtype):
 BLOCK_ROWS = 64
 BLOCK_INNER_FWD = 64
 BLOCK_INNER_BWD = 32
+# dx and dB of the backward in two launches (each keeps fewer tiles live) instead of one.
+SPLIT_DXDB = False
 # Rotate bf16/fp16 operands with tables rounded to that dtype: half the table traffic, 0.6 ms faster fwd+bwd on the
 # H200. The rotated operands are rounded to that dtype for the dot products anyway, so the error stays of the
 # same order (tests/gpu/test_rope_ssd_gpu.py checks it against float64).
 TABLES_IN_INPUT_DTYPE = True
+# Store the per-chunk states (and their gradients) in the input dtype: the tile kernels round them to it for their
+# dots anyway; only the backward scan's K_c = decay <dH, H_c> reads the rounded state. Halves the state traffic.
+STATES_IN_INPUT_DTYPE = False
+
+
+def _state_dtype(dtype):
+    return dtype if STATES_IN_INPUT_DTYPE else torch.float32
 
 
 def _tables(cos, sin, ref):
@@ -151,7 +160,7 @@ class _RopeSSDCore(torch.autograd.Function):
         meta = _meta(P, N, Q, x.dtype)
         flags = dict(HAS_ROPE=has_rope, HAS_SEQ=has_seq)
 
-        states = torch.empty((b, H, nc, P, N), device=x.device, dtype=torch.float32)
+        states = torch.empty((b, H, nc, P, N), device=x.device, dtype=_state_dtype(x.dtype))
         final = torch.empty((b, H, P, N), device=x.device, dtype=torch.float32)
         init = initial_state.to(torch.float32).contiguous() if initial_state is not None else final
         _state_fwd[_scan_grid(b, H, N, _OPT_SFWD)](
@@ -185,7 +194,7 @@ class _RopeSSDCore(torch.autograd.Function):
         g = dy.to(x.dtype).contiguous()
 
         # gradient of the state leaving each chunk (reverse scan) and the chunk-decay part of d a
-        dstates = torch.empty((b, H, nc, P, N), device=dev, dtype=torch.float32)
+        dstates = torch.empty((b, H, nc, P, N), device=dev, dtype=_state_dtype(x.dtype))
         dinit = torch.empty((b, H, P, N), device=dev, dtype=torch.float32)
         kdec = torch.zeros((b, H, nc), device=dev, dtype=torch.float32)
         dfin = dfinal.to(torch.float32).contiguous() if dfinal is not None else dinit
@@ -197,24 +206,25 @@ class _RopeSSDCore(torch.autograd.Function):
         bc_dtype = B.dtype if G == H else torch.float32
         dB_h = torch.empty((b, l, H, N), device=dev, dtype=bc_dtype)
         dC_h = torch.empty((b, l, H, N), device=dev, dtype=bc_dtype)
-        gyoff, wrow, wcol, ddelta, v = torch.empty((5, b, H, Lp), device=dev, dtype=torch.float32)
+        e, k, ddelta, v = torch.empty((4, b, H, Lp), device=dev, dtype=torch.float32)
         dx = torch.empty_like(x)
         grid = (nc * (Q // BT), b * H)
         _dc[grid](
             g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
-            delta_p, cs, seq_t, states, dC_h, *_strides4(dC_h), gyoff, wrow,
+            delta_p, cs, seq_t, states, dC_h, *_strides4(dC_h), e,
             l, Lp, H, H // G, P, nc, BT=BT, BI=BI, **flags, **meta, **_OPT_DC)
-        _dxdb[grid](
-            g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
-            delta_p, cs, seq_t, dstates, dx, *_strides4(dx), dB_h, *_strides4(dB_h), ddelta, v, wcol,
-            l, Lp, H, H // G, P, nc, BT=BT, BI=BI, **flags, **meta, **_OPT_DXDB)
+        for out in ((1, 2) if SPLIT_DXDB else (3,)):
+            _dxdb[grid](
+                g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
+                delta_p, cs, seq_t, dstates, dx, *_strides4(dx), dB_h, *_strides4(dB_h), ddelta, v, k,
+                l, Lp, H, H // G, P, nc, BT=BT, BI=BI, OUT=out, **flags, **meta, **_OPT_DXDB)
         if G == H:
             dB, dC = dB_h, dC_h
         else:
             dB = dB_h.view(b, l, G, H // G, N).sum(3).to(B.dtype)
             dC = dC_h.view(b, l, G, H // G, N).sum(3).to(C.dtype)
-        # d a_j = sum_{t >= j} (R_t - K_t + g_t.y_off_t) + sum_{s < j} V_s + K_c   (see _bwd.py)
-        dcs = _chunk_sums(wrow - wcol + gyoff, nc, Q)
+        # d a_j = sum_{t >= j} (E_t - K_t) + sum_{s < j} V_s + K_c, K_t = F_t - V_t   (see _bwd.py)
+        dcs = _chunk_sums(e - k + v if SPLIT_DXDB else e - k, nc, Q)
         v = _chunk_sums(v, nc, Q)
         da = dcs.flip(-1).cumsum(-1).flip(-1) + (v.cumsum(-1) - v) + kdec[..., None]
         return (dx, ddelta, da.view(b, H, Lp), dB, dC, None, None, None, (dinit if has_init else None),

@@ -66,8 +66,11 @@ def check(tensors, kw, *, dtype, chunk_size=256):
     assert not bad, f"relative errors over {TOL[dtype]:g}: {bad}"
 
 
-def test_repeatable():
+@pytest.mark.parametrize("split_dxdb", [False, True])
+def test_repeatable(monkeypatch, split_dxdb):
     """Same inputs, same output and gradients bit for bit (no race or atomic order between blocks)."""
+    import transxssm_kernels.rope_ssd.chunk as chunk
+    monkeypatch.setattr(chunk, "SPLIT_DXDB", split_dxdb)
     from transxssm_kernels.rope_ssd import rope_ssd
     t, kw = make_case(4, 4096, 32, 64, 32, 128, dtype=torch.bfloat16, seed=11)
     leaves = {k: v.requires_grad_(True) for k, v in t.items()}
@@ -110,3 +113,19 @@ def test_all_options(chunk_size):
 def test_no_rope_and_p32():
     t, kw = make_case(1, 2048, 4, 32, 4, 64, dtype=torch.float32, seed=9, rope=False, init=True)
     check(t, kw, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("split_dxdb,low_states", [(True, False), (False, True), (True, True)])
+def test_backward_layouts(monkeypatch, split_dxdb, low_states):
+    """The layouts bench/ssd.py times (dx and dB in two launches; per-chunk states stored in bf16) at the 1.3B layer
+    (bf16, l = 4096, b = 2), then with every option (documents, initial state, G = 4) at chunk 128."""
+    import transxssm_kernels.rope_ssd.chunk as chunk
+    monkeypatch.setattr(chunk, "SPLIT_DXDB", split_dxdb)
+    monkeypatch.setattr(chunk, "STATES_IN_INPUT_DTYPE", low_states)
+    t, kw = make_case(2, 4096, 32, 64, 32, 128, dtype=torch.bfloat16, seed=21)
+    check(t, kw, dtype=torch.bfloat16)
+    seq = torch.zeros(1, 1500, dtype=torch.int32, device="cuda")
+    seq[0, 300:] += 1
+    seq[0, 640:] += 1
+    t, kw = make_case(1, 1500, 8, 64, 4, 128, dtype=torch.bfloat16, seed=22, options=True, seq_idx=seq, init=True)
+    check(t, kw, dtype=torch.bfloat16, chunk_size=128)
