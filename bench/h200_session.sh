@@ -14,8 +14,9 @@
 #                                            #   until 9 minutes have passed (each shape is saved when measured)
 #   [STEPS=N ONLY_VPP=1] bash bench/h200_session.sh pp-fresh OUT  # PP=2 (x VPP=2) from scratch on 2 GPUs
 #   bash bench/h200_session.sh ssd-grid OUT  # the 12 shapes of bench/ssd.py spread over the GPUs, one JSON
-#   [PROFILE="default split"] bash bench/h200_session.sh ssd-layouts OUT  # 1 GPU: kernel GPU tests, the layouts
-#                                            #   of bench/ssd.py --variants beside .device/baseline, profiles
+#   [PROFILE="default chunk128"] bash bench/h200_session.sh ssd-layouts OUT  # 1 GPU: kernel GPU tests, the
+#                                            #   layouts of bench/ssd.py --variants beside .device/baseline,
+#                                            #   profiles, then the grid for ours and SDPA only (no mamba_ssm)
 set -uo pipefail
 usage="usage: bash bench/h200_session.sh checks|checks-x2|resume-x2|pp-fresh|ssd-grid|ssd-layouts OUT"
 mode=${1:?$usage}
@@ -114,6 +115,7 @@ ssd-layouts)
     base=(); [ -d .device/baseline/kernels ] && base=(--baseline-kernels .device/baseline/kernels)
     timeout 280 "$py" bench/ssd.py --variants --quick --fast "${base[@]}" --profile ${PROFILE:-default} \
         --out "$work/ssd-variants.json" > "$work/ssd-variants.log" 2>&1
+    timeout 150 "$py" bench/ssd.py --fast --out "$work/ssd-grid-fused.json" > "$work/ssd-grid-fused.log" 2>&1
     ;;
 *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac

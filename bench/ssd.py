@@ -169,45 +169,47 @@ def run_shape(H, N, l, mamba, quick, P=64):
 
 
 # Layouts of the fused kernel: overrides of chunk.py's module settings, plus "chunk" (the chunk size), "warps" (of
-# the output/dc/dxdb kernels) and "scan_cols" (half-columns per state-scan program). The first is the shipped
-# default; --variants times them all on the 1.3B layer (and the kernels of --baseline-kernels, if given).
+# the output/dc/dxdb kernels), "scan_warps", "scan_cols" (half-columns per state-scan program; default: chosen per
+# call) and "dc_stages". The first is the shipped default; --variants times them all on the 1.3B layer (and the
+# kernels of --baseline-kernels, if given).
 VARIANTS = {
     "default": {},
-    "split": dict(SPLIT_DXDB=True),
-    "lowstates": dict(STATES_IN_INPUT_DTYPE=True),
-    "split+lowstates": dict(SPLIT_DXDB=True, STATES_IN_INPUT_DTYPE=True),
-    "split+lowstates inner-bwd16": dict(SPLIT_DXDB=True, STATES_IN_INPUT_DTYPE=True, BLOCK_INNER_BWD=16),
-    "split+lowstates inner-bwd64": dict(SPLIT_DXDB=True, STATES_IN_INPUT_DTYPE=True, BLOCK_INNER_BWD=64),
-    "split+lowstates scan64": dict(SPLIT_DXDB=True, STATES_IN_INPUT_DTYPE=True, scan_cols=64),
-    "split+lowstates scan16": dict(SPLIT_DXDB=True, STATES_IN_INPUT_DTYPE=True, scan_cols=16),
-    "split+lowstates rows128 w8": dict(SPLIT_DXDB=True, STATES_IN_INPUT_DTYPE=True, BLOCK_ROWS=128, warps=8),
+    "scan cols32": dict(scan_cols=32),
+    "scan w8": dict(scan_warps=8),
+    "scan w8 fwd-rows32": dict(scan_warps=8, BLOCK_SCAN_FWD=32),
+    "scan w8 bwd-rows64": dict(scan_warps=8, BLOCK_SCAN_BWD=64),
+    "dc64": dict(BLOCK_INNER_DC=64),
+    "dc16 dxdb16": dict(BLOCK_INNER_DC=16, BLOCK_INNER_DXDB=16),
+    "dc stages2": dict(dc_stages=2),
     "chunk128": dict(chunk=128),
-    "split+lowstates chunk128": dict(SPLIT_DXDB=True, STATES_IN_INPUT_DTYPE=True, chunk=128),
-    "split+lowstates chunk128 inner-bwd64": dict(SPLIT_DXDB=True, STATES_IN_INPUT_DTYPE=True, chunk=128,
-                                                 BLOCK_INNER_BWD=64),
+    "chunk128 dc64": dict(chunk=128, BLOCK_INNER_DC=64),
+    "chunk128 dc64 dxdb64": dict(chunk=128, BLOCK_INNER_DC=64, BLOCK_INNER_DXDB=64),
+    "chunk128 scan w8": dict(chunk=128, scan_warps=8),
 }
+_LAUNCH_KEYS = {"warps": ("num_warps", ("_OPT_OUT", "_OPT_DC", "_OPT_DXDB")),
+                "scan_warps": ("num_warps", ("_OPT_SFWD", "_OPT_SBWD")),
+                "scan_cols": ("BNH", ("_OPT_SFWD", "_OPT_SBWD")),
+                "dc_stages": ("num_stages", ("_OPT_DC",))}
 
 
 def use_variant(overrides):
     """Point the fused kernel at one layout; returns a function that restores the previous one."""
     from transxssm_kernels.rope_ssd import chunk
-    opts = {"warps": (chunk._OPT_OUT, chunk._OPT_DC, chunk._OPT_DXDB), "scan_cols": (chunk._OPT_SFWD, chunk._OPT_SBWD)}
-    saved_opts = [dict(o) for group in opts.values() for o in group]
-    saved = {k: getattr(chunk, k) for k in overrides if k not in opts and k != "chunk"}
+    all_opts = [getattr(chunk, n) for n in ("_OPT_SFWD", "_OPT_SBWD", "_OPT_OUT", "_OPT_DC", "_OPT_DXDB")]
+    saved_opts = [dict(o) for o in all_opts]
+    saved = {k: getattr(chunk, k) for k in overrides if k not in _LAUNCH_KEYS and k != "chunk"}
     for k, v in overrides.items():
-        if k == "warps":
-            for o in opts[k]:
-                o["num_warps"] = v
-        elif k == "scan_cols":
-            for o in opts[k]:
-                o["BNH"] = v
+        if k in _LAUNCH_KEYS:
+            option, names = _LAUNCH_KEYS[k]
+            for n in names:
+                getattr(chunk, n)[option] = v
         elif k != "chunk":
             setattr(chunk, k, v)
 
     def restore():
         for k, v in saved.items():
             setattr(chunk, k, v)
-        for o, d in zip([o for group in opts.values() for o in group], saved_opts):
+        for o, d in zip(all_opts, saved_opts):
             o.clear()
             o.update(d)
     return restore

@@ -1,7 +1,8 @@
 """Registers and spills of the RoPE-SSD Triton kernels on sm_90 (H200), computed here without a GPU.
 
-    python bench/ssd_registers.py [--rows 64] [--inner-fwd 64] [--inner-bwd 32] [--chunk 256] [--n 128]
-                                  [--warps 4] [--json OUT]
+    python bench/ssd_registers.py [--rows 64] [--inner-fwd 64] [--inner-dc 32] [--inner-dxdb 32] [--chunk 256]
+                                  [--n 128] [--warps 4] [--scan-fwd 64] [--scan-bwd 32] [--scan-cols 64]
+                                  [--scan-warps 4] [--fp32] [--json OUT]
 
 Each kernel of kernels/rope_ssd is compiled ahead of time for GPUTarget("cuda", 90, 32) (Triton frontend, LLVM,
 PTX) and its PTX is assembled by the ptxas bundled with Triton (`-v`), which reports registers per thread and
@@ -29,13 +30,14 @@ TARGET = GPUTarget("cuda", 90, 32)
 
 
 def signature(kernel, constexprs: dict) -> dict:
-    """bf16 tensors as in the model's path, fp32 work buffers, int32 document ids and scalars."""
+    """bf16 tensors as in the model's path (fp32 with --fp32), fp32 work buffers, int32 document ids and scalars."""
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = "*bf16" if name in BF16_POINTERS else ("*i32" if name == "seq_ptr" else "*fp32")
+            data = "*fp32" if constexprs["DOT"] == tl.float32 else "*bf16"
+            sig[name] = data if name in BF16_POINTERS else ("*i32" if name == "seq_ptr" else "*fp32")
         else:
             sig[name] = "i32"
     return sig
@@ -63,7 +65,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=64, help="row block of the tile kernels (chunk.BLOCK_ROWS)")
     ap.add_argument("--inner-fwd", type=int, default=64, help="inner block of the forward (chunk.BLOCK_INNER_FWD)")
-    ap.add_argument("--inner-bwd", type=int, default=32, help="inner block of the backward (chunk.BLOCK_INNER_BWD)")
+    ap.add_argument("--inner-dc", type=int, default=32, help="inner block of dc (chunk.BLOCK_INNER_DC)")
+    ap.add_argument("--inner-dxdb", type=int, default=32, help="inner block of dxdb (chunk.BLOCK_INNER_DXDB)")
+    ap.add_argument("--scan-fwd", type=int, default=64, help="row block of the forward scan (chunk.BLOCK_SCAN_FWD)")
+    ap.add_argument("--scan-bwd", type=int, default=32, help="row block of the backward scan (chunk.BLOCK_SCAN_BWD)")
+    ap.add_argument("--scan-warps", type=int, default=4, help="warps of the state scans")
+    ap.add_argument("--scan-cols", type=int, default=64, help="half-columns per state-scan program (BNH)")
+    ap.add_argument("--fp32", action="store_true", help="fp32 inputs (tf32 dots, operands rounded by to_dot)")
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--n", type=int, default=128, help="state size N")
     ap.add_argument("--p", type=int, default=64, help="head dim P")
@@ -73,18 +81,19 @@ def main() -> None:
     args = ap.parse_args()
 
     common = dict(N_HALF=args.n // 2, Q=args.chunk, BLOCK_P=max(16, triton.next_power_of_2(args.p)),
-                  BLOCK_NH=max(64, triton.next_power_of_2(args.n // 2)), DOT=tl.bfloat16, HAS_ROPE=True,
-                  HAS_SEQ=args.seq)
+                  BLOCK_NH=max(64, triton.next_power_of_2(args.n // 2)),
+                  DOT=tl.float32 if args.fp32 else tl.bfloat16, HAS_ROPE=True, HAS_SEQ=args.seq)
     bt = min(args.rows, args.chunk)
-    bi_f, bi_b = min(args.inner_fwd, bt), min(args.inner_bwd, bt)
-    cases = {   # launch options as chunk.py sets them (scans: 32 half-columns per program)
-        "state_scan_fwd": (_fwd.state_scan_fwd_kernel, dict(common, BS=bi_f, BNH=32, HAS_INIT=False), 4, 2),
-        "chunk_output": (_fwd.chunk_output_kernel, dict(common, BT=bt, BI=bi_f), args.warps, 1),
-        "state_scan_bwd": (_bwd.state_scan_bwd_kernel, dict(common, BS=bi_b, BNH=32, HAS_DFINAL=False), 4, 1),
-        "dc": (_bwd.dc_kernel, dict(common, BT=bt, BI=bi_b), args.warps, 1),
-        "dxdb": (_bwd.dxdb_kernel, dict(common, BT=bt, BI=bi_b, OUT=3), args.warps, 2),
-        "dxdb split: dx": (_bwd.dxdb_kernel, dict(common, BT=bt, BI=bi_b, OUT=1), args.warps, 2),
-        "dxdb split: dB": (_bwd.dxdb_kernel, dict(common, BT=bt, BI=bi_b, OUT=2), args.warps, 2),
+    inner = lambda n: min(n, bt)
+    scan = dict(common, BNH=args.scan_cols)
+    cases = {   # launch options as chunk.py sets them
+        "state_scan_fwd": (_fwd.state_scan_fwd_kernel, dict(scan, BS=min(args.scan_fwd, args.chunk), HAS_INIT=False),
+                           args.scan_warps, 2),
+        "chunk_output": (_fwd.chunk_output_kernel, dict(common, BT=bt, BI=inner(args.inner_fwd)), args.warps, 1),
+        "state_scan_bwd": (_bwd.state_scan_bwd_kernel, dict(scan, BS=min(args.scan_bwd, args.chunk),
+                                                            HAS_DFINAL=False), args.scan_warps, 1),
+        "dc": (_bwd.dc_kernel, dict(common, BT=bt, BI=inner(args.inner_dc), TF32=args.fp32), args.warps, 1),
+        "dxdb": (_bwd.dxdb_kernel, dict(common, BT=bt, BI=inner(args.inner_dxdb), TF32=args.fp32), args.warps, 2),
     }
     table = {name: ptxas_report(ptx_of(k, c, w, s)) for name, (k, c, w, s) in cases.items()}
     print(f"sm_90, triton {triton.__version__}, {vars(args)}")

@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from ._fwd import chunk_decay, chunk_outer_sum
-from ._triton_common import entering_state_weight, load_rotated, load_state_halves, scan_program, tile_program, unrotate
+from ._triton_common import (entering_state_weight, load_rotated, load_state_halves, scan_program, tile_program,
+                             to_dot, unrotate)
 
 
 @triton.jit
@@ -95,10 +96,9 @@ def dc_kernel(
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_NH: tl.constexpr,
-    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
+    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr, TF32: tl.constexpr,
 ):
     c, tb, b64, hi_, gi, bh64 = tile_program(H, HPG, Q, BT)
-    dot_dtype = DOT
 
     offs_p = tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
@@ -118,11 +118,11 @@ def dc_kernel(
     cm_base = c_ptr + b64 * s_cb_ + gi * s_cg
 
     cs_t = tl.load(cs_base + rows_t)
-    g = tl.load(g_ptr + b64 * s_gb + hi_ * s_gh + rows_t[:, None] * s_gl + offs_p[None, :] * s_gp,
-                mask=tmask[:, None] & mask_p[None, :], other=0.0).to(dot_dtype)
+    g = to_dot(tl.load(g_ptr + b64 * s_gb + hi_ * s_gh + rows_t[:, None] * s_gl + offs_p[None, :] * s_gp,
+                       mask=tmask[:, None] & mask_p[None, :], other=0.0), DOT, TF32)
 
     h_lo, h_hi = load_state_halves(states_ptr + (bh64 * NC + c) * P * N, offs_p, mask_p, half, mask_h, N_HALF,
-                                   dot_dtype)
+                                   DOT)
     w_t, seq_t = entering_state_weight(cs_t, seq_ptr + b64 * L, rows_t, tmask, start, HAS_SEQ)
     dc_lo = tl.dot(g, h_lo) * w_t[:, None]
     dc_hi = tl.dot(g, h_hi) * w_t[:, None]
@@ -136,20 +136,20 @@ def dc_kernel(
                      mask=smask_r[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
         d_s = tl.load(delta_base + rows_s)
         cs_s = tl.load(cs_base + rows_s)
-        u = (xs * d_s[:, None]).to(dot_dtype)
+        u = to_dot(xs * d_s[:, None], DOT, TF32)
         gu = tl.dot(g, tl.trans(u))
         keep = rows_t[:, None] >= rows_s[None, :]
         if HAS_SEQ:
             seq_s = tl.load(seq_ptr + b64 * L + rows_s, mask=smask_r, other=-2)
             keep = keep & (seq_t[:, None] == seq_s[None, :])
-        w = tl.where(keep, gu * tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0)), 0.0).to(dot_dtype)
-        dc_lo += tl.dot(w, b_lo.to(dot_dtype))
-        dc_hi += tl.dot(w, b_hi.to(dot_dtype))
+        w = to_dot(gu * tl.where(keep, tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0)), 0.0), DOT, TF32)
+        dc_lo += tl.dot(w, to_dot(b_lo, DOT, TF32))
+        dc_hi += tl.dot(w, to_dot(b_hi, DOT, TF32))
 
     # E_t = C~_t . dC~_t with the C~ the dots used (see the module docstring); then back through the rotation
     c_lo, c_hi = load_rotated(cm_base, rows_t, tmask, s_cl_, s_cn, cos_base, sin_base, s_tl, half, mask_h,
                               N_HALF, HAS_ROPE)
-    e = tl.sum(c_lo.to(dot_dtype).to(tl.float32) * dc_lo + c_hi.to(dot_dtype).to(tl.float32) * dc_hi, axis=1)
+    e = tl.sum(to_dot(c_lo, DOT, TF32).to(tl.float32) * dc_lo + to_dot(c_hi, DOT, TF32).to(tl.float32) * dc_hi, 1)
     tl.store(e_ptr + bh64 * Lp + rows_t, e)
     dc_lo, dc_hi = unrotate(dc_lo, dc_hi, rows_t, tmask, cos_base, sin_base, s_tl, half, mask_h, HAS_ROPE)
     dptr = dc_ptr + b64 * s_db + hi_ * s_dh + rows_t[:, None] * s_dl + half[None, :] * s_dn
@@ -169,19 +169,13 @@ def dxdb_kernel(
     dstates_ptr,                              # (b, H, NC, P, N) gradient of the state leaving each chunk
     dx_ptr, s_dxb, s_dxl, s_dxh, s_dxp,       # (b, l, H, P)
     db_ptr, s_db, s_dl, s_dh, s_dn,           # dB per head (b, l, H, N)
-    ddelta_ptr, v_ptr, k_ptr,                 # out (b, H, Lp) fp32: du.x ; u_s . du_s (state path) ; K_s or F_s
+    ddelta_ptr, v_ptr, k_ptr,                 # out (b, H, Lp) fp32: du.x ; u_s . du_s (state path) ; K_s
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_NH: tl.constexpr,
-    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr, OUT: tl.constexpr,
+    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr, TF32: tl.constexpr,
 ):
-    """OUT = 3: dx and dB in one pass over the target blocks, k_ptr gets K_s = sum_t W_ts (from the same rounded
-    L (u.g) as dc's); OUT = 1: dx, d delta and V only; OUT = 2: dB only, k_ptr gets F_s = B~_s . dB~_s (= K_s + V_s).
-    Two launches (1 and 2) keep fewer tiles live than one (3) at the cost of loading C~ and g twice."""
     c, sb, b64, hi_, gi, bh64 = tile_program(H, HPG, Q, BT)
-    dot_dtype = DOT
-    DO_DX: tl.constexpr = OUT % 2 == 1
-    DO_DB: tl.constexpr = OUT >= 2
 
     offs_p = tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
@@ -203,11 +197,15 @@ def dxdb_kernel(
 
     cs_s = tl.load(cs_base + rows_s)
     d_s = tl.load(delta_base + rows_s)
+    b_lo, b_hi = load_rotated(bm_base, rows_s, smask_r, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,
+                              N_HALF, HAS_ROPE)
+    b_lo = to_dot(b_lo, DOT, TF32)
+    b_hi = to_dot(b_hi, DOT, TF32)
     x_mask = smask_r[:, None] & mask_p[None, :]
     xs = tl.load(x_ptr + b64 * s_xb + hi_ * s_xh + rows_s[:, None] * s_xl + offs_p[None, :] * s_xp, mask=x_mask,
                  other=0.0).to(tl.float32)
     u_f = xs * d_s[:, None]
-    u = u_f.to(dot_dtype)
+    u = to_dot(u_f, DOT, TF32)
 
     # the path through the state leaving the chunk
     w_s = tl.exp(tl.load(cs_base + start + Q - 1) - cs_s)
@@ -216,17 +214,11 @@ def dxdb_kernel(
         seq_last = tl.load(seq_ptr + b64 * L + last)
         w_s = tl.where(seq_s == seq_last, w_s, 0.0)
     dh_lo, dh_hi = load_state_halves(dstates_ptr + (bh64 * NC + c) * P * N, offs_p, mask_p, half, mask_h, N_HALF,
-                                     dot_dtype)
-    if DO_DX:
-        b_lo, b_hi = load_rotated(bm_base, rows_s, smask_r, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,
-                                  N_HALF, HAS_ROPE)
-        b_lo = b_lo.to(dot_dtype)
-        b_hi = b_hi.to(dot_dtype)
-        du = (tl.dot(b_lo, tl.trans(dh_lo)) + tl.dot(b_hi, tl.trans(dh_hi))) * w_s[:, None]
-        tl.store(v_ptr + bh64 * Lp + rows_s, tl.sum(du * u_f, axis=1))
-    if DO_DB:
-        db_lo = tl.dot(u, dh_lo) * w_s[:, None]
-        db_hi = tl.dot(u, dh_hi) * w_s[:, None]
+                                     DOT)
+    du = (tl.dot(b_lo, tl.trans(dh_lo)) + tl.dot(b_hi, tl.trans(dh_hi))) * w_s[:, None]
+    db_lo = tl.dot(u, dh_lo) * w_s[:, None]
+    db_hi = tl.dot(u, dh_hi) * w_s[:, None]
+    tl.store(v_ptr + bh64 * Lp + rows_s, tl.sum(du * u_f, axis=1))
     k = tl.zeros((BT,), dtype=tl.float32)
 
     # within the chunk: target blocks from the diagonal one to the chunk's end
@@ -235,38 +227,29 @@ def dxdb_kernel(
         tmask = rows_t < L
         c_lo, c_hi = load_rotated(cm_base, rows_t, tmask, s_cl_, s_cn, cos_base, sin_base, s_tl, half, mask_h,
                                   N_HALF, HAS_ROPE)
-        c_lo = c_lo.to(dot_dtype)
-        c_hi = c_hi.to(dot_dtype)
-        g = tl.load(g_base + rows_t[:, None] * s_gl + offs_p[None, :] * s_gp,
-                    mask=tmask[:, None] & mask_p[None, :], other=0.0).to(dot_dtype)
+        c_lo = to_dot(c_lo, DOT, TF32)
+        c_hi = to_dot(c_hi, DOT, TF32)
+        g = to_dot(tl.load(g_base + rows_t[:, None] * s_gl + offs_p[None, :] * s_gp,
+                           mask=tmask[:, None] & mask_p[None, :], other=0.0), DOT, TF32)
         cs_t = tl.load(cs_base + rows_t)
         keep = rows_t[None, :] >= rows_s[:, None]
         if HAS_SEQ:
             seq_t = tl.load(seq_ptr + b64 * L + rows_t, mask=tmask, other=-1)
             keep = keep & (seq_t[None, :] == seq_s[:, None])
         decay = tl.where(keep, tl.exp(tl.minimum(cs_t[None, :] - cs_s[:, None], 0.0)), 0.0)
-        if DO_DX:
-            scores_t = tl.dot(b_lo, tl.trans(c_lo)) + tl.dot(b_hi, tl.trans(c_hi))   # (s, t)
-            du += tl.dot((scores_t * decay).to(dot_dtype), g)
-        if DO_DB:
-            w = (tl.dot(u, tl.trans(g)) * decay).to(dot_dtype)                        # (s, t)
-            if DO_DX:
-                k += tl.sum(w.to(tl.float32) * scores_t, axis=1)
-            db_lo += tl.dot(w, c_lo)
-            db_hi += tl.dot(w, c_hi)
+        scores_t = tl.dot(b_lo, tl.trans(c_lo)) + tl.dot(b_hi, tl.trans(c_hi))   # (s, t)
+        du += tl.dot(to_dot(scores_t * decay, DOT, TF32), g)
+        w = to_dot(tl.dot(u, tl.trans(g)) * decay, DOT, TF32)                   # (s, t), rounded as in dc
+        k += tl.sum(w.to(tl.float32) * scores_t, axis=1)
+        db_lo += tl.dot(w, c_lo)
+        db_hi += tl.dot(w, c_hi)
 
-    if DO_DX:
-        tl.store(dx_ptr + b64 * s_dxb + hi_ * s_dxh + rows_s[:, None] * s_dxl + offs_p[None, :] * s_dxp,
-                 (du * d_s[:, None]).to(dx_ptr.dtype.element_ty), mask=x_mask)
-        tl.store(ddelta_ptr + bh64 * Lp + rows_s, tl.sum(du * xs, axis=1))
-    if DO_DB:
-        if not DO_DX:
-            b_lo, b_hi = load_rotated(bm_base, rows_s, smask_r, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,
-                                      N_HALF, HAS_ROPE)
-            k = tl.sum(b_lo.to(dot_dtype).to(tl.float32) * db_lo + b_hi.to(dot_dtype).to(tl.float32) * db_hi, 1)
-        tl.store(k_ptr + bh64 * Lp + rows_s, k)
-        db_lo, db_hi = unrotate(db_lo, db_hi, rows_s, smask_r, cos_base, sin_base, s_tl, half, mask_h, HAS_ROPE)
-        dptr = db_ptr + b64 * s_db + hi_ * s_dh + rows_s[:, None] * s_dl + half[None, :] * s_dn
-        dmask = smask_r[:, None] & mask_h[None, :]
-        tl.store(dptr, db_lo.to(db_ptr.dtype.element_ty), mask=dmask)
-        tl.store(dptr + N_HALF * s_dn, db_hi.to(db_ptr.dtype.element_ty), mask=dmask)
+    tl.store(dx_ptr + b64 * s_dxb + hi_ * s_dxh + rows_s[:, None] * s_dxl + offs_p[None, :] * s_dxp,
+             (du * d_s[:, None]).to(dx_ptr.dtype.element_ty), mask=x_mask)
+    tl.store(ddelta_ptr + bh64 * Lp + rows_s, tl.sum(du * xs, axis=1))
+    tl.store(k_ptr + bh64 * Lp + rows_s, k)
+    db_lo, db_hi = unrotate(db_lo, db_hi, rows_s, smask_r, cos_base, sin_base, s_tl, half, mask_h, HAS_ROPE)
+    dptr = db_ptr + b64 * s_db + hi_ * s_dh + rows_s[:, None] * s_dl + half[None, :] * s_dn
+    dmask = smask_r[:, None] & mask_h[None, :]
+    tl.store(dptr, db_lo.to(db_ptr.dtype.element_ty), mask=dmask)
+    tl.store(dptr + N_HALF * s_dn, db_hi.to(db_ptr.dtype.element_ty), mask=dmask)

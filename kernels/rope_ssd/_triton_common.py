@@ -44,6 +44,17 @@ def unrotate(d_lo, d_hi, rows, row_mask, cos_base, sin_base, stride_cos_row, hal
 
 
 @triton.jit
+def to_dot(x, DOT: tl.constexpr, TF32: tl.constexpr):
+    """x as a dot operand of type DOT. With TF32 (fp32 inputs on a GPU, where fp32 dots run as tf32) the value is
+    rounded to tf32's 10-bit mantissa here, so that a product formed outside a dot from the same operand (the d(delta
+    A) row sums) equals the one inside it; the dot then drops no bits."""
+    if TF32:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return x.to(DOT)
+
+
+@triton.jit
 def tile_program(H, HPG, Q: tl.constexpr, BT: tl.constexpr):
     """Where a tile-kernel program works, grid (chunks * Q/BT, b*H): (chunk, row block in it, batch row, head,
     B/C group, batch*H + head); the batch row and that index as int64 for pointer offsets."""

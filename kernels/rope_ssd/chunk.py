@@ -70,25 +70,19 @@ def _meta(P, N, Q, dtype):
     )
 
 
-# Row block of the tile kernels and the blocks of their inner loops (each capped at Q). On the H200 (1.3B layer,
-# bench/results/ssd-variants-*.json) 32-wide inner blocks make the backward 0.4 ms faster (fewer live tiles, no
-# spills) but the forward 0.15 ms slower, hence one width per direction.
+# Row block of the tile kernels, the blocks of their inner loops (each capped at the row block): output kernel, dc,
+# dxdb; and the row blocks the state scans walk a chunk in. Measured on the H200 (1.3B layer, bench/NOTES-ssd.md):
+# 64-wide inner blocks suit the forward, 32-wide ones the backward's tile kernels (fewer live tiles, fewer spills).
 BLOCK_ROWS = 64
 BLOCK_INNER_FWD = 64
-BLOCK_INNER_BWD = 32
-# dx and dB of the backward in two launches (each keeps fewer tiles live) instead of one.
-SPLIT_DXDB = False
+BLOCK_INNER_DC = 32
+BLOCK_INNER_DXDB = 32
+BLOCK_SCAN_FWD = 64
+BLOCK_SCAN_BWD = 32
 # Rotate bf16/fp16 operands with tables rounded to that dtype: half the table traffic, 0.6 ms faster fwd+bwd on the
 # H200. The rotated operands are rounded to that dtype for the dot products anyway, so the error stays of the
 # same order (tests/gpu/test_rope_ssd_gpu.py checks it against float64).
 TABLES_IN_INPUT_DTYPE = True
-# Store the per-chunk states (and their gradients) in the input dtype: the tile kernels round them to it for their
-# dots anyway; only the backward scan's K_c = decay <dH, H_c> reads the rounded state. Halves the state traffic.
-STATES_IN_INPUT_DTYPE = False
-
-
-def _state_dtype(dtype):
-    return dtype if STATES_IN_INPUT_DTYPE else torch.float32
 
 
 def _tables(cos, sin, ref):
@@ -119,19 +113,34 @@ def _cfg(meta, warps, stages):
 
 _KEY = ["P", "N_HALF", "Q", "H", "L", "HAS_ROPE", "HAS_SEQ", "BT"]
 _TILE_CONFIGS = [_cfg({}, w, s) for w in (4, 8) for s in (1, 2)]
-_SCAN_CONFIGS = [_cfg({"BNH": n}, w, s) for n in (16, 32) for w in (4,) for s in (1, 2)]
-_state_fwd, _OPT_SFWD = _tunable(state_scan_fwd_kernel, _KEY[:-1], _SCAN_CONFIGS, _cfg({"BNH": 32}, 4, 2))
-_state_bwd, _OPT_SBWD = _tunable(state_scan_bwd_kernel, _KEY[:-1], _SCAN_CONFIGS, _cfg({"BNH": 32}, 4, 1),
+_SCAN_CONFIGS = [_cfg({"BNH": n}, w, s) for n in (16, 32, 64) for w in (4,) for s in (1, 2)]
+# BNH None: chosen per call by _scan_columns
+_state_fwd, _OPT_SFWD = _tunable(state_scan_fwd_kernel, _KEY[:-1], _SCAN_CONFIGS, _cfg({"BNH": None}, 4, 2))
+_state_bwd, _OPT_SBWD = _tunable(state_scan_bwd_kernel, _KEY[:-1], _SCAN_CONFIGS, _cfg({"BNH": None}, 4, 1),
                                  reset=["kdec_ptr"])
 _chunk_output, _OPT_OUT = _tunable(chunk_output_kernel, _KEY, _TILE_CONFIGS, _cfg({}, 4, 1))
 _dc, _OPT_DC = _tunable(dc_kernel, _KEY, _TILE_CONFIGS, _cfg({}, 4, 1))
 _dxdb, _OPT_DXDB = _tunable(dxdb_kernel, _KEY, _TILE_CONFIGS, _cfg({}, 4, 2))
 
 
-def _scan_grid(b, H, N, opts):
-    if "BNH" in opts:
-        return (b * H, triton.cdiv(N // 2, opts["BNH"]))
-    return lambda meta: (b * H, triton.cdiv(N // 2, meta["BNH"]))
+def _scan_columns(b, H, N, device):
+    """Half-columns per state-scan program. All N/2 (up to 64) reads x (or dy) once per head, 0.4 ms faster
+    fwd+bwd than 32 on the H200 at the 1.3B layer, as long as the b*H programs still cover every SM; fewer
+    batch rows (long sequences) split the columns to keep the SMs busy."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    widest = max(16, min(64, triton.next_power_of_2(N // 2)))
+    cols = widest
+    while cols > 16 and b * H * triton.cdiv(N // 2, cols) < sms:
+        cols //= 2
+    return cols
+
+
+def _scan_launch(opts, b, H, N, device):
+    """(grid, launch options) of a state scan: the autotuner's BNH, a fixed one, or _scan_columns'."""
+    if not opts:
+        return (lambda meta: (b * H, triton.cdiv(N // 2, meta["BNH"]))), {}
+    cols = opts["BNH"] or _scan_columns(b, H, N, device)
+    return (b * H, triton.cdiv(N // 2, cols)), dict(opts, BNH=cols)
 
 
 def _chunk_sums(t, nc, Q):
@@ -160,12 +169,13 @@ class _RopeSSDCore(torch.autograd.Function):
         meta = _meta(P, N, Q, x.dtype)
         flags = dict(HAS_ROPE=has_rope, HAS_SEQ=has_seq)
 
-        states = torch.empty((b, H, nc, P, N), device=x.device, dtype=_state_dtype(x.dtype))
+        states = torch.empty((b, H, nc, P, N), device=x.device, dtype=torch.float32)
         final = torch.empty((b, H, P, N), device=x.device, dtype=torch.float32)
         init = initial_state.to(torch.float32).contiguous() if initial_state is not None else final
-        _state_fwd[_scan_grid(b, H, N, _OPT_SFWD)](
+        scan_grid, scan_opts = _scan_launch(_OPT_SFWD, b, H, N, x.device)
+        _state_fwd[scan_grid](
             x, *_strides4(x), B, *_strides4(B), cos_t, sin_t, s_tb, s_tl, delta_p, cs, seq_t, init, states, final,
-            l, Lp, H, H // G, P, nc, BS=BI, HAS_INIT=initial_state is not None, **flags, **meta, **_OPT_SFWD)
+            l, Lp, H, H // G, P, nc, BS=min(BLOCK_SCAN_FWD, Q), HAS_INIT=initial_state is not None, **flags, **meta, **scan_opts)
         y = torch.empty((b, l, H, P), device=x.device, dtype=y_dtype)
         _chunk_output[(nc * (Q // BT), b * H)](
             x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
@@ -185,7 +195,8 @@ class _RopeSSDCore(torch.autograd.Function):
         G, N = B.shape[2], B.shape[3]
         Lp = delta_p.shape[-1]
         nc = Lp // Q
-        BT, BI = min(BLOCK_ROWS, Q), min(BLOCK_INNER_BWD, BLOCK_ROWS, Q)
+        BT = min(BLOCK_ROWS, Q)
+        tf32 = x.dtype == torch.float32 and os.environ.get("TRITON_INTERPRET") != "1"
         meta = _meta(P, N, Q, x.dtype)
         flags = dict(HAS_ROPE=has_rope, HAS_SEQ=has_seq)
         dev = x.device
@@ -194,13 +205,14 @@ class _RopeSSDCore(torch.autograd.Function):
         g = dy.to(x.dtype).contiguous()
 
         # gradient of the state leaving each chunk (reverse scan) and the chunk-decay part of d a
-        dstates = torch.empty((b, H, nc, P, N), device=dev, dtype=_state_dtype(x.dtype))
+        dstates = torch.empty((b, H, nc, P, N), device=dev, dtype=torch.float32)
         dinit = torch.empty((b, H, P, N), device=dev, dtype=torch.float32)
         kdec = torch.zeros((b, H, nc), device=dev, dtype=torch.float32)
         dfin = dfinal.to(torch.float32).contiguous() if dfinal is not None else dinit
-        _state_bwd[_scan_grid(b, H, N, _OPT_SBWD)](
+        scan_grid, scan_opts = _scan_launch(_OPT_SBWD, b, H, N, dev)
+        _state_bwd[scan_grid](
             g, *_strides4(g), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl, cs, seq_t, states, dfin, dstates, dinit,
-            kdec, l, Lp, H, H // G, P, nc, BS=BI, HAS_DFINAL=dfinal is not None, **flags, **meta, **_OPT_SBWD)
+            kdec, l, Lp, H, H // G, P, nc, BS=min(BLOCK_SCAN_BWD, Q), HAS_DFINAL=dfinal is not None, **flags, **meta, **scan_opts)
 
         # per-token gradients; with G < H the per-head dB, dC are summed over each group's heads
         bc_dtype = B.dtype if G == H else torch.float32
@@ -212,19 +224,18 @@ class _RopeSSDCore(torch.autograd.Function):
         _dc[grid](
             g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
             delta_p, cs, seq_t, states, dC_h, *_strides4(dC_h), e,
-            l, Lp, H, H // G, P, nc, BT=BT, BI=BI, **flags, **meta, **_OPT_DC)
-        for out in ((1, 2) if SPLIT_DXDB else (3,)):
-            _dxdb[grid](
-                g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
-                delta_p, cs, seq_t, dstates, dx, *_strides4(dx), dB_h, *_strides4(dB_h), ddelta, v, k,
-                l, Lp, H, H // G, P, nc, BT=BT, BI=BI, OUT=out, **flags, **meta, **_OPT_DXDB)
+            l, Lp, H, H // G, P, nc, BT=BT, BI=min(BLOCK_INNER_DC, BT), TF32=tf32, **flags, **meta, **_OPT_DC)
+        _dxdb[grid](
+            g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
+            delta_p, cs, seq_t, dstates, dx, *_strides4(dx), dB_h, *_strides4(dB_h), ddelta, v, k,
+            l, Lp, H, H // G, P, nc, BT=BT, BI=min(BLOCK_INNER_DXDB, BT), TF32=tf32, **flags, **meta, **_OPT_DXDB)
         if G == H:
             dB, dC = dB_h, dC_h
         else:
             dB = dB_h.view(b, l, G, H // G, N).sum(3).to(B.dtype)
             dC = dC_h.view(b, l, G, H // G, N).sum(3).to(C.dtype)
-        # d a_j = sum_{t >= j} (E_t - K_t) + sum_{s < j} V_s + K_c, K_t = F_t - V_t   (see _bwd.py)
-        dcs = _chunk_sums(e - k + v if SPLIT_DXDB else e - k, nc, Q)
+        # d a_j = sum_{t >= j} (E_t - K_t) + sum_{s < j} V_s + K_c   (see _bwd.py)
+        dcs = _chunk_sums(e - k, nc, Q)
         v = _chunk_sums(v, nc, Q)
         da = dcs.flip(-1).cumsum(-1).flip(-1) + (v.cumsum(-1) - v) + kdec[..., None]
         return (dx, ddelta, da.view(b, H, Lp), dB, dC, None, None, None, (dinit if has_init else None),

@@ -66,11 +66,8 @@ def check(tensors, kw, *, dtype, chunk_size=256):
     assert not bad, f"relative errors over {TOL[dtype]:g}: {bad}"
 
 
-@pytest.mark.parametrize("split_dxdb", [False, True])
-def test_repeatable(monkeypatch, split_dxdb):
+def test_repeatable():
     """Same inputs, same output and gradients bit for bit (no race or atomic order between blocks)."""
-    import transxssm_kernels.rope_ssd.chunk as chunk
-    monkeypatch.setattr(chunk, "SPLIT_DXDB", split_dxdb)
     from transxssm_kernels.rope_ssd import rope_ssd
     t, kw = make_case(4, 4096, 32, 64, 32, 128, dtype=torch.bfloat16, seed=11)
     leaves = {k: v.requires_grad_(True) for k, v in t.items()}
@@ -115,13 +112,13 @@ def test_no_rope_and_p32():
     check(t, kw, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("split_dxdb,low_states", [(True, False), (False, True), (True, True)])
-def test_backward_layouts(monkeypatch, split_dxdb, low_states):
-    """The layouts bench/ssd.py times (dx and dB in two launches; per-chunk states stored in bf16) at the 1.3B layer
+@pytest.mark.parametrize("cols", [16, 32, 64])
+def test_scan_columns(monkeypatch, cols):
+    """Each width of the state scans' column blocks (chunk._scan_columns picks one by b*H), at the 1.3B layer
     (bf16, l = 4096, b = 2), then with every option (documents, initial state, G = 4) at chunk 128."""
     import transxssm_kernels.rope_ssd.chunk as chunk
-    monkeypatch.setattr(chunk, "SPLIT_DXDB", split_dxdb)
-    monkeypatch.setattr(chunk, "STATES_IN_INPUT_DTYPE", low_states)
+    for opts in (chunk._OPT_SFWD, chunk._OPT_SBWD):
+        monkeypatch.setitem(opts, "BNH", cols)
     t, kw = make_case(2, 4096, 32, 64, 32, 128, dtype=torch.bfloat16, seed=21)
     check(t, kw, dtype=torch.bfloat16)
     seq = torch.zeros(1, 1500, dtype=torch.int32, device="cuda")

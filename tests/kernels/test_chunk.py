@@ -122,22 +122,11 @@ def test_row_blocks_larger_than_inner_blocks(rope_ssd, monkeypatch):
     import transxssm_kernels.rope_ssd.chunk as chunk
     monkeypatch.setattr(chunk, "BLOCK_ROWS", 32)
     monkeypatch.setattr(chunk, "BLOCK_INNER_FWD", 16)
-    monkeypatch.setattr(chunk, "BLOCK_INNER_BWD", 16)
+    for name in ("BLOCK_INNER_DC", "BLOCK_INNER_DXDB", "BLOCK_SCAN_BWD"):
+        monkeypatch.setattr(chunk, name, 16)
     seq = docs(1, 75, [[40]])
     t, kw = make_case(1, 75, 2, 16, 2, 32, dtype=torch.float32, seed=7, seq_idx=seq, init=True)
     check(rope_ssd, t, kw, dtype=torch.float32, chunk_size=32)
-
-
-@pytest.mark.parametrize("split_dxdb,low_states", [(True, False), (False, True)])
-def test_backward_layouts(rope_ssd, monkeypatch, split_dxdb, low_states):
-    """The layouts bench/ssd.py times: dx and dB in two launches (dA then takes F_s = B~_s.dB~_s instead of K_s);
-    per-chunk states stored in bf16. Every option on, bf16, document starts inside chunks."""
-    import transxssm_kernels.rope_ssd.chunk as chunk
-    monkeypatch.setattr(chunk, "SPLIT_DXDB", split_dxdb)
-    monkeypatch.setattr(chunk, "STATES_IN_INPUT_DTYPE", low_states)
-    seq = docs(2, 45, [[20], [9, 31]])
-    t, kw = make_case(2, 45, 2, 16, 2, 32, dtype=torch.bfloat16, seed=8, options=True, seq_idx=seq, init=True)
-    check(rope_ssd, t, kw, dtype=torch.bfloat16, chunk_size=16)
 
 
 def test_bf16_options(rope_ssd):
