@@ -17,8 +17,11 @@
 #   [PROFILE="default chunk128"] bash bench/h200_session.sh ssd-layouts OUT  # 1 GPU: kernel GPU tests, the
 #                                            #   layouts of bench/ssd.py --variants beside .device/baseline,
 #                                            #   profiles, then the grid for ours and SDPA only (no mamba_ssm)
+#   bash bench/h200_session.sh ssd-tune OUT  # 1 GPU: the layouts (no tests), then ncu on one fused fwd+bwd
+#   MAMBA_SHAPES=32x64x4096,... bash bench/h200_session.sh ssd-final OUT  # 1 GPU: kernel GPU tests, the grid for
+#                                            #   ours and SDPA, then every method at MAMBA_SHAPES
 set -uo pipefail
-usage="usage: bash bench/h200_session.sh checks|checks-x2|resume-x2|pp-fresh|ssd-grid|ssd-layouts OUT"
+usage="usage: bash bench/h200_session.sh checks|checks-x2|resume-x2|pp-fresh|ssd-grid|ssd-layouts|ssd-tune|ssd-final OUT"
 mode=${1:?$usage}
 out=${2:?$usage}
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -116,6 +119,25 @@ ssd-layouts)
     timeout 280 "$py" bench/ssd.py --variants --quick --fast "${base[@]}" --profile ${PROFILE:-default} \
         --out "$work/ssd-variants.json" > "$work/ssd-variants.log" 2>&1
     timeout 150 "$py" bench/ssd.py --fast --out "$work/ssd-grid-fused.json" > "$work/ssd-grid-fused.log" 2>&1
+    ;;
+ssd-tune)
+    # one GPU: the layouts of bench/ssd.py --variants (beside .device/baseline), then ncu on one fused fwd+bwd
+    base=(); [ -d .device/baseline/kernels ] && base=(--baseline-kernels .device/baseline/kernels)
+    timeout 240 "$py" bench/ssd.py --variants --quick --fast "${base[@]}" --profile ${PROFILE:-default} \
+        --out "$work/ssd-variants.json" > "$work/ssd-variants.log" 2>&1
+    timeout 200 ncu --clock-control none --kernel-name regex:"dc_kernel|dxdb_kernel|chunk_output|state_scan" \
+        --launch-count 5 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+        --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section LaunchStats \
+        "$py" bench/ssd.py --ncu-step --out "$work/unused.json" > "$work/ncu.txt" 2>&1
+    ;;
+ssd-final)
+    # one GPU: the kernel GPU tests, the grid for ours and SDPA, then (b)-(d) at MAMBA_SHAPES until the deadline
+    deadline=$((SECONDS + 560))
+    timeout 150 "$py" -m pytest tests/gpu/test_rope_ssd_gpu.py -v -s -p no:cacheprovider -o addopts="" \
+        > "$work/gpu-tests.txt" 2>&1
+    timeout 150 "$py" bench/ssd.py --fast --out "$work/ssd-grid-fused.json" > "$work/ssd-grid-fused.log" 2>&1
+    timeout $((deadline - SECONDS)) "$py" bench/ssd.py --fast --mamba-path /tmp/mb --shapes "$MAMBA_SHAPES" \
+        --out "$work/ssd-grid-mamba.json" > "$work/ssd-grid-mamba.log" 2>&1
     ;;
 *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac

@@ -120,7 +120,7 @@ def layer_inputs(H, N, l, P=64, seed=None, device="cuda"):
     return x, dt, A, B, C, dy, ang.cos(), ang.sin()
 
 
-def run_shape(H, N, l, mamba, quick, P=64):
+def run_shape(H, N, l, mamba, P=64):
     b = TOKENS // l
     G = H
     x, dt, A, B, C, dy, cos, sin = layer_inputs(H, N, l, P, seed=0)
@@ -169,27 +169,28 @@ def run_shape(H, N, l, mamba, quick, P=64):
 
 
 # Layouts of the fused kernel: overrides of chunk.py's module settings, plus "chunk" (the chunk size), "warps" (of
-# the output/dc/dxdb kernels), "scan_warps", "scan_cols" (half-columns per state-scan program; default: chosen per
-# call) and "dc_stages". The first is the shipped default; --variants times them all on the 1.3B layer (and the
+# the output/dc/dxdb kernels; out_/dc_/dxdb_warps for one), "scan_warps", "scan_cols" (half-columns per state-scan
+# program; default: chosen per call), "dc_stages", "dxdb_stages". The first is the shipped default; --variants times them all on the 1.3B layer (and the
 # kernels of --baseline-kernels, if given).
 VARIANTS = {
     "default": {},
-    "scan cols32": dict(scan_cols=32),
-    "scan w8": dict(scan_warps=8),
-    "scan w8 fwd-rows32": dict(scan_warps=8, BLOCK_SCAN_FWD=32),
-    "scan w8 bwd-rows64": dict(scan_warps=8, BLOCK_SCAN_BWD=64),
-    "dc64": dict(BLOCK_INNER_DC=64),
-    "dc16 dxdb16": dict(BLOCK_INNER_DC=16, BLOCK_INNER_DXDB=16),
+    "dc32": dict(BLOCK_INNER_DC=32),
+    "dxdb w8": dict(dxdb_warps=8),
+    "dc w8": dict(dc_warps=8),
+    "out w8": dict(out_warps=8),
+    "out inner32": dict(BLOCK_INNER_FWD=32),
+    "dxdb stages1": dict(dxdb_stages=1),
+    "dxdb stages3": dict(dxdb_stages=3),
+    "dxdb inner16": dict(BLOCK_INNER_DXDB=16),
     "dc stages2": dict(dc_stages=2),
     "chunk128": dict(chunk=128),
-    "chunk128 dc64": dict(chunk=128, BLOCK_INNER_DC=64),
-    "chunk128 dc64 dxdb64": dict(chunk=128, BLOCK_INNER_DC=64, BLOCK_INNER_DXDB=64),
-    "chunk128 scan w8": dict(chunk=128, scan_warps=8),
+    "chunk128 dxdb w8": dict(chunk=128, dxdb_warps=8),
 }
 _LAUNCH_KEYS = {"warps": ("num_warps", ("_OPT_OUT", "_OPT_DC", "_OPT_DXDB")),
-                "scan_warps": ("num_warps", ("_OPT_SFWD", "_OPT_SBWD")),
+                "out_warps": ("num_warps", ("_OPT_OUT",)), "dc_warps": ("num_warps", ("_OPT_DC",)),
+                "dxdb_warps": ("num_warps", ("_OPT_DXDB",)), "scan_warps": ("num_warps", ("_OPT_SFWD", "_OPT_SBWD")),
                 "scan_cols": ("BNH", ("_OPT_SFWD", "_OPT_SBWD")),
-                "dc_stages": ("num_stages", ("_OPT_DC",))}
+                "dc_stages": ("num_stages", ("_OPT_DC",)), "dxdb_stages": ("num_stages", ("_OPT_DXDB",))}
 
 
 def use_variant(overrides):
@@ -297,6 +298,10 @@ def main():
     ap.add_argument("--part", default="1/1", help="K/N: measure every N-th shape of the grid from the K-th (1-based), "
                     "to spread the grid over N GPUs")
     ap.add_argument("--fast", action="store_true", help="shorter timing windows (5 ms warm-up, 30 ms repeats)")
+    ap.add_argument("--shapes", default=None, metavar="HxNxL,...",
+                    help="only these shapes of the grid, e.g. 32x128x4096,12x64x8192")
+    ap.add_argument("--mamba-shapes", default=None, metavar="HxNxL,...",
+                    help="time (b)-(d) (mamba_ssm) only at these shapes (default: every shape, with --mamba-path)")
     args = ap.parse_args()
     mamba = load_mamba(args.mamba_path)
     if args.ncu_step:
@@ -321,12 +326,16 @@ def main():
     grid = [(32, 128, 4096)] if args.quick else [
         (32, 128, 4096), (12, 128, 4096), (32, 128, 8192), (32, 128, 16384), (32, 64, 4096), (12, 64, 4096),
         (12, 128, 8192), (12, 128, 16384), (32, 64, 8192), (32, 64, 16384), (12, 64, 8192), (12, 64, 16384)]
+    parse = lambda text: [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
+    if args.shapes:
+        grid = parse(args.shapes)
     k, n = (int(v) for v in args.part.split("/"))
     grid = grid[k - 1::n]
+    mamba_at = set(parse(args.mamba_shapes)) if args.mamba_shapes else None
     bw = result["ceilings"]["copy_bytes_per_s"]
     mm = result["ceilings"]["bf16_matmul_flop_per_s"]
     for H, N, l in grid:
-        s = run_shape(H, N, l, mamba, args.quick)
+        s = run_shape(H, N, l, mamba if mamba_at is None or (H, N, l) in mamba_at else None)
         c, f = s["cost"], s["ms"]["fused"]
         floor = {m: max(c[m + "_bytes"] / bw, c[m + "_flops"] / mm) * 1e3 for m in ("fwd", "fwdbwd")}
         s["floor_ms"] = floor

@@ -72,10 +72,10 @@ def _meta(P, N, Q, dtype):
 
 # Row block of the tile kernels, the blocks of their inner loops (each capped at the row block): output kernel, dc,
 # dxdb; and the row blocks the state scans walk a chunk in. Measured on the H200 (1.3B layer, bench/NOTES-ssd.md):
-# 64-wide inner blocks suit the forward, 32-wide ones the backward's tile kernels (fewer live tiles, fewer spills).
+# 64-wide inner blocks suit the forward and dc, 32-wide ones dxdb (fewer live tiles, fewer spills).
 BLOCK_ROWS = 64
 BLOCK_INNER_FWD = 64
-BLOCK_INNER_DC = 32
+BLOCK_INNER_DC = 64
 BLOCK_INNER_DXDB = 32
 BLOCK_SCAN_FWD = 64
 BLOCK_SCAN_BWD = 32
