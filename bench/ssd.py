@@ -170,27 +170,27 @@ def run_shape(H, N, l, mamba, P=64):
 
 # Layouts of the fused kernel: overrides of chunk.py's module settings, plus "chunk" (the chunk size), "warps" (of
 # the output/dc/dxdb kernels; out_/dc_/dxdb_warps for one), "scan_warps", "scan_cols" (half-columns per state-scan
-# program; default: chosen per call), "dc_stages", "dxdb_stages". The first is the shipped default; --variants times them all on the 1.3B layer (and the
+# program; default: chosen per call), "dc_stages", "dxdb_stages", "out_/dc_/dxdb_maxnreg" (register cap per thread). The first is the shipped default; --variants times them all on the 1.3B layer (and the
 # kernels of --baseline-kernels, if given).
 VARIANTS = {
     "default": {},
-    "dc32": dict(BLOCK_INNER_DC=32),
-    "dxdb w8": dict(dxdb_warps=8),
-    "dc w8": dict(dc_warps=8),
-    "out w8": dict(out_warps=8),
-    "out inner32": dict(BLOCK_INNER_FWD=32),
-    "dxdb stages1": dict(dxdb_stages=1),
     "dxdb stages3": dict(dxdb_stages=3),
-    "dxdb inner16": dict(BLOCK_INNER_DXDB=16),
-    "dc stages2": dict(dc_stages=2),
+    "out maxnreg168": dict(out_maxnreg=168),
+    "dc maxnreg168": dict(dc_maxnreg=168),
+    "dc maxnreg128": dict(dc_maxnreg=128),
+    "dxdb maxnreg168": dict(dxdb_maxnreg=168),
+    "dxdb maxnreg200": dict(dxdb_maxnreg=200),
+    "dxdb stages3 maxnreg168": dict(dxdb_stages=3, dxdb_maxnreg=168),
     "chunk128": dict(chunk=128),
-    "chunk128 dxdb w8": dict(chunk=128, dxdb_warps=8),
+    "chunk128 dxdb stages3": dict(chunk=128, dxdb_stages=3),
 }
 _LAUNCH_KEYS = {"warps": ("num_warps", ("_OPT_OUT", "_OPT_DC", "_OPT_DXDB")),
                 "out_warps": ("num_warps", ("_OPT_OUT",)), "dc_warps": ("num_warps", ("_OPT_DC",)),
                 "dxdb_warps": ("num_warps", ("_OPT_DXDB",)), "scan_warps": ("num_warps", ("_OPT_SFWD", "_OPT_SBWD")),
                 "scan_cols": ("BNH", ("_OPT_SFWD", "_OPT_SBWD")),
-                "dc_stages": ("num_stages", ("_OPT_DC",)), "dxdb_stages": ("num_stages", ("_OPT_DXDB",))}
+                "dc_stages": ("num_stages", ("_OPT_DC",)), "dxdb_stages": ("num_stages", ("_OPT_DXDB",)),
+                "out_maxnreg": ("maxnreg", ("_OPT_OUT",)), "dc_maxnreg": ("maxnreg", ("_OPT_DC",)),
+                "dxdb_maxnreg": ("maxnreg", ("_OPT_DXDB",))}
 
 
 def use_variant(overrides):

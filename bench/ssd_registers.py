@@ -1,6 +1,6 @@
 """Registers and spills of the RoPE-SSD Triton kernels on sm_90 (H200), computed here without a GPU.
 
-    python bench/ssd_registers.py [--rows 64] [--inner-fwd 64] [--inner-dc 32] [--inner-dxdb 32] [--chunk 256]
+    python bench/ssd_registers.py [--rows 64] [--inner-fwd 64] [--inner-dc 64] [--inner-dxdb 32] [--chunk 256]
                                   [--n 128] [--warps 4] [--scan-fwd 64] [--scan-bwd 32] [--scan-cols 64]
                                   [--scan-warps 4] [--fp32] [--json OUT]
 
@@ -43,10 +43,10 @@ def signature(kernel, constexprs: dict) -> dict:
     return sig
 
 
-def ptx_of(kernel, constexprs: dict, warps: int, stages: int) -> str:
+def ptx_of(kernel, constexprs: dict, warps: int, stages: int, maxnreg=None) -> str:
     src = ASTSource(fn=kernel, signature=signature(kernel, constexprs),
                     constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=TARGET, options=dict(num_warps=warps, num_stages=stages)).asm["ptx"]
+    return triton.compile(src, target=TARGET, options=dict(num_warps=warps, num_stages=stages, maxnreg=maxnreg)).asm["ptx"]
 
 
 def ptxas_report(ptx: str) -> dict:
@@ -65,12 +65,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=64, help="row block of the tile kernels (chunk.BLOCK_ROWS)")
     ap.add_argument("--inner-fwd", type=int, default=64, help="inner block of the forward (chunk.BLOCK_INNER_FWD)")
-    ap.add_argument("--inner-dc", type=int, default=32, help="inner block of dc (chunk.BLOCK_INNER_DC)")
+    ap.add_argument("--inner-dc", type=int, default=64, help="inner block of dc (chunk.BLOCK_INNER_DC)")
     ap.add_argument("--inner-dxdb", type=int, default=32, help="inner block of dxdb (chunk.BLOCK_INNER_DXDB)")
     ap.add_argument("--scan-fwd", type=int, default=64, help="row block of the forward scan (chunk.BLOCK_SCAN_FWD)")
     ap.add_argument("--scan-bwd", type=int, default=32, help="row block of the backward scan (chunk.BLOCK_SCAN_BWD)")
     ap.add_argument("--scan-warps", type=int, default=4, help="warps of the state scans")
     ap.add_argument("--scan-cols", type=int, default=64, help="half-columns per state-scan program (BNH)")
+    ap.add_argument("--maxnreg", type=int, default=None, help="register cap per thread of the tile kernels")
     ap.add_argument("--fp32", action="store_true", help="fp32 inputs (tf32 dots, operands rounded by to_dot)")
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--n", type=int, default=128, help="state size N")
@@ -95,7 +96,8 @@ def main() -> None:
         "dc": (_bwd.dc_kernel, dict(common, BT=bt, BI=inner(args.inner_dc), TF32=args.fp32), args.warps, 1),
         "dxdb": (_bwd.dxdb_kernel, dict(common, BT=bt, BI=inner(args.inner_dxdb), TF32=args.fp32), args.warps, 2),
     }
-    table = {name: ptxas_report(ptx_of(k, c, w, s)) for name, (k, c, w, s) in cases.items()}
+    table = {name: ptxas_report(ptx_of(k, c, w, s, None if "scan" in name else args.maxnreg))
+             for name, (k, c, w, s) in cases.items()}
     print(f"sm_90, triton {triton.__version__}, {vars(args)}")
     print(f"{'kernel':16s} {'regs':>5s} {'spill st':>9s} {'spill ld':>9s}")
     for name, r in table.items():
