@@ -174,15 +174,13 @@ def run_shape(H, N, l, mamba, P=64):
 # kernels of --baseline-kernels, if given).
 VARIANTS = {
     "default": {},
-    "dxdb stages3": dict(dxdb_stages=3),
-    "out maxnreg168": dict(out_maxnreg=168),
-    "dc maxnreg168": dict(dc_maxnreg=168),
-    "dc maxnreg128": dict(dc_maxnreg=128),
-    "dxdb maxnreg168": dict(dxdb_maxnreg=168),
-    "dxdb maxnreg200": dict(dxdb_maxnreg=200),
-    "dxdb stages3 maxnreg168": dict(dxdb_stages=3, dxdb_maxnreg=168),
+    "rotate bf16": dict(ROTATE_IN_INPUT_DTYPE=True),
+    "rotate bf16 dc32": dict(ROTATE_IN_INPUT_DTYPE=True, BLOCK_INNER_DC=32),
+    "rotate bf16 dxdb stages2": dict(ROTATE_IN_INPUT_DTYPE=True, dxdb_stages=2),
+    "rotate bf16 out inner32": dict(ROTATE_IN_INPUT_DTYPE=True, BLOCK_INNER_FWD=32),
+    "rotate bf16 scan-bwd rows64": dict(ROTATE_IN_INPUT_DTYPE=True, BLOCK_SCAN_BWD=64),
     "chunk128": dict(chunk=128),
-    "chunk128 dxdb stages3": dict(chunk=128, dxdb_stages=3),
+    "chunk128 rotate bf16": dict(chunk=128, ROTATE_IN_INPUT_DTYPE=True),
 }
 _LAUNCH_KEYS = {"warps": ("num_warps", ("_OPT_OUT", "_OPT_DC", "_OPT_DXDB")),
                 "out_warps": ("num_warps", ("_OPT_OUT",)), "dc_warps": ("num_warps", ("_OPT_DC",)),
