@@ -18,8 +18,8 @@
 #                                            #   layouts of bench/ssd.py --variants beside .device/baseline,
 #                                            #   profiles, then the grid for ours and SDPA only (no mamba_ssm)
 #   [NCU=0] bash bench/h200_session.sh ssd-tune OUT  # 1 GPU: the layouts (no tests), then ncu on one fwd+bwd
-#   MAMBA_SHAPES=32x64x4096,... bash bench/h200_session.sh ssd-final OUT  # 1 GPU: kernel GPU tests, the grid for
-#                                            #   ours and SDPA, then every method at MAMBA_SHAPES
+#   MAMBA_SHAPES=32x64x4096,... [FUSED_GRID=0] bash bench/h200_session.sh ssd-final OUT  # 1 GPU: kernel GPU
+#                                            #   tests, the grid for ours and SDPA, then every method at MAMBA_SHAPES
 set -uo pipefail
 usage="usage: bash bench/h200_session.sh checks|checks-x2|resume-x2|pp-fresh|ssd-grid|ssd-layouts|ssd-tune|ssd-final OUT"
 mode=${1:?$usage}
@@ -135,7 +135,8 @@ ssd-final)
     deadline=$((SECONDS + 560))
     timeout 150 "$py" -m pytest tests/gpu/test_rope_ssd_gpu.py -v -s -p no:cacheprovider -o addopts="" \
         > "$work/gpu-tests.txt" 2>&1
-    timeout 150 "$py" bench/ssd.py --fast --out "$work/ssd-grid-fused.json" > "$work/ssd-grid-fused.log" 2>&1
+    [ "${FUSED_GRID:-1}" = 1 ] && timeout 150 "$py" bench/ssd.py --fast --out "$work/ssd-grid-fused.json" \
+        > "$work/ssd-grid-fused.log" 2>&1
     timeout $((deadline - SECONDS)) "$py" bench/ssd.py --fast --mamba-path /tmp/mb --shapes "$MAMBA_SHAPES" \
         --out "$work/ssd-grid-mamba.json" > "$work/ssd-grid-mamba.log" 2>&1
     ;;

@@ -174,13 +174,15 @@ def run_shape(H, N, l, mamba, P=64):
 # kernels of --baseline-kernels, if given).
 VARIANTS = {
     "default": {},
-    "rotate bf16": dict(ROTATE_IN_INPUT_DTYPE=True),
-    "rotate bf16 dc32": dict(ROTATE_IN_INPUT_DTYPE=True, BLOCK_INNER_DC=32),
-    "rotate bf16 dxdb stages2": dict(ROTATE_IN_INPUT_DTYPE=True, dxdb_stages=2),
-    "rotate bf16 out inner32": dict(ROTATE_IN_INPUT_DTYPE=True, BLOCK_INNER_FWD=32),
-    "rotate bf16 scan-bwd rows64": dict(ROTATE_IN_INPUT_DTYPE=True, BLOCK_SCAN_BWD=64),
+    "dc32": dict(BLOCK_INNER_DC=32),
+    "dxdb stages2": dict(dxdb_stages=2),
+    "dxdb inner16": dict(BLOCK_INNER_DXDB=16),
+    "out inner32": dict(BLOCK_INNER_FWD=32),
+    "scan cols32": dict(scan_cols=32),
+    "scan w8": dict(scan_warps=8),
+    "dxdb w8": dict(dxdb_warps=8),
+    "dxdb maxnreg168": dict(dxdb_maxnreg=168),
     "chunk128": dict(chunk=128),
-    "chunk128 rotate bf16": dict(chunk=128, ROTATE_IN_INPUT_DTYPE=True),
 }
 _LAUNCH_KEYS = {"warps": ("num_warps", ("_OPT_OUT", "_OPT_DC", "_OPT_DXDB")),
                 "out_warps": ("num_warps", ("_OPT_OUT",)), "dc_warps": ("num_warps", ("_OPT_DC",)),

@@ -2,7 +2,7 @@
 
     python bench/ssd_registers.py [--rows 64] [--inner-fwd 64] [--inner-dc 64] [--inner-dxdb 32] [--chunk 256]
                                   [--n 128] [--warps 4] [--scan-fwd 64] [--scan-bwd 32] [--scan-cols 64]
-                                  [--scan-warps 4] [--rotate-low] [--fp32] [--json OUT]
+                                  [--scan-warps 4] [--fp32] [--json OUT]
 
 Each kernel of kernels/rope_ssd is compiled ahead of time for GPUTarget("cuda", 90, 32) (Triton frontend, LLVM,
 PTX) and its PTX is assembled by the ptxas bundled with Triton (`-v`), which reports registers per thread and
@@ -72,7 +72,6 @@ def main() -> None:
     ap.add_argument("--scan-warps", type=int, default=4, help="warps of the state scans")
     ap.add_argument("--scan-cols", type=int, default=64, help="half-columns per state-scan program (BNH)")
     ap.add_argument("--maxnreg", type=int, default=None, help="register cap per thread of the tile kernels")
-    ap.add_argument("--rotate-low", action="store_true", help="rotate in bf16 (chunk.ROTATE_IN_INPUT_DTYPE)")
     ap.add_argument("--fp32", action="store_true", help="fp32 inputs (tf32 dots, operands rounded by to_dot)")
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--n", type=int, default=128, help="state size N")
@@ -84,8 +83,7 @@ def main() -> None:
 
     common = dict(N_HALF=args.n // 2, Q=args.chunk, BLOCK_P=max(16, triton.next_power_of_2(args.p)),
                   BLOCK_NH=max(64, triton.next_power_of_2(args.n // 2)),
-                  DOT=tl.float32 if args.fp32 else tl.bfloat16, HAS_ROPE=True, HAS_SEQ=args.seq,
-                  ROT=tl.bfloat16 if args.rotate_low and not args.fp32 else tl.float32)
+                  DOT=tl.float32 if args.fp32 else tl.bfloat16, HAS_ROPE=True, HAS_SEQ=args.seq)
     bt = min(args.rows, args.chunk)
     inner = lambda n: min(n, bt)
     scan = dict(common, BNH=args.scan_cols)

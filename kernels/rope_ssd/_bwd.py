@@ -40,7 +40,6 @@ def state_scan_bwd_kernel(
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BS: tl.constexpr, BLOCK_P: tl.constexpr, BNH: tl.constexpr,
     BLOCK_NH: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr, DOT: tl.constexpr,
-    ROT: tl.constexpr,
 ):
     """Reverse walk over the chunks of one (batch row, head), columns block of N/2 in registers:
     dH_c = decay_c dH_{c+1} + sum_t exp(cs_t) g_t C~_t^T. Grid (b*H, N/2 / BNH)."""
@@ -76,7 +75,7 @@ def state_scan_bwd_kernel(
             seq_ref = tl.load(seq_base + tl.maximum(start - 1, 0))
         l_lo, l_hi = chunk_outer_sum(g_base, s_gl, s_gp, cm_base, s_cl_, s_cn, cos_base, sin_base, s_tl,
                                      cs_base, cs_base, seq_base, start, L, P, half, mask_h, seq_ref,
-                                     N_HALF, Q, BS, BLOCK_P, BNH, 1, HAS_ROPE, HAS_SEQ, DOT, ROT)
+                                     N_HALF, Q, BS, BLOCK_P, BNH, 1, HAS_ROPE, HAS_SEQ, DOT)
         r_lo = decay * r_lo + l_lo
         r_hi = decay * r_hi + l_hi
     tl.store(dinit_ptr + bh64 * PN + st_off, r_lo, mask=st_mask)
@@ -97,7 +96,7 @@ def dc_kernel(
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_NH: tl.constexpr,
-    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr, ROT: tl.constexpr, TF32: tl.constexpr,
+    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr, TF32: tl.constexpr,
 ):
     c, tb, b64, hi_, gi, bh64 = tile_program(H, HPG, Q, BT)
 
@@ -132,7 +131,7 @@ def dc_kernel(
         rows_s = start + s0 + tl.arange(0, BI)
         smask_r = rows_s < L
         b_lo, b_hi = load_rotated(bm_base, rows_s, smask_r, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,
-                                  N_HALF, HAS_ROPE, ROT)
+                                  N_HALF, HAS_ROPE)
         xs = tl.load(x_base + rows_s[:, None] * s_xl + offs_p[None, :] * s_xp,
                      mask=smask_r[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
         d_s = tl.load(delta_base + rows_s)
@@ -149,7 +148,7 @@ def dc_kernel(
 
     # E_t = C~_t . dC~_t with the C~ the dots used (see the module docstring); then back through the rotation
     c_lo, c_hi = load_rotated(cm_base, rows_t, tmask, s_cl_, s_cn, cos_base, sin_base, s_tl, half, mask_h,
-                              N_HALF, HAS_ROPE, ROT)
+                              N_HALF, HAS_ROPE)
     e = tl.sum(to_dot(c_lo, DOT, TF32).to(tl.float32) * dc_lo + to_dot(c_hi, DOT, TF32).to(tl.float32) * dc_hi, 1)
     tl.store(e_ptr + bh64 * Lp + rows_t, e)
     dc_lo, dc_hi = unrotate(dc_lo, dc_hi, rows_t, tmask, cos_base, sin_base, s_tl, half, mask_h, HAS_ROPE)
@@ -174,7 +173,7 @@ def dxdb_kernel(
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_NH: tl.constexpr,
-    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr, ROT: tl.constexpr, TF32: tl.constexpr,
+    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr, TF32: tl.constexpr,
 ):
     c, sb, b64, hi_, gi, bh64 = tile_program(H, HPG, Q, BT)
 
@@ -199,7 +198,7 @@ def dxdb_kernel(
     cs_s = tl.load(cs_base + rows_s)
     d_s = tl.load(delta_base + rows_s)
     b_lo, b_hi = load_rotated(bm_base, rows_s, smask_r, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,
-                              N_HALF, HAS_ROPE, ROT)
+                              N_HALF, HAS_ROPE)
     b_lo = to_dot(b_lo, DOT, TF32)
     b_hi = to_dot(b_hi, DOT, TF32)
     x_mask = smask_r[:, None] & mask_p[None, :]
@@ -227,7 +226,7 @@ def dxdb_kernel(
         rows_t = start + t0 + tl.arange(0, BI)
         tmask = rows_t < L
         c_lo, c_hi = load_rotated(cm_base, rows_t, tmask, s_cl_, s_cn, cos_base, sin_base, s_tl, half, mask_h,
-                                  N_HALF, HAS_ROPE, ROT)
+                                  N_HALF, HAS_ROPE)
         c_lo = to_dot(c_lo, DOT, TF32)
         c_hi = to_dot(c_hi, DOT, TF32)
         g = to_dot(tl.load(g_base + rows_t[:, None] * s_gl + offs_p[None, :] * s_gp,

@@ -20,7 +20,7 @@ def chunk_outer_sum(vec_base, s_vl, s_vp, mat_base, s_ml, s_mn, cos_base, sin_ba
                     delta_base, cs_base, seq_base, start, L, P, half, mask_h, seq_ref,
                     N_HALF: tl.constexpr, Q: tl.constexpr, BS: tl.constexpr, BLOCK_P: tl.constexpr,
                     BNH: tl.constexpr, MODE: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr,
-                    DOT: tl.constexpr, ROT: tl.constexpr):
+                    DOT: tl.constexpr):
     """One chunk's  sum_s w_s v_s M~_s^T  as halves (BLOCK_P x BNH) over the half-columns `half`.
 
     MODE 0 (forward):  v = x, M = B, w_s = delta_s exp(cs_last - cs_s) [same document as the chunk's last token]
@@ -48,7 +48,7 @@ def chunk_outer_sum(vec_base, s_vl, s_vp, mat_base, s_ml, s_mn, cos_base, sin_ba
                     mask=rmask[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
         vwt = tl.trans((v * w[:, None]).to(DOT))
         lo, hi = load_rotated(mat_base, rows, rmask, s_ml, s_mn, cos_base, sin_base, s_cl, half, mask_h,
-                              N_HALF, HAS_ROPE, ROT)
+                              N_HALF, HAS_ROPE)
         acc_lo += tl.dot(vwt, lo.to(DOT))
         acc_hi += tl.dot(vwt, hi.to(DOT))
     return acc_lo, acc_hi
@@ -78,7 +78,6 @@ def state_scan_fwd_kernel(
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BS: tl.constexpr, BLOCK_P: tl.constexpr, BNH: tl.constexpr,
     BLOCK_NH: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr, DOT: tl.constexpr,
-    ROT: tl.constexpr,
 ):
     """Walk the chunks of one (batch row, head) in order with the state (P x the program's columns) in registers:
     store the state entering chunk c, then h <- decay_c h + S_c. Grid (b*H, N/2 / BNH)."""
@@ -109,7 +108,7 @@ def state_scan_fwd_kernel(
             seq_ref = tl.load(seq_base + tl.minimum(start + Q, L) - 1)
         s_lo, s_hi = chunk_outer_sum(x_base, s_xl, s_xp, bm_base, s_bl, s_bn, cos_base, sin_base, s_tl,
                                      delta_base, cs_base, seq_base, start, L, P, half, mask_h, seq_ref,
-                                     N_HALF, Q, BS, BLOCK_P, BNH, 0, HAS_ROPE, HAS_SEQ, DOT, ROT)
+                                     N_HALF, Q, BS, BLOCK_P, BNH, 0, HAS_ROPE, HAS_SEQ, DOT)
         decay = chunk_decay(cs_base, seq_base, c, L, Q, HAS_SEQ)
         h_lo = decay * h_lo + s_lo
         h_hi = decay * h_hi + s_hi
@@ -129,7 +128,7 @@ def chunk_output_kernel(
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_NH: tl.constexpr,
-    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr, ROT: tl.constexpr,
+    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
 ):
     c, tb, b64, hi_, gi, bh64 = tile_program(H, HPG, Q, BT)
     dot_dtype = DOT
@@ -153,7 +152,7 @@ def chunk_output_kernel(
 
     cs_t = tl.load(cs_base + rows_t)
     c_lo, c_hi = load_rotated(cm_base, rows_t, tmask, s_cl_, s_cn, cos_base, sin_base, s_tl, half, mask_h,
-                              N_HALF, HAS_ROPE, ROT)
+                              N_HALF, HAS_ROPE)
     c_lo = c_lo.to(dot_dtype)
     c_hi = c_hi.to(dot_dtype)
 
@@ -169,7 +168,7 @@ def chunk_output_kernel(
         rows_s = start + s0 + tl.arange(0, BI)
         smask_r = rows_s < L
         b_lo, b_hi = load_rotated(bm_base, rows_s, smask_r, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,
-                                  N_HALF, HAS_ROPE, ROT)
+                                  N_HALF, HAS_ROPE)
         xs = tl.load(x_base + rows_s[:, None] * s_xl + offs_p[None, :] * s_xp,
                      mask=smask_r[:, None] & mask_p[None, :], other=0.0)
         d_s = tl.load(delta_base + rows_s)

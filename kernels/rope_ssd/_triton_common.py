@@ -11,20 +11,19 @@ import triton.language as tl
 
 @triton.jit
 def load_rotated(base, rows, row_mask, stride_row, stride_n, cos_base, sin_base, stride_cos_row,
-                 half, half_mask, N_HALF: tl.constexpr, HAS_ROPE: tl.constexpr, ROT: tl.constexpr):
-    """Load a (rows x N) tile of B or C as halves (lo, hi) of type ROT, rotated by the tables at positions `rows`.
+                 half, half_mask, N_HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
+    """Load a (rows x N) tile of B or C as fp32 halves (lo, hi), rotated by the tables at positions `rows`.
 
-    a' = a*cos - b*sin ; b' = b*cos + a*sin   (a = first half, b = second half), computed in ROT (fp32, or the
-    bf16/fp16 input type: half the registers and ALU work, at most about one more rounding of the result).
+    a' = a*cos - b*sin ; b' = b*cos + a*sin   (a = first half, b = second half).
     """
     m = row_mask[:, None] & half_mask[None, :]
     ptr = base + rows[:, None] * stride_row + half[None, :] * stride_n
-    a = tl.load(ptr, mask=m, other=0.0).to(ROT)
-    b = tl.load(ptr + N_HALF * stride_n, mask=m, other=0.0).to(ROT)
+    a = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(ptr + N_HALF * stride_n, mask=m, other=0.0).to(tl.float32)
     if HAS_ROPE:
         tab = rows[:, None] * stride_cos_row + half[None, :]
-        cos = tl.load(cos_base + tab, mask=m, other=1.0).to(ROT)
-        sin = tl.load(sin_base + tab, mask=m, other=0.0).to(ROT)
+        cos = tl.load(cos_base + tab, mask=m, other=1.0)
+        sin = tl.load(sin_base + tab, mask=m, other=0.0)
         return a * cos - b * sin, b * cos + a * sin
     else:
         return a, b

@@ -57,22 +57,12 @@ def _dot_dtype(dtype):
     return tl.float16 if dtype == torch.float16 else tl.float32
 
 
-def _rotation_dtype(dtype):
-    """fp32, or with ROTATE_IN_INPUT_DTYPE the bf16/fp16 input type (not in the CPU interpreter: like its bf16 dots,
-    its bf16 arithmetic is wrong)."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if ROTATE_IN_INPUT_DTYPE and TABLES_IN_INPUT_DTYPE and not interpreted and dtype in (torch.bfloat16, torch.float16):
-        return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
-    return tl.float32
-
-
 def _meta(P, N, Q, dtype):
     # On the GPU, half-column tiles are at least 64 wide: with N = 64 (32-wide halves) the bf16 backward hit an
     # illegal memory access on the H200 (triton 3.6, cause not isolated); masked 64-wide tiles run the N = 128 code.
     min_nh = 16 if os.environ.get("TRITON_INTERPRET") == "1" else 64
     return dict(
         DOT=_dot_dtype(dtype),
-        ROT=_rotation_dtype(dtype),
         N_HALF=N // 2,
         Q=Q,
         BLOCK_P=max(16, triton.next_power_of_2(P)),
@@ -93,9 +83,6 @@ BLOCK_SCAN_BWD = 32
 # H200. The rotated operands are rounded to that dtype for the dot products anyway, so the error stays of the
 # same order (tests/gpu/test_rope_ssd_gpu.py checks it against float64).
 TABLES_IN_INPUT_DTYPE = True
-# Rotate bf16/fp16 B and C in that dtype (with those tables) instead of fp32: half the registers and ALU work of the
-# rotation, about one more rounding of each rotated operand.
-ROTATE_IN_INPUT_DTYPE = False
 
 
 def _tables(cos, sin, ref):

@@ -126,17 +126,3 @@ def test_scan_columns(monkeypatch, cols):
     seq[0, 640:] += 1
     t, kw = make_case(1, 1500, 8, 64, 4, 128, dtype=torch.bfloat16, seed=22, options=True, seq_idx=seq, init=True)
     check(t, kw, dtype=torch.bfloat16, chunk_size=128)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_rotation_in_input_dtype(monkeypatch, dtype):
-    """chunk.ROTATE_IN_INPUT_DTYPE: B and C rotated in bf16/fp16 arithmetic, at the 1.3B layer (l = 4096, b = 2) and
-    with every option at chunk 128."""
-    import transxssm_kernels.rope_ssd.chunk as chunk
-    monkeypatch.setattr(chunk, "ROTATE_IN_INPUT_DTYPE", True)
-    t, kw = make_case(2, 4096, 32, 64, 32, 128, dtype=dtype, seed=31)
-    check(t, kw, dtype=dtype)
-    seq = torch.zeros(1, 1500, dtype=torch.int32, device="cuda")
-    seq[0, 300:] += 1
-    t, kw = make_case(1, 1500, 8, 64, 4, 128, dtype=dtype, seed=32, options=True, seq_idx=seq, init=True)
-    check(t, kw, dtype=dtype, chunk_size=128)
