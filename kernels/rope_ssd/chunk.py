@@ -30,8 +30,8 @@ How it works (per batch row and head; Q = chunk_size, cs = within-chunk cumulati
   (b, H, chunks, P, N): 4*P*N/Q bytes per token and head (128 B at P=64, N=128, Q=256).
 dt -> delta (bias, softplus), the cumulative sum, the D skip and the z gate are plain PyTorch around one
 autograd Function (they touch (b, l, H) tensors or are options off the default path).
-Speed (H200, 1.3B layer H=G=32, P=64, N=128, l=4096, 32K tokens, bf16): 0.96 ms forward, 3.56 ms forward+backward
-(chunk 128: 0.89 / 3.22); PyTorch SDPA with the same heads 4.75; bench/NOTES-ssd.md has the grid and what limits it.
+Speed (H200, 1.3B layer H=G=32, P=64, N=128, l=4096, 32K tokens, bf16): 0.87 ms forward, 3.01 ms forward+backward
+(chunk 128: 0.78 / 2.69); PyTorch SDPA with the same heads 4.78; bench/NOTES-ssd.md has the grid and what limits it.
 """
 
 import os
