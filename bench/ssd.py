@@ -170,8 +170,9 @@ def run_shape(H, N, l, mamba, P=64):
 
 # Layouts of the fused kernel: overrides of chunk.py's module settings, plus "chunk" (the chunk size), "warps" (of
 # the output/dc/dxdb kernels; out_/dc_/dxdb_warps for one), "scan_warps", "scan_cols" (half-columns per state-scan
-# program; default: chosen per call), "dc_stages", "dxdb_stages", "out_/dc_/dxdb_maxnreg" (register cap per thread). The first is the shipped default; --variants times them all on the 1.3B layer (and the
-# kernels of --baseline-kernels, if given).
+# program; default: chosen per call), "dc_stages", "dxdb_stages" and "out_/dc_/dxdb_maxnreg" (register cap per
+# thread). The first is the shipped default; --variants times them all on the 1.3B layer (and the kernels of
+# --baseline-kernels, if given). bench/NOTES-ssd.md has what each measured.
 VARIANTS = {
     "default": {},
     "dc32": dict(BLOCK_INNER_DC=32),

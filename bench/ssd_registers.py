@@ -46,7 +46,8 @@ def signature(kernel, constexprs: dict) -> dict:
 def ptx_of(kernel, constexprs: dict, warps: int, stages: int, maxnreg=None) -> str:
     src = ASTSource(fn=kernel, signature=signature(kernel, constexprs),
                     constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=TARGET, options=dict(num_warps=warps, num_stages=stages, maxnreg=maxnreg)).asm["ptx"]
+    options = dict(num_warps=warps, num_stages=stages, maxnreg=maxnreg)
+    return triton.compile(src, target=TARGET, options=options).asm["ptx"]
 
 
 def ptxas_report(ptx: str) -> dict:

@@ -7,14 +7,13 @@ a_j = delta_j A (cs is its within-chunk cumulative sum).
   2. dc_kernel   (t rows):  dC~_t = exp(cs_t) g_t H_c + sum_s L_ts (g_t.u_s) B~_s ;  E_t = C~_t . dC~_t
   3. dxdb_kernel (s rows):  du_s = w_s dH_{c+1} B~_s + sum_t L_ts (C~_t.B~_s) g_t ;
                             dB~_s = w_s dH_{c+1}^T u_s + sum_t L_ts (g_t.u_s) C~_t ;  w_s = exp(cs_last - cs_s)
-     then dx = delta du, d delta (direct) = du.x, V_s = u_s . (state-path part of du_s), F_s = B~_s . dB~_s.
-  d(delta*A): with W_ts = L_ts (g_t.u_s)(C~_t.B~_s), d cs_t (intra) = sum_s W_ts - sum_t' W_t't. The first sum is
-  the intra part of E_t (its state part is g_t.y_off_t), the second the intra part of F_t (its state part is V_t), so
-  d cs_t = E_t - F_t + V_t and d a_j = sum_{t >= j} d cs_t + sum_{s < j} V_s + K_c (chunk.py adds the parts up).
-  Both kernels round L (g.u) to the dot dtype the same way and dot it with the same rounded C~, B~ in fp32, so the
-  diagonal twins W_tt of E_t and F_t cancel to fp32 rounding; the first version's d cs_t = g_t.y_t - u_t.du_t
-  subtracted bf16-rounded outputs instead and lost dA to that (9% off at l = 4096). E and F cost one row sum each,
-  after the loops: dc needs no C~ B~^T at all.
+     then dx = delta du, d delta (direct) = du.x, V_s = u_s . (state-path part of du_s), K_s = sum_t W_ts.
+  d(delta*A): with W_ts = L_ts (g_t.u_s)(C~_t.B~_s), d cs_t (intra) = sum_s W_ts - K_t. The first sum is the intra
+  part of E_t (its state part is g_t.y_off_t), so d cs_t (all) = E_t - K_t and d a_j = sum_{t >= j} (E_t - K_t)
+  + sum_{s < j} V_s + K_c (chunk.py adds the parts up). dc needs no C~ B~^T for this: E_t is one row sum after its
+  loop. dxdb forms K_s from the same dot-rounded L (u.g) that dc's dots use (fp32 operands rounded to tf32 by
+  to_dot), so the diagonal twins W_tt of E_t and K_t cancel to fp32 rounding; the first version's
+  d cs_t = g_t.y_t - u_t.du_t subtracted bf16-rounded outputs instead and lost dA to that (9% off at l = 4096).
 Rotated gradients go back through the inverse rotation as they are stored.
 """
 

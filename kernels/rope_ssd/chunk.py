@@ -175,7 +175,8 @@ class _RopeSSDCore(torch.autograd.Function):
         scan_grid, scan_opts = _scan_launch(_OPT_SFWD, b, H, N, x.device)
         _state_fwd[scan_grid](
             x, *_strides4(x), B, *_strides4(B), cos_t, sin_t, s_tb, s_tl, delta_p, cs, seq_t, init, states, final,
-            l, Lp, H, H // G, P, nc, BS=min(BLOCK_SCAN_FWD, Q), HAS_INIT=initial_state is not None, **flags, **meta, **scan_opts)
+            l, Lp, H, H // G, P, nc, BS=min(BLOCK_SCAN_FWD, Q), HAS_INIT=initial_state is not None, **flags, **meta,
+            **scan_opts)
         y = torch.empty((b, l, H, P), device=x.device, dtype=y_dtype)
         _chunk_output[(nc * (Q // BT), b * H)](
             x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
@@ -212,7 +213,8 @@ class _RopeSSDCore(torch.autograd.Function):
         scan_grid, scan_opts = _scan_launch(_OPT_SBWD, b, H, N, dev)
         _state_bwd[scan_grid](
             g, *_strides4(g), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl, cs, seq_t, states, dfin, dstates, dinit,
-            kdec, l, Lp, H, H // G, P, nc, BS=min(BLOCK_SCAN_BWD, Q), HAS_DFINAL=dfinal is not None, **flags, **meta, **scan_opts)
+            kdec, l, Lp, H, H // G, P, nc, BS=min(BLOCK_SCAN_BWD, Q), HAS_DFINAL=dfinal is not None, **flags, **meta,
+            **scan_opts)
 
         # per-token gradients; with G < H the per-head dB, dC are summed over each group's heads
         bc_dtype = B.dtype if G == H else torch.float32
