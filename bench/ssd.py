@@ -169,7 +169,7 @@ def run_shape(H, N, l, mamba, P=64):
 
 
 # Layouts of the fused kernel: overrides of chunk.py's module settings, plus "chunk" (the chunk size), "warps" (of
-# the output/dc/dxdb kernels; out_/dc_/dxdb_warps for one), "scan_warps", "scan_cols" (half-columns per state-scan
+# the output/dc/dxdb kernels; out_/dc_/dxdb_warps for one), "shape" ((H, N, l), default the 1.3B layer), "scan_warps", "scan_cols" (half-columns per state-scan
 # program; default: chosen per call), "dc_stages", "dxdb_stages" and "out_/dc_/dxdb_maxnreg" (register cap per
 # thread). The first is the shipped default; --variants times them all on the 1.3B layer (and the kernels of
 # --baseline-kernels, if given). bench/NOTES-ssd.md has what each measured.
@@ -184,6 +184,10 @@ VARIANTS = {
     "dxdb w8": dict(dxdb_warps=8),
     "dxdb maxnreg168": dict(dxdb_maxnreg=168),
     "chunk128": dict(chunk=128),
+    "N64": dict(shape=(32, 64, 4096)),
+    "N64 half-tiles32 chunk128": dict(shape=(32, 64, 4096), HALF_TILE_MIN=32, chunk=128),
+    **{f"N64 half-tiles32 H{H} l{l}": dict(shape=(H, 64, l), HALF_TILE_MIN=32)
+       for H in (32, 12) for l in (4096, 8192, 16384)},
 }
 _LAUNCH_KEYS = {"warps": ("num_warps", ("_OPT_OUT", "_OPT_DC", "_OPT_DXDB")),
                 "out_warps": ("num_warps", ("_OPT_OUT",)), "dc_warps": ("num_warps", ("_OPT_DC",)),
@@ -199,13 +203,13 @@ def use_variant(overrides):
     from transxssm_kernels.rope_ssd import chunk
     all_opts = [getattr(chunk, n) for n in ("_OPT_SFWD", "_OPT_SBWD", "_OPT_OUT", "_OPT_DC", "_OPT_DXDB")]
     saved_opts = [dict(o) for o in all_opts]
-    saved = {k: getattr(chunk, k) for k in overrides if k not in _LAUNCH_KEYS and k != "chunk"}
+    saved = {k: getattr(chunk, k) for k in overrides if k not in _LAUNCH_KEYS and k not in ("chunk", "shape")}
     for k, v in overrides.items():
         if k in _LAUNCH_KEYS:
             option, names = _LAUNCH_KEYS[k]
             for n in names:
                 getattr(chunk, n)[option] = v
-        elif k != "chunk":
+        elif k not in ("chunk", "shape"):
             setattr(chunk, k, v)
 
     def restore():
@@ -228,14 +232,19 @@ def load_baseline(path):
     return importlib.import_module("baseline_kernels.rope_ssd").rope_ssd
 
 
-def time_variants(H=32, N=128, l=4096, P=64, baseline=None):
-    """ms of fused fwd / fwd+bwd for each of VARIANTS (and the baseline kernels); leaves the default in place."""
-    x, dt, A, B, C, dy, cos, sin = layer_inputs(H, N, l, P)
+def time_variants(P=64, baseline=None):
+    """ms of fused fwd / fwd+bwd for each of VARIANTS (and the baseline kernels) at its shape (the 1.3B layer unless
+    the variant names one); leaves the default in place."""
+    inputs = {}
     runs = [(name, v, rope_ssd) for name, v in VARIANTS.items()]
     if baseline is not None:
         runs.insert(0, ("baseline", {}, baseline))
     out = {}
     for name, overrides, fn in runs:
+        shape = overrides.get("shape", (32, 128, 4096))
+        if shape not in inputs:
+            inputs[shape] = layer_inputs(*shape, P)
+        x, dt, A, B, C, dy, cos, sin = inputs[shape]
         restore = use_variant(overrides)
         Q = overrides.get("chunk", 256)
         f = lambda: fn(x, dt, A, B, C, chunk_size=Q, dt_softplus=True, rope_cos=cos, rope_sin=sin)

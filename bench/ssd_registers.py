@@ -2,7 +2,7 @@
 
     python bench/ssd_registers.py [--rows 64] [--inner-fwd 64] [--inner-dc 64] [--inner-dxdb 32] [--chunk 256]
                                   [--n 128] [--warps 4] [--scan-fwd 64] [--scan-bwd 32] [--scan-cols 64]
-                                  [--scan-warps 4] [--fp32] [--json OUT]
+                                  [--scan-warps 4] [--half-tile-min 64] [--fp32] [--json OUT]
 
 Each kernel of kernels/rope_ssd is compiled ahead of time for GPUTarget("cuda", 90, 32) (Triton frontend, LLVM,
 PTX) and its PTX is assembled by the ptxas bundled with Triton (`-v`), which reports registers per thread and
@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--scan-bwd", type=int, default=32, help="row block of the backward scan (chunk.BLOCK_SCAN_BWD)")
     ap.add_argument("--scan-warps", type=int, default=4, help="warps of the state scans")
     ap.add_argument("--scan-cols", type=int, default=64, help="half-columns per state-scan program (BNH)")
+    ap.add_argument("--half-tile-min", type=int, default=64, help="chunk.HALF_TILE_MIN (32: N = 64 unpadded)")
     ap.add_argument("--maxnreg", type=int, default=None, help="register cap per thread of the tile kernels")
     ap.add_argument("--fp32", action="store_true", help="fp32 inputs (tf32 dots, operands rounded by to_dot)")
     ap.add_argument("--chunk", type=int, default=256)
@@ -83,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
 
     common = dict(N_HALF=args.n // 2, Q=args.chunk, BLOCK_P=max(16, triton.next_power_of_2(args.p)),
-                  BLOCK_NH=max(64, triton.next_power_of_2(args.n // 2)),
+                  BLOCK_NH=max(args.half_tile_min, triton.next_power_of_2(args.n // 2)),
                   DOT=tl.float32 if args.fp32 else tl.bfloat16, HAS_ROPE=True, HAS_SEQ=args.seq)
     bt = min(args.rows, args.chunk)
     inner = lambda n: min(n, bt)

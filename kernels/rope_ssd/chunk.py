@@ -57,10 +57,14 @@ def _dot_dtype(dtype):
     return tl.float16 if dtype == torch.float16 else tl.float32
 
 
+# On the GPU, half-column tiles are at least this wide: with N = 64 (32-wide halves) the bf16 backward hit an
+# illegal memory access on the H200 in session 1 (triton 3.6, cause not isolated); masked 64-wide tiles run the
+# N = 128 code. The CPU interpreter runs the narrow tiles.
+HALF_TILE_MIN = 64
+
+
 def _meta(P, N, Q, dtype):
-    # On the GPU, half-column tiles are at least 64 wide: with N = 64 (32-wide halves) the bf16 backward hit an
-    # illegal memory access on the H200 (triton 3.6, cause not isolated); masked 64-wide tiles run the N = 128 code.
-    min_nh = 16 if os.environ.get("TRITON_INTERPRET") == "1" else 64
+    min_nh = 16 if os.environ.get("TRITON_INTERPRET") == "1" else HALF_TILE_MIN
     return dict(
         DOT=_dot_dtype(dtype),
         N_HALF=N // 2,

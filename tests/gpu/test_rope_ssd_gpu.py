@@ -126,3 +126,27 @@ def test_scan_columns(monkeypatch, cols):
     seq[0, 640:] += 1
     t, kw = make_case(1, 1500, 8, 64, 4, 128, dtype=torch.bfloat16, seed=22, options=True, seq_idx=seq, init=True)
     check(t, kw, dtype=torch.bfloat16, chunk_size=128)
+
+
+def test_narrow_half_tiles(monkeypatch):
+    """N = 64 with 32-wide half-column tiles (chunk.HALF_TILE_MIN = 32; the shipped 64 pads them, the workaround of
+    an illegal memory access seen in session 1): the 1.3B layer in bf16 and fp32, every option at chunk 128, and
+    bit-repeatability."""
+    import transxssm_kernels.rope_ssd.chunk as chunk
+    monkeypatch.setattr(chunk, "HALF_TILE_MIN", 32)
+    for dtype in (torch.bfloat16, torch.float32):
+        t, kw = make_case(2, 4096, 32, 64, 32, 64, dtype=dtype, seed=41)
+        check(t, kw, dtype=dtype)
+    seq = torch.zeros(1, 1500, dtype=torch.int32, device="cuda")
+    seq[0, 300:] += 1
+    t, kw = make_case(1, 1500, 8, 64, 4, 64, dtype=torch.bfloat16, seed=42, options=True, seq_idx=seq, init=True)
+    check(t, kw, dtype=torch.bfloat16, chunk_size=128)
+    t, kw = make_case(2, 4096, 32, 64, 32, 64, dtype=torch.bfloat16, seed=43)
+    leaves = {k: v.requires_grad_(True) for k, v in t.items()}
+    dy = torch.randn(2, 4096, 32, 64, device="cuda").to(torch.bfloat16)
+    outs = []
+    for _ in range(2):
+        y = chunk.rope_ssd(**leaves, **kw)
+        outs.append([y.detach(), *torch.autograd.grad(y, list(leaves.values()), dy)])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b), "narrow tiles: two identical calls differ"
