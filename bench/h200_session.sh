@@ -14,7 +14,7 @@
 #                                            #   until 9 minutes have passed (each shape is saved when measured)
 #   [STEPS=N ONLY_VPP=1] bash bench/h200_session.sh pp-fresh OUT  # PP=2 (x VPP=2) from scratch on 2 GPUs
 #   bash bench/h200_session.sh ssd-grid OUT  # the 12 shapes of bench/ssd.py spread over the GPUs, one JSON
-#   [PROFILE="default chunk128"] bash bench/h200_session.sh ssd-layouts OUT  # 1 GPU: kernel GPU tests, the
+#   [PROFILE="default chunk128"] [FUSED_GRID=0] bash bench/h200_session.sh ssd-layouts OUT  # 1 GPU: GPU tests, the
 #                                            #   layouts of bench/ssd.py --variants beside .device/baseline,
 #                                            #   profiles, then the grid for ours and SDPA only (no mamba_ssm)
 #   [NCU=0] bash bench/h200_session.sh ssd-tune OUT  # 1 GPU: the layouts (no tests), then ncu on one fwd+bwd
@@ -118,7 +118,8 @@ ssd-layouts)
     base=(); [ -d .device/baseline/kernels ] && base=(--baseline-kernels .device/baseline/kernels)
     timeout 280 "$py" bench/ssd.py --variants --quick --fast "${base[@]}" --profile ${PROFILE:-default} \
         --out "$work/ssd-variants.json" > "$work/ssd-variants.log" 2>&1
-    timeout 150 "$py" bench/ssd.py --fast --out "$work/ssd-grid-fused.json" > "$work/ssd-grid-fused.log" 2>&1
+    [ "${FUSED_GRID:-1}" = 1 ] && timeout 150 "$py" bench/ssd.py --fast --out "$work/ssd-grid-fused.json" \
+        > "$work/ssd-grid-fused.log" 2>&1
     ;;
 ssd-tune)
     # one GPU: the layouts of bench/ssd.py --variants (beside .device/baseline), then ncu on one fused fwd+bwd
