@@ -17,7 +17,8 @@
 #   [PROFILE="default chunk128"] [FUSED_GRID=0] bash bench/h200_session.sh ssd-layouts OUT  # 1 GPU: GPU tests, the
 #                                            #   layouts of bench/ssd.py --variants beside .device/baseline,
 #                                            #   profiles, then the grid for ours and SDPA only (no mamba_ssm)
-#   [NCU=0] bash bench/h200_session.sh ssd-tune OUT  # 1 GPU: the layouts (no tests), then ncu on one fwd+bwd
+#   [NCU=0] [MATCHING=TEXT] [ROUNDS=K] bash bench/h200_session.sh ssd-tune OUT  # 1 GPU: the layouts (no tests;
+#                                            #   those named with TEXT, K rounds), then ncu on one fwd+bwd
 #   MAMBA_SHAPES=32x64x4096,... [FUSED_GRID=0] bash bench/h200_session.sh ssd-final OUT  # 1 GPU: kernel GPU
 #                                            #   tests, the grid for ours and SDPA, then every method at MAMBA_SHAPES
 set -uo pipefail
@@ -125,6 +126,7 @@ ssd-tune)
     # one GPU: the layouts of bench/ssd.py --variants (beside .device/baseline), then ncu on one fused fwd+bwd
     base=(); [ -d .device/baseline/kernels ] && base=(--baseline-kernels .device/baseline/kernels)
     timeout 240 "$py" bench/ssd.py --variants --quick --fast "${base[@]}" --profile ${PROFILE:-default} \
+        --variants-matching "${MATCHING:-}" --variants-rounds "${ROUNDS:-1}" \
         --out "$work/ssd-variants.json" > "$work/ssd-variants.log" 2>&1
     [ "${NCU:-1}" = 1 ] && timeout 200 ncu --clock-control none --kernel-name regex:"dc_kernel|dxdb_kernel|chunk_output|state_scan" \
         --launch-count 5 --section SpeedOfLight --section Occupancy --section WarpStateStats \

@@ -184,10 +184,8 @@ VARIANTS = {
     "dxdb w8": dict(dxdb_warps=8),
     "dxdb maxnreg168": dict(dxdb_maxnreg=168),
     "chunk128": dict(chunk=128),
-    "N64": dict(shape=(32, 64, 4096)),
-    "N64 half-tiles32 chunk128": dict(shape=(32, 64, 4096), HALF_TILE_MIN=32, chunk=128),
-    **{f"N64 half-tiles32 H{H} l{l}": dict(shape=(H, 64, l), HALF_TILE_MIN=32)
-       for H in (32, 12) for l in (4096, 8192, 16384)},
+    **{f"N64 half-tiles{w} H{H} l{l}": dict(shape=(H, 64, l), HALF_TILE_MIN=w)
+       for H in (32, 12) for l in (4096, 16384) for w in (64, 32)},
 }
 _LAUNCH_KEYS = {"warps": ("num_warps", ("_OPT_OUT", "_OPT_DC", "_OPT_DXDB")),
                 "out_warps": ("num_warps", ("_OPT_OUT",)), "dc_warps": ("num_warps", ("_OPT_DC",)),
@@ -232,13 +230,14 @@ def load_baseline(path):
     return importlib.import_module("baseline_kernels.rope_ssd").rope_ssd
 
 
-def time_variants(P=64, baseline=None):
+def time_variants(P=64, baseline=None, matching="", rounds=1):
     """ms of fused fwd / fwd+bwd for each of VARIANTS (and the baseline kernels) at its shape (the 1.3B layer unless
-    the variant names one); leaves the default in place."""
+    the variant names one), those whose name contains `matching`, `rounds` times in turn; leaves the default."""
     inputs = {}
-    runs = [(name, v, rope_ssd) for name, v in VARIANTS.items()]
+    runs = [(name, v, rope_ssd) for name, v in VARIANTS.items() if name == "default" or matching in name]
     if baseline is not None:
         runs.insert(0, ("baseline", {}, baseline))
+    runs = [(name + (f" #{k + 1}" if k else ""), v, fn) for k in range(rounds) for name, v, fn in runs]
     out = {}
     for name, overrides, fn in runs:
         shape = overrides.get("shape", (32, 128, 4096))
@@ -304,6 +303,10 @@ def main():
     ap.add_argument("--baseline-kernels", default=None, metavar="DIR",
                     help="another checkout's kernels/ folder, timed beside the variants as 'baseline'")
     ap.add_argument("--variants", action="store_true", help="time variants of the fused kernel, 1.3B N=128 l=4096")
+    ap.add_argument("--variants-matching", default="", metavar="TEXT",
+                    help="only the variants whose name contains TEXT (the default layout is always timed)")
+    ap.add_argument("--variants-rounds", type=int, default=1, metavar="K",
+                    help="time the variants K times in turn (run-to-run spread; rounds after the first get #k)")
     ap.add_argument("--ncu-step", action="store_true", help="run one fused fwd+bwd only (for ncu), then exit")
     ap.add_argument("--part", default="1/1", help="K/N: measure every N-th shape of the grid from the K-th (1-based), "
                     "to spread the grid over N GPUs")
@@ -323,7 +326,8 @@ def main():
     if args.fast:
         TIMING.update(warmup=5, rep=30)
     baseline = load_baseline(args.baseline_kernels) if args.baseline_kernels else None
-    variants = time_variants(baseline=baseline) if args.variants else None
+    variants = time_variants(baseline=baseline, matching=args.variants_matching,
+                             rounds=args.variants_rounds) if args.variants else None
 
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -57,10 +57,10 @@ def _dot_dtype(dtype):
     return tl.float16 if dtype == torch.float16 else tl.float32
 
 
-# On the GPU, half-column tiles are at least this wide: with N = 64 (32-wide halves) the bf16 backward hit an
-# illegal memory access on the H200 in session 1 (triton 3.6, cause not isolated); masked 64-wide tiles run the
-# N = 128 code. The CPU interpreter runs the narrow tiles.
-HALF_TILE_MIN = 64
+# Narrowest half-column tile on the GPU. 64 pads N = 64's 32-wide halves to N = 128's tiles: the workaround for an
+# illegal memory access of session 1's bf16 backward (triton 3.6), which no longer occurs with today's kernels
+# (tests/gpu: test_narrow_half_tiles); 32 makes the 1.3B-sized N = 64 layer 14% faster (bench/NOTES-ssd.md).
+HALF_TILE_MIN = 32
 
 
 def _meta(P, N, Q, dtype):
