@@ -129,7 +129,7 @@ def test_scan_columns(monkeypatch, cols):
 
 
 def test_narrow_half_tiles(monkeypatch):
-    """N = 64 with 32-wide half-column tiles (chunk.HALF_TILE_MIN = 32; the shipped 64 pads them, the workaround of
+    """N = 64 with 32-wide half-column tiles (chunk.HALF_TILE_MIN = 32, the default; 64 pads them, the workaround of
     an illegal memory access seen in session 1): the 1.3B layer in bf16 and fp32, every option at chunk 128, and
     bit-repeatability."""
     import transxssm_kernels.rope_ssd.chunk as chunk
