@@ -14,15 +14,17 @@
 #                                            #   until 9 minutes have passed (each shape is saved when measured)
 #   [STEPS=N ONLY_VPP=1] bash bench/h200_session.sh pp-fresh OUT  # PP=2 (x VPP=2) from scratch on 2 GPUs
 #   bash bench/h200_session.sh ssd-grid OUT  # the 12 shapes of bench/ssd.py spread over the GPUs, one JSON
-#   [PROFILE="default chunk128"] [FUSED_GRID=0] bash bench/h200_session.sh ssd-layouts OUT  # 1 GPU: GPU tests, the
-#                                            #   layouts of bench/ssd.py --variants beside .device/baseline,
-#                                            #   profiles, then the grid for ours and SDPA only (no mamba_ssm)
-#   [NCU=0] [MATCHING=TEXT] [ROUNDS=K] bash bench/h200_session.sh ssd-tune OUT  # 1 GPU: the layouts (no tests;
-#                                            #   those named with TEXT, K rounds), then ncu on one fwd+bwd
+#   [PROFILE=chunk128] [MATCHING=TEXT] [ROUNDS=K] [FUSED_GRID=0] bash bench/h200_session.sh ssd-layouts OUT
+#                                            # 1 GPU: GPU tests, the layouts of bench/ssd.py --variants (those named
+#                                            #   with TEXT, K rounds) beside .device/baseline, profiles, then the
+#                                            #   grid for ours and SDPA only (no mamba_ssm)
+#   [NCU=0] [MATCHING=TEXT] [ROUNDS=K] bash bench/h200_session.sh ssd-tune OUT  # 1 GPU: the layouts as above
+#                                            #   (no tests, no grid), then ncu on one fwd+bwd
 #   MAMBA_SHAPES=32x64x4096,... [FUSED_GRID=0] bash bench/h200_session.sh ssd-final OUT  # 1 GPU: kernel GPU
 #                                            #   tests, the grid for ours and SDPA, then every method at MAMBA_SHAPES
 set -uo pipefail
-usage="usage: bash bench/h200_session.sh checks|checks-x2|resume-x2|pp-fresh|ssd-grid|ssd-layouts|ssd-tune|ssd-final OUT"
+modes="checks|checks-x2|resume-x2|pp-fresh|ssd-grid|ssd-layouts|ssd-tune|ssd-final"
+usage="usage: bash bench/h200_session.sh $modes OUT"
 mode=${1:?$usage}
 out=${2:?$usage}
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -40,11 +42,26 @@ export PYTHONPATH="$repo:$map:/tmp/site"
 work=$(mktemp -d)
 nvidia-smi > "$work/nvidia-smi.txt" 2>&1
 
+gpu_tests() {   # SECONDS_LIMIT: the kernel GPU tests -> gpu-tests.txt
+    timeout "$1" "$py" -m pytest tests/gpu/test_rope_ssd_gpu.py -v -s -p no:cacheprovider -o addopts="" \
+        > "$work/gpu-tests.txt" 2>&1
+}
+layouts() {     # SECONDS_LIMIT: bench/ssd.py --variants beside .device/baseline (if there), profiles -> ssd-variants.*
+    local base=()
+    [ -d .device/baseline/kernels ] && base=(--baseline-kernels .device/baseline/kernels)
+    timeout "$1" "$py" bench/ssd.py --variants --quick --fast "${base[@]}" --profile ${PROFILE:-default} \
+        --variants-matching "${MATCHING:-}" --variants-rounds "${ROUNDS:-1}" \
+        --out "$work/ssd-variants.json" > "$work/ssd-variants.log" 2>&1
+}
+fused_grid() {  # the 12 shapes for ours and SDPA (no mamba_ssm) -> ssd-grid-fused.*, unless FUSED_GRID=0
+    [ "${FUSED_GRID:-1}" = 1 ] || return 0
+    timeout 150 "$py" bench/ssd.py --fast --out "$work/ssd-grid-fused.json" > "$work/ssd-grid-fused.log" 2>&1
+}
+
 case "$mode" in
 checks)
     ( export CUDA_VISIBLE_DEVICES=0
-      timeout 300 "$py" -m pytest tests/gpu/test_rope_ssd_gpu.py -v -s -p no:cacheprovider -o addopts="" \
-          > "$work/gpu-tests.txt" 2>&1
+      gpu_tests 300
       timeout 300 "$py" bench/ssd.py --variants --quick --fast --mamba-path /tmp/mb --out "$work/ssd-variants.json" \
           > "$work/ssd-variants.log" 2>&1 ) &
     ( export CUDA_VISIBLE_DEVICES=1 BENCH_WORK=/tmp/bench1
@@ -61,8 +78,7 @@ checks-x2)
     ( export CUDA_VISIBLE_DEVICES=0 BENCH_WORK=/tmp/bench1
       bash bench/train_gpu.sh "$work/train1" --only 320m_1gpu > "$work/train1.log" 2>&1 ) &
     ( export CUDA_VISIBLE_DEVICES=1
-      timeout 150 "$py" -m pytest tests/gpu/test_rope_ssd_gpu.py -v -s -p no:cacheprovider -o addopts="" \
-          > "$work/gpu-tests.txt" 2>&1
+      gpu_tests 150
       timeout 200 "$py" bench/ssd.py --variants --quick --fast --out "$work/ssd-variants.json" \
           > "$work/ssd-variants.log" 2>&1 ) &
     wait
@@ -114,32 +130,24 @@ PY
 ssd-layouts)
     # one GPU: the kernel GPU tests, then the layouts of bench/ssd.py (VARIANTS) beside the kernels of the commit in
     # .device/baseline/kernels (`git archive <commit> kernels | tar -x -C .device/baseline`), per-kernel profiles
-    timeout 240 "$py" -m pytest tests/gpu/test_rope_ssd_gpu.py -v -s -p no:cacheprovider -o addopts="" \
-        > "$work/gpu-tests.txt" 2>&1
-    base=(); [ -d .device/baseline/kernels ] && base=(--baseline-kernels .device/baseline/kernels)
-    timeout 280 "$py" bench/ssd.py --variants --quick --fast "${base[@]}" --profile ${PROFILE:-default} \
-        --out "$work/ssd-variants.json" > "$work/ssd-variants.log" 2>&1
-    [ "${FUSED_GRID:-1}" = 1 ] && timeout 150 "$py" bench/ssd.py --fast --out "$work/ssd-grid-fused.json" \
-        > "$work/ssd-grid-fused.log" 2>&1
+    gpu_tests 240
+    layouts 280
+    fused_grid
     ;;
 ssd-tune)
     # one GPU: the layouts of bench/ssd.py --variants (beside .device/baseline), then ncu on one fused fwd+bwd
-    base=(); [ -d .device/baseline/kernels ] && base=(--baseline-kernels .device/baseline/kernels)
-    timeout 240 "$py" bench/ssd.py --variants --quick --fast "${base[@]}" --profile ${PROFILE:-default} \
-        --variants-matching "${MATCHING:-}" --variants-rounds "${ROUNDS:-1}" \
-        --out "$work/ssd-variants.json" > "$work/ssd-variants.log" 2>&1
-    [ "${NCU:-1}" = 1 ] && timeout 200 ncu --clock-control none --kernel-name regex:"dc_kernel|dxdb_kernel|chunk_output|state_scan" \
-        --launch-count 5 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+    layouts 240
+    [ "${NCU:-1}" = 1 ] && timeout 200 ncu --clock-control none \
+        --kernel-name regex:"dc_kernel|dxdb_kernel|chunk_output|state_scan" --launch-count 5 \
+        --section SpeedOfLight --section Occupancy --section WarpStateStats \
         --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section LaunchStats \
         "$py" bench/ssd.py --ncu-step --out "$work/unused.json" > "$work/ncu.txt" 2>&1
     ;;
 ssd-final)
     # one GPU: the kernel GPU tests, the grid for ours and SDPA, then (b)-(d) at MAMBA_SHAPES until the deadline
     deadline=$((SECONDS + 560))
-    timeout 150 "$py" -m pytest tests/gpu/test_rope_ssd_gpu.py -v -s -p no:cacheprovider -o addopts="" \
-        > "$work/gpu-tests.txt" 2>&1
-    [ "${FUSED_GRID:-1}" = 1 ] && timeout 150 "$py" bench/ssd.py --fast --out "$work/ssd-grid-fused.json" \
-        > "$work/ssd-grid-fused.log" 2>&1
+    gpu_tests 150
+    fused_grid
     timeout $((deadline - SECONDS)) "$py" bench/ssd.py --fast --mamba-path /tmp/mb --shapes "$MAMBA_SHAPES" \
         --out "$work/ssd-grid-mamba.json" > "$work/ssd-grid-mamba.log" 2>&1
     ;;

@@ -168,11 +168,11 @@ def run_shape(H, N, l, mamba, P=64):
     return out
 
 
-# Layouts of the fused kernel: overrides of chunk.py's module settings, plus "chunk" (the chunk size), "warps" (of
-# the output/dc/dxdb kernels; out_/dc_/dxdb_warps for one), "shape" ((H, N, l), default the 1.3B layer), "scan_warps", "scan_cols" (half-columns per state-scan
-# program; default: chosen per call), "dc_stages", "dxdb_stages" and "out_/dc_/dxdb_maxnreg" (register cap per
-# thread). The first is the shipped default; --variants times them all on the 1.3B layer (and the kernels of
-# --baseline-kernels, if given). bench/NOTES-ssd.md has what each measured.
+# Layouts of the fused kernel: overrides of chunk.py's module settings, plus "shape" ((H, N, l); default the 1.3B
+# layer), "chunk" (the chunk size), "warps" (of the output/dc/dxdb kernels; out_/dc_/dxdb_warps for one),
+# "scan_warps", "scan_cols" (half-columns per state-scan program; default: chosen per call), "dc_stages",
+# "dxdb_stages" and "out_/dc_/dxdb_maxnreg" (register cap per thread). The first is the shipped default; --variants
+# times them all (and the kernels of --baseline-kernels, if given). bench/NOTES-ssd.md has what each measured.
 VARIANTS = {
     "default": {},
     "dc32": dict(BLOCK_INNER_DC=32),
@@ -258,13 +258,16 @@ def time_variants(P=64, baseline=None, matching="", rounds=1):
     return out
 
 
-def profile_fused(H=32, N=128, l=4096, P=64, steps_only=False, variant="default"):
-    """Print the CUDA time of each kernel of one fused forward+backward (torch.profiler), after warm-up."""
-    restore = use_variant(VARIANTS[variant])
-    x, dt, A, B, C, dy, cos, sin = layer_inputs(H, N, l, P)
+def profile_fused(P=64, steps_only=False, variant="default"):
+    """Print the CUDA time of each kernel of one fused forward+backward (torch.profiler) of a layout at its shape and
+    chunk, after warm-up."""
+    overrides = VARIANTS[variant]
+    restore = use_variant(overrides)
+    x, dt, A, B, C, dy, cos, sin = layer_inputs(*overrides.get("shape", (32, 128, 4096)), P)
+    Q = overrides.get("chunk", 256)
     def step():
         x.grad = dt.grad = A.grad = B.grad = C.grad = None   # no gradient-accumulation kernels in the profile
-        rope_ssd(x, dt, A, B, C, dt_softplus=True, rope_cos=cos, rope_sin=sin).backward(dy)
+        rope_ssd(x, dt, A, B, C, chunk_size=Q, dt_softplus=True, rope_cos=cos, rope_sin=sin).backward(dy)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -298,8 +301,8 @@ def main():
     ap.add_argument("--mamba-path", default=None, help="folder holding an unpacked mamba_ssm wheel")
     ap.add_argument("--quick", action="store_true", help="only the 1.3B N=128 l=4096 shape")
     ap.add_argument("--profile", nargs="*", metavar="LAYOUT", default=None,
-                    help="per-kernel times of fused fwd+bwd, 1.3B N=128 l=4096, for these VARIANTS names (default: "
-                    "the default layout)")
+                    help="per-kernel times of fused fwd+bwd for these VARIANTS names, each at its shape (default: "
+                    "the default layout, 1.3B N=128 l=4096)")
     ap.add_argument("--baseline-kernels", default=None, metavar="DIR",
                     help="another checkout's kernels/ folder, timed beside the variants as 'baseline'")
     ap.add_argument("--variants", action="store_true", help="time variants of the fused kernel, 1.3B N=128 l=4096")
