@@ -184,6 +184,16 @@ VARIANTS = {
     "dxdb w8": dict(dxdb_warps=8),
     "dxdb maxnreg168": dict(dxdb_maxnreg=168),
     "chunk128": dict(chunk=128),
+    # session 4 (split decays, unmasked tiles, packed bf16 rotation: far fewer instructions per tile)
+    "s4 dxdb inner64": dict(BLOCK_INNER_DXDB=64),
+    "s4 dc inner32": dict(BLOCK_INNER_DC=32),
+    "s4 out inner32": dict(BLOCK_INNER_FWD=32),
+    "s4 out stages2": dict(out_stages=2),
+    "s4 dc stages2": dict(dc_stages=2),
+    "s4 dxdb stages2": dict(dxdb_stages=2),
+    "s4 tiles w8": dict(warps=8),
+    "s4 rows128 w8": dict(BLOCK_ROWS=128, warps=8),
+    "s4 chunk128": dict(chunk=128),
     **{f"N64 half-tiles{w} H{H} l{l}": dict(shape=(H, 64, l), HALF_TILE_MIN=w)
        for H in (32, 12) for l in (4096, 16384) for w in (64, 32)},
 }
@@ -191,7 +201,8 @@ _LAUNCH_KEYS = {"warps": ("num_warps", ("_OPT_OUT", "_OPT_DC", "_OPT_DXDB")),
                 "out_warps": ("num_warps", ("_OPT_OUT",)), "dc_warps": ("num_warps", ("_OPT_DC",)),
                 "dxdb_warps": ("num_warps", ("_OPT_DXDB",)), "scan_warps": ("num_warps", ("_OPT_SFWD", "_OPT_SBWD")),
                 "scan_cols": ("BNH", ("_OPT_SFWD", "_OPT_SBWD")),
-                "dc_stages": ("num_stages", ("_OPT_DC",)), "dxdb_stages": ("num_stages", ("_OPT_DXDB",)),
+                "out_stages": ("num_stages", ("_OPT_OUT",)), "dc_stages": ("num_stages", ("_OPT_DC",)),
+                "dxdb_stages": ("num_stages", ("_OPT_DXDB",)),
                 "out_maxnreg": ("maxnreg", ("_OPT_OUT",)), "dc_maxnreg": ("maxnreg", ("_OPT_DC",)),
                 "dxdb_maxnreg": ("maxnreg", ("_OPT_DXDB",))}
 

@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--p", type=int, default=64, help="head dim P")
     ap.add_argument("--warps", type=int, default=4, help="warps of the tile kernels")
     ap.add_argument("--seq", action="store_true", help="with document boundaries (seq_idx)")
+    ap.add_argument("--masked", action="store_true", help="tile kernels with masks (l not a multiple of the chunk)")
     ap.add_argument("--json", default=None, help="also write the table here")
     args = ap.parse_args()
 
@@ -89,14 +90,18 @@ def main() -> None:
     bt = min(args.rows, args.chunk)
     inner = lambda n: min(n, bt)
     scan = dict(common, BNH=args.scan_cols)
+    even = not args.masked
     cases = {   # launch options as chunk.py sets them
         "state_scan_fwd": (_fwd.state_scan_fwd_kernel, dict(scan, BS=min(args.scan_fwd, args.chunk), HAS_INIT=False),
                            args.scan_warps, 2),
-        "chunk_output": (_fwd.chunk_output_kernel, dict(common, BT=bt, BI=inner(args.inner_fwd)), args.warps, 1),
+        "chunk_output": (_fwd.chunk_output_kernel, dict(common, BT=bt, BI=inner(args.inner_fwd), EVEN=even),
+                         args.warps, 1),
         "state_scan_bwd": (_bwd.state_scan_bwd_kernel, dict(scan, BS=min(args.scan_bwd, args.chunk),
                                                             HAS_DFINAL=False), args.scan_warps, 1),
-        "dc": (_bwd.dc_kernel, dict(common, BT=bt, BI=inner(args.inner_dc), TF32=args.fp32), args.warps, 1),
-        "dxdb": (_bwd.dxdb_kernel, dict(common, BT=bt, BI=inner(args.inner_dxdb), TF32=args.fp32), args.warps, 3),
+        "dc": (_bwd.dc_kernel, dict(common, BT=bt, BI=inner(args.inner_dc), TF32=args.fp32, EVEN=even), args.warps,
+               1),
+        "dxdb": (_bwd.dxdb_kernel, dict(common, BT=bt, BI=inner(args.inner_dxdb), TF32=args.fp32, EVEN=even),
+                 args.warps, 3),
     }
     table = {name: ptxas_report(ptx_of(k, c, w, s, None if "scan" in name else args.maxnreg))
              for name, (k, c, w, s) in cases.items()}

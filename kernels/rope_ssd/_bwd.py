@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from ._fwd import chunk_decay, chunk_outer_sum
-from ._triton_common import (entering_state_weight, load_rotated, load_state_halves, scan_program, tile_program,
-                             to_dot, unrotate)
+from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_state_halves,
+                             scan_program, tile_program, to_dot, unrotate, valid)
 
 
 @triton.jit
@@ -82,6 +82,20 @@ def state_scan_bwd_kernel(
 
 
 @triton.jit
+def source_gu(g, rows_s, smask_r, bm_base, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h, x_base, s_xl, s_xp,
+              offs_p, mask_p, delta_base, cs_base, N_HALF: tl.constexpr, HAS_ROPE: tl.constexpr, DOT: tl.constexpr,
+              TF32: tl.constexpr):
+    """For source rows s of dc: the B~_s halves as dot operands, g_t . u_s (fp32; u = delta x rounded as a dot
+    operand, as dxdb rounds it) and cs_s."""
+    b_lo, b_hi = load_rotated(bm_base, rows_s, smask_r, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,
+                              N_HALF, HAS_ROPE)
+    xs = tl.load(x_base + rows_s[:, None] * s_xl + offs_p[None, :] * s_xp, mask=smask_r[:, None] & mask_p[None, :],
+                 other=0.0).to(tl.float32)
+    u = to_dot(xs * tl.load(delta_base + rows_s)[:, None], DOT, TF32)
+    return to_dot(b_lo, DOT, TF32), to_dot(b_hi, DOT, TF32), tl.dot(g, tl.trans(u)), tl.load(cs_base + rows_s)
+
+
+@triton.jit
 def dc_kernel(
     g_ptr, s_gb, s_gl, s_gh, s_gp,            # (b, l, H, P)
     x_ptr, s_xb, s_xl, s_xh, s_xp,
@@ -95,19 +109,19 @@ def dc_kernel(
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_NH: tl.constexpr,
-    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr, TF32: tl.constexpr,
+    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr, TF32: tl.constexpr, EVEN: tl.constexpr,
 ):
     c, tb, b64, hi_, gi, bh64 = tile_program(H, HPG, Q, BT)
 
     offs_p = tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
+    mask_p = valid(offs_p, P, EVEN)
     half = tl.arange(0, BLOCK_NH)
-    mask_h = half < N_HALF
+    mask_h = valid(half, N_HALF, EVEN)
     N = 2 * N_HALF
 
     start = c * Q
     rows_t = start + tb * BT + tl.arange(0, BT)
-    tmask = rows_t < L
+    tmask = valid(rows_t, L, EVEN)
     cs_base = cs_ptr + bh64 * Lp
     delta_base = delta_ptr + bh64 * Lp
     cos_base = cos_ptr + b64 * s_tb
@@ -126,24 +140,36 @@ def dc_kernel(
     dc_lo = tl.dot(g, h_lo) * w_t[:, None]
     dc_hi = tl.dot(g, h_hi) * w_t[:, None]
 
-    for s0 in range(0, (tb + 1) * BT, BI):
+    # source blocks before the target block, the decay split at the pivot (_triton_common), then the diagonal
+    # block
+    pivot = tl.where(tb > 0, tl.load(cs_base + tl.maximum(start + tb * BT - 1, 0)), 0.0)
+    e_t = exp_ftz(cs_t - pivot)
+    for s0 in range(0, tb * BT, BI):
         rows_s = start + s0 + tl.arange(0, BI)
-        smask_r = rows_s < L
-        b_lo, b_hi = load_rotated(bm_base, rows_s, smask_r, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,
-                                  N_HALF, HAS_ROPE)
-        xs = tl.load(x_base + rows_s[:, None] * s_xl + offs_p[None, :] * s_xp,
-                     mask=smask_r[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
-        d_s = tl.load(delta_base + rows_s)
-        cs_s = tl.load(cs_base + rows_s)
-        u = to_dot(xs * d_s[:, None], DOT, TF32)
-        gu = tl.dot(g, tl.trans(u))
-        keep = rows_t[:, None] >= rows_s[None, :]
+        smask_r = valid(rows_s, L, EVEN)
+        b_lo, b_hi, gu, cs_s = source_gu(g, rows_s, smask_r, bm_base, s_bl, s_bn, cos_base, sin_base, s_tl,
+                                         half, mask_h, x_base, s_xl, s_xp, offs_p, mask_p, delta_base, cs_base,
+                                         N_HALF, HAS_ROPE, DOT, TF32)
+        decay = e_t[:, None] * exp_ftz(pivot - cs_s)[None, :]
+        if HAS_SEQ:
+            seq_s = tl.load(seq_ptr + b64 * L + rows_s, mask=smask_r, other=-2)
+            decay = tl.where(seq_t[:, None] == seq_s[None, :], decay, 0.0)
+        w = to_dot(gu * decay, DOT, TF32)
+        dc_lo += tl.dot(w, b_lo)
+        dc_hi += tl.dot(w, b_hi)
+    for s0 in range(tb * BT, tb * BT + BT, BI):
+        rows_s = start + s0 + tl.arange(0, BI)
+        smask_r = valid(rows_s, L, EVEN)
+        b_lo, b_hi, gu, cs_s = source_gu(g, rows_s, smask_r, bm_base, s_bl, s_bn, cos_base, sin_base, s_tl,
+                                         half, mask_h, x_base, s_xl, s_xp, offs_p, mask_p, delta_base, cs_base,
+                                         N_HALF, HAS_ROPE, DOT, TF32)
+        keep = tl.arange(0, BT)[:, None] >= (s0 - tb * BT) + tl.arange(0, BI)[None, :]
         if HAS_SEQ:
             seq_s = tl.load(seq_ptr + b64 * L + rows_s, mask=smask_r, other=-2)
             keep = keep & (seq_t[:, None] == seq_s[None, :])
-        w = to_dot(gu * tl.where(keep, tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0)), 0.0), DOT, TF32)
-        dc_lo += tl.dot(w, to_dot(b_lo, DOT, TF32))
-        dc_hi += tl.dot(w, to_dot(b_hi, DOT, TF32))
+        w = to_dot(gu * diagonal_decay(cs_t[:, None], cs_s[None, :], keep), DOT, TF32)
+        dc_lo += tl.dot(w, b_lo)
+        dc_hi += tl.dot(w, b_hi)
 
     # E_t = C~_t . dC~_t with the C~ the dots used (see the module docstring); then back through the rotation
     c_lo, c_hi = load_rotated(cm_base, rows_t, tmask, s_cl_, s_cn, cos_base, sin_base, s_tl, half, mask_h,
@@ -155,6 +181,30 @@ def dc_kernel(
     dmask = tmask[:, None] & mask_h[None, :]
     tl.store(dptr, dc_lo.to(dc_ptr.dtype.element_ty), mask=dmask)
     tl.store(dptr + N_HALF * s_dn, dc_hi.to(dc_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def target_rows(rows_t, tmask, cm_base, s_cl, s_cn, cos_base, sin_base, s_tl, half, mask_h, g_base, s_gl, s_gp,
+                offs_p, mask_p, cs_base, N_HALF: tl.constexpr, HAS_ROPE: tl.constexpr, DOT: tl.constexpr,
+                TF32: tl.constexpr):
+    """For target rows t of dxdb: the C~_t halves and g_t as dot operands, and cs_t."""
+    c_lo, c_hi = load_rotated(cm_base, rows_t, tmask, s_cl, s_cn, cos_base, sin_base, s_tl, half, mask_h, N_HALF,
+                              HAS_ROPE)
+    g = tl.load(g_base + rows_t[:, None] * s_gl + offs_p[None, :] * s_gp, mask=tmask[:, None] & mask_p[None, :],
+                other=0.0)
+    return (to_dot(c_lo, DOT, TF32), to_dot(c_hi, DOT, TF32), to_dot(g, DOT, TF32),
+            tl.load(cs_base + rows_t))
+
+
+@triton.jit
+def dxdb_step(b_lo, b_hi, u, c_lo, c_hi, g, decay, du, k, db_lo, db_hi, DOT: tl.constexpr, TF32: tl.constexpr):
+    """One (s, t) tile of dxdb: du += (L o C~B~^T)^T g ; K += row sums of W o C~B~^T ; dB~ += W C~ with
+    W = L o (u g^T) rounded as dc rounds it."""
+    scores_t = tl.dot(b_lo, tl.trans(c_lo)) + tl.dot(b_hi, tl.trans(c_hi))   # (s, t)
+    du += tl.dot(to_dot(scores_t * decay, DOT, TF32), g)
+    w = to_dot(tl.dot(u, tl.trans(g)) * decay, DOT, TF32)
+    k += tl.sum(w.to(tl.float32) * scores_t, axis=1)
+    return du, k, db_lo + tl.dot(w, c_lo), db_hi + tl.dot(w, c_hi)
 
 
 @triton.jit
@@ -172,20 +222,20 @@ def dxdb_kernel(
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_NH: tl.constexpr,
-    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr, TF32: tl.constexpr,
+    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr, TF32: tl.constexpr, EVEN: tl.constexpr,
 ):
     c, sb, b64, hi_, gi, bh64 = tile_program(H, HPG, Q, BT)
 
     offs_p = tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
+    mask_p = valid(offs_p, P, EVEN)
     half = tl.arange(0, BLOCK_NH)
-    mask_h = half < N_HALF
+    mask_h = valid(half, N_HALF, EVEN)
     N = 2 * N_HALF
 
     start = c * Q
     last = tl.minimum(start + Q, L) - 1
     rows_s = start + sb * BT + tl.arange(0, BT)
-    smask_r = rows_s < L
+    smask_r = valid(rows_s, L, EVEN)
     cs_base = cs_ptr + bh64 * Lp
     delta_base = delta_ptr + bh64 * Lp
     cos_base = cos_ptr + b64 * s_tb
@@ -220,28 +270,33 @@ def dxdb_kernel(
     tl.store(v_ptr + bh64 * Lp + rows_s, tl.sum(du * u_f, axis=1))
     k = tl.zeros((BT,), dtype=tl.float32)
 
-    # within the chunk: target blocks from the diagonal one to the chunk's end
-    for t0 in range(sb * BT, Q, BI):
+    # within the chunk: the diagonal block (causal), then the target blocks after it (decay split at the pivot of
+    # each target block, as dc splits it)
+    for t0 in range(sb * BT, sb * BT + BT, BI):
         rows_t = start + t0 + tl.arange(0, BI)
-        tmask = rows_t < L
-        c_lo, c_hi = load_rotated(cm_base, rows_t, tmask, s_cl_, s_cn, cos_base, sin_base, s_tl, half, mask_h,
-                                  N_HALF, HAS_ROPE)
-        c_lo = to_dot(c_lo, DOT, TF32)
-        c_hi = to_dot(c_hi, DOT, TF32)
-        g = to_dot(tl.load(g_base + rows_t[:, None] * s_gl + offs_p[None, :] * s_gp,
-                           mask=tmask[:, None] & mask_p[None, :], other=0.0), DOT, TF32)
-        cs_t = tl.load(cs_base + rows_t)
-        keep = rows_t[None, :] >= rows_s[:, None]
+        tmask = valid(rows_t, L, EVEN)
+        c_lo, c_hi, g, cs_t = target_rows(rows_t, tmask, cm_base, s_cl_, s_cn, cos_base, sin_base, s_tl, half,
+                                          mask_h, g_base, s_gl, s_gp, offs_p, mask_p, cs_base, N_HALF, HAS_ROPE,
+                                          DOT, TF32)
+        keep = (t0 - sb * BT) + tl.arange(0, BI)[None, :] >= tl.arange(0, BT)[:, None]
         if HAS_SEQ:
             seq_t = tl.load(seq_ptr + b64 * L + rows_t, mask=tmask, other=-1)
             keep = keep & (seq_t[None, :] == seq_s[:, None])
-        decay = tl.where(keep, tl.exp(tl.minimum(cs_t[None, :] - cs_s[:, None], 0.0)), 0.0)
-        scores_t = tl.dot(b_lo, tl.trans(c_lo)) + tl.dot(b_hi, tl.trans(c_hi))   # (s, t)
-        du += tl.dot(to_dot(scores_t * decay, DOT, TF32), g)
-        w = to_dot(tl.dot(u, tl.trans(g)) * decay, DOT, TF32)                   # (s, t), rounded as in dc
-        k += tl.sum(w.to(tl.float32) * scores_t, axis=1)
-        db_lo += tl.dot(w, c_lo)
-        db_hi += tl.dot(w, c_hi)
+        du, k, db_lo, db_hi = dxdb_step(b_lo, b_hi, u, c_lo, c_hi, g,
+                                        diagonal_decay(cs_t[None, :], cs_s[:, None], keep), du, k, db_lo, db_hi,
+                                        DOT, TF32)
+    for t0 in range(sb * BT + BT, Q, BI):
+        rows_t = start + t0 + tl.arange(0, BI)
+        tmask = valid(rows_t, L, EVEN)
+        c_lo, c_hi, g, cs_t = target_rows(rows_t, tmask, cm_base, s_cl_, s_cn, cos_base, sin_base, s_tl, half,
+                                          mask_h, g_base, s_gl, s_gp, offs_p, mask_p, cs_base, N_HALF, HAS_ROPE,
+                                          DOT, TF32)
+        pivot = tl.load(cs_base + start + (t0 // BT) * BT - 1)
+        decay = exp_ftz(pivot - cs_s)[:, None] * exp_ftz(cs_t - pivot)[None, :]
+        if HAS_SEQ:
+            seq_t = tl.load(seq_ptr + b64 * L + rows_t, mask=tmask, other=-1)
+            decay = tl.where(seq_t[None, :] == seq_s[:, None], decay, 0.0)
+        du, k, db_lo, db_hi = dxdb_step(b_lo, b_hi, u, c_lo, c_hi, g, decay, du, k, db_lo, db_hi, DOT, TF32)
 
     tl.store(dx_ptr + b64 * s_dxb + hi_ * s_dxh + rows_s[:, None] * s_dxl + offs_p[None, :] * s_dxp,
              (du * d_s[:, None]).to(dx_ptr.dtype.element_ty), mask=x_mask)

@@ -12,7 +12,8 @@ cs is the within-chunk cumulative sum of delta*A, laid out (b, H, Lp) with Lp = 
 import triton
 import triton.language as tl
 
-from ._triton_common import entering_state_weight, load_rotated, load_state_halves, scan_program, tile_program
+from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_state_halves,
+                             scan_program, tile_program, valid)
 
 
 @triton.jit
@@ -117,6 +118,19 @@ def state_scan_fwd_kernel(
 
 
 @triton.jit
+def source_scores(c_lo, c_hi, rows_s, smask_r, bm_base, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,
+                  x_base, s_xl, s_xp, offs_p, mask_p, delta_base, cs_base, N_HALF: tl.constexpr,
+                  HAS_ROPE: tl.constexpr, DOT: tl.constexpr):
+    """For source rows `rows_s`: the scores C~_t . B~_s (fp32), x_s, delta_s and cs_s."""
+    b_lo, b_hi = load_rotated(bm_base, rows_s, smask_r, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,
+                              N_HALF, HAS_ROPE)
+    xs = tl.load(x_base + rows_s[:, None] * s_xl + offs_p[None, :] * s_xp, mask=smask_r[:, None] & mask_p[None, :],
+                 other=0.0)
+    scores = tl.dot(c_lo, tl.trans(b_lo.to(DOT))) + tl.dot(c_hi, tl.trans(b_hi.to(DOT)))
+    return scores, xs, tl.load(delta_base + rows_s), tl.load(cs_base + rows_s)
+
+
+@triton.jit
 def chunk_output_kernel(
     x_ptr, s_xb, s_xl, s_xh, s_xp,            # (b, l, H, P)
     b_ptr, s_bb, s_bl, s_bg, s_bn,            # B (b, l, G, N)
@@ -128,20 +142,20 @@ def chunk_output_kernel(
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_NH: tl.constexpr,
-    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
+    HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr, EVEN: tl.constexpr,
 ):
     c, tb, b64, hi_, gi, bh64 = tile_program(H, HPG, Q, BT)
     dot_dtype = DOT
 
     offs_p = tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
+    mask_p = valid(offs_p, P, EVEN)
     half = tl.arange(0, BLOCK_NH)
-    mask_h = half < N_HALF
+    mask_h = valid(half, N_HALF, EVEN)
     N = 2 * N_HALF
 
     start = c * Q
     rows_t = start + tb * BT + tl.arange(0, BT)
-    tmask = rows_t < L
+    tmask = valid(rows_t, L, EVEN)
     cs_base = cs_ptr + bh64 * Lp
     delta_base = delta_ptr + bh64 * Lp
     cos_base = cos_ptr + b64 * s_tb
@@ -155,31 +169,41 @@ def chunk_output_kernel(
                               N_HALF, HAS_ROPE)
     c_lo = c_lo.to(dot_dtype)
     c_hi = c_hi.to(dot_dtype)
+    w_t, seq_t = entering_state_weight(cs_t, seq_ptr + b64 * L, rows_t, tmask, start, HAS_SEQ)
+
+    # source blocks before the target block: the decay splits at the pivot (_triton_common)
+    pivot = tl.where(tb > 0, tl.load(cs_base + tl.maximum(start + tb * BT - 1, 0)), 0.0)
+    acc = tl.zeros((BT, BLOCK_P), dtype=tl.float32)
+    for s0 in range(0, tb * BT, BI):
+        rows_s = start + s0 + tl.arange(0, BI)
+        smask_r = valid(rows_s, L, EVEN)
+        scores, xs, d_s, cs_s = source_scores(c_lo, c_hi, rows_s, smask_r, bm_base, s_bl, s_bn, cos_base,
+                                              sin_base, s_tl, half, mask_h, x_base, s_xl, s_xp, offs_p, mask_p,
+                                              delta_base, cs_base, N_HALF, HAS_ROPE, dot_dtype)
+        e_s = exp_ftz(pivot - cs_s)
+        if HAS_SEQ:
+            seq_s = tl.load(seq_ptr + b64 * L + rows_s, mask=smask_r, other=-2)
+            scores = tl.where(seq_t[:, None] == seq_s[None, :], scores, 0.0)
+        acc += tl.dot((scores * (e_s * d_s)[None, :]).to(dot_dtype), xs.to(dot_dtype))
+    acc = acc * exp_ftz(cs_t - pivot)[:, None]
 
     # contribution of the state entering the chunk
     h_lo, h_hi = load_state_halves(states_ptr + (bh64 * NC + c) * P * N, offs_p, mask_p, half, mask_h, N_HALF,
                                    dot_dtype)
-    w_t, seq_t = entering_state_weight(cs_t, seq_ptr + b64 * L, rows_t, tmask, start, HAS_SEQ)
-    acc = tl.dot(c_lo, tl.trans(h_lo)) + tl.dot(c_hi, tl.trans(h_hi))
-    acc = acc * w_t[:, None]
+    acc += (tl.dot(c_lo, tl.trans(h_lo)) + tl.dot(c_hi, tl.trans(h_hi))) * w_t[:, None]
 
-    # within the chunk, causal: source blocks up to and including the diagonal one
-    for s0 in range(0, (tb + 1) * BT, BI):
+    # the diagonal block, causal
+    for s0 in range(tb * BT, tb * BT + BT, BI):
         rows_s = start + s0 + tl.arange(0, BI)
-        smask_r = rows_s < L
-        b_lo, b_hi = load_rotated(bm_base, rows_s, smask_r, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,
-                                  N_HALF, HAS_ROPE)
-        xs = tl.load(x_base + rows_s[:, None] * s_xl + offs_p[None, :] * s_xp,
-                     mask=smask_r[:, None] & mask_p[None, :], other=0.0)
-        d_s = tl.load(delta_base + rows_s)
-        cs_s = tl.load(cs_base + rows_s)
-        scores = tl.dot(c_lo, tl.trans(b_lo.to(dot_dtype))) + tl.dot(c_hi, tl.trans(b_hi.to(dot_dtype)))
-        keep = rows_t[:, None] >= rows_s[None, :]
+        smask_r = valid(rows_s, L, EVEN)
+        scores, xs, d_s, cs_s = source_scores(c_lo, c_hi, rows_s, smask_r, bm_base, s_bl, s_bn, cos_base,
+                                              sin_base, s_tl, half, mask_h, x_base, s_xl, s_xp, offs_p, mask_p,
+                                              delta_base, cs_base, N_HALF, HAS_ROPE, dot_dtype)
+        keep = tl.arange(0, BT)[:, None] >= (s0 - tb * BT) + tl.arange(0, BI)[None, :]
         if HAS_SEQ:
             seq_s = tl.load(seq_ptr + b64 * L + rows_s, mask=smask_r, other=-2)
             keep = keep & (seq_t[:, None] == seq_s[None, :])
-        decay = tl.where(keep, tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0)), 0.0)
-        scores = scores * decay * d_s[None, :]
+        scores = scores * diagonal_decay(cs_t[:, None], cs_s[None, :], keep) * d_s[None, :]
         acc += tl.dot(scores.to(dot_dtype), xs.to(dot_dtype))
 
     yptr = y_ptr + b64 * s_yb + hi_ * s_yh + rows_t[:, None] * s_yl + offs_p[None, :] * s_yp

@@ -3,30 +3,63 @@
 B and C are rotated as they are loaded and never written back rotated. With rotate_half pairing, column n of the
 first half pairs with column n + N/2, so every kernel keeps a rotated (rows x N) tile as two (rows x N/2) halves,
 `lo` and `hi`; a dot product over N is the sum of the dots over the two halves. No shuffles are needed.
+
+Decays in the tile kernels. On the chunk's diagonal row block the decay exp(cs_t - cs_s) is a masked tile of
+exponentials (diagonal_decay). Off it every source s precedes every target t, so with the pivot m = cs at the row
+just before the target block, exp(cs_t - cs_s) = exp(cs_t - m) exp(m - cs_s): two vectors of factors <= 1 (no
+overflow; an underflowing factor means a decay below 2^-126) instead of BT x BI exponentials, masks and compares.
+dc and dxdb form the same products from the same pivot, in the same order, so their d(delta A) sums agree.
 """
+
+import os
 
 import triton
 import triton.language as tl
+
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+# bf16 rotation in packed bf16x2 PTX (GPU only; the interpreter rotates in fp32)
+PACKED_ROTATION = tl.constexpr(not _INTERPRET and os.environ.get("TRANSXSSM_SSD_FP32_ROTATION", "0") != "1")
 
 
 @triton.jit
 def load_rotated(base, rows, row_mask, stride_row, stride_n, cos_base, sin_base, stride_cos_row,
                  half, half_mask, N_HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
-    """Load a (rows x N) tile of B or C as fp32 halves (lo, hi), rotated by the tables at positions `rows`.
+    """Load a (rows x N) tile of B or C as halves (lo, hi), rotated by the tables at positions `rows`.
 
     a' = a*cos - b*sin ; b' = b*cos + a*sin   (a = first half, b = second half).
+    bf16 B / C with bf16 tables rotate in packed bf16x2 arithmetic (rotate_bf16x2) and return bf16 halves; everything
+    else rotates in fp32 and returns fp32 halves.
     """
     m = row_mask[:, None] & half_mask[None, :]
     ptr = base + rows[:, None] * stride_row + half[None, :] * stride_n
-    a = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
-    b = tl.load(ptr + N_HALF * stride_n, mask=m, other=0.0).to(tl.float32)
+    a = tl.load(ptr, mask=m, other=0.0)
+    b = tl.load(ptr + N_HALF * stride_n, mask=m, other=0.0)
     if HAS_ROPE:
         tab = rows[:, None] * stride_cos_row + half[None, :]
         cos = tl.load(cos_base + tab, mask=m, other=1.0)
         sin = tl.load(sin_base + tab, mask=m, other=0.0)
-        return a * cos - b * sin, b * cos + a * sin
+        if PACKED_ROTATION and a.dtype == tl.bfloat16 and cos.dtype == tl.bfloat16:
+            lo, hi = rotate_bf16x2(a, b, cos, sin)
+        else:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+            cos = cos.to(tl.float32)
+            sin = sin.to(tl.float32)
+            lo, hi = a * cos - b * sin, b * cos + a * sin
     else:
-        return a, b
+        lo, hi = a.to(tl.float32), b.to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def rotate_bf16x2(a, b, cos, sin):
+    """The rotation on bf16 pairs packed in 32-bit registers: two products and two fused multiply-adds per pair of
+    elements, no conversions to and from fp32. Written as PTX so that every kernel rounds it the same way (the
+    d(delta A) sums need the B~ and C~ of dc, dxdb and the scans to agree bit for bit)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 p, q, nb; mul.rn.bf16x2 p, $2, $4; mul.rn.bf16x2 q, $3, $4; neg.bf16x2 nb, $3; "
+        "fma.rn.bf16x2 $0, nb, $5, p; fma.rn.bf16x2 $1, $2, $5, q; }",
+        "=r,=r,r,r,r,r", [a, b, cos, sin], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
 
 
 @triton.jit
@@ -52,6 +85,31 @@ def to_dot(x, DOT: tl.constexpr, TF32: tl.constexpr):
         bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
         return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
     return x.to(DOT)
+
+
+@triton.jit
+def valid(offs, limit, EVEN: tl.constexpr):
+    """offs < limit; a constant all-true mask when the launch guarantees it (EVEN: whole chunks, unpadded P and N),
+    so that the loads and stores of the tile kernels lose their masks, compares and fill values."""
+    if EVEN:
+        return tl.full(offs.shape, 1, tl.int1)
+    return offs < limit
+
+
+@triton.jit
+def exp_ftz(x):
+    """exp(x) as a single ex2.approx.ftz: results below 2^-126 flush to zero (decays that small are zero anyway).
+    tl.exp's default lowering adds a range test and two multiplies per element to keep them subnormal."""
+    if _INTERPRET:
+        return tl.exp(x)
+    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * 1.4426950408889634],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def diagonal_decay(cs_later, cs_earlier, keep):
+    """exp(cs_t - cs_s) where `keep` (t >= s, same document), else 0; for the tiles on the chunk's diagonal."""
+    return tl.where(keep, exp_ftz(tl.minimum(cs_later - cs_earlier, 0.0)), 0.0)
 
 
 @triton.jit

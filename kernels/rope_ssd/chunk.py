@@ -74,6 +74,11 @@ def _meta(P, N, Q, dtype):
     )
 
 
+def _even(l, P, N, Q, meta):
+    """Whole chunks and unpadded P, N: the tile kernels run without masks (EVEN)."""
+    return l % Q == 0 and meta["BLOCK_P"] == P and meta["BLOCK_NH"] == N // 2
+
+
 # Row block of the tile kernels, the blocks of their inner loops (each capped at the row block): output kernel, dc,
 # dxdb; and the row blocks the state scans walk a chunk in. Measured on the H200 (1.3B layer, bench/NOTES-ssd.md):
 # 64-wide inner blocks suit the forward and dc, 32-wide ones dxdb (fewer live tiles, fewer spills).
@@ -185,7 +190,7 @@ class _RopeSSDCore(torch.autograd.Function):
         _chunk_output[(nc * (Q // BT), b * H)](
             x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
             delta_p, cs, seq_t, states, y, *_strides4(y),
-            l, Lp, H, H // G, P, nc, BT=BT, BI=BI, **flags, **meta, **_OPT_OUT)
+            l, Lp, H, H // G, P, nc, BT=BT, BI=BI, EVEN=_even(l, P, N, Q, meta), **flags, **meta, **_OPT_OUT)
 
         ctx.save_for_backward(x, delta_p, cs, B, C, cos_t, sin_t, seq_t, states)
         ctx.cfg = (Q, s_tb, s_tl, has_rope, has_seq, initial_state is not None)
@@ -204,6 +209,7 @@ class _RopeSSDCore(torch.autograd.Function):
         tf32 = x.dtype == torch.float32 and os.environ.get("TRITON_INTERPRET") != "1"
         meta = _meta(P, N, Q, x.dtype)
         flags = dict(HAS_ROPE=has_rope, HAS_SEQ=has_seq)
+        even = _even(l, P, N, Q, meta)
         dev = x.device
         if dy is None:
             dy = torch.zeros_like(x)
@@ -230,11 +236,13 @@ class _RopeSSDCore(torch.autograd.Function):
         _dc[grid](
             g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
             delta_p, cs, seq_t, states, dC_h, *_strides4(dC_h), e,
-            l, Lp, H, H // G, P, nc, BT=BT, BI=min(BLOCK_INNER_DC, BT), TF32=tf32, **flags, **meta, **_OPT_DC)
+            l, Lp, H, H // G, P, nc, BT=BT, BI=min(BLOCK_INNER_DC, BT), TF32=tf32, EVEN=even, **flags, **meta,
+            **_OPT_DC)
         _dxdb[grid](
             g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
             delta_p, cs, seq_t, dstates, dx, *_strides4(dx), dB_h, *_strides4(dB_h), ddelta, v, k,
-            l, Lp, H, H // G, P, nc, BT=BT, BI=min(BLOCK_INNER_DXDB, BT), TF32=tf32, **flags, **meta, **_OPT_DXDB)
+            l, Lp, H, H // G, P, nc, BT=BT, BI=min(BLOCK_INNER_DXDB, BT), TF32=tf32, EVEN=even,
+            **flags, **meta, **_OPT_DXDB)
         if G == H:
             dB, dC = dB_h, dC_h
         else:

@@ -107,6 +107,15 @@ def test_all_options(chunk_size):
     check(t, kw, dtype=torch.bfloat16, chunk_size=chunk_size)
 
 
+@pytest.mark.parametrize("l", [4096, 4000])
+def test_strong_decay_bf16(l):
+    """A x 8 (cs falls by hundreds inside a chunk of 256): the off-diagonal decay factors split at the pivot stay
+    finite; bf16 with the packed rotation; whole chunks (no masks) and a partial last chunk."""
+    t, kw = make_case(1, l, 8, 64, 8, 128, dtype=torch.bfloat16, seed=12)
+    t["A"] = t["A"] * 8
+    check(t, kw, dtype=torch.bfloat16)
+
+
 def test_no_rope_and_p32():
     t, kw = make_case(1, 2048, 4, 32, 4, 64, dtype=torch.float32, seed=9, rope=False, init=True)
     check(t, kw, dtype=torch.float32)

@@ -88,7 +88,7 @@ def check(rope_ssd, tensors, kw, *, dtype, chunk_size):
     assert not bad, f"relative errors over {TOL[dtype]:g}: {bad} (all: {errs})"
 
 
-# (b, l, H, P, G, N, chunk): l never a multiple of the chunk, so the masked tail is always exercised
+# l is not a multiple of the chunk (the masked tail) except where a test says so (whole chunks: no masks, EVEN)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_default_path(rope_ssd, dtype):
     """The model's path: RoPE, G = H, softplus(dt), no D/z/dt_bias, no seq_idx; 3 chunks + a partial one."""
@@ -117,16 +117,32 @@ def test_no_rope_larger_chunk(rope_ssd):
     check(rope_ssd, t, kw, dtype=torch.float32, chunk_size=64)
 
 
-def test_row_blocks_larger_than_inner_blocks(rope_ssd, monkeypatch):
-    """Tile kernels with 32-row blocks walking 16-wide inner blocks (the layout of 128 / 64 on the GPU)."""
+@pytest.mark.parametrize("l", [75, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_blocks_larger_than_inner_blocks(rope_ssd, monkeypatch, dtype, l):
+    """Two 32-row blocks per chunk of 64 walking 16-wide inner blocks (the layout of 256 / 64 / 32 on the GPU):
+    the tiles off the chunk's diagonal (decay split at a pivot) and on it, with a document starting inside;
+    l = 128 is whole chunks, where the tile kernels run without masks (EVEN)."""
     import transxssm_kernels.rope_ssd.chunk as chunk
     monkeypatch.setattr(chunk, "BLOCK_ROWS", 32)
     monkeypatch.setattr(chunk, "BLOCK_INNER_FWD", 16)
     for name in ("BLOCK_INNER_DC", "BLOCK_INNER_DXDB", "BLOCK_SCAN_BWD"):
         monkeypatch.setattr(chunk, name, 16)
-    seq = docs(1, 75, [[40]])
-    t, kw = make_case(1, 75, 2, 16, 2, 32, dtype=torch.float32, seed=7, seq_idx=seq, init=True)
-    check(rope_ssd, t, kw, dtype=torch.float32, chunk_size=32)
+    seq = docs(1, l, [[40]])
+    t, kw = make_case(1, l, 2, 16, 2, 32, dtype=dtype, seed=7, seq_idx=seq, init=True)
+    check(rope_ssd, t, kw, dtype=dtype, chunk_size=64)
+
+
+def test_strong_decay(rope_ssd, monkeypatch):
+    """cs falls by ~180 inside one chunk (A x 6), past fp32's exp range: the off-diagonal decay factors split at
+    the pivot must each stay <= 1 (a pivot of 0 gives inf * 0 here) and the results match the float64 definition."""
+    import transxssm_kernels.rope_ssd.chunk as chunk
+    monkeypatch.setattr(chunk, "BLOCK_ROWS", 32)
+    for name in ("BLOCK_INNER_FWD", "BLOCK_INNER_DC", "BLOCK_INNER_DXDB"):
+        monkeypatch.setattr(chunk, name, 16)
+    t, kw = make_case(1, 64, 2, 16, 2, 32, dtype=torch.float32, seed=8)
+    t["A"] = t["A"] * 6
+    check(rope_ssd, t, kw, dtype=torch.float32, chunk_size=64)
 
 
 def test_bf16_options(rope_ssd):
