@@ -20,10 +20,11 @@
 #                                            #   grid for ours and SDPA only (no mamba_ssm)
 #   [NCU=0] [MATCHING=TEXT] [ROUNDS=K] bash bench/h200_session.sh ssd-tune OUT  # 1 GPU: the layouts as above
 #                                            #   (no tests, no grid), then ncu on one fwd+bwd
+#   bash bench/h200_session.sh ssd-source OUT  # 1 GPU: ncu --set full on one fwd+bwd; SASS + stall samples (CSV)
 #   MAMBA_SHAPES=32x64x4096,... [FUSED_GRID=0] bash bench/h200_session.sh ssd-final OUT  # 1 GPU: kernel GPU
 #                                            #   tests, the grid for ours and SDPA, then every method at MAMBA_SHAPES
 set -uo pipefail
-modes="checks|checks-x2|resume-x2|pp-fresh|ssd-grid|ssd-layouts|ssd-tune|ssd-final"
+modes="checks|checks-x2|resume-x2|pp-fresh|ssd-grid|ssd-layouts|ssd-tune|ssd-source|ssd-final"
 usage="usage: bash bench/h200_session.sh $modes OUT"
 mode=${1:?$usage}
 out=${2:?$usage}
@@ -142,6 +143,18 @@ ssd-tune)
         --section SpeedOfLight --section Occupancy --section WarpStateStats \
         --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section LaunchStats \
         "$py" bench/ssd.py --ncu-step --out "$work/unused.json" > "$work/ncu.txt" 2>&1
+    ;;
+ssd-source)
+    # one GPU: ncu's full set on one fused fwd+bwd, then the SASS of each tile kernel with its stall samples (CSV)
+    timeout 300 ncu --set full --import-source no --clock-control none \
+        --kernel-name regex:"dc_kernel|dxdb_kernel|chunk_output|state_scan" --launch-count 5 -o "$work/ssd" \
+        "$py" bench/ssd.py --ncu-step --out "$work/unused.json" > "$work/ncu.log" 2>&1
+    ncu -i "$work/ssd.ncu-rep" --print-details all > "$work/ncu-details.txt" 2>&1
+    for k in chunk_output_kernel dc_kernel dxdb_kernel; do
+        ncu -i "$work/ssd.ncu-rep" --kernel-name "$k" --page source --csv --print-source sass \
+            > "$work/sass-$k.csv" 2>&1
+    done
+    rm -f "$work/ssd.ncu-rep"
     ;;
 ssd-final)
     # one GPU: the kernel GPU tests, the grid for ours and SDPA, then (b)-(d) at MAMBA_SHAPES until the deadline
