@@ -191,9 +191,12 @@ VARIANTS = {
     "s4 out stages2": dict(out_stages=2),
     "s4 dc stages2": dict(dc_stages=2),
     "s4 dxdb stages2": dict(dxdb_stages=2),
-    "s4 tiles w8": dict(warps=8),
-    "s4 rows128 w8": dict(BLOCK_ROWS=128, warps=8),
     "s4 chunk128": dict(chunk=128),
+    "s4 inner32": dict(BLOCK_INNER_FWD=32, BLOCK_INNER_DC=32),
+    "s4 inner32 out stages2": dict(BLOCK_INNER_FWD=32, BLOCK_INNER_DC=32, out_stages=2),
+    "s4 out maxnreg168": dict(out_maxnreg=168),
+    "s4 dc maxnreg168": dict(dc_maxnreg=168),
+    "s4 inner32 maxnreg168": dict(BLOCK_INNER_FWD=32, BLOCK_INNER_DC=32, out_maxnreg=168, dc_maxnreg=168),
     **{f"N64 half-tiles{w} H{H} l{l}": dict(shape=(H, 64, l), HALF_TILE_MIN=w)
        for H in (32, 12) for l in (4096, 16384) for w in (64, 32)},
 }

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_state_halves,
-                             scan_program, tile_program, valid)
+                             prefetch_block, scan_program, tile_program, valid)
 
 
 @triton.jit
@@ -164,6 +164,8 @@ def chunk_output_kernel(
     bm_base = b_ptr + b64 * s_bb + gi * s_bg
     cm_base = c_ptr + b64 * s_cb_ + gi * s_cg
 
+    prefetch_block(bm_base, s_bl, s_bn, cos_base, sin_base, s_tl, x_base, s_xl, start + tl.arange(0, BI), L, N_HALF,
+                   HAS_ROPE)
     cs_t = tl.load(cs_base + rows_t)
     c_lo, c_hi = load_rotated(cm_base, rows_t, tmask, s_cl_, s_cn, cos_base, sin_base, s_tl, half, mask_h,
                               N_HALF, HAS_ROPE)
@@ -176,6 +178,7 @@ def chunk_output_kernel(
     acc = tl.zeros((BT, BLOCK_P), dtype=tl.float32)
     for s0 in range(0, tb * BT, BI):
         rows_s = start + s0 + tl.arange(0, BI)
+        prefetch_block(bm_base, s_bl, s_bn, cos_base, sin_base, s_tl, x_base, s_xl, rows_s + BI, L, N_HALF, HAS_ROPE)
         smask_r = valid(rows_s, L, EVEN)
         scores, xs, d_s, cs_s = source_scores(c_lo, c_hi, rows_s, smask_r, bm_base, s_bl, s_bn, cos_base,
                                               sin_base, s_tl, half, mask_h, x_base, s_xl, s_xp, offs_p, mask_p,
@@ -195,6 +198,9 @@ def chunk_output_kernel(
     # the diagonal block, causal
     for s0 in range(tb * BT, tb * BT + BT, BI):
         rows_s = start + s0 + tl.arange(0, BI)
+        if BI < BT:
+            prefetch_block(bm_base, s_bl, s_bn, cos_base, sin_base, s_tl, x_base, s_xl, rows_s + BI, L, N_HALF,
+                           HAS_ROPE)
         smask_r = valid(rows_s, L, EVEN)
         scores, xs, d_s, cs_s = source_scores(c_lo, c_hi, rows_s, smask_r, bm_base, s_bl, s_bn, cos_base,
                                               sin_base, s_tl, half, mask_h, x_base, s_xl, s_xp, offs_p, mask_p,

@@ -24,20 +24,33 @@ PACKED_ROTATION = tl.constexpr(not _INTERPRET and os.environ.get("TRANSXSSM_SSD_
 @triton.jit
 def load_rotated(base, rows, row_mask, stride_row, stride_n, cos_base, sin_base, stride_cos_row,
                  half, half_mask, N_HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
-    """Load a (rows x N) tile of B or C as halves (lo, hi), rotated by the tables at positions `rows`.
+    """Load a (rows x N) tile of B or C as halves (lo, hi), rotated by the tables at positions `rows`."""
+    a, b, cos, sin = load_halves(base, rows, row_mask, stride_row, stride_n, cos_base, sin_base, stride_cos_row,
+                                 half, half_mask, N_HALF, HAS_ROPE)
+    return rotate(a, b, cos, sin, HAS_ROPE)
 
-    a' = a*cos - b*sin ; b' = b*cos + a*sin   (a = first half, b = second half).
-    bf16 B / C with bf16 tables rotate in packed bf16x2 arithmetic (rotate_bf16x2) and return bf16 halves; everything
-    else rotates in fp32 and returns fp32 halves.
-    """
+
+@triton.jit
+def load_halves(base, rows, row_mask, stride_row, stride_n, cos_base, sin_base, stride_cos_row,
+                half, half_mask, N_HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
+    """The raw halves (a, b) of a (rows x N) tile of B or C and the tables at `rows` (cos, sin; a and b again
+    without RoPE): what rotate() takes. The tile kernels load them a block ahead of their use."""
     m = row_mask[:, None] & half_mask[None, :]
     ptr = base + rows[:, None] * stride_row + half[None, :] * stride_n
     a = tl.load(ptr, mask=m, other=0.0)
     b = tl.load(ptr + N_HALF * stride_n, mask=m, other=0.0)
     if HAS_ROPE:
         tab = rows[:, None] * stride_cos_row + half[None, :]
-        cos = tl.load(cos_base + tab, mask=m, other=1.0)
-        sin = tl.load(sin_base + tab, mask=m, other=0.0)
+        return a, b, tl.load(cos_base + tab, mask=m, other=1.0), tl.load(sin_base + tab, mask=m, other=0.0)
+    return a, b, a, b
+
+
+@triton.jit
+def rotate(a, b, cos, sin, HAS_ROPE: tl.constexpr):
+    """a' = a*cos - b*sin ; b' = b*cos + a*sin   (a = first half, b = second half).
+    bf16 B / C with bf16 tables rotate in packed bf16x2 arithmetic (rotate_bf16x2) and give bf16 halves; everything
+    else rotates in fp32 and gives fp32 halves."""
+    if HAS_ROPE:
         if PACKED_ROTATION and a.dtype == tl.bfloat16 and cos.dtype == tl.bfloat16:
             lo, hi = rotate_bf16x2(a, b, cos, sin)
         else:
@@ -49,6 +62,27 @@ def load_rotated(base, rows, row_mask, stride_row, stride_n, cos_base, sin_base,
     else:
         lo, hi = a.to(tl.float32), b.to(tl.float32)
     return lo, hi
+
+
+@triton.jit
+def prefetch_block(mat_base, stride_row, stride_n, cos_base, sin_base, stride_cos_row, vec_base, stride_vec_row,
+                   rows, L, N_HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
+    """Ask L1 for the first line of each row of a block of B or C (both halves), of its tables and of x (or g), a
+    block ahead of the loads: the tile kernels' main stall was waiting on those loads (ncu), and holding the next
+    block in registers instead spills. The rows are clamped to the sequence; a no-op in the interpreter."""
+    if not _INTERPRET:
+        r = tl.minimum(rows, L - 1)
+        prefetch_l1(mat_base + r * stride_row)
+        prefetch_l1(mat_base + r * stride_row + N_HALF * stride_n)
+        prefetch_l1(vec_base + r * stride_vec_row)
+        if HAS_ROPE:
+            prefetch_l1(cos_base + r * stride_cos_row)
+            prefetch_l1(sin_base + r * stride_cos_row)
+
+
+@triton.jit
+def prefetch_l1(ptrs):
+    tl.inline_asm_elementwise("prefetch.global.L1 [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
