@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ._fwd import chunk_decay, chunk_outer_sum
 from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_state_halves,
-                             prefetch_block, scan_program, tile_program, to_dot, unrotate, valid)
+                             scan_program, tile_program, to_dot, unrotate, valid)
 
 
 @triton.jit
@@ -130,8 +130,6 @@ def dc_kernel(
     bm_base = b_ptr + b64 * s_bb + gi * s_bg
     cm_base = c_ptr + b64 * s_cb_ + gi * s_cg
 
-    prefetch_block(bm_base, s_bl, s_bn, cos_base, sin_base, s_tl, x_base, s_xl, start + tl.arange(0, BI), L, N_HALF,
-                   HAS_ROPE)
     cs_t = tl.load(cs_base + rows_t)
     g = to_dot(tl.load(g_ptr + b64 * s_gb + hi_ * s_gh + rows_t[:, None] * s_gl + offs_p[None, :] * s_gp,
                        mask=tmask[:, None] & mask_p[None, :], other=0.0), DOT, TF32)
@@ -148,7 +146,6 @@ def dc_kernel(
     e_t = exp_ftz(cs_t - pivot)
     for s0 in range(0, tb * BT, BI):
         rows_s = start + s0 + tl.arange(0, BI)
-        prefetch_block(bm_base, s_bl, s_bn, cos_base, sin_base, s_tl, x_base, s_xl, rows_s + BI, L, N_HALF, HAS_ROPE)
         smask_r = valid(rows_s, L, EVEN)
         b_lo, b_hi, gu, cs_s = source_gu(g, rows_s, smask_r, bm_base, s_bl, s_bn, cos_base, sin_base, s_tl,
                                          half, mask_h, x_base, s_xl, s_xp, offs_p, mask_p, delta_base, cs_base,
@@ -162,9 +159,6 @@ def dc_kernel(
         dc_hi += tl.dot(w, b_hi)
     for s0 in range(tb * BT, tb * BT + BT, BI):
         rows_s = start + s0 + tl.arange(0, BI)
-        if BI < BT:
-            prefetch_block(bm_base, s_bl, s_bn, cos_base, sin_base, s_tl, x_base, s_xl, rows_s + BI, L, N_HALF,
-                           HAS_ROPE)
         smask_r = valid(rows_s, L, EVEN)
         b_lo, b_hi, gu, cs_s = source_gu(g, rows_s, smask_r, bm_base, s_bl, s_bn, cos_base, sin_base, s_tl,
                                          half, mask_h, x_base, s_xl, s_xp, offs_p, mask_p, delta_base, cs_base,
@@ -250,7 +244,6 @@ def dxdb_kernel(
     cm_base = c_ptr + b64 * s_cb_ + gi * s_cg
     bm_base = b_ptr + b64 * s_bb + gi * s_bg
 
-    prefetch_block(cm_base, s_cl_, s_cn, cos_base, sin_base, s_tl, g_base, s_gl, rows_s, L, N_HALF, HAS_ROPE)
     cs_s = tl.load(cs_base + rows_s)
     d_s = tl.load(delta_base + rows_s)
     b_lo, b_hi = load_rotated(bm_base, rows_s, smask_r, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,
@@ -281,7 +274,6 @@ def dxdb_kernel(
     # each target block, as dc splits it)
     for t0 in range(sb * BT, sb * BT + BT, BI):
         rows_t = start + t0 + tl.arange(0, BI)
-        prefetch_block(cm_base, s_cl_, s_cn, cos_base, sin_base, s_tl, g_base, s_gl, rows_t + BI, L, N_HALF, HAS_ROPE)
         tmask = valid(rows_t, L, EVEN)
         c_lo, c_hi, g, cs_t = target_rows(rows_t, tmask, cm_base, s_cl_, s_cn, cos_base, sin_base, s_tl, half,
                                           mask_h, g_base, s_gl, s_gp, offs_p, mask_p, cs_base, N_HALF, HAS_ROPE,
@@ -295,7 +287,6 @@ def dxdb_kernel(
                                         DOT, TF32)
     for t0 in range(sb * BT + BT, Q, BI):
         rows_t = start + t0 + tl.arange(0, BI)
-        prefetch_block(cm_base, s_cl_, s_cn, cos_base, sin_base, s_tl, g_base, s_gl, rows_t + BI, L, N_HALF, HAS_ROPE)
         tmask = valid(rows_t, L, EVEN)
         c_lo, c_hi, g, cs_t = target_rows(rows_t, tmask, cm_base, s_cl_, s_cn, cos_base, sin_base, s_tl, half,
                                           mask_h, g_base, s_gl, s_gp, offs_p, mask_p, cs_base, N_HALF, HAS_ROPE,
