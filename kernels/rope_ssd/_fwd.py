@@ -35,7 +35,6 @@ def chunk_outer_sum(vec_base, s_vl, s_vp, mat_base, s_ml, s_mn, cos_base, sin_ba
     acc_hi = tl.zeros((BLOCK_P, BNH), dtype=tl.float32)
     for s0 in range(0, Q, BS):
         rows = start + s0 + tl.arange(0, BS)
-        prefetch_block(mat_base, s_ml, s_mn, cos_base, sin_base, s_cl, vec_base, s_vl, rows + BS, L, N_HALF, HAS_ROPE)
         rmask = rows < L
         cs = tl.load(cs_base + rows)
         if MODE == 0:

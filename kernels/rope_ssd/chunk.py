@@ -28,8 +28,9 @@ How it works (per batch row and head; Q = chunk_size, cs = within-chunk cumulati
   B~.dB~ row sums in fp32 (their diagonal twins cancel in fp32, not after bf16 rounding; see _bwd.py).
   Saved for backward: the inputs, delta and cs (b, H, Lp) fp32, and the fp32 state entering each chunk
   (b, H, chunks, P, N): 4*P*N/Q bytes per token and head (128 B at P=64, N=128, Q=256).
-dt -> delta (bias, softplus), the cumulative sum, the D skip and the z gate are plain PyTorch around one
-autograd Function (they touch (b, l, H) tensors or are options off the default path).
+dt -> delta (bias, softplus) and its within-chunk cumulative sum, and back to d dt, dA, d dt_bias, run in the two
+small kernels of _delta.py; the D skip and the z gate (options off the default path) are PyTorch around the one
+autograd Function.
 Speed (H200, 1.3B layer H=G=32, P=64, N=128, l=4096, 32K tokens, bf16): 0.87 ms forward, 3.01 ms forward+backward
 (chunk 128: 0.78 / 2.69); PyTorch SDPA with the same heads 4.78; bench/NOTES-ssd.md has the grid and what limits it.
 """
@@ -42,8 +43,9 @@ import triton
 import triton.language as tl
 
 from ._bwd import dc_kernel, dxdb_kernel, state_scan_bwd_kernel
+from ._delta import delta_kernel, dt_grad_kernel
 from ._fwd import chunk_output_kernel, state_scan_fwd_kernel
-from .naive import check_ssd_inputs, compute_delta
+from .naive import check_ssd_inputs
 
 def _strides4(t):
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
@@ -152,26 +154,22 @@ def _scan_launch(opts, b, H, N, device):
     return (b * H, triton.cdiv(N // 2, cols)), dict(opts, BNH=cols)
 
 
-def _chunk_sums(t, nc, Q):
-    """(b, H, Lp) -> (b, H, nc, Q) view."""
-    return t.view(t.shape[0], t.shape[1], nc, Q)
-
-
 class _RopeSSDCore(torch.autograd.Function):
-    """(x, delta_p, a_p, B, C, tables, seq, initial_state) -> (y, final_state).
-
-    delta_p and a_p = delta * A are (b, H, Lp) fp32, zero-padded to whole chunks; the backward returns d delta (its
-    direct part, through u = delta x) and d a (through the decays).
-    """
+    """(x, dt, A, dt_bias, B, C, tables, seq, initial_state) -> (y, final_state); delta and its within-chunk cumulative
+    sums come from delta_kernel, the gradients of dt, A, dt_bias from dt_grad_kernel (_delta.py)."""
 
     @staticmethod
-    def forward(ctx, x, delta_p, a_p, B, C, cos, sin, seq, initial_state, Q, y_dtype):
+    def forward(ctx, x, dt, A, dt_bias, B, C, cos, sin, seq, initial_state, Q, y_dtype, softplus):
         b, l, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
-        Lp = delta_p.shape[-1]
-        nc = Lp // Q
+        nc = triton.cdiv(max(l, 1), Q)
+        Lp = nc * Q
         BT, BI = min(BLOCK_ROWS, Q), min(BLOCK_INNER_FWD, BLOCK_ROWS, Q)
-        cs = _chunk_sums(a_p, nc, Q).cumsum(-1).view(b, H, Lp)
+        A32 = A.to(torch.float32).contiguous()
+        bias = dt_bias.contiguous() if dt_bias is not None else A32
+        delta_p, cs = torch.empty((2, b, H, Lp), device=x.device, dtype=torch.float32)
+        delta_kernel[(nc, b * H)](dt, *dt.stride(), bias, A32, delta_p, cs, l, Lp, H, Q=Q,
+                                  HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus)
         cos_t, sin_t, s_tb, s_tl, has_rope = _tables(cos, sin, x)
         has_seq = seq is not None
         seq_t = seq if has_seq else torch.zeros(1, device=x.device, dtype=torch.int32)
@@ -192,15 +190,16 @@ class _RopeSSDCore(torch.autograd.Function):
             delta_p, cs, seq_t, states, y, *_strides4(y),
             l, Lp, H, H // G, P, nc, BT=BT, BI=BI, EVEN=_even(l, P, N, Q, meta), **flags, **meta, **_OPT_OUT)
 
-        ctx.save_for_backward(x, delta_p, cs, B, C, cos_t, sin_t, seq_t, states)
-        ctx.cfg = (Q, s_tb, s_tl, has_rope, has_seq, initial_state is not None)
+        ctx.save_for_backward(x, dt, A32, bias, delta_p, cs, B, C, cos_t, sin_t, seq_t, states)
+        ctx.cfg = (Q, s_tb, s_tl, has_rope, has_seq, initial_state is not None, dt_bias is not None, softplus)
+        ctx.a_dtype = A.dtype
         ctx.set_materialize_grads(False)
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, delta_p, cs, B, C, cos_t, sin_t, seq_t, states = ctx.saved_tensors
-        Q, s_tb, s_tl, has_rope, has_seq, has_init = ctx.cfg
+        x, dt, A32, bias, delta_p, cs, B, C, cos_t, sin_t, seq_t, states = ctx.saved_tensors
+        Q, s_tb, s_tl, has_rope, has_seq, has_init, has_bias, softplus = ctx.cfg
         b, l, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
         Lp = delta_p.shape[-1]
@@ -248,12 +247,14 @@ class _RopeSSDCore(torch.autograd.Function):
         else:
             dB = dB_h.view(b, l, G, H // G, N).sum(3).to(B.dtype)
             dC = dC_h.view(b, l, G, H // G, N).sum(3).to(C.dtype)
-        # d a_j = sum_{t >= j} (E_t - K_t) + sum_{s < j} V_s + K_c   (see _bwd.py)
-        dcs = _chunk_sums(e - k, nc, Q)
-        v = _chunk_sums(v, nc, Q)
-        da = dcs.flip(-1).cumsum(-1).flip(-1) + (v.cumsum(-1) - v) + kdec[..., None]
-        return (dx, ddelta, da.view(b, H, Lp), dB, dC, None, None, None, (dinit if has_init else None),
-                None, None)
+        # d a_j = sum_{t >= j} (E_t - K_t) + sum_{s < j} V_s + K_c (see _bwd.py), then dt, A, dt_bias (_delta.py)
+        ddt = torch.empty_like(dt)
+        part_a, part_bias = torch.empty((2, b, H, nc), device=dev, dtype=torch.float32)
+        dt_grad_kernel[(nc, b * H)](e, k, v, ddelta, kdec, delta_p, dt, *dt.stride(), bias, A32, ddt, *ddt.stride(),
+                                    part_a, part_bias, l, Lp, H, nc, Q=Q, HAS_BIAS=has_bias, SOFTPLUS=softplus)
+        dA = part_a.sum((0, 2)).to(ctx.a_dtype)
+        dbias = part_bias.sum((0, 2)).to(bias.dtype) if has_bias else None
+        return (dx, ddt, dA, dbias, dB, dC, None, None, None, (dinit if has_init else None), None, None, None)
 
 
 def rope_ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -270,16 +271,10 @@ def rope_ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt
         raise ValueError(f"rope_ssd needs P (x.shape[3]={P}) to be a multiple of 16; use ssd_chunked_reference")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"rope_ssd takes bf16/fp16/fp32 x, got {x.dtype}; float64 goes to ssd_chunked_reference")
-    nc = triton.cdiv(max(l, 1), Q)
-    Lp = nc * Q
-
-    delta = compute_delta(dt, dt_bias, dt_softplus, torch.float32)                # (b, l, H)
-    delta_p = F.pad(delta, (0, 0, 0, Lp - l)).transpose(1, 2).contiguous()       # (b, H, Lp), zero-padded
-    a_p = delta_p * A.to(torch.float32)[None, :, None]                           # log-decay per token
     seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     gated = D is not None or z is not None
-    y, final = _RopeSSDCore.apply(x, delta_p, a_p, B, C, rope_cos, rope_sin, seq, initial_state, Q,
-                                  torch.float32 if gated else x.dtype)
+    y, final = _RopeSSDCore.apply(x, dt, A, dt_bias, B, C, rope_cos, rope_sin, seq, initial_state, Q,
+                                  torch.float32 if gated else x.dtype, bool(dt_softplus))
     if gated:
         if D is not None:
             y = y + D.to(torch.float32)[:, None] * x.to(torch.float32)

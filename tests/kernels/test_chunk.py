@@ -145,6 +145,20 @@ def test_strong_decay(rope_ssd, monkeypatch):
     check(rope_ssd, t, kw, dtype=torch.float32, chunk_size=64)
 
 
+@pytest.mark.parametrize("softplus", [False, True])
+def test_delta_paths(rope_ssd, softplus):
+    """delta = dt + dt_bias without softplus (positive dt), and softplus past its threshold (dt + dt_bias > 20 at a
+    few tokens): the delta and d dt paths of _delta.py."""
+    t, kw = make_case(1, 40, 2, 16, 2, 32, dtype=torch.float32, seed=9)
+    t["dt_bias"] = torch.tensor([0.1, 0.3])
+    if softplus:
+        t["dt"][0, ::7, 0] = 21.0
+    else:
+        t["dt"] = t["dt"].abs() * 0.3
+    kw["dt_softplus"] = softplus
+    check(rope_ssd, t, kw, dtype=torch.float32, chunk_size=16)
+
+
 def test_bf16_options(rope_ssd):
     """bf16 with every option on, G = 1."""
     seq = docs(1, 37, [[20]])

@@ -1,0 +1,65 @@
+"""The per-token scalars of the chunked SSD, one Triton program per (chunk, batch row x head):
+
+  delta_kernel    forward: delta = softplus(dt + dt_bias) (or dt + dt_bias), zero past l, and cs, the within-chunk
+                  cumulative sum of delta * A, both (b, H, Lp) fp32.
+  dt_grad_kernel  backward: d(delta A) from the tile kernels' row sums (see _bwd.py):
+                  d a_j = sum_{t >= j} (E_t - K_t) + sum_{s < j} V_s + K_c, then d delta = (direct part) + A d a,
+                  d dt = d delta * sigmoid(dt + dt_bias) (with softplus), and per-program partial sums of d a * delta
+                  (for dA) and of d dt (for d dt_bias), summed in PyTorch so the result is bit-repeatable.
+They replace ~20 small PyTorch kernels (~0.12 ms per forward + backward of the 1.3B layer on the H200).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _pre_activation(dt_ptr, s_db, s_dl, s_dh, bias_ptr, b, h, rows, mask, HAS_BIAS: tl.constexpr):
+    x = tl.load(dt_ptr + b * s_db + rows * s_dl + h * s_dh, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(bias_ptr + h).to(tl.float32)
+    return x
+
+
+@triton.jit
+def delta_kernel(dt_ptr, s_db, s_dl, s_dh, bias_ptr, a_ptr, delta_ptr, cs_ptr, L, Lp, H,
+                 Q: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    rows = c * Q + tl.arange(0, Q)
+    mask = rows < L
+    x = _pre_activation(dt_ptr, s_db, s_dl, s_dh, bias_ptr, b, h, rows, mask, HAS_BIAS)
+    if SOFTPLUS:
+        # torch's softplus: x past 20, else log1p(exp(x)) (Kahan's log1p: accurate for the small exp(x) of dt ~ -5)
+        e = tl.exp(tl.minimum(x, 20.0))
+        u = 1.0 + e
+        x = tl.where(x > 20.0, x, tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0))))
+    delta = tl.where(mask, x, 0.0)
+    tl.store(delta_ptr + bh * Lp + rows, delta)
+    tl.store(cs_ptr + bh * Lp + rows, tl.cumsum(delta * tl.load(a_ptr + h), 0))
+
+
+@triton.jit
+def dt_grad_kernel(e_ptr, k_ptr, v_ptr, ddelta_ptr, kdec_ptr, delta_ptr, dt_ptr, s_db, s_dl, s_dh, bias_ptr, a_ptr,
+                   ddt_ptr, s_gb, s_gl, s_gh, part_a_ptr, part_bias_ptr, L, Lp, H, NC,
+                   Q: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    rows = c * Q + tl.arange(0, Q)
+    mask = rows < L
+    at = bh * Lp + rows
+    v = tl.load(v_ptr + at)
+    da = (tl.cumsum(tl.load(e_ptr + at) - tl.load(k_ptr + at), 0, reverse=True) + (tl.cumsum(v, 0) - v)
+          + tl.load(kdec_ptr + bh * NC + c))
+    ddt = tl.load(ddelta_ptr + at) + da * tl.load(a_ptr + h)
+    if SOFTPLUS:
+        x = _pre_activation(dt_ptr, s_db, s_dl, s_dh, bias_ptr, b, h, rows, mask, HAS_BIAS)
+        z = tl.exp(tl.minimum(x, 20.0))
+        ddt = ddt * tl.where(x > 20.0, 1.0, z / (z + 1.0))
+    ddt = tl.where(mask, ddt, 0.0)
+    tl.store(ddt_ptr + b * s_gb + rows * s_gl + h * s_gh, ddt.to(ddt_ptr.dtype.element_ty), mask=mask)
+    tl.store(part_a_ptr + bh * NC + c, tl.sum(da * tl.load(delta_ptr + at), 0))
+    if HAS_BIAS:
+        tl.store(part_bias_ptr + bh * NC + c, tl.sum(ddt, 0))
