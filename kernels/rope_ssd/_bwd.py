@@ -22,8 +22,7 @@ import triton.language as tl
 
 from ._fwd import chunk_decay, chunk_outer_sum
 from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_state_halves,
-                             prefetch_block, prefetch_state, scan_program, tile_program, to_dot, unrotate,
-                             valid)
+                             scan_program, tile_program, to_dot, unrotate, valid)
 
 
 @triton.jit
@@ -131,12 +130,6 @@ def dc_kernel(
     bm_base = b_ptr + b64 * s_bb + gi * s_bg
     cm_base = c_ptr + b64 * s_cb_ + gi * s_cg
 
-    # the prologue's operands and the first source block, requested at once (see prefetch_state)
-    prefetch_block(cm_base, s_cl_, s_cn, cos_base, sin_base, s_tl, g_ptr + b64 * s_gb + hi_ * s_gh, s_gl, rows_t, L,
-                   N_HALF, HAS_ROPE)
-    prefetch_block(bm_base, s_bl, s_bn, cos_base, sin_base, s_tl, x_base, s_xl, start + tl.arange(0, BI), L, N_HALF,
-                   HAS_ROPE)
-    prefetch_state(states_ptr + (bh64 * NC + c) * P * N, BLOCK_P, BLOCK_NH, EVEN)
     cs_t = tl.load(cs_base + rows_t)
     g = to_dot(tl.load(g_ptr + b64 * s_gb + hi_ * s_gh + rows_t[:, None] * s_gl + offs_p[None, :] * s_gp,
                        mask=tmask[:, None] & mask_p[None, :], other=0.0), DOT, TF32)
@@ -251,11 +244,6 @@ def dxdb_kernel(
     cm_base = c_ptr + b64 * s_cb_ + gi * s_cg
     bm_base = b_ptr + b64 * s_bb + gi * s_bg
 
-    # the prologue's operands and the first (diagonal) target block, requested at once (see prefetch_state)
-    prefetch_block(bm_base, s_bl, s_bn, cos_base, sin_base, s_tl, x_ptr + b64 * s_xb + hi_ * s_xh, s_xl, rows_s, L,
-                   N_HALF, HAS_ROPE)
-    prefetch_block(cm_base, s_cl_, s_cn, cos_base, sin_base, s_tl, g_base, s_gl, rows_s, L, N_HALF, HAS_ROPE)
-    prefetch_state(dstates_ptr + (bh64 * NC + c) * P * N, BLOCK_P, BLOCK_NH, EVEN)
     cs_s = tl.load(cs_base + rows_s)
     d_s = tl.load(delta_base + rows_s)
     b_lo, b_hi = load_rotated(bm_base, rows_s, smask_r, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,

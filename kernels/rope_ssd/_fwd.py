@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_state_halves,
-                             prefetch_block, prefetch_state, scan_program, tile_program, valid)
+                             prefetch_block, scan_program, tile_program, valid)
 
 
 @triton.jit
@@ -166,8 +166,6 @@ def chunk_output_kernel(
 
     prefetch_block(bm_base, s_bl, s_bn, cos_base, sin_base, s_tl, x_base, s_xl, start + tl.arange(0, BI), L, N_HALF,
                    HAS_ROPE)
-    prefetch_block(cm_base, s_cl_, s_cn, cos_base, sin_base, s_tl, x_base, s_xl, rows_t, L, N_HALF, HAS_ROPE)
-    prefetch_state(states_ptr + (bh64 * NC + c) * P * N, BLOCK_P, BLOCK_NH, EVEN)
     cs_t = tl.load(cs_base + rows_t)
     c_lo, c_hi = load_rotated(cm_base, rows_t, tmask, s_cl_, s_cn, cos_base, sin_base, s_tl, half, mask_h,
                               N_HALF, HAS_ROPE)

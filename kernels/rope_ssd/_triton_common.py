@@ -81,14 +81,6 @@ def prefetch_block(mat_base, stride_row, stride_n, cos_base, sin_base, stride_co
 
 
 @triton.jit
-def prefetch_state(base, BLOCK_P: tl.constexpr, BLOCK_NH: tl.constexpr, EVEN: tl.constexpr):
-    """Ask L1 for a whole fp32 (P x N) state at `base` (every 128-byte line) when the program starts: a tile kernel's
-    prologue otherwise loads its operands in dependent rounds (load, stage in shared memory, barrier, next load)."""
-    if EVEN and not _INTERPRET:
-        prefetch_l1(base + tl.arange(0, BLOCK_P * BLOCK_NH * 2 // 32) * 32)
-
-
-@triton.jit
 def prefetch_l1(ptrs):
     tl.inline_asm_elementwise("prefetch.global.L1 [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
 
