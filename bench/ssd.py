@@ -197,6 +197,16 @@ VARIANTS = {
     "s4 out maxnreg168": dict(out_maxnreg=168),
     "s4 dc maxnreg168": dict(dc_maxnreg=168),
     "s4 inner32 maxnreg168": dict(BLOCK_INNER_FWD=32, BLOCK_INNER_DC=32, out_maxnreg=168, dc_maxnreg=168),
+    "s4b dc inner32": dict(BLOCK_INNER_DC=32),
+    "s4b dc stages2": dict(dc_stages=2),
+    "s4b dxdb stages2": dict(dxdb_stages=2),
+    "s4b scan cols32": dict(scan_cols=32),
+    "s4b scan rows32/64": dict(BLOCK_SCAN_FWD=32, BLOCK_SCAN_BWD=64),
+    "s4b scan rows64/64": dict(BLOCK_SCAN_BWD=64),
+    "s4b scan rows128/64": dict(BLOCK_SCAN_FWD=128, BLOCK_SCAN_BWD=64),
+    "s4b dxdb stages1": dict(dxdb_stages=1),
+    "s4b dc inner32 dxdb stages2": dict(BLOCK_INNER_DC=32, dxdb_stages=2),
+    "s4b scan stages1/2": dict(scan_fwd_stages=1, scan_bwd_stages=2),
     **{f"N64 half-tiles{w} H{H} l{l}": dict(shape=(H, 64, l), HALF_TILE_MIN=w)
        for H in (32, 12) for l in (4096, 16384) for w in (64, 32)},
 }
@@ -205,7 +215,8 @@ _LAUNCH_KEYS = {"warps": ("num_warps", ("_OPT_OUT", "_OPT_DC", "_OPT_DXDB")),
                 "dxdb_warps": ("num_warps", ("_OPT_DXDB",)), "scan_warps": ("num_warps", ("_OPT_SFWD", "_OPT_SBWD")),
                 "scan_cols": ("BNH", ("_OPT_SFWD", "_OPT_SBWD")),
                 "out_stages": ("num_stages", ("_OPT_OUT",)), "dc_stages": ("num_stages", ("_OPT_DC",)),
-                "dxdb_stages": ("num_stages", ("_OPT_DXDB",)),
+                "dxdb_stages": ("num_stages", ("_OPT_DXDB",)), "scan_fwd_stages": ("num_stages", ("_OPT_SFWD",)),
+                "scan_bwd_stages": ("num_stages", ("_OPT_SBWD",)),
                 "out_maxnreg": ("maxnreg", ("_OPT_OUT",)), "dc_maxnreg": ("maxnreg", ("_OPT_DC",)),
                 "dxdb_maxnreg": ("maxnreg", ("_OPT_DXDB",))}
 
