@@ -21,8 +21,9 @@
 #   [NCU=0] [MATCHING=TEXT] [ROUNDS=K] bash bench/h200_session.sh ssd-tune OUT  # 1 GPU: the layouts as above
 #                                            #   (no tests, no grid), then ncu on one fwd+bwd
 #   bash bench/h200_session.sh ssd-source OUT  # 1 GPU: ncu --set full on one fwd+bwd; SASS + stall samples (CSV)
-#   MAMBA_SHAPES=32x64x4096,... [FUSED_GRID=0] bash bench/h200_session.sh ssd-final OUT  # 1 GPU: kernel GPU
-#                                            #   tests, the grid for ours and SDPA, then every method at MAMBA_SHAPES
+#   MAMBA_SHAPES=32x64x4096,... [MATCHING=TEXT] [FUSED_GRID=0] bash bench/h200_session.sh ssd-final OUT
+#                                            # 1 GPU: kernel GPU tests, [layouts], the grid for ours and SDPA, then
+#                                            #   every method at MAMBA_SHAPES
 set -uo pipefail
 modes="checks|checks-x2|resume-x2|pp-fresh|ssd-grid|ssd-layouts|ssd-tune|ssd-source|ssd-final"
 usage="usage: bash bench/h200_session.sh $modes OUT"
@@ -157,9 +158,11 @@ ssd-source)
     rm -f "$work/ssd.ncu-rep"
     ;;
 ssd-final)
-    # one GPU: the kernel GPU tests, the grid for ours and SDPA, then (b)-(d) at MAMBA_SHAPES until the deadline
+    # one GPU: the kernel GPU tests, the layouts named with MATCHING (if set) beside .device/baseline, the grid for
+    # ours and SDPA, then (b)-(d) at MAMBA_SHAPES until the deadline
     deadline=$((SECONDS + 560))
     gpu_tests 150
+    [ -n "${MATCHING:-}" ] && layouts 100
     fused_grid
     timeout $((deadline - SECONDS)) "$py" bench/ssd.py --fast --mamba-path /tmp/mb --shapes "$MAMBA_SHAPES" \
         --out "$work/ssd-grid-mamba.json" > "$work/ssd-grid-mamba.log" 2>&1

@@ -1,6 +1,6 @@
 """Registers and spills of the RoPE-SSD Triton kernels on sm_90 (H200), computed here without a GPU.
 
-    python bench/ssd_registers.py [--rows 64] [--inner-fwd 64] [--inner-dc 64] [--inner-dxdb 32] [--chunk 256]
+    python bench/ssd_registers.py [--rows 64] [--inner-fwd 64] [--inner-dc 32] [--inner-dxdb 32] [--chunk 256]
                                   [--n 128] [--warps 4] [--scan-fwd 64] [--scan-bwd 32] [--scan-cols 64]
                                   [--scan-warps 4] [--half-tile-min 64] [--fp32] [--json OUT]
 
@@ -66,7 +66,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=64, help="row block of the tile kernels (chunk.BLOCK_ROWS)")
     ap.add_argument("--inner-fwd", type=int, default=64, help="inner block of the forward (chunk.BLOCK_INNER_FWD)")
-    ap.add_argument("--inner-dc", type=int, default=64, help="inner block of dc (chunk.BLOCK_INNER_DC)")
+    ap.add_argument("--inner-dc", type=int, default=32, help="inner block of dc (chunk.BLOCK_INNER_DC)")
     ap.add_argument("--inner-dxdb", type=int, default=32, help="inner block of dxdb (chunk.BLOCK_INNER_DXDB)")
     ap.add_argument("--scan-fwd", type=int, default=64, help="row block of the forward scan (chunk.BLOCK_SCAN_FWD)")
     ap.add_argument("--scan-bwd", type=int, default=32, help="row block of the backward scan (chunk.BLOCK_SCAN_BWD)")
@@ -101,7 +101,7 @@ def main() -> None:
         "dc": (_bwd.dc_kernel, dict(common, BT=bt, BI=inner(args.inner_dc), TF32=args.fp32, EVEN=even), args.warps,
                1),
         "dxdb": (_bwd.dxdb_kernel, dict(common, BT=bt, BI=inner(args.inner_dxdb), TF32=args.fp32, EVEN=even),
-                 args.warps, 3),
+                 args.warps, 1),
     }
     table = {name: ptxas_report(ptx_of(k, c, w, s, None if "scan" in name else args.maxnreg))
              for name, (k, c, w, s) in cases.items()}
