@@ -206,6 +206,11 @@ VARIANTS = {
     "s4b scan rows128/64": dict(BLOCK_SCAN_FWD=128, BLOCK_SCAN_BWD=64),
     "s4b dxdb stages1": dict(dxdb_stages=1),
     "s4b dc inner32 dxdb stages2": dict(BLOCK_INNER_DC=32, dxdb_stages=2),
+    "s4c out w8": dict(out_warps=8),
+    "s4c dc w8": dict(dc_warps=8),
+    "s4c dxdb w8": dict(dxdb_warps=8),
+    "s4c dc inner64": dict(BLOCK_INNER_DC=64),
+    "s4c dxdb stages3": dict(dxdb_stages=3),
     "s4b scan stages1/2": dict(scan_fwd_stages=1, scan_bwd_stages=2),
     **{f"N64 half-tiles{w} H{H} l{l}": dict(shape=(H, 64, l), HALF_TILE_MIN=w)
        for H in (32, 12) for l in (4096, 16384) for w in (64, 32)},
