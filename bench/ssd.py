@@ -184,7 +184,9 @@ VARIANTS = {
     "dxdb w8": dict(dxdb_warps=8),
     "dxdb maxnreg168": dict(dxdb_maxnreg=168),
     "chunk128": dict(chunk=128),
-    # session 4 (split decays, unmasked tiles, packed bf16 rotation: far fewer instructions per tile)
+    # session 4 (split decays, unmasked tiles, packed bf16 rotation: far fewer instructions per tile). Each entry
+    # overrides the defaults of the commit it runs at (s4: ea25f83, s4b: after the delta kernels, s4c: the final
+    # defaults, where "s4b dc inner32" and "s4b dxdb stages1" became the defaults); bench/results has each run.
     "s4 dxdb inner64": dict(BLOCK_INNER_DXDB=64),
     "s4 dc inner32": dict(BLOCK_INNER_DC=32),
     "s4 out inner32": dict(BLOCK_INNER_FWD=32),
@@ -206,12 +208,12 @@ VARIANTS = {
     "s4b scan rows128/64": dict(BLOCK_SCAN_FWD=128, BLOCK_SCAN_BWD=64),
     "s4b dxdb stages1": dict(dxdb_stages=1),
     "s4b dc inner32 dxdb stages2": dict(BLOCK_INNER_DC=32, dxdb_stages=2),
+    "s4b scan stages1/2": dict(scan_fwd_stages=1, scan_bwd_stages=2),
     "s4c out w8": dict(out_warps=8),
     "s4c dc w8": dict(dc_warps=8),
     "s4c dxdb w8": dict(dxdb_warps=8),
     "s4c dc inner64": dict(BLOCK_INNER_DC=64),
     "s4c dxdb stages3": dict(dxdb_stages=3),
-    "s4b scan stages1/2": dict(scan_fwd_stages=1, scan_bwd_stages=2),
     **{f"N64 half-tiles{w} H{H} l{l}": dict(shape=(H, 64, l), HALF_TILE_MIN=w)
        for H in (32, 12) for l in (4096, 16384) for w in (64, 32)},
 }

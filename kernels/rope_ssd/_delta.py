@@ -14,6 +14,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _program(L, H, Q: tl.constexpr):
+    """(chunk, batch row x head as int64, batch row, head, the chunk's rows, rows < l) of a grid (chunks, b*H)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rows = c * Q + tl.arange(0, Q)
+    return c, bh, bh // H, bh % H, rows, rows < L
+
+
+@triton.jit
 def _pre_activation(dt_ptr, s_db, s_dl, s_dh, bias_ptr, b, h, rows, mask, HAS_BIAS: tl.constexpr):
     x = tl.load(dt_ptr + b * s_db + rows * s_dl + h * s_dh, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -24,11 +33,7 @@ def _pre_activation(dt_ptr, s_db, s_dl, s_dh, bias_ptr, b, h, rows, mask, HAS_BI
 @triton.jit
 def delta_kernel(dt_ptr, s_db, s_dl, s_dh, bias_ptr, a_ptr, delta_ptr, cs_ptr, L, Lp, H,
                  Q: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    c = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    rows = c * Q + tl.arange(0, Q)
-    mask = rows < L
+    c, bh, b, h, rows, mask = _program(L, H, Q)
     x = _pre_activation(dt_ptr, s_db, s_dl, s_dh, bias_ptr, b, h, rows, mask, HAS_BIAS)
     if SOFTPLUS:
         # torch's softplus: x past 20, else log1p(exp(x)) (Kahan's log1p: accurate for the small exp(x) of dt ~ -5)
@@ -44,11 +49,7 @@ def delta_kernel(dt_ptr, s_db, s_dl, s_dh, bias_ptr, a_ptr, delta_ptr, cs_ptr, L
 def dt_grad_kernel(e_ptr, k_ptr, v_ptr, ddelta_ptr, kdec_ptr, delta_ptr, dt_ptr, s_db, s_dl, s_dh, bias_ptr, a_ptr,
                    ddt_ptr, s_gb, s_gl, s_gh, part_a_ptr, part_bias_ptr, L, Lp, H, NC,
                    Q: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    c = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    rows = c * Q + tl.arange(0, Q)
-    mask = rows < L
+    c, bh, b, h, rows, mask = _program(L, H, Q)
     at = bh * Lp + rows
     v = tl.load(v_ptr + at)
     da = (tl.cumsum(tl.load(e_ptr + at) - tl.load(k_ptr + at), 0, reverse=True) + (tl.cumsum(v, 0) - v)
