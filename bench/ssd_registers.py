@@ -1,17 +1,20 @@
-"""Registers and spills of the RoPE-SSD Triton kernels on sm_90 (H200), computed here without a GPU.
+"""Registers, spills and inner-loop instructions of the RoPE-SSD Triton kernels on sm_90 (H200), without a GPU.
 
     python bench/ssd_registers.py [--rows 64] [--inner-fwd 64] [--inner-dc 32] [--inner-dxdb 32] [--chunk 256]
                                   [--n 128] [--warps 4] [--scan-fwd 64] [--scan-bwd 32] [--scan-cols 64]
-                                  [--scan-warps 4] [--half-tile-min 64] [--fp32] [--json OUT]
+                                  [--scan-warps 4] [--half-tile-min 64] [--fp32] [--masked] [--sass] [--json OUT]
 
 Each kernel of kernels/rope_ssd is compiled ahead of time for GPUTarget("cuda", 90, 32) (Triton frontend, LLVM,
-PTX) and its PTX is assembled by the ptxas bundled with Triton (`-v`), which reports registers per thread and
-spill bytes. On the H200 the tile kernels were bound by spills (bench/NOTES-ssd.md, ncu), so this is the quick,
-GPU-free check of a tile-layout change. The local Triton may be newer than the GPU machine's (3.8 vs 3.6):
-numbers are indicative, the GPU benchmark decides.
+PTX) with the specialisations of a real launch of the contiguous 1.3B layer (unit strides as constants, the other
+integers and the pointers 16-divisible, H = G), and its PTX is assembled by the ptxas bundled with Triton (`-v`):
+registers per thread and spill bytes. With --sass the cubin is disassembled (Triton's bundled nvdisasm) and the
+instructions of each loop (a backward branch) are counted by opcode: session 4 cut the tile kernels' loops from
+1015 / 1082 / 649 to 348 / 430 / 380 instructions per iteration this way before timing them on the GPU. The local
+Triton may be newer than the GPU machine's (3.8 vs 3.6): numbers are indicative, the GPU benchmark decides.
 """
 
 import argparse
+import collections
 import json
 import re
 import subprocess
@@ -25,29 +28,55 @@ from triton.compiler import ASTSource
 
 from transxssm_kernels.rope_ssd import _bwd, _fwd
 
-BF16_POINTERS = {"x_ptr", "b_ptr", "c_ptr", "g_ptr", "y_ptr", "dx_ptr", "db_ptr", "dc_ptr"}
+BF16_POINTERS = {"x_ptr", "b_ptr", "c_ptr", "g_ptr", "y_ptr", "dx_ptr", "db_ptr", "dc_ptr", "cos_ptr", "sin_ptr"}
+UNIT_STRIDES = {"s_xp", "s_bn", "s_cn", "s_gp", "s_yp", "s_dxp", "s_dn"}   # last-dim strides: 1 in every launch
 TARGET = GPUTarget("cuda", 90, 32)
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def signature(kernel, constexprs: dict) -> dict:
-    """bf16 tensors as in the model's path (fp32 with --fp32), fp32 work buffers, int32 document ids and scalars."""
-    sig = {}
-    for name in kernel.arg_names:
+def compile_kernel(kernel, constexprs: dict, warps: int, stages: int, maxnreg=None):
+    """Compile as a launch would specialise it: bf16 tensors and tables (fp32 with --fp32), fp32 work buffers, int32
+    document ids; unit strides and H/G = 1 as constants, other integers and every pointer 16-divisible."""
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
-            sig[name] = "constexpr"
+            sig[name], consts[(i,)] = "constexpr", constexprs[name]
         elif name.endswith("_ptr"):
             data = "*fp32" if constexprs["DOT"] == tl.float32 else "*bf16"
             sig[name] = data if name in BF16_POINTERS else ("*i32" if name == "seq_ptr" else "*fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in UNIT_STRIDES or name == "HPG":
+            sig[name], consts[(i,)] = "constexpr", 1
         else:
-            sig[name] = "i32"
-    return sig
+            sig[name], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=TARGET, options=dict(num_warps=warps, num_stages=stages, maxnreg=maxnreg))
 
 
-def ptx_of(kernel, constexprs: dict, warps: int, stages: int, maxnreg=None) -> str:
-    src = ASTSource(fn=kernel, signature=signature(kernel, constexprs),
-                    constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    options = dict(num_warps=warps, num_stages=stages, maxnreg=maxnreg)
-    return triton.compile(src, target=TARGET, options=options).asm["ptx"]
+def loop_instructions(cubin: bytes) -> list:
+    """Opcode counts of each loop body (from a backward branch's target to the branch) of the disassembled cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(BIN / "nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    labels, code, pending = {}, [], None
+    for line in text.splitlines():
+        label = re.match(r"\s*\.(L_x_\d+):", line)
+        if label:
+            pending = label.group(1)
+            continue
+        ins = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line)
+        if ins:
+            addr = int(ins.group(1), 16)
+            if pending:
+                labels[pending], pending = addr, None
+            code.append((addr, ins.group(2).split(".")[0], ins.group(3)))
+    loops = []
+    for addr, op, rest in code:
+        target = re.search(r"\(\.(L_x_\d+)\)", rest) if op == "BRA" else None
+        if target and labels.get(target.group(1), addr + 1) < addr:
+            loops.append(collections.Counter(o for a, o, _ in code if labels[target.group(1)] <= a <= addr))
+    return loops
 
 
 def ptxas_report(ptx: str) -> dict:
@@ -81,6 +110,7 @@ def main() -> None:
     ap.add_argument("--warps", type=int, default=4, help="warps of the tile kernels")
     ap.add_argument("--seq", action="store_true", help="with document boundaries (seq_idx)")
     ap.add_argument("--masked", action="store_true", help="tile kernels with masks (l not a multiple of the chunk)")
+    ap.add_argument("--sass", action="store_true", help="also count each loop's SASS instructions by opcode")
     ap.add_argument("--json", default=None, help="also write the table here")
     args = ap.parse_args()
 
@@ -103,12 +133,20 @@ def main() -> None:
         "dxdb": (_bwd.dxdb_kernel, dict(common, BT=bt, BI=inner(args.inner_dxdb), TF32=args.fp32, EVEN=even),
                  args.warps, 1),
     }
-    table = {name: ptxas_report(ptx_of(k, c, w, s, None if "scan" in name else args.maxnreg))
-             for name, (k, c, w, s) in cases.items()}
+    table = {}
+    for name, (k, c, w, stages) in cases.items():
+        compiled = compile_kernel(k, c, w, stages, None if "scan" in name else args.maxnreg)
+        table[name] = ptxas_report(compiled.asm["ptx"])
+        if args.sass:
+            table[name]["loops"] = [dict(loop.most_common()) for loop in loop_instructions(compiled.asm["cubin"])]
     print(f"sm_90, triton {triton.__version__}, {vars(args)}")
     print(f"{'kernel':16s} {'regs':>5s} {'spill st':>9s} {'spill ld':>9s}")
     for name, r in table.items():
         print(f"{name:16s} {r['registers']:5d} {r['spill_store_bytes']:9d} {r['spill_load_bytes']:9d}")
+        for loop in r.get("loops", []):
+            if sum(loop.values()) >= 50:   # the small loops are the prologue's
+                top = ", ".join(f"{op} {n}" for op, n in list(loop.items())[:10])
+                print(f"{'':16s} loop of {sum(loop.values())} instructions: {top}")
     if args.json:
         Path(args.json).write_text(json.dumps({"triton": triton.__version__, "args": vars(args), "kernels": table},
                                               indent=1))

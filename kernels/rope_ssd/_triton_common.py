@@ -17,40 +17,28 @@ import triton
 import triton.language as tl
 
 _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-# bf16 rotation in packed bf16x2 PTX (GPU only; the interpreter rotates in fp32)
+# bf16 rotation in packed bf16x2 PTX (GPU only; the interpreter rotates in fp32). TRANSXSSM_SSD_FP32_ROTATION=1 rotates
+# bf16 in fp32 on the GPU too (slower; for comparing numerics).
 PACKED_ROTATION = tl.constexpr(not _INTERPRET and os.environ.get("TRANSXSSM_SSD_FP32_ROTATION", "0") != "1")
 
 
 @triton.jit
 def load_rotated(base, rows, row_mask, stride_row, stride_n, cos_base, sin_base, stride_cos_row,
                  half, half_mask, N_HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
-    """Load a (rows x N) tile of B or C as halves (lo, hi), rotated by the tables at positions `rows`."""
-    a, b, cos, sin = load_halves(base, rows, row_mask, stride_row, stride_n, cos_base, sin_base, stride_cos_row,
-                                 half, half_mask, N_HALF, HAS_ROPE)
-    return rotate(a, b, cos, sin, HAS_ROPE)
+    """Load a (rows x N) tile of B or C as halves (lo, hi), rotated by the tables at positions `rows`.
 
-
-@triton.jit
-def load_halves(base, rows, row_mask, stride_row, stride_n, cos_base, sin_base, stride_cos_row,
-                half, half_mask, N_HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
-    """The raw halves (a, b) of a (rows x N) tile of B or C and the tables at `rows` (cos, sin; a and b again
-    without RoPE): what rotate() takes. The tile kernels load them a block ahead of their use."""
+    a' = a*cos - b*sin ; b' = b*cos + a*sin   (a = first half, b = second half).
+    bf16 B / C with bf16 tables rotate in packed bf16x2 arithmetic (rotate_bf16x2) and give bf16 halves; everything
+    else rotates in fp32 and gives fp32 halves.
+    """
     m = row_mask[:, None] & half_mask[None, :]
     ptr = base + rows[:, None] * stride_row + half[None, :] * stride_n
     a = tl.load(ptr, mask=m, other=0.0)
     b = tl.load(ptr + N_HALF * stride_n, mask=m, other=0.0)
     if HAS_ROPE:
         tab = rows[:, None] * stride_cos_row + half[None, :]
-        return a, b, tl.load(cos_base + tab, mask=m, other=1.0), tl.load(sin_base + tab, mask=m, other=0.0)
-    return a, b, a, b
-
-
-@triton.jit
-def rotate(a, b, cos, sin, HAS_ROPE: tl.constexpr):
-    """a' = a*cos - b*sin ; b' = b*cos + a*sin   (a = first half, b = second half).
-    bf16 B / C with bf16 tables rotate in packed bf16x2 arithmetic (rotate_bf16x2) and give bf16 halves; everything
-    else rotates in fp32 and gives fp32 halves."""
-    if HAS_ROPE:
+        cos = tl.load(cos_base + tab, mask=m, other=1.0)
+        sin = tl.load(sin_base + tab, mask=m, other=0.0)
         if PACKED_ROTATION and a.dtype == tl.bfloat16 and cos.dtype == tl.bfloat16:
             lo, hi = rotate_bf16x2(a, b, cos, sin)
         else:
@@ -68,8 +56,9 @@ def rotate(a, b, cos, sin, HAS_ROPE: tl.constexpr):
 def prefetch_block(mat_base, stride_row, stride_n, cos_base, sin_base, stride_cos_row, vec_base, stride_vec_row,
                    rows, L, N_HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
     """Ask L1 for the first line of each row of a block of B or C (both halves), of its tables and of x (or g), a
-    block ahead of the loads: the tile kernels' main stall was waiting on those loads (ncu), and holding the next
-    block in registers instead spills. The rows are clamped to the sequence; a no-op in the interpreter."""
+    block ahead of the loads: the tile kernels' main stall is waiting on those loads (ncu), and holding the next
+    block in registers instead spills. chunk_output uses it (-0.05 ms on the H200); it made dc, dxdb and the scans
+    slower (bench/NOTES-ssd.md). The rows are clamped to the sequence; a no-op in the interpreter."""
     if not _INTERPRET:
         r = tl.minimum(rows, L - 1)
         prefetch_l1(mat_base + r * stride_row)
