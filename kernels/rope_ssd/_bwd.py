@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ._fwd import chunk_decay, chunk_outer_sum
 from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_state_halves,
-                             scan_program, tile_program, to_dot, unrotate, valid)
+                             pin, scan_program, tile_program, to_dot, unrotate, valid)
 
 
 @triton.jit
@@ -244,12 +244,15 @@ def dxdb_kernel(
     cm_base = c_ptr + b64 * s_cb_ + gi * s_cg
     bm_base = b_ptr + b64 * s_bb + gi * s_bg
 
+    # every prologue load first (the gradient of the state leaving the chunk too), so they are in flight together
+    dh_lo, dh_hi = load_state_halves(dstates_ptr + (bh64 * NC + c) * P * N, offs_p, mask_p, half, mask_h, N_HALF,
+                                     DOT)
     cs_s = tl.load(cs_base + rows_s)
     d_s = tl.load(delta_base + rows_s)
     b_lo, b_hi = load_rotated(bm_base, rows_s, smask_r, s_bl, s_bn, cos_base, sin_base, s_tl, half, mask_h,
                               N_HALF, HAS_ROPE)
-    b_lo = to_dot(b_lo, DOT, TF32)
-    b_hi = to_dot(b_hi, DOT, TF32)
+    b_lo = pin(to_dot(b_lo, DOT, TF32))
+    b_hi = pin(to_dot(b_hi, DOT, TF32))
     x_mask = smask_r[:, None] & mask_p[None, :]
     xs = tl.load(x_ptr + b64 * s_xb + hi_ * s_xh + rows_s[:, None] * s_xl + offs_p[None, :] * s_xp, mask=x_mask,
                  other=0.0).to(tl.float32)
@@ -262,8 +265,6 @@ def dxdb_kernel(
         seq_s = tl.load(seq_ptr + b64 * L + rows_s, mask=smask_r, other=-2)
         seq_last = tl.load(seq_ptr + b64 * L + last)
         w_s = tl.where(seq_s == seq_last, w_s, 0.0)
-    dh_lo, dh_hi = load_state_halves(dstates_ptr + (bh64 * NC + c) * P * N, offs_p, mask_p, half, mask_h, N_HALF,
-                                     DOT)
     du = (tl.dot(b_lo, tl.trans(dh_lo)) + tl.dot(b_hi, tl.trans(dh_hi))) * w_s[:, None]
     db_lo = tl.dot(u, dh_lo) * w_s[:, None]
     db_hi = tl.dot(u, dh_hi) * w_s[:, None]

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_state_halves,
-                             prefetch_block, scan_program, tile_program, valid)
+                             pin, prefetch_block, scan_program, tile_program, valid)
 
 
 @triton.jit
@@ -169,8 +169,8 @@ def chunk_output_kernel(
     cs_t = tl.load(cs_base + rows_t)
     c_lo, c_hi = load_rotated(cm_base, rows_t, tmask, s_cl_, s_cn, cos_base, sin_base, s_tl, half, mask_h,
                               N_HALF, HAS_ROPE)
-    c_lo = c_lo.to(dot_dtype)
-    c_hi = c_hi.to(dot_dtype)
+    c_lo = pin(c_lo.to(dot_dtype))
+    c_hi = pin(c_hi.to(dot_dtype))
     w_t, seq_t = entering_state_weight(cs_t, seq_ptr + b64 * L, rows_t, tmask, start, HAS_SEQ)
 
     # source blocks before the target block: the decay splits at the pivot (_triton_common)

@@ -53,6 +53,17 @@ def load_rotated(base, rows, row_mask, stride_row, stride_n, cos_base, sin_base,
 
 
 @triton.jit
+def pin(x):
+    """x unchanged, through an opaque register move that Triton's layout pass cannot duplicate: a rotated tile used as
+    a dot's register operand is then converted once per half, instead of each of its four raw inputs being staged
+    through shared memory in turn (one load, store, barrier and reload after another) and the rotation recomputed
+    per layout. A no-op in the interpreter."""
+    if _INTERPRET:
+        return x
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=2)
+
+
+@triton.jit
 def prefetch_block(mat_base, stride_row, stride_n, cos_base, sin_base, stride_cos_row, vec_base, stride_vec_row,
                    rows, L, N_HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
     """Ask L1 for the first line of each row of a block of B or C (both halves), of its tables and of x (or g), a
