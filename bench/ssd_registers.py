@@ -2,7 +2,8 @@
 
     python bench/ssd_registers.py [--rows 64] [--inner-fwd 64] [--inner-dc 32] [--inner-dxdb 32] [--chunk 256]
                                   [--n 128] [--warps 4] [--scan-fwd 64] [--scan-bwd 32] [--scan-cols 64]
-                                  [--scan-warps 4] [--half-tile-min 64] [--fp32] [--masked] [--sass] [--json OUT]
+                                  [--scan-warps 4] [--half-tile-min 64] [--fp32 | --fp16] [--masked] [--seq] [--sass]
+                                  [--json OUT]
 
 Each kernel of kernels/rope_ssd is compiled ahead of time for GPUTarget("cuda", 90, 32) (Triton frontend, LLVM,
 PTX) with the specialisations of a real launch of the contiguous 1.3B layer (unit strides as constants, the other
@@ -35,14 +36,14 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
 def compile_kernel(kernel, constexprs: dict, warps: int, stages: int, maxnreg=None):
-    """Compile as a launch would specialise it: bf16 tensors and tables (fp32 with --fp32), fp32 work buffers, int32
+    """Compile as a launch would specialise it: bf16 tensors and tables (or fp32 / fp16), fp32 work buffers, int32
     document ids; unit strides and H/G = 1 as constants, other integers and every pointer 16-divisible."""
     sig, consts, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             sig[name], consts[(i,)] = "constexpr", constexprs[name]
         elif name.endswith("_ptr"):
-            data = "*fp32" if constexprs["DOT"] == tl.float32 else "*bf16"
+            data = {tl.float32: "*fp32", tl.float16: "*fp16"}.get(constexprs["DOT"], "*bf16")
             sig[name] = data if name in BF16_POINTERS else ("*i32" if name == "seq_ptr" else "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in UNIT_STRIDES or name == "HPG":
@@ -104,6 +105,7 @@ def main() -> None:
     ap.add_argument("--half-tile-min", type=int, default=64, help="chunk.HALF_TILE_MIN (32: N = 64 unpadded)")
     ap.add_argument("--maxnreg", type=int, default=None, help="register cap per thread of the tile kernels")
     ap.add_argument("--fp32", action="store_true", help="fp32 inputs (tf32 dots, operands rounded by to_dot)")
+    ap.add_argument("--fp16", action="store_true", help="fp16 inputs (rotation in fp32)")
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--n", type=int, default=128, help="state size N")
     ap.add_argument("--p", type=int, default=64, help="head dim P")
@@ -116,7 +118,8 @@ def main() -> None:
 
     common = dict(N_HALF=args.n // 2, Q=args.chunk, BLOCK_P=max(16, triton.next_power_of_2(args.p)),
                   BLOCK_NH=max(args.half_tile_min, triton.next_power_of_2(args.n // 2)),
-                  DOT=tl.float32 if args.fp32 else tl.bfloat16, HAS_ROPE=True, HAS_SEQ=args.seq)
+                  DOT=tl.float32 if args.fp32 else (tl.float16 if args.fp16 else tl.bfloat16),
+                  HAS_ROPE=True, HAS_SEQ=args.seq)
     bt = min(args.rows, args.chunk)
     inner = lambda n: min(n, bt)
     scan = dict(common, BNH=args.scan_cols)

@@ -60,7 +60,9 @@ def pin(x):
     per layout. A no-op in the interpreter."""
     if _INTERPRET:
         return x
-    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=2)
+    if x.dtype.primitive_bitwidth == 16:   # two elements per 32-bit register
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=2)
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=1)
 
 
 @triton.jit
