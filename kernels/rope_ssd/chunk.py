@@ -31,8 +31,8 @@ How it works (per batch row and head; Q = chunk_size, cs = within-chunk cumulati
 dt -> delta (bias, softplus) and its within-chunk cumulative sum, and back to d dt, dA, d dt_bias, run in the two
 small kernels of _delta.py; the D skip and the z gate (options off the default path) are PyTorch around the one
 autograd Function.
-Speed (H200, 1.3B layer H=G=32, P=64, N=128, l=4096, 32K tokens, bf16): 0.80 ms forward, 2.56 ms forward+backward
-(chunk 128: 0.74 / 2.37); PyTorch SDPA with the same heads 4.73; bench/NOTES-ssd.md has the grid and what limits it.
+Speed (H200, 1.3B layer H=G=32, P=64, N=128, l=4096, 32K tokens, bf16): 0.77 ms forward, 2.45 ms forward+backward
+(chunk 128: 0.68 / 2.19); PyTorch SDPA with the same heads 4.73; bench/NOTES-ssd.md has the grid and what limits it.
 """
 
 import os
