@@ -170,50 +170,35 @@ def run_shape(H, N, l, mamba, P=64):
 
 # Layouts of the fused kernel: overrides of chunk.py's module settings, plus "shape" ((H, N, l); default the 1.3B
 # layer), "chunk" (the chunk size), "warps" (of the output/dc/dxdb kernels; out_/dc_/dxdb_warps for one),
-# "scan_warps", "scan_cols" (half-columns per state-scan program; default: chosen per call), "dc_stages",
-# "dxdb_stages" and "out_/dc_/dxdb_maxnreg" (register cap per thread). The first is the shipped default; --variants
-# times them all (and the kernels of --baseline-kernels, if given). bench/NOTES-ssd.md has what each measured.
+# "scan_warps", "scan_cols" (half-columns per state-scan program; default: chosen per call), "out_/dc_/dxdb_stages",
+# "scan_fwd_/scan_bwd_stages" and "out_/dc_/dxdb_maxnreg" (register cap per thread). The first is the shipped
+# default; --variants times them all (and the kernels of --baseline-kernels, if given). bench/NOTES-ssd.md has
+# what each measured.
 VARIANTS = {
     "default": {},
-    "dc32": dict(BLOCK_INNER_DC=32),
-    "dxdb stages2": dict(dxdb_stages=2),
-    "dxdb inner16": dict(BLOCK_INNER_DXDB=16),
+    "chunk128": dict(chunk=128),
+    # alternatives to the shipped settings, each measured slower on the H200 (bench/NOTES-ssd.md). The sessions'
+    # runs used other names for some of them (e.g. "s4 chunk128", "s4b dxdb stages1"); each JSON in bench/results
+    # holds the names of its commit.
     "out inner32": dict(BLOCK_INNER_FWD=32),
-    "scan cols32": dict(scan_cols=32),
-    "scan w8": dict(scan_warps=8),
+    "out stages2": dict(out_stages=2),
+    "out w8": dict(out_warps=8),
+    "out maxnreg168": dict(out_maxnreg=168),
+    "dc inner64": dict(BLOCK_INNER_DC=64),
+    "dc stages2": dict(dc_stages=2),
+    "dc w8": dict(dc_warps=8),
+    "dxdb inner16": dict(BLOCK_INNER_DXDB=16),
+    "dxdb inner64": dict(BLOCK_INNER_DXDB=64),
+    "dxdb stages2": dict(dxdb_stages=2),
+    "dxdb stages3": dict(dxdb_stages=3),
     "dxdb w8": dict(dxdb_warps=8),
     "dxdb maxnreg168": dict(dxdb_maxnreg=168),
-    "chunk128": dict(chunk=128),
-    # session 4 (split decays, unmasked tiles, packed bf16 rotation: far fewer instructions per tile). Each entry
-    # overrides the defaults of the commit it runs at (s4: ea25f83, s4b: after the delta kernels, s4c: the final
-    # defaults, where "s4b dc inner32" and "s4b dxdb stages1" became the defaults); bench/results has each run.
-    "s4 dxdb inner64": dict(BLOCK_INNER_DXDB=64),
-    "s4 dc inner32": dict(BLOCK_INNER_DC=32),
-    "s4 out inner32": dict(BLOCK_INNER_FWD=32),
-    "s4 out stages2": dict(out_stages=2),
-    "s4 dc stages2": dict(dc_stages=2),
-    "s4 dxdb stages2": dict(dxdb_stages=2),
-    "s4 chunk128": dict(chunk=128),
-    "s4 inner32": dict(BLOCK_INNER_FWD=32, BLOCK_INNER_DC=32),
-    "s4 inner32 out stages2": dict(BLOCK_INNER_FWD=32, BLOCK_INNER_DC=32, out_stages=2),
-    "s4 out maxnreg168": dict(out_maxnreg=168),
-    "s4 dc maxnreg168": dict(dc_maxnreg=168),
-    "s4 inner32 maxnreg168": dict(BLOCK_INNER_FWD=32, BLOCK_INNER_DC=32, out_maxnreg=168, dc_maxnreg=168),
-    "s4b dc inner32": dict(BLOCK_INNER_DC=32),
-    "s4b dc stages2": dict(dc_stages=2),
-    "s4b dxdb stages2": dict(dxdb_stages=2),
-    "s4b scan cols32": dict(scan_cols=32),
-    "s4b scan rows32/64": dict(BLOCK_SCAN_FWD=32, BLOCK_SCAN_BWD=64),
-    "s4b scan rows64/64": dict(BLOCK_SCAN_BWD=64),
-    "s4b scan rows128/64": dict(BLOCK_SCAN_FWD=128, BLOCK_SCAN_BWD=64),
-    "s4b dxdb stages1": dict(dxdb_stages=1),
-    "s4b dc inner32 dxdb stages2": dict(BLOCK_INNER_DC=32, dxdb_stages=2),
-    "s4b scan stages1/2": dict(scan_fwd_stages=1, scan_bwd_stages=2),
-    "s4c out w8": dict(out_warps=8),
-    "s4c dc w8": dict(dc_warps=8),
-    "s4c dxdb w8": dict(dxdb_warps=8),
-    "s4c dc inner64": dict(BLOCK_INNER_DC=64),
-    "s4c dxdb stages3": dict(dxdb_stages=3),
+    "scan cols32": dict(scan_cols=32),
+    "scan w8": dict(scan_warps=8),
+    "scan rows32/64": dict(BLOCK_SCAN_FWD=32, BLOCK_SCAN_BWD=64),
+    "scan rows64/64": dict(BLOCK_SCAN_BWD=64),
+    "scan rows128/64": dict(BLOCK_SCAN_FWD=128, BLOCK_SCAN_BWD=64),
+    "scan stages1/2": dict(scan_fwd_stages=1, scan_bwd_stages=2),
     **{f"N64 half-tiles{w} H{H} l{l}": dict(shape=(H, 64, l), HALF_TILE_MIN=w)
        for H in (32, 12) for l in (4096, 16384) for w in (64, 32)},
 }
