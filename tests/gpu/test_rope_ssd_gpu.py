@@ -66,19 +66,23 @@ def check(tensors, kw, *, dtype, chunk_size=256):
     assert not bad, f"relative errors over {TOL[dtype]:g}: {bad}"
 
 
-def test_repeatable():
-    """Same inputs, same output and gradients bit for bit (no race or atomic order between blocks)."""
+def check_repeatable(tensors, kw):
+    """Two identical calls give the same output and gradients bit for bit."""
     from transxssm_kernels.rope_ssd import rope_ssd
-    t, kw = make_case(4, 4096, 32, 64, 32, 128, dtype=torch.bfloat16, seed=11)
-    leaves = {k: v.requires_grad_(True) for k, v in t.items()}
-    dy = torch.randn(4, 4096, 32, 64, device="cuda").to(torch.bfloat16)
+    leaves = {k: v.requires_grad_(True) for k, v in tensors.items()}
+    dy = None
     runs = []
     for _ in range(2):
         y = rope_ssd(**leaves, **kw)
-        grads = torch.autograd.grad(y, list(leaves.values()), dy)
-        runs.append([y.detach(), *grads])
+        dy = torch.randn_like(y) if dy is None else dy
+        runs.append([y.detach(), *torch.autograd.grad(y, list(leaves.values()), dy)])
     for name, a, b in zip(["y", *[f"d{k}" for k in leaves]], *runs):
         assert torch.equal(a, b), f"{name} differs between two identical calls"
+
+
+def test_repeatable():
+    """Same inputs, same output and gradients bit for bit (no race or atomic order between blocks)."""
+    check_repeatable(*make_case(4, 4096, 32, 64, 32, 128, dtype=torch.bfloat16, seed=11))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -150,12 +154,4 @@ def test_narrow_half_tiles(monkeypatch):
     seq[0, 300:] += 1
     t, kw = make_case(1, 1500, 8, 64, 4, 64, dtype=torch.bfloat16, seed=42, options=True, seq_idx=seq, init=True)
     check(t, kw, dtype=torch.bfloat16, chunk_size=128)
-    t, kw = make_case(2, 4096, 32, 64, 32, 64, dtype=torch.bfloat16, seed=43)
-    leaves = {k: v.requires_grad_(True) for k, v in t.items()}
-    dy = torch.randn(2, 4096, 32, 64, device="cuda").to(torch.bfloat16)
-    outs = []
-    for _ in range(2):
-        y = chunk.rope_ssd(**leaves, **kw)
-        outs.append([y.detach(), *torch.autograd.grad(y, list(leaves.values()), dy)])
-    for a, b in zip(*outs):
-        assert torch.equal(a, b), "narrow tiles: two identical calls differ"
+    check_repeatable(*make_case(2, 4096, 32, 64, 32, 64, dtype=torch.bfloat16, seed=43))
