@@ -199,6 +199,12 @@ VARIANTS = {
     "scan rows64/64": dict(BLOCK_SCAN_BWD=64),
     "scan rows128/64": dict(BLOCK_SCAN_FWD=128, BLOCK_SCAN_BWD=64),
     "scan stages1/2": dict(scan_fwd_stages=1, scan_bwd_stages=2),
+    "scan stages2/2": dict(scan_bwd_stages=2),
+    "scan stages3/2": dict(scan_fwd_stages=3, scan_bwd_stages=2),
+    "scan stages3/3": dict(scan_fwd_stages=3, scan_bwd_stages=3),
+    "scan rows64/64 stages2/2": dict(BLOCK_SCAN_BWD=64, scan_bwd_stages=2),
+    "states fp32": dict(STATES_IN_INPUT_DTYPE=False),
+    "states+dstates fp32": dict(STATES_IN_INPUT_DTYPE=False, DSTATES_IN_INPUT_DTYPE=False),
     **{f"N64 half-tiles{w} H{H} l{l}": dict(shape=(H, 64, l), HALF_TILE_MIN=w)
        for H in (32, 12) for l in (4096, 16384) for w in (64, 32)},
 }
@@ -249,9 +255,11 @@ def load_baseline(path):
 
 def time_variants(P=64, baseline=None, matching="", rounds=1):
     """ms of fused fwd / fwd+bwd for each of VARIANTS (and the baseline kernels) at its shape (the 1.3B layer unless
-    the variant names one), those whose name contains `matching`, `rounds` times in turn; leaves the default."""
+    the variant names one), those whose name contains one of the '|'-separated texts of `matching`, `rounds` times
+    in turn; leaves the default."""
     inputs = {}
-    runs = [(name, v, rope_ssd) for name, v in VARIANTS.items() if name == "default" or matching in name]
+    runs = [(name, v, rope_ssd) for name, v in VARIANTS.items()
+            if name == "default" or any(m in name for m in matching.split("|"))]
     if baseline is not None:
         runs.insert(0, ("baseline", {}, baseline))
     runs = [(name + (f" #{k + 1}" if k else ""), v, fn) for k in range(rounds) for name, v, fn in runs]
@@ -324,7 +332,8 @@ def main():
                     help="another checkout's kernels/ folder, timed beside the variants as 'baseline'")
     ap.add_argument("--variants", action="store_true", help="time variants of the fused kernel, 1.3B N=128 l=4096")
     ap.add_argument("--variants-matching", default="", metavar="TEXT",
-                    help="only the variants whose name contains TEXT (the default layout is always timed)")
+                    help="only the variants whose name contains TEXT, or one of TEXT's '|'-separated parts (the "
+                         "default layout is always timed)")
     ap.add_argument("--variants-rounds", type=int, default=1, metavar="K",
                     help="time the variants K times in turn (run-to-run spread; rounds after the first get #k)")
     ap.add_argument("--ncu-step", action="store_true", help="run one fused fwd+bwd only (for ncu), then exit")

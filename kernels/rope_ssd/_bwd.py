@@ -20,7 +20,7 @@ Rotated gradients go back through the inverse rotation as they are stored.
 import triton
 import triton.language as tl
 
-from ._fwd import chunk_decay, chunk_outer_sum
+from ._fwd import block_outer_terms, chunk_decay
 from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_state_halves,
                              pin, scan_program, tile_program, to_dot, unrotate, valid)
 
@@ -60,23 +60,25 @@ def state_scan_bwd_kernel(
         r_hi = tl.zeros((BLOCK_P, BNH), dtype=tl.float32)
     st_base = states_ptr + bh64 * NC * PN
     dst_base = dstates_ptr + bh64 * NC * PN
-    for i in range(NC):
-        c = NC - 1 - i
-        tl.store(dst_base + c * PN + st_off, r_lo, mask=st_mask)
-        tl.store(dst_base + c * PN + st_off + N_HALF, r_hi, mask=st_mask)
-        decay = chunk_decay(cs_base, seq_base, c, L, Q, HAS_SEQ)
-        h_lo = tl.load(st_base + c * PN + st_off, mask=st_mask, other=0.0)
-        h_hi = tl.load(st_base + c * PN + st_off + N_HALF, mask=st_mask, other=0.0)
-        tl.atomic_add(kdec_ptr + bh64 * NC + c, decay * tl.sum(tl.sum(r_lo * h_lo + r_hi * h_hi, 1), 0))
-        start = c * Q
-        seq_ref = 0
-        if HAS_SEQ:
-            seq_ref = tl.load(seq_base + tl.maximum(start - 1, 0))
-        l_lo, l_hi = chunk_outer_sum(g_base, s_gl, s_gp, cm_base, s_cl_, s_cn, cos_base, sin_base, s_tl,
-                                     cs_base, cs_base, seq_base, start, L, P, half, mask_h, seq_ref,
-                                     N_HALF, Q, BS, BLOCK_P, BNH, 1, HAS_ROPE, HAS_SEQ, DOT)
-        r_lo = decay * r_lo + l_lo
-        r_hi = decay * r_hi + l_hi
+    # one loop over every row block, last chunk first (as the forward scan: pipelined across chunk boundaries); at
+    # a chunk's first block the gradient of the state leaving it is stored, K_c formed and the gradient decayed
+    NB: tl.constexpr = Q // BS
+    for i in range(NC * NB):
+        c = NC - 1 - i // NB
+        if i % NB == 0:
+            tl.store(dst_base + c * PN + st_off, r_lo.to(dstates_ptr.dtype.element_ty), mask=st_mask)
+            tl.store(dst_base + c * PN + st_off + N_HALF, r_hi.to(dstates_ptr.dtype.element_ty), mask=st_mask)
+            decay = chunk_decay(cs_base, seq_base, c, L, Q, HAS_SEQ)
+            h_lo = tl.load(st_base + c * PN + st_off, mask=st_mask, other=0.0).to(tl.float32)
+            h_hi = tl.load(st_base + c * PN + st_off + N_HALF, mask=st_mask, other=0.0).to(tl.float32)
+            tl.atomic_add(kdec_ptr + bh64 * NC + c, decay * tl.sum(tl.sum(r_lo * h_lo + r_hi * h_hi, 1), 0))
+            r_lo = decay * r_lo
+            r_hi = decay * r_hi
+        gwt, lo, hi = block_outer_terms(g_base, s_gl, s_gp, cm_base, s_cl_, s_cn, cos_base, sin_base, s_tl,
+                                        cs_base, cs_base, seq_base, c * Q, (i % NB) * BS, L, P, half, mask_h,
+                                        N_HALF, Q, BS, BLOCK_P, 1, HAS_ROPE, HAS_SEQ, DOT)
+        r_lo = tl.dot(gwt, lo, r_lo)
+        r_hi = tl.dot(gwt, hi, r_hi)
     tl.store(dinit_ptr + bh64 * PN + st_off, r_lo, mask=st_mask)
     tl.store(dinit_ptr + bh64 * PN + st_off + N_HALF, r_hi, mask=st_mask)
 

@@ -17,42 +17,36 @@ from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, loa
 
 
 @triton.jit
-def chunk_outer_sum(vec_base, s_vl, s_vp, mat_base, s_ml, s_mn, cos_base, sin_base, s_cl,
-                    delta_base, cs_base, seq_base, start, L, P, half, mask_h, seq_ref,
-                    N_HALF: tl.constexpr, Q: tl.constexpr, BS: tl.constexpr, BLOCK_P: tl.constexpr,
-                    BNH: tl.constexpr, MODE: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr,
-                    DOT: tl.constexpr):
-    """One chunk's  sum_s w_s v_s M~_s^T  as halves (BLOCK_P x BNH) over the half-columns `half`.
+def block_outer_terms(vec_base, s_vl, s_vp, mat_base, s_ml, s_mn, cos_base, sin_base, s_cl,
+                      delta_base, cs_base, seq_base, start, s0, L, P, half, mask_h,
+                      N_HALF: tl.constexpr, Q: tl.constexpr, BS: tl.constexpr, BLOCK_P: tl.constexpr,
+                      MODE: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr):
+    """The operands of one row block's part of a chunk's  sum_s w_s v_s M~_s^T:  ((w v)^T, M~ lo, M~ hi) as dot
+    operands, rows start + s0 .. + BS of the chunk starting at `start`.
 
     MODE 0 (forward):  v = x, M = B, w_s = delta_s exp(cs_last - cs_s) [same document as the chunk's last token]
     MODE 1 (backward): v = g, M = C, w_t = exp(cs_t) [same document as the token before the chunk]
     """
     offs_p = tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
+    rows = start + s0 + tl.arange(0, BS)
+    rmask = rows < L
+    cs = tl.load(cs_base + rows)
     if MODE == 0:
-        cs_ref = tl.load(cs_base + start + Q - 1)
-    acc_lo = tl.zeros((BLOCK_P, BNH), dtype=tl.float32)
-    acc_hi = tl.zeros((BLOCK_P, BNH), dtype=tl.float32)
-    for s0 in range(0, Q, BS):
-        rows = start + s0 + tl.arange(0, BS)
-        rmask = rows < L
-        cs = tl.load(cs_base + rows)
-        if MODE == 0:
-            w = tl.load(delta_base + rows) * tl.exp(cs_ref - cs)
-        else:
-            w = tl.exp(cs)
-        if HAS_SEQ:
-            sq = tl.load(seq_base + rows, mask=rmask, other=-1)
-            w = tl.where(sq == seq_ref, w, 0.0)
-        w = tl.where(rmask, w, 0.0)
-        v = tl.load(vec_base + rows[:, None] * s_vl + offs_p[None, :] * s_vp,
-                    mask=rmask[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
-        vwt = tl.trans((v * w[:, None]).to(DOT))
-        lo, hi = load_rotated(mat_base, rows, rmask, s_ml, s_mn, cos_base, sin_base, s_cl, half, mask_h,
-                              N_HALF, HAS_ROPE)
-        acc_lo += tl.dot(vwt, lo.to(DOT))
-        acc_hi += tl.dot(vwt, hi.to(DOT))
-    return acc_lo, acc_hi
+        w = tl.load(delta_base + rows) * tl.exp(tl.load(cs_base + start + Q - 1) - cs)
+        seq_row = tl.minimum(start + Q, L) - 1
+    else:
+        w = tl.exp(cs)
+        seq_row = tl.maximum(start - 1, 0)
+    if HAS_SEQ:
+        sq = tl.load(seq_base + rows, mask=rmask, other=-1)
+        w = tl.where(sq == tl.load(seq_base + seq_row), w, 0.0)
+    w = tl.where(rmask, w, 0.0)
+    v = tl.load(vec_base + rows[:, None] * s_vl + offs_p[None, :] * s_vp,
+                mask=rmask[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
+    lo, hi = load_rotated(mat_base, rows, rmask, s_ml, s_mn, cos_base, sin_base, s_cl, half, mask_h,
+                          N_HALF, HAS_ROPE)
+    return tl.trans((v * w[:, None]).to(DOT)), lo.to(DOT), hi.to(DOT)
 
 
 @triton.jit
@@ -100,19 +94,23 @@ def state_scan_fwd_kernel(
         h_lo = tl.zeros((BLOCK_P, BNH), dtype=tl.float32)
         h_hi = tl.zeros((BLOCK_P, BNH), dtype=tl.float32)
     st_base = states_ptr + bh64 * NC * PN
-    for c in range(NC):
-        tl.store(st_base + c * PN + st_off, h_lo, mask=st_mask)
-        tl.store(st_base + c * PN + st_off + N_HALF, h_hi, mask=st_mask)
-        start = c * Q
-        seq_ref = 0
-        if HAS_SEQ:
-            seq_ref = tl.load(seq_base + tl.minimum(start + Q, L) - 1)
-        s_lo, s_hi = chunk_outer_sum(x_base, s_xl, s_xp, bm_base, s_bl, s_bn, cos_base, sin_base, s_tl,
-                                     delta_base, cs_base, seq_base, start, L, P, half, mask_h, seq_ref,
-                                     N_HALF, Q, BS, BLOCK_P, BNH, 0, HAS_ROPE, HAS_SEQ, DOT)
-        decay = chunk_decay(cs_base, seq_base, c, L, Q, HAS_SEQ)
-        h_lo = decay * h_lo + s_lo
-        h_hi = decay * h_hi + s_hi
+    # one loop over every row block of the sequence (not chunks, then blocks) so that the loads stay pipelined
+    # across chunk boundaries; at a chunk's first block the state entering it is stored and decayed, then every
+    # block's terms accumulate into it
+    NB: tl.constexpr = Q // BS
+    for i in range(NC * NB):
+        c = i // NB
+        if i % NB == 0:
+            tl.store(st_base + c * PN + st_off, h_lo.to(states_ptr.dtype.element_ty), mask=st_mask)
+            tl.store(st_base + c * PN + st_off + N_HALF, h_hi.to(states_ptr.dtype.element_ty), mask=st_mask)
+            decay = chunk_decay(cs_base, seq_base, c, L, Q, HAS_SEQ)
+            h_lo = decay * h_lo
+            h_hi = decay * h_hi
+        vwt, lo, hi = block_outer_terms(x_base, s_xl, s_xp, bm_base, s_bl, s_bn, cos_base, sin_base, s_tl,
+                                        delta_base, cs_base, seq_base, c * Q, (i % NB) * BS, L, P, half, mask_h,
+                                        N_HALF, Q, BS, BLOCK_P, 0, HAS_ROPE, HAS_SEQ, DOT)
+        h_lo = tl.dot(vwt, lo, h_lo)
+        h_hi = tl.dot(vwt, hi, h_hi)
     tl.store(final_ptr + bh64 * PN + st_off, h_lo, mask=st_mask)
     tl.store(final_ptr + bh64 * PN + st_off + N_HALF, h_hi, mask=st_mask)
 

@@ -95,6 +95,15 @@ BLOCK_SCAN_BWD = 32
 # H200. The rotated operands are rounded to that dtype for the dot products anyway, so the error stays of the
 # same order (tests/gpu/test_rope_ssd_gpu.py checks it against float64).
 TABLES_IN_INPUT_DTYPE = True
+# Per-chunk states (forward) and their gradients (backward) stored in the input dtype (bf16 / fp16): the tile kernels
+# round them to it for their dots anyway, so only the backward scan's K_c = decay <dH, H_c> sees a rounded state
+# (STATES_IN_INPUT_DTYPE); storing the gradients rounded changes no result. Halves the state traffic.
+STATES_IN_INPUT_DTYPE = True
+DSTATES_IN_INPUT_DTYPE = True
+
+
+def _state_dtype(x, rounded):
+    return x.dtype if rounded else torch.float32
 
 
 def _tables(cos, sin, ref):
@@ -177,7 +186,7 @@ class _RopeSSDCore(torch.autograd.Function):
         meta = _meta(P, N, Q, x.dtype)
         flags = dict(HAS_ROPE=has_rope, HAS_SEQ=has_seq)
 
-        states = torch.empty((b, H, nc, P, N), device=x.device, dtype=torch.float32)
+        states = torch.empty((b, H, nc, P, N), device=x.device, dtype=_state_dtype(x, STATES_IN_INPUT_DTYPE))
         final = torch.empty((b, H, P, N), device=x.device, dtype=torch.float32)
         init = initial_state.to(torch.float32).contiguous() if initial_state is not None else final
         scan_grid, scan_opts = _scan_launch(_OPT_SFWD, b, H, N, x.device)
@@ -216,7 +225,7 @@ class _RopeSSDCore(torch.autograd.Function):
         g = dy.to(x.dtype).contiguous()
 
         # gradient of the state leaving each chunk (reverse scan) and the chunk-decay part of d a
-        dstates = torch.empty((b, H, nc, P, N), device=dev, dtype=torch.float32)
+        dstates = torch.empty((b, H, nc, P, N), device=dev, dtype=_state_dtype(x, DSTATES_IN_INPUT_DTYPE))
         dinit = torch.empty((b, H, P, N), device=dev, dtype=torch.float32)
         kdec = torch.zeros((b, H, nc), device=dev, dtype=torch.float32)
         dfin = dfinal.to(torch.float32).contiguous() if dfinal is not None else dinit
