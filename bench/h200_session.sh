@@ -14,7 +14,7 @@
 #                                            #   until 9 minutes have passed (each shape is saved when measured)
 #   [STEPS=N ONLY_VPP=1] bash bench/h200_session.sh pp-fresh OUT  # PP=2 (x VPP=2) from scratch on 2 GPUs
 #   bash bench/h200_session.sh ssd-grid OUT  # the 12 shapes of bench/ssd.py spread over the GPUs, one JSON
-#   [PROFILE=chunk128] [MATCHING=TEXT] [ROUNDS=K] [FUSED_GRID=0] bash bench/h200_session.sh ssd-layouts OUT
+#   [PROFILE=chunk128] [MATCHING=TEXT] [ROUNDS=K] [FUSED_GRID=0] [LAYOUT_SECONDS=280] bash bench/h200_session.sh ssd-layouts OUT
 #                                            # 1 GPU: GPU tests, the layouts of bench/ssd.py --variants (those named
 #                                            #   with TEXT, K rounds) beside .device/baseline, profiles, then the
 #                                            #   grid for ours and SDPA only (no mamba_ssm)
@@ -133,7 +133,7 @@ ssd-layouts)
     # one GPU: the kernel GPU tests, then the layouts of bench/ssd.py (VARIANTS) beside the kernels of the commit in
     # .device/baseline/kernels (`git archive <commit> kernels | tar -x -C .device/baseline`), per-kernel profiles
     gpu_tests 240
-    layouts 280
+    layouts "${LAYOUT_SECONDS:-280}"
     fused_grid
     ;;
 ssd-tune)
