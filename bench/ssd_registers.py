@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--scan-fwd", type=int, default=64, help="row block of the forward scan (chunk.BLOCK_SCAN_FWD)")
     ap.add_argument("--scan-bwd", type=int, default=32, help="row block of the backward scan (chunk.BLOCK_SCAN_BWD)")
     ap.add_argument("--scan-warps", type=int, default=4, help="warps of the state scans")
+    ap.add_argument("--scan-stages", type=int, nargs=2, default=None, metavar=("FWD", "BWD"),
+                    help="pipeline stages of the forward and backward scans (default: chunk.py's)")
     ap.add_argument("--scan-cols", type=int, default=64, help="half-columns per state-scan program (BNH)")
     ap.add_argument("--half-tile-min", type=int, default=64, help="chunk.HALF_TILE_MIN (32: N = 64 unpadded)")
     ap.add_argument("--maxnreg", type=int, default=None, help="register cap per thread of the tile kernels")
@@ -124,13 +126,15 @@ def main() -> None:
     inner = lambda n: min(n, bt)
     scan = dict(common, BNH=args.scan_cols)
     even = not args.masked
+    from transxssm_kernels.rope_ssd import chunk
+    stages_fwd, stages_bwd = args.scan_stages or (chunk._OPT_SFWD["num_stages"], chunk._OPT_SBWD["num_stages"])
     cases = {   # launch options as chunk.py sets them
         "state_scan_fwd": (_fwd.state_scan_fwd_kernel, dict(scan, BS=min(args.scan_fwd, args.chunk), HAS_INIT=False),
-                           args.scan_warps, 2),
+                           args.scan_warps, stages_fwd),
         "chunk_output": (_fwd.chunk_output_kernel, dict(common, BT=bt, BI=inner(args.inner_fwd), EVEN=even),
                          args.warps, 1),
         "state_scan_bwd": (_bwd.state_scan_bwd_kernel, dict(scan, BS=min(args.scan_bwd, args.chunk),
-                                                            HAS_DFINAL=False), args.scan_warps, 1),
+                                                            HAS_DFINAL=False), args.scan_warps, stages_bwd),
         "dc": (_bwd.dc_kernel, dict(common, BT=bt, BI=inner(args.inner_dc), TF32=args.fp32, EVEN=even), args.warps,
                1),
         "dxdb": (_bwd.dxdb_kernel, dict(common, BT=bt, BI=inner(args.inner_dxdb), TF32=args.fp32, EVEN=even),
@@ -139,13 +143,14 @@ def main() -> None:
     table = {}
     for name, (k, c, w, stages) in cases.items():
         compiled = compile_kernel(k, c, w, stages, None if "scan" in name else args.maxnreg)
-        table[name] = ptxas_report(compiled.asm["ptx"])
+        table[name] = dict(ptxas_report(compiled.asm["ptx"]), shared_bytes=compiled.metadata.shared)
         if args.sass:
             table[name]["loops"] = [dict(loop.most_common()) for loop in loop_instructions(compiled.asm["cubin"])]
     print(f"sm_90, triton {triton.__version__}, {vars(args)}")
-    print(f"{'kernel':16s} {'regs':>5s} {'spill st':>9s} {'spill ld':>9s}")
+    print(f"{'kernel':16s} {'regs':>5s} {'spill st':>9s} {'spill ld':>9s} {'shared':>7s}")
     for name, r in table.items():
-        print(f"{name:16s} {r['registers']:5d} {r['spill_store_bytes']:9d} {r['spill_load_bytes']:9d}")
+        print(f"{name:16s} {r['registers']:5d} {r['spill_store_bytes']:9d} {r['spill_load_bytes']:9d} "
+              f"{r['shared_bytes']:7d}")
         for loop in r.get("loops", []):
             if sum(loop.values()) >= 50:   # the small loops are the prologue's
                 top = ", ".join(f"{op} {n}" for op, n in list(loop.items())[:10])

@@ -134,10 +134,13 @@ def _cfg(meta, warps, stages):
 
 _KEY = ["P", "N_HALF", "Q", "H", "L", "HAS_ROPE", "HAS_SEQ", "BT"]
 _TILE_CONFIGS = [_cfg({}, w, s) for w in (4, 8) for s in (1, 2, 3)]
-_SCAN_CONFIGS = [_cfg({"BNH": n}, w, s) for n in (16, 32, 64) for w in (4,) for s in (1, 2)]
+_SCAN_CONFIGS = [_cfg({"BNH": n}, w, s) for n in (16, 32, 64) for w in (4,) for s in (2, 3)]
 # BNH None: chosen per call by _scan_columns
-_state_fwd, _OPT_SFWD = _tunable(state_scan_fwd_kernel, _KEY[:-1], _SCAN_CONFIGS, _cfg({"BNH": None}, 4, 2))
-_state_bwd, _OPT_SBWD = _tunable(state_scan_bwd_kernel, _KEY[:-1], _SCAN_CONFIGS, _cfg({"BNH": None}, 4, 1),
+# The scans run one loop over all of a sequence's row blocks, which Triton pipelines (cp.async) across chunks: 3
+# stages each, 0.08 ms faster fwd+bwd than 2 and 1 on the H200 (bench/NOTES-ssd.md); more stages of the forward's
+# 64-row blocks would need more shared memory than two programs per SM leave.
+_state_fwd, _OPT_SFWD = _tunable(state_scan_fwd_kernel, _KEY[:-1], _SCAN_CONFIGS, _cfg({"BNH": None}, 4, 3))
+_state_bwd, _OPT_SBWD = _tunable(state_scan_bwd_kernel, _KEY[:-1], _SCAN_CONFIGS, _cfg({"BNH": None}, 4, 3),
                                  reset=["kdec_ptr"])
 _chunk_output, _OPT_OUT = _tunable(chunk_output_kernel, _KEY, _TILE_CONFIGS, _cfg({}, 4, 1))
 _dc, _OPT_DC = _tunable(dc_kernel, _KEY, _TILE_CONFIGS, _cfg({}, 4, 1))
