@@ -21,7 +21,7 @@
 #   [NCU=0] [MATCHING=TEXT] [ROUNDS=K] bash bench/h200_session.sh ssd-tune OUT  # 1 GPU: the layouts as above
 #                                            #   (no tests, no grid), then ncu on one fwd+bwd
 #   bash bench/h200_session.sh ssd-source OUT  # 1 GPU: ncu --set full on one fwd+bwd; SASS + stall samples (CSV)
-#   MAMBA_SHAPES=32x64x4096,... [MATCHING=TEXT] [FUSED_GRID=0] bash bench/h200_session.sh ssd-final OUT
+#   MAMBA_SHAPES=32x64x4096,... [MATCHING=TEXT] [LAYOUT_SECONDS=100] [FUSED_GRID=0] bash bench/h200_session.sh ssd-final OUT
 #                                            # 1 GPU: kernel GPU tests, [layouts], the grid for ours and SDPA, then
 #                                            #   every method at MAMBA_SHAPES
 set -uo pipefail
@@ -162,7 +162,7 @@ ssd-final)
     # ours and SDPA, then (b)-(d) at MAMBA_SHAPES until the deadline
     deadline=$((SECONDS + 560))
     gpu_tests 150
-    [ -n "${MATCHING:-}" ] && layouts 100
+    [ -n "${MATCHING:-}" ] && layouts "${LAYOUT_SECONDS:-100}"
     fused_grid
     timeout $((deadline - SECONDS)) "$py" bench/ssd.py --fast --mamba-path /tmp/mb --shapes "$MAMBA_SHAPES" \
         --out "$work/ssd-grid-mamba.json" > "$work/ssd-grid-mamba.log" 2>&1

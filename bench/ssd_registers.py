@@ -1,14 +1,14 @@
 """Registers, spills and inner-loop instructions of the RoPE-SSD Triton kernels on sm_90 (H200), without a GPU.
 
-    python bench/ssd_registers.py [--rows 64] [--inner-fwd 64] [--inner-dc 32] [--inner-dxdb 32] [--chunk 256]
-                                  [--n 128] [--warps 4] [--scan-fwd 64] [--scan-bwd 32] [--scan-cols 64]
-                                  [--scan-warps 4] [--half-tile-min 64] [--fp32 | --fp16] [--masked] [--seq] [--sass]
-                                  [--json OUT]
+    python bench/ssd_registers.py [--rows 64] [--inner-fwd 64] [--inner-dc 32] [--inner-dxdb 64] [--chunk 256]
+                                  [--n 128] [--warps 4] [--scan-fwd 64] [--scan-bwd 64] [--scan-cols 64]
+                                  [--scan-warps 4] [--scan-stages FWD BWD] [--half-tile-min 64] [--fp32 | --fp16]
+                                  [--masked] [--seq] [--sass] [--json OUT]
 
 Each kernel of kernels/rope_ssd is compiled ahead of time for GPUTarget("cuda", 90, 32) (Triton frontend, LLVM,
 PTX) with the specialisations of a real launch of the contiguous 1.3B layer (unit strides as constants, the other
-integers and the pointers 16-divisible, H = G), and its PTX is assembled by the ptxas bundled with Triton (`-v`):
-registers per thread and spill bytes. With --sass the cubin is disassembled (Triton's bundled nvdisasm) and the
+integers and the pointers 16-divisible, H = G; block sizes and stages default to chunk.py's), and its PTX is
+assembled by the ptxas bundled with Triton (`-v`): registers per thread, spill bytes and shared memory. With --sass the cubin is disassembled (Triton's bundled nvdisasm) and the
 instructions of each loop (a backward branch) are counted by opcode: session 4 cut the tile kernels' loops from
 1015 / 1082 / 649 to 348 / 430 / 380 instructions per iteration this way before timing them on the GPU. The local
 Triton may be newer than the GPU machine's (3.8 vs 3.6): numbers are indicative, the GPU benchmark decides.
@@ -27,7 +27,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from transxssm_kernels.rope_ssd import _bwd, _fwd
+from transxssm_kernels.rope_ssd import _bwd, _fwd, chunk
 
 BF16_POINTERS = {"x_ptr", "b_ptr", "c_ptr", "g_ptr", "y_ptr", "dx_ptr", "db_ptr", "dc_ptr", "cos_ptr", "sin_ptr"}
 UNIT_STRIDES = {"s_xp", "s_bn", "s_cn", "s_gp", "s_yp", "s_dxp", "s_dn"}   # last-dim strides: 1 in every launch
@@ -94,12 +94,12 @@ def ptxas_report(ptx: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=64, help="row block of the tile kernels (chunk.BLOCK_ROWS)")
-    ap.add_argument("--inner-fwd", type=int, default=64, help="inner block of the forward (chunk.BLOCK_INNER_FWD)")
-    ap.add_argument("--inner-dc", type=int, default=32, help="inner block of dc (chunk.BLOCK_INNER_DC)")
-    ap.add_argument("--inner-dxdb", type=int, default=32, help="inner block of dxdb (chunk.BLOCK_INNER_DXDB)")
-    ap.add_argument("--scan-fwd", type=int, default=64, help="row block of the forward scan (chunk.BLOCK_SCAN_FWD)")
-    ap.add_argument("--scan-bwd", type=int, default=32, help="row block of the backward scan (chunk.BLOCK_SCAN_BWD)")
+    ap.add_argument("--rows", type=int, default=chunk.BLOCK_ROWS, help="row block of the tile kernels (chunk.BLOCK_ROWS)")
+    ap.add_argument("--inner-fwd", type=int, default=chunk.BLOCK_INNER_FWD, help="inner block of the forward (chunk.BLOCK_INNER_FWD)")
+    ap.add_argument("--inner-dc", type=int, default=chunk.BLOCK_INNER_DC, help="inner block of dc (chunk.BLOCK_INNER_DC)")
+    ap.add_argument("--inner-dxdb", type=int, default=chunk.BLOCK_INNER_DXDB, help="inner block of dxdb (chunk.BLOCK_INNER_DXDB)")
+    ap.add_argument("--scan-fwd", type=int, default=chunk.BLOCK_SCAN_FWD, help="row block of the forward scan (chunk.BLOCK_SCAN_FWD)")
+    ap.add_argument("--scan-bwd", type=int, default=chunk.BLOCK_SCAN_BWD, help="row block of the backward scan (chunk.BLOCK_SCAN_BWD)")
     ap.add_argument("--scan-warps", type=int, default=4, help="warps of the state scans")
     ap.add_argument("--scan-stages", type=int, nargs=2, default=None, metavar=("FWD", "BWD"),
                     help="pipeline stages of the forward and backward scans (default: chunk.py's)")
@@ -126,7 +126,6 @@ def main() -> None:
     inner = lambda n: min(n, bt)
     scan = dict(common, BNH=args.scan_cols)
     even = not args.masked
-    from transxssm_kernels.rope_ssd import chunk
     stages_fwd, stages_bwd = args.scan_stages or (chunk._OPT_SFWD["num_stages"], chunk._OPT_SBWD["num_stages"])
     cases = {   # launch options as chunk.py sets them
         "state_scan_fwd": (_fwd.state_scan_fwd_kernel, dict(scan, BS=min(args.scan_fwd, args.chunk), HAS_INIT=False),

@@ -83,14 +83,14 @@ def _even(l, P, N, Q, meta):
 
 # Row block of the tile kernels, the blocks of their inner loops (each capped at the row block): output kernel, dc,
 # dxdb; and the row blocks the state scans walk a chunk in. Measured on the H200 (1.3B layer, bench/NOTES-ssd.md):
-# 64-wide inner blocks suit the forward, 32-wide ones dxdb (fewer live tiles, fewer spills) and, since the split
-# decays and packed rotation cut its instructions, dc (168 registers: three programs per SM; -0.02 ms).
+# 64-wide inner blocks suit the forward and, since the states' gradients are stored in bf16, dxdb (-0.07 ms against
+# 32); 32-wide ones suit dc (168 registers: three programs per SM).
 BLOCK_ROWS = 64
 BLOCK_INNER_FWD = 64
 BLOCK_INNER_DC = 32
-BLOCK_INNER_DXDB = 32
+BLOCK_INNER_DXDB = 64
 BLOCK_SCAN_FWD = 64
-BLOCK_SCAN_BWD = 32
+BLOCK_SCAN_BWD = 64
 # Rotate bf16/fp16 operands with tables rounded to that dtype: half the table traffic, 0.6 ms faster fwd+bwd on the
 # H200. The rotated operands are rounded to that dtype for the dot products anyway, so the error stays of the
 # same order (tests/gpu/test_rope_ssd_gpu.py checks it against float64).
