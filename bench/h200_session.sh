@@ -24,10 +24,11 @@
 #   MAMBA_SHAPES=32x64x4096,... [MATCHING=TEXT] [LAYOUT_SECONDS=100] [FUSED_GRID=0] bash bench/h200_session.sh ssd-final OUT
 #                                            # 1 GPU: kernel GPU tests, [layouts], the grid for ours and SDPA, then
 #                                            #   every method at MAMBA_SHAPES
-#   [REPEAT_SHAPES=HxNxL,...] bash bench/h200_session.sh train-repeat OUT  # 1 GPU: 1.3b training throughput,
-#                                            #   then ours and SDPA at REPEAT_SHAPES in three fresh processes
+#   bash bench/h200_session.sh train-1gpu OUT  # 1 GPU: 1.3b training throughput
+#   [REPEAT_SHAPES=HxNxL,...] bash bench/h200_session.sh ssd-repeat OUT  # 1 GPU: ours and SDPA at REPEAT_SHAPES
+#                                            #   (+ host time per call, 320M-layer profile), three fresh processes
 set -uo pipefail
-modes="checks|checks-x2|resume-x2|pp-fresh|ssd-grid|ssd-layouts|ssd-tune|ssd-source|ssd-final|train-repeat"
+modes="checks|checks-x2|resume-x2|pp-fresh|ssd-grid|ssd-layouts|ssd-tune|ssd-source|ssd-final|train-1gpu|ssd-repeat"
 usage="usage: bash bench/h200_session.sh $modes OUT"
 mode=${1:?$usage}
 out=${2:?$usage}
@@ -169,13 +170,16 @@ ssd-final)
     timeout $((deadline - SECONDS)) "$py" bench/ssd.py --fast --mamba-path /tmp/mb --shapes "$MAMBA_SHAPES" \
         --out "$work/ssd-grid-mamba.json" > "$work/ssd-grid-mamba.log" 2>&1
     ;;
-train-repeat)
-    # one GPU: 1.3b training throughput (bench/train_gpu.sh --only 1.3b_1gpu), then ours and SDPA at REPEAT_SHAPES
-    # (default: the 320M layer's) in three fresh processes, to see the run-to-run spread
+train-1gpu)
+    # one GPU: 1.3b training throughput (bench/train_gpu.sh --only 1.3b_1gpu)
     BENCH_WORK=/tmp/bench1 bash bench/train_gpu.sh "$work/train1" --only 1.3b_1gpu > "$work/train1.log" 2>&1
+    ;;
+ssd-repeat)
+    # one GPU: ours and SDPA at REPEAT_SHAPES (default: the 320M layer's), with the host time per call and the
+    # kernel profile of the 320M layer, in three fresh processes: the run-to-run spread and where it comes from
     for k in 1 2 3; do
-        timeout 80 "$py" bench/ssd.py --fast --shapes "${REPEAT_SHAPES:-12x128x4096,12x64x4096}" \
-            --out "$work/ssd-repeat$k.json" > "$work/ssd-repeat$k.log" 2>&1
+        timeout 100 "$py" bench/ssd.py --fast --shapes "${REPEAT_SHAPES:-12x128x4096,12x64x4096}" \
+            --profile "320M layer" --out "$work/ssd-repeat$k.json" > "$work/ssd-repeat$k.log" 2>&1
     done
     ;;
 *) echo "unknown mode $mode" >&2; exit 2 ;;
