@@ -8,10 +8,11 @@
 Each kernel of kernels/rope_ssd is compiled ahead of time for GPUTarget("cuda", 90, 32) (Triton frontend, LLVM,
 PTX) with the specialisations of a real launch of the contiguous 1.3B layer (unit strides as constants, the other
 integers and the pointers 16-divisible, H = G; block sizes and stages default to chunk.py's), and its PTX is
-assembled by the ptxas bundled with Triton (`-v`): registers per thread, spill bytes and shared memory. With --sass the cubin is disassembled (Triton's bundled nvdisasm) and the
-instructions of each loop (a backward branch) are counted by opcode: session 4 cut the tile kernels' loops from
-1015 / 1082 / 649 to 348 / 430 / 380 instructions per iteration this way before timing them on the GPU. The local
-Triton may be newer than the GPU machine's (3.8 vs 3.6): numbers are indicative, the GPU benchmark decides.
+assembled by the ptxas bundled with Triton (`-v`): registers per thread, spill bytes and shared memory. With --sass
+the cubin is disassembled (Triton's bundled nvdisasm) and the instructions of each loop (a backward branch) are
+counted by opcode: session 4 cut the tile kernels' loops from 1015 / 1082 / 649 to 348 / 430 / 380 instructions per
+iteration this way before timing them on the GPU. The local Triton may be newer than the GPU machine's (3.8 vs 3.6):
+numbers are indicative, the GPU benchmark decides.
 """
 
 import argparse
@@ -94,12 +95,18 @@ def ptxas_report(ptx: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=chunk.BLOCK_ROWS, help="row block of the tile kernels (chunk.BLOCK_ROWS)")
-    ap.add_argument("--inner-fwd", type=int, default=chunk.BLOCK_INNER_FWD, help="inner block of the forward (chunk.BLOCK_INNER_FWD)")
-    ap.add_argument("--inner-dc", type=int, default=chunk.BLOCK_INNER_DC, help="inner block of dc (chunk.BLOCK_INNER_DC)")
-    ap.add_argument("--inner-dxdb", type=int, default=chunk.BLOCK_INNER_DXDB, help="inner block of dxdb (chunk.BLOCK_INNER_DXDB)")
-    ap.add_argument("--scan-fwd", type=int, default=chunk.BLOCK_SCAN_FWD, help="row block of the forward scan (chunk.BLOCK_SCAN_FWD)")
-    ap.add_argument("--scan-bwd", type=int, default=chunk.BLOCK_SCAN_BWD, help="row block of the backward scan (chunk.BLOCK_SCAN_BWD)")
+    ap.add_argument("--rows", type=int, default=chunk.BLOCK_ROWS,
+                    help="row block of the tile kernels (chunk.BLOCK_ROWS)")
+    ap.add_argument("--inner-fwd", type=int, default=chunk.BLOCK_INNER_FWD,
+                    help="inner block of the forward (chunk.BLOCK_INNER_FWD)")
+    ap.add_argument("--inner-dc", type=int, default=chunk.BLOCK_INNER_DC,
+                    help="inner block of dc (chunk.BLOCK_INNER_DC)")
+    ap.add_argument("--inner-dxdb", type=int, default=chunk.BLOCK_INNER_DXDB,
+                    help="inner block of dxdb (chunk.BLOCK_INNER_DXDB)")
+    ap.add_argument("--scan-fwd", type=int, default=chunk.BLOCK_SCAN_FWD,
+                    help="row block of the forward scan (chunk.BLOCK_SCAN_FWD)")
+    ap.add_argument("--scan-bwd", type=int, default=chunk.BLOCK_SCAN_BWD,
+                    help="row block of the backward scan (chunk.BLOCK_SCAN_BWD)")
     ap.add_argument("--scan-warps", type=int, default=4, help="warps of the state scans")
     ap.add_argument("--scan-stages", type=int, nargs=2, default=None, metavar=("FWD", "BWD"),
                     help="pipeline stages of the forward and backward scans (default: chunk.py's)")

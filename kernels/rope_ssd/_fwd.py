@@ -68,7 +68,7 @@ def state_scan_fwd_kernel(
     delta_ptr, cs_ptr,                        # (b, H, Lp) fp32 contiguous
     seq_ptr,                                  # (b, l) int32 contiguous
     init_ptr,                                 # (b, H, P, N) fp32
-    states_ptr,                               # out (b, H, NC, P, N) fp32: the state entering each chunk
+    states_ptr,                               # out (b, H, NC, P, N): the state entering each chunk (fp32 / input)
     final_ptr,                                # out (b, H, P, N) fp32
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BS: tl.constexpr, BLOCK_P: tl.constexpr, BNH: tl.constexpr,
@@ -135,7 +135,7 @@ def chunk_output_kernel(
     c_ptr, s_cb_, s_cl_, s_cg, s_cn,          # C (b, l, G, N)
     cos_ptr, sin_ptr, s_tb, s_tl,             # tables
     delta_ptr, cs_ptr, seq_ptr,
-    states_ptr,                               # (b, H, NC, P, N) fp32: state entering each chunk
+    states_ptr,                               # (b, H, NC, P, N): state entering each chunk
     y_ptr, s_yb, s_yl, s_yh, s_yp,            # (b, l, H, P)
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BLOCK_P: tl.constexpr,

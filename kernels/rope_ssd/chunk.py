@@ -26,13 +26,14 @@ How it works (per batch row and head; Q = chunk_size, cs = within-chunk cumulati
   backward  state_scan_bwd_kernel (reverse walk), dc_kernel (dC), dxdb_kernel (dx, dB); see _bwd.py. The gradient
   through the rotation is the inverse rotation, applied before storing dB, dC. d(delta*A) comes from C~.dC~ and
   B~.dB~ row sums in fp32 (their diagonal twins cancel in fp32, not after bf16 rounding; see _bwd.py).
-  Saved for backward: the inputs, delta and cs (b, H, Lp) fp32, and the fp32 state entering each chunk
-  (b, H, chunks, P, N): 4*P*N/Q bytes per token and head (128 B at P=64, N=128, Q=256).
+  Saved for backward: the inputs, delta and cs (b, H, Lp) fp32, and the state entering each chunk
+  (b, H, chunks, P, N) in the input dtype (fp32 for fp32 inputs; the tile kernels round it to that dtype for their
+  dots anyway): 2*P*N/Q bytes per token and head in bf16 (64 B at P=64, N=128, Q=256).
 dt -> delta (bias, softplus) and its within-chunk cumulative sum, and back to d dt, dA, d dt_bias, run in the two
 small kernels of _delta.py; the D skip and the z gate (options off the default path) are PyTorch around the one
 autograd Function.
-Speed (H200, 1.3B layer H=G=32, P=64, N=128, l=4096, 32K tokens, bf16): 0.77 ms forward, 2.45 ms forward+backward
-(chunk 128: 0.68 / 2.19); PyTorch SDPA with the same heads 4.73; bench/NOTES-ssd.md has the grid and what limits it.
+Speed (H200, 1.3B layer H=G=32, P=64, N=128, l=4096, 32K tokens, bf16): 0.68 ms forward, 2.17 ms forward+backward
+(chunk 128: 0.57 / 1.91); PyTorch SDPA with the same heads 4.71; bench/NOTES-ssd.md has the grid and what limits it.
 """
 
 import os
