@@ -122,11 +122,11 @@ def test_no_rope_larger_chunk(rope_ssd):
 def test_row_blocks_larger_than_inner_blocks(rope_ssd, monkeypatch, dtype, l):
     """Two 32-row blocks per chunk of 64 walking 16-wide inner blocks (the layout of 256 / 64 / 32 on the GPU):
     the tiles off the chunk's diagonal (decay split at a pivot) and on it, with a document starting inside;
-    l = 128 is whole chunks, where the tile kernels run without masks (EVEN)."""
+    l = 128 is whole chunks, where the tile kernels run without masks (EVEN). The state scans walk 16-row blocks
+    too: several per chunk in their single loop, the state stored and decayed at each chunk's first."""
     import transxssm_kernels.rope_ssd.chunk as chunk
     monkeypatch.setattr(chunk, "BLOCK_ROWS", 32)
-    monkeypatch.setattr(chunk, "BLOCK_INNER_FWD", 16)
-    for name in ("BLOCK_INNER_DC", "BLOCK_INNER_DXDB", "BLOCK_SCAN_BWD"):
+    for name in ("BLOCK_INNER_FWD", "BLOCK_INNER_DC", "BLOCK_INNER_DXDB", "BLOCK_SCAN_FWD", "BLOCK_SCAN_BWD"):
         monkeypatch.setattr(chunk, name, 16)
     seq = docs(1, l, [[40]])
     t, kw = make_case(1, l, 2, 16, 2, 32, dtype=dtype, seed=7, seq_idx=seq, init=True)
@@ -159,8 +159,13 @@ def test_delta_paths(rope_ssd, softplus):
     check(rope_ssd, t, kw, dtype=torch.float32, chunk_size=16)
 
 
-def test_bf16_options(rope_ssd):
-    """bf16 with every option on, G = 1."""
+@pytest.mark.parametrize("rounded_states", [True, False])
+def test_bf16_options(rope_ssd, monkeypatch, rounded_states):
+    """bf16 with every option on, G = 1; the per-chunk states and their gradients stored in bf16 (the default) or
+    fp32."""
+    import transxssm_kernels.rope_ssd.chunk as chunk
+    monkeypatch.setattr(chunk, "STATES_IN_INPUT_DTYPE", rounded_states)
+    monkeypatch.setattr(chunk, "DSTATES_IN_INPUT_DTYPE", rounded_states)
     seq = docs(1, 37, [[20]])
     t, kw = make_case(1, 37, 2, 16, 1, 32, dtype=torch.bfloat16, seed=5, options=True, seq_idx=seq, init=True)
     check(rope_ssd, t, kw, dtype=torch.bfloat16, chunk_size=16)
