@@ -95,18 +95,13 @@ def ptxas_report(ptx: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=chunk.BLOCK_ROWS,
-                    help="row block of the tile kernels (chunk.BLOCK_ROWS)")
-    ap.add_argument("--inner-fwd", type=int, default=chunk.BLOCK_INNER_FWD,
-                    help="inner block of the forward (chunk.BLOCK_INNER_FWD)")
-    ap.add_argument("--inner-dc", type=int, default=chunk.BLOCK_INNER_DC,
-                    help="inner block of dc (chunk.BLOCK_INNER_DC)")
-    ap.add_argument("--inner-dxdb", type=int, default=chunk.BLOCK_INNER_DXDB,
-                    help="inner block of dxdb (chunk.BLOCK_INNER_DXDB)")
-    ap.add_argument("--scan-fwd", type=int, default=chunk.BLOCK_SCAN_FWD,
-                    help="row block of the forward scan (chunk.BLOCK_SCAN_FWD)")
-    ap.add_argument("--scan-bwd", type=int, default=chunk.BLOCK_SCAN_BWD,
-                    help="row block of the backward scan (chunk.BLOCK_SCAN_BWD)")
+    for flag, setting, what in (("--rows", "BLOCK_ROWS", "row block of the tile kernels"),
+                                ("--inner-fwd", "BLOCK_INNER_FWD", "inner block of the forward"),
+                                ("--inner-dc", "BLOCK_INNER_DC", "inner block of dc"),
+                                ("--inner-dxdb", "BLOCK_INNER_DXDB", "inner block of dxdb"),
+                                ("--scan-fwd", "BLOCK_SCAN_FWD", "row block of the forward scan"),
+                                ("--scan-bwd", "BLOCK_SCAN_BWD", "row block of the backward scan")):
+        ap.add_argument(flag, type=int, default=getattr(chunk, setting), help=f"{what} (chunk.{setting})")
     ap.add_argument("--scan-warps", type=int, default=4, help="warps of the state scans")
     ap.add_argument("--scan-stages", type=int, nargs=2, default=None, metavar=("FWD", "BWD"),
                     help="pipeline stages of the forward and backward scans (default: chunk.py's)")

@@ -20,9 +20,9 @@ Rotated gradients go back through the inverse rotation as they are stored.
 import triton
 import triton.language as tl
 
-from ._fwd import block_outer_terms, chunk_decay
+from ._fwd import add_block_outer, chunk_decay
 from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_state_halves,
-                             pin, scan_program, tile_program, to_dot, unrotate, valid)
+                             pin, scan_program, store_state_halves, tile_program, to_dot, unrotate, valid)
 
 
 @triton.jit
@@ -66,21 +66,17 @@ def state_scan_bwd_kernel(
     for i in range(NC * NB):
         c = NC - 1 - i // NB
         if i % NB == 0:
-            tl.store(dst_base + c * PN + st_off, r_lo.to(dstates_ptr.dtype.element_ty), mask=st_mask)
-            tl.store(dst_base + c * PN + st_off + N_HALF, r_hi.to(dstates_ptr.dtype.element_ty), mask=st_mask)
+            store_state_halves(dst_base + c * PN, r_lo, r_hi, st_off, st_mask, N_HALF)
             decay = chunk_decay(cs_base, seq_base, c, L, Q, HAS_SEQ)
             h_lo = tl.load(st_base + c * PN + st_off, mask=st_mask, other=0.0).to(tl.float32)
             h_hi = tl.load(st_base + c * PN + st_off + N_HALF, mask=st_mask, other=0.0).to(tl.float32)
             tl.atomic_add(kdec_ptr + bh64 * NC + c, decay * tl.sum(tl.sum(r_lo * h_lo + r_hi * h_hi, 1), 0))
             r_lo = decay * r_lo
             r_hi = decay * r_hi
-        gwt, lo, hi = block_outer_terms(g_base, s_gl, s_gp, cm_base, s_cl_, s_cn, cos_base, sin_base, s_tl,
-                                        cs_base, cs_base, seq_base, c * Q, (i % NB) * BS, L, P, half, mask_h,
-                                        N_HALF, Q, BS, BLOCK_P, 1, HAS_ROPE, HAS_SEQ, DOT)
-        r_lo = tl.dot(gwt, lo, r_lo)
-        r_hi = tl.dot(gwt, hi, r_hi)
-    tl.store(dinit_ptr + bh64 * PN + st_off, r_lo, mask=st_mask)
-    tl.store(dinit_ptr + bh64 * PN + st_off + N_HALF, r_hi, mask=st_mask)
+        r_lo, r_hi = add_block_outer(r_lo, r_hi, g_base, s_gl, s_gp, cm_base, s_cl_, s_cn, cos_base, sin_base, s_tl,
+                                     cs_base, cs_base, seq_base, c * Q, (i % NB) * BS, L, P, half, mask_h,
+                                     N_HALF, Q, BS, BLOCK_P, 1, HAS_ROPE, HAS_SEQ, DOT)
+    store_state_halves(dinit_ptr + bh64 * PN, r_lo, r_hi, st_off, st_mask, N_HALF)
 
 
 @triton.jit

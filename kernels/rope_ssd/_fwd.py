@@ -13,16 +13,16 @@ import triton
 import triton.language as tl
 
 from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_state_halves,
-                             pin, prefetch_block, scan_program, tile_program, valid)
+                             pin, prefetch_block, scan_program, store_state_halves, tile_program, valid)
 
 
 @triton.jit
-def block_outer_terms(vec_base, s_vl, s_vp, mat_base, s_ml, s_mn, cos_base, sin_base, s_cl,
-                      delta_base, cs_base, seq_base, start, s0, L, P, half, mask_h,
-                      N_HALF: tl.constexpr, Q: tl.constexpr, BS: tl.constexpr, BLOCK_P: tl.constexpr,
-                      MODE: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr):
-    """The operands of one row block's part of a chunk's  sum_s w_s v_s M~_s^T:  ((w v)^T, M~ lo, M~ hi) as dot
-    operands, rows start + s0 .. + BS of the chunk starting at `start`.
+def add_block_outer(acc_lo, acc_hi, vec_base, s_vl, s_vp, mat_base, s_ml, s_mn, cos_base, sin_base, s_cl,
+                    delta_base, cs_base, seq_base, start, s0, L, P, half, mask_h,
+                    N_HALF: tl.constexpr, Q: tl.constexpr, BS: tl.constexpr, BLOCK_P: tl.constexpr,
+                    MODE: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr):
+    """(acc_lo, acc_hi) + one row block's part of a chunk's  sum_s w_s v_s M~_s^T  (halves, P x the columns `half`):
+    rows start + s0 .. + BS of the chunk starting at `start`.
 
     MODE 0 (forward):  v = x, M = B, w_s = delta_s exp(cs_last - cs_s) [same document as the chunk's last token]
     MODE 1 (backward): v = g, M = C, w_t = exp(cs_t) [same document as the token before the chunk]
@@ -46,7 +46,8 @@ def block_outer_terms(vec_base, s_vl, s_vp, mat_base, s_ml, s_mn, cos_base, sin_
                 mask=rmask[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
     lo, hi = load_rotated(mat_base, rows, rmask, s_ml, s_mn, cos_base, sin_base, s_cl, half, mask_h,
                           N_HALF, HAS_ROPE)
-    return tl.trans((v * w[:, None]).to(DOT)), lo.to(DOT), hi.to(DOT)
+    vwt = tl.trans((v * w[:, None]).to(DOT))
+    return tl.dot(vwt, lo.to(DOT), acc_lo), tl.dot(vwt, hi.to(DOT), acc_hi)
 
 
 @triton.jit
@@ -101,18 +102,14 @@ def state_scan_fwd_kernel(
     for i in range(NC * NB):
         c = i // NB
         if i % NB == 0:
-            tl.store(st_base + c * PN + st_off, h_lo.to(states_ptr.dtype.element_ty), mask=st_mask)
-            tl.store(st_base + c * PN + st_off + N_HALF, h_hi.to(states_ptr.dtype.element_ty), mask=st_mask)
+            store_state_halves(st_base + c * PN, h_lo, h_hi, st_off, st_mask, N_HALF)
             decay = chunk_decay(cs_base, seq_base, c, L, Q, HAS_SEQ)
             h_lo = decay * h_lo
             h_hi = decay * h_hi
-        vwt, lo, hi = block_outer_terms(x_base, s_xl, s_xp, bm_base, s_bl, s_bn, cos_base, sin_base, s_tl,
-                                        delta_base, cs_base, seq_base, c * Q, (i % NB) * BS, L, P, half, mask_h,
-                                        N_HALF, Q, BS, BLOCK_P, 0, HAS_ROPE, HAS_SEQ, DOT)
-        h_lo = tl.dot(vwt, lo, h_lo)
-        h_hi = tl.dot(vwt, hi, h_hi)
-    tl.store(final_ptr + bh64 * PN + st_off, h_lo, mask=st_mask)
-    tl.store(final_ptr + bh64 * PN + st_off + N_HALF, h_hi, mask=st_mask)
+        h_lo, h_hi = add_block_outer(h_lo, h_hi, x_base, s_xl, s_xp, bm_base, s_bl, s_bn, cos_base, sin_base, s_tl,
+                                     delta_base, cs_base, seq_base, c * Q, (i % NB) * BS, L, P, half, mask_h,
+                                     N_HALF, Q, BS, BLOCK_P, 0, HAS_ROPE, HAS_SEQ, DOT)
+    store_state_halves(final_ptr + bh64 * PN, h_lo, h_hi, st_off, st_mask, N_HALF)
 
 
 @triton.jit

@@ -168,6 +168,13 @@ def load_state_halves(base, offs_p, mask_p, half, mask_h, N_HALF: tl.constexpr, 
 
 
 @triton.jit
+def store_state_halves(base, lo, hi, st_off, st_mask, N_HALF: tl.constexpr):
+    """Store a state scan's (P x columns) halves of a (P x N) state at `base`, in the buffer's dtype."""
+    tl.store(base + st_off, lo.to(base.dtype.element_ty), mask=st_mask)
+    tl.store(base + st_off + N_HALF, hi.to(base.dtype.element_ty), mask=st_mask)
+
+
+@triton.jit
 def entering_state_weight(cs_t, seq_base, rows_t, tmask, start, HAS_SEQ: tl.constexpr):
     """exp(cs_t), the weight of the state entering the chunk in y_t, zero for tokens of a document that starts
     inside the chunk; and the document ids of rows_t (rows_t itself without documents, unused then)."""
