@@ -14,14 +14,16 @@
 #                                            #   until 9 minutes have passed (each shape is saved when measured)
 #   [STEPS=N ONLY_VPP=1] bash bench/h200_session.sh pp-fresh OUT  # PP=2 (x VPP=2) from scratch on 2 GPUs
 #   bash bench/h200_session.sh ssd-grid OUT  # the 12 shapes of bench/ssd.py spread over the GPUs, one JSON
-#   [PROFILE=chunk128] [MATCHING=TEXT] [ROUNDS=K] [FUSED_GRID=0] [LAYOUT_SECONDS=280] bash bench/h200_session.sh ssd-layouts OUT
+#   [PROFILE=chunk128] [MATCHING=TEXT] [ROUNDS=K] [FUSED_GRID=0] [LAYOUT_SECONDS=280] \
+#       bash bench/h200_session.sh ssd-layouts OUT
 #                                            # 1 GPU: GPU tests, the layouts of bench/ssd.py --variants (those named
 #                                            #   with TEXT, K rounds) beside .device/baseline, profiles, then the
 #                                            #   grid for ours and SDPA only (no mamba_ssm)
 #   [NCU=0] [MATCHING=TEXT] [ROUNDS=K] bash bench/h200_session.sh ssd-tune OUT  # 1 GPU: the layouts as above
 #                                            #   (no tests, no grid), then ncu on one fwd+bwd
 #   bash bench/h200_session.sh ssd-source OUT  # 1 GPU: ncu --set full on one fwd+bwd; SASS + stall samples (CSV)
-#   MAMBA_SHAPES=32x64x4096,... [MATCHING=TEXT] [LAYOUT_SECONDS=100] [FUSED_GRID=0] bash bench/h200_session.sh ssd-final OUT
+#   MAMBA_SHAPES=32x64x4096,... [MATCHING=TEXT] [LAYOUT_SECONDS=100] [FUSED_GRID=0] \
+#       bash bench/h200_session.sh ssd-final OUT
 #                                            # 1 GPU: kernel GPU tests, [layouts], the grid for ours and SDPA, then
 #                                            #   every method at MAMBA_SHAPES
 #   bash bench/h200_session.sh train-1gpu OUT  # 1 GPU: 1.3b training throughput
