@@ -21,8 +21,9 @@ import triton
 import triton.language as tl
 
 from ._fwd import add_block_outer, chunk_decay
-from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_state_halves,
-                             pin, scan_program, store_state_halves, tile_program, to_dot, unrotate, valid)
+from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_scan_state,
+                             load_state_halves, pin, scan_program, store_scan_state, tile_program, to_dot, unrotate,
+                             valid)
 
 
 @triton.jit
@@ -53,8 +54,7 @@ def state_scan_bwd_kernel(
     seq_base = seq_ptr + b64 * L
     PN = P * N
     if HAS_DFINAL:
-        r_lo = tl.load(dfinal_ptr + bh64 * PN + st_off, mask=st_mask, other=0.0)
-        r_hi = tl.load(dfinal_ptr + bh64 * PN + st_off + N_HALF, mask=st_mask, other=0.0)
+        r_lo, r_hi = load_scan_state(dfinal_ptr + bh64 * PN, st_off, st_mask, N_HALF)
     else:
         r_lo = tl.zeros((BLOCK_P, BNH), dtype=tl.float32)
         r_hi = tl.zeros((BLOCK_P, BNH), dtype=tl.float32)
@@ -66,17 +66,16 @@ def state_scan_bwd_kernel(
     for i in range(NC * NB):
         c = NC - 1 - i // NB
         if i % NB == 0:
-            store_state_halves(dst_base + c * PN, r_lo, r_hi, st_off, st_mask, N_HALF)
+            store_scan_state(dst_base + c * PN, r_lo, r_hi, st_off, st_mask, N_HALF)
             decay = chunk_decay(cs_base, seq_base, c, L, Q, HAS_SEQ)
-            h_lo = tl.load(st_base + c * PN + st_off, mask=st_mask, other=0.0).to(tl.float32)
-            h_hi = tl.load(st_base + c * PN + st_off + N_HALF, mask=st_mask, other=0.0).to(tl.float32)
+            h_lo, h_hi = load_scan_state(st_base + c * PN, st_off, st_mask, N_HALF)
             tl.atomic_add(kdec_ptr + bh64 * NC + c, decay * tl.sum(tl.sum(r_lo * h_lo + r_hi * h_hi, 1), 0))
             r_lo = decay * r_lo
             r_hi = decay * r_hi
         r_lo, r_hi = add_block_outer(r_lo, r_hi, g_base, s_gl, s_gp, cm_base, s_cl_, s_cn, cos_base, sin_base, s_tl,
                                      cs_base, cs_base, seq_base, c * Q, (i % NB) * BS, L, P, half, mask_h,
                                      N_HALF, Q, BS, BLOCK_P, 1, HAS_ROPE, HAS_SEQ, DOT)
-    store_state_halves(dinit_ptr + bh64 * PN, r_lo, r_hi, st_off, st_mask, N_HALF)
+    store_scan_state(dinit_ptr + bh64 * PN, r_lo, r_hi, st_off, st_mask, N_HALF)
 
 
 @triton.jit

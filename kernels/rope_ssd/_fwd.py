@@ -12,8 +12,9 @@ cs is the within-chunk cumulative sum of delta*A, laid out (b, H, Lp) with Lp = 
 import triton
 import triton.language as tl
 
-from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_state_halves,
-                             pin, prefetch_block, scan_program, store_state_halves, tile_program, valid)
+from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_scan_state,
+                             load_state_halves, pin, prefetch_block, scan_program, store_scan_state, tile_program,
+                             valid)
 
 
 @triton.jit
@@ -89,8 +90,7 @@ def state_scan_fwd_kernel(
     seq_base = seq_ptr + b64 * L
     PN = P * N
     if HAS_INIT:
-        h_lo = tl.load(init_ptr + bh64 * PN + st_off, mask=st_mask, other=0.0)
-        h_hi = tl.load(init_ptr + bh64 * PN + st_off + N_HALF, mask=st_mask, other=0.0)
+        h_lo, h_hi = load_scan_state(init_ptr + bh64 * PN, st_off, st_mask, N_HALF)
     else:
         h_lo = tl.zeros((BLOCK_P, BNH), dtype=tl.float32)
         h_hi = tl.zeros((BLOCK_P, BNH), dtype=tl.float32)
@@ -102,14 +102,14 @@ def state_scan_fwd_kernel(
     for i in range(NC * NB):
         c = i // NB
         if i % NB == 0:
-            store_state_halves(st_base + c * PN, h_lo, h_hi, st_off, st_mask, N_HALF)
+            store_scan_state(st_base + c * PN, h_lo, h_hi, st_off, st_mask, N_HALF)
             decay = chunk_decay(cs_base, seq_base, c, L, Q, HAS_SEQ)
             h_lo = decay * h_lo
             h_hi = decay * h_hi
         h_lo, h_hi = add_block_outer(h_lo, h_hi, x_base, s_xl, s_xp, bm_base, s_bl, s_bn, cos_base, sin_base, s_tl,
                                      delta_base, cs_base, seq_base, c * Q, (i % NB) * BS, L, P, half, mask_h,
                                      N_HALF, Q, BS, BLOCK_P, 0, HAS_ROPE, HAS_SEQ, DOT)
-    store_state_halves(final_ptr + bh64 * PN, h_lo, h_hi, st_off, st_mask, N_HALF)
+    store_scan_state(final_ptr + bh64 * PN, h_lo, h_hi, st_off, st_mask, N_HALF)
 
 
 @triton.jit

@@ -168,7 +168,14 @@ def load_state_halves(base, offs_p, mask_p, half, mask_h, N_HALF: tl.constexpr, 
 
 
 @triton.jit
-def store_state_halves(base, lo, hi, st_off, st_mask, N_HALF: tl.constexpr):
+def load_scan_state(base, st_off, st_mask, N_HALF: tl.constexpr):
+    """A state scan's (P x columns) halves of the (P x N) state (or gradient) at `base`, as fp32."""
+    return (tl.load(base + st_off, mask=st_mask, other=0.0).to(tl.float32),
+            tl.load(base + st_off + N_HALF, mask=st_mask, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def store_scan_state(base, lo, hi, st_off, st_mask, N_HALF: tl.constexpr):
     """Store a state scan's (P x columns) halves of a (P x N) state at `base`, in the buffer's dtype."""
     tl.store(base + st_off, lo.to(base.dtype.element_ty), mask=st_mask)
     tl.store(base + st_off + N_HALF, hi.to(base.dtype.element_ty), mask=st_mask)
