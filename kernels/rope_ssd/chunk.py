@@ -13,6 +13,9 @@
     seq_idx (b, l) int, non-decreasing: the state is reset where it changes; initial_state belongs to the first
         document. initial_state (b, H, P, N) fp32 or None; final_state (b, H, P, N) fp32.
     chunk_size: a power of two >= 16 (256 default; 64, 128 selectable); any l (the last chunk is masked).
+    Inputs may have any strides with a contiguous last dim (views of one projection, sequence-first layouts); y
+    and the input gradients take the memory layout of their inputs (y that of x), so a caller working in (l, b)
+    order passes transposed views and gets transposed views back, with no copy either way.
 
 Every argument is differentiable (x, dt, A, B, C, D, z, dt_bias, initial_state); the RoPE tables and seq_idx are not.
 All options run in the Triton kernels or in exact PyTorch glue around them; there is no fallback to the reference.
@@ -199,7 +202,7 @@ class _RopeSSDCore(torch.autograd.Function):
             x, *_strides4(x), B, *_strides4(B), cos_t, sin_t, s_tb, s_tl, delta_p, cs, seq_t, init, states, final,
             l, Lp, H, H // G, P, nc, BS=min(BLOCK_SCAN_FWD, Q), HAS_INIT=initial_state is not None, **flags, **meta,
             **scan_opts)
-        y = torch.empty((b, l, H, P), device=x.device, dtype=y_dtype)
+        y = torch.empty_like(x, dtype=y_dtype)  # x's memory layout: sequence-first views give a sequence-first y
         _chunk_output[(nc * (Q // BT), b * H)](
             x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
             delta_p, cs, seq_t, states, y, *_strides4(y),
@@ -227,7 +230,9 @@ class _RopeSSDCore(torch.autograd.Function):
         dev = x.device
         if dy is None:
             dy = torch.zeros_like(x)
-        g = dy.to(x.dtype).contiguous()
+        g = dy.to(x.dtype)
+        if g.stride(-1) != 1:
+            g = g.contiguous()
 
         # gradient of the state leaving each chunk (reverse scan) and the chunk-decay part of d a
         dstates = torch.empty((b, H, nc, P, N), device=dev, dtype=_state_dtype(x, DSTATES_IN_INPUT_DTYPE))
@@ -241,9 +246,12 @@ class _RopeSSDCore(torch.autograd.Function):
             **scan_opts)
 
         # per-token gradients; with G < H the per-head dB, dC are summed over each group's heads
-        bc_dtype = B.dtype if G == H else torch.float32
-        dB_h = torch.empty((b, l, H, N), device=dev, dtype=bc_dtype)
-        dC_h = torch.empty((b, l, H, N), device=dev, dtype=bc_dtype)
+        # (gradients take their input's memory layout, so that views of one projection come back as such)
+        if G == H:
+            dB_h, dC_h = torch.empty_like(B), torch.empty_like(C)
+        else:
+            dB_h = torch.empty((b, l, H, N), device=dev, dtype=torch.float32)
+            dC_h = torch.empty((b, l, H, N), device=dev, dtype=torch.float32)
         e, k, ddelta, v = torch.empty((4, b, H, Lp), device=dev, dtype=torch.float32)
         dx = torch.empty_like(x)
         grid = (nc * (Q // BT), b * H)

@@ -177,3 +177,26 @@ def test_bad_arguments(rope_ssd):
         rope_ssd(**t, **kw, chunk_size=48)
     with pytest.raises(ValueError, match="N/2"):
         rope_ssd(t["x"], t["dt"], t["A"], t["B"][..., :20], t["C"][..., :20], chunk_size=16)
+
+
+def test_sequence_first_views(rope_ssd):
+    """The SS mixer's call: x, B, C views of one sequence-first (l, b, H, P + 2N) tensor and dt a view of an (l, b, H)
+    one, all transposed to (b, l, ...). y and every gradient equal the contiguous call's bit for bit, and y comes back
+    sequence-first (so the mixer reshapes it without copying)."""
+    b, l, H, P, N = 2, 40, 2, 16, 32
+    t, kw = make_case(b, l, H, P, H, N, dtype=torch.float32, seed=10)
+    packed = torch.cat([t["x"], t["B"], t["C"]], dim=-1).transpose(0, 1).contiguous().requires_grad_(True)
+    dt_lb = t["dt"].transpose(0, 1).contiguous().requires_grad_(True)
+    x, B, C = packed.split([P, N, N], dim=-1)
+    bl = lambda v: v.transpose(0, 1)
+    y = rope_ssd(bl(x), bl(dt_lb), t["A"], bl(B), bl(C), chunk_size=16, **kw)
+    assert bl(y).is_contiguous(), f"y strides {y.stride()}: not sequence-first"
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(11))
+    (y * dy).sum().backward()
+
+    leaves = {k: t[k].detach().clone().requires_grad_(True) for k in ("x", "dt", "B", "C")}
+    y_ref = rope_ssd(leaves["x"], leaves["dt"], t["A"], leaves["B"], leaves["C"], chunk_size=16, **kw)
+    (y_ref * dy).sum().backward()
+    assert y_ref.abs().sum() > 0 and torch.equal(y, y_ref)
+    assert torch.equal(bl(packed.grad), torch.cat([leaves[k].grad for k in ("x", "B", "C")], dim=-1))
+    assert torch.equal(bl(dt_lb.grad), leaves["dt"].grad)
