@@ -16,12 +16,14 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.utils import init_method_normal
 
 from ..config import ModelConfig
+from .fused_ops import fusion_enabled
+from .lm_loss import linear_cross_entropy
 from .rope import UnifiedRope
 from .specs import hybrid_layer_pattern, transxssm_stack_spec
 
@@ -109,12 +111,14 @@ class TransXSSMModel(HybridModel):
     def forward(self, input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, decoder_input: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, inference_context=None,
-                runtime_gather_output: Optional[bool] = None, **unused) -> torch.Tensor:
-        """input_ids, position_ids, labels (b, l). Attention is always causal: attention_mask is ignored.
+                runtime_gather_output: Optional[bool] = None, loss_mask: Optional[torch.Tensor] = None,
+                **unused) -> torch.Tensor:
+        """input_ids, position_ids, labels, loss_mask (b, l). Attention is always causal: attention_mask is ignored.
 
-        Returns the per-token loss (b, l) fp32 when labels are given, else logits (b, l, padded_vocab / tp)
-        (all of the vocabulary with runtime_gather_output=True); on a non-last pipeline stage the hidden
-        states (l, b, d). position_ids None means 0..l-1 for every row."""
+        Returns, on the last pipeline stage: with labels and loss_mask, the masked loss sum (fp32 scalar; the
+        training path, see `masked_loss_sum`); with labels only, the per-token loss (b, l) fp32; else logits
+        (b, l, padded_vocab / tp) (all of the vocabulary with runtime_gather_output=True). On other stages the
+        hidden states (l, b, d). position_ids None means 0..l-1 for every row."""
         if decoder_input is None and self.pre_process:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=None)  # (l, b, d)
         seq_len, device = self._sequence_length(input_ids, position_ids, decoder_input)
@@ -122,11 +126,39 @@ class TransXSSMModel(HybridModel):
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rope)
         if not self.post_process:
             return hidden
-        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        logits, _ = self.output_layer(hidden, weight=weight, runtime_gather_output=runtime_gather_output)
-        if labels is None:
-            return logits.transpose(0, 1).contiguous()
+        if labels is not None:
+            if loss_mask is not None:
+                return self.masked_loss_sum(hidden, labels, loss_mask)
+            return self.per_token_loss(hidden, labels)
+        logits, _ = self.output_layer(hidden, weight=self._output_weight(),
+                                      runtime_gather_output=runtime_gather_output)
+        return logits.transpose(0, 1).contiguous()
+
+    def _output_weight(self) -> Optional[torch.Tensor]:
+        return self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+
+    def per_token_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """megatron's output layer + vocab-parallel cross-entropy: per-token loss (b, l) fp32 (the reference)."""
+        logits, _ = self.output_layer(hidden, weight=self._output_weight())
         return self.compute_language_model_loss(labels, logits)
+
+    def masked_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        """sum over tokens of loss_mask * cross-entropy; hidden (l, b, d) final-norm output, labels/mask (b, l).
+
+        With fusion on (the default) the LM head and the cross-entropy run chunked (lm_loss.py: no full logits,
+        compiled on CUDA); with fusion off, megatron's output layer and vocab-parallel cross-entropy, the reference."""
+        if not fusion_enabled():
+            return (self.per_token_loss(hidden, labels) * loss_mask).sum()
+        tp_group = self.output_layer.tp_group
+        if self.config.sequence_parallel:   # the LM head sees every position: gather, reduce-scatter in backward
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, group=tp_group)
+        else:                               # replicated input: all-reduce its gradient over TP in backward
+            hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=tp_group)
+        weight = self._output_weight()
+        weight = self.output_layer.weight if weight is None else weight
+        flat = lambda t: t.transpose(0, 1).reshape(-1)                              # (b, l) -> l-major, as hidden
+        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, flat(labels),
+                                    flat(loss_mask), tp_group if tp_group.size() > 1 else None)
 
 
 def build_model(model_cfg: ModelConfig, transformer_config: TransformerConfig, *,

@@ -21,6 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from ..config import ModelConfig
+from .fused_ops import skip_add, skip_add_norm, swiglu
 from .norms import RMSNorm, param_device
 from .rope import RopeTables
 from .ss_mixer import tp_group_of
@@ -37,8 +38,8 @@ class SwiGLU(MLP):
         self.layer_number = layer_number
 
     def forward(self, hidden_states: torch.Tensor, rope: RopeTables | None = None) -> torch.Tensor:
-        out, bias = super().forward(hidden_states)
-        assert bias is None
+        gate_up, _ = self.linear_fc1(hidden_states)
+        out, _ = self.linear_fc2(swiglu(gate_up))
         return out
 
 
@@ -65,8 +66,13 @@ class ResidualLayer(MegatronModule):
             self.skip_weight.no_weight_decay = True
             self.skip_weight.sequence_parallel = config.sequence_parallel
 
-    def forward(self, hidden_states: torch.Tensor, rope: RopeTables | None = None) -> torch.Tensor:
-        """hidden_states (l, b, d) -> (l, b, d)."""
-        update = self.mixer(self.norm(hidden_states), rope=rope)
-        skip = hidden_states if self.skip_weight is None else hidden_states * self.skip_weight
-        return skip + update
+    def forward(self, hidden_states: torch.Tensor, normed: torch.Tensor, rope: RopeTables | None,
+                next_norm: RMSNorm | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(h, RMSNorm(h)) -> (h', next_norm(h')), h' = w ⊙ h + Mixer(RMSNorm(h)); all (l, b, d).
+
+        The stack computes each pre-norm together with the residual before it (one fused pass); `next_norm` is the
+        following sub-layer's norm (or the final one), None at the end of a pipeline stage (then only h')."""
+        update = self.mixer(normed, rope=rope)
+        if next_norm is None:
+            return skip_add(hidden_states, self.skip_weight, update), None
+        return skip_add_norm(hidden_states, self.skip_weight, update, next_norm.weight, next_norm.eps)

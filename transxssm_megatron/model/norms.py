@@ -1,4 +1,4 @@
-"""RMSNorm computed in fp32 (SPEC §4), and the grouped variant used by the SS mixer's gated output norm.
+"""The RMSNorm module (SPEC §4): fp32 math in `fused_ops.rms_norm`, fused on CUDA.
 
 Torch-native on purpose: megatron's TENorm needs Transformer Engine, which neither our CPU CI nor the GPU
 machine has. Weights are plain replicated parameters (no weight decay: `no_weight_decay = True`).
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .fused_ops import rms_norm
+
 
 def param_device(config):
     """Where megatron creates parameters: the current CUDA device, unless `use_cpu_initialization` (or no CUDA),
@@ -15,17 +17,6 @@ def param_device(config):
     if torch.cuda.is_available() and not config.use_cpu_initialization:
         return torch.device("cuda", torch.cuda.current_device())
     return None
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int | None = None) -> torch.Tensor:
-    """x (..., C) normalised over the last dim (or over consecutive groups of `group_size` channels), in fp32,
-    scaled by weight (C,), returned in x's dtype."""
-    shape = x.shape
-    xf = x.float()
-    if group_size is not None:
-        xf = xf.reshape(*shape[:-1], shape[-1] // group_size, group_size)
-    xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return (xf.reshape(shape) * weight.float()).to(x.dtype)
 
 
 class RMSNorm(torch.nn.Module):

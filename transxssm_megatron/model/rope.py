@@ -18,8 +18,6 @@ from typing import Optional
 
 import torch
 
-from transxssm_kernels.rope_ssd import apply_rope
-
 Table = tuple[torch.Tensor, torch.Tensor]  # (cos, sin)
 
 
@@ -63,8 +61,3 @@ class UnifiedRope:
             state = rope_table(positions, self.state_size, self.base)
         return RopeTables(attention=attention, state=state)
 
-
-def rotate(t: torch.Tensor, table: Table) -> torch.Tensor:
-    """Rotate t (b, l, heads, D) with a (cos, sin) table of (l, D/2) or (b, l, D/2); keeps t's dtype."""
-    cos, sin = table
-    return apply_rope(t, cos, sin).to(t.dtype)

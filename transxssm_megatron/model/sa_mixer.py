@@ -21,7 +21,8 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
 from ..config import ModelConfig
-from .rope import RopeTables, rotate
+from .fused_ops import rotate_qkv
+from .rope import RopeTables
 from .ss_mixer import tp_group_of
 
 
@@ -61,19 +62,14 @@ class SelfAttentionMixer(MegatronModule):
             raise ValueError("SelfAttentionMixer needs the model's RopeTables (rope.attention)")
         qkv, _ = self.linear_qkv(hidden_states)                                    # (l, b, groups_loc * ...)
         l, b = qkv.shape[:2]
-        qkv = qkv.transpose(0, 1).reshape(b, l, self.groups_local, self.heads_per_group + 2, self.head_dim)
-        q, k, v = qkv.split([self.heads_per_group, 1, 1], dim=3)
-        q = q.reshape(b, l, self.heads_local, self.head_dim)                        # (b, l, heads, D)
-        k = k.reshape(b, l, self.groups_local, self.head_dim)
-        v = v.reshape(b, l, self.groups_local, self.head_dim)
-        q, k = rotate(q, rope.attention), rotate(k, rope.attention)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))                             # (b, heads, l, D)
-        if self.heads_per_group > 1:  # GQA: each KV head serves heads_per_group consecutive query heads
-            k = k.repeat_interleave(self.heads_per_group, dim=1)
-            v = v.repeat_interleave(self.heads_per_group, dim=1)
+        qkv = qkv.view(l, b, self.groups_local, self.heads_per_group + 2, self.head_dim)
+        q, k, v = rotate_qkv(qkv, *rope.attention, self.heads_per_group)           # (b, heads, l, D)
         if q.is_cuda:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.heads_per_group > 1)
         else:
+            if self.heads_per_group > 1:  # GQA: each KV head serves heads_per_group consecutive query heads
+                k = k.repeat_interleave(self.heads_per_group, dim=1)
+                v = v.repeat_interleave(self.heads_per_group, dim=1)
             out = causal_attention_reference(q, k, v)
         out = out.permute(2, 0, 1, 3).reshape(l, b, self.heads_local * self.head_dim)  # (l, b, heads * D)
         out, _ = self.linear_proj(out)

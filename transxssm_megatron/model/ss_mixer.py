@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import (
@@ -34,7 +33,8 @@ from megatron.core.transformer.utils import (
 from transxssm_kernels.rope_ssd import rope_ssd, ssd_chunked_reference
 
 from ..config import ModelConfig
-from .norms import param_device, rms_norm
+from .fused_ops import causal_conv_silu, gate_norm, split_projection
+from .norms import param_device
 from .rope import RopeTables
 
 # Mamba-2 initialisation of dt_bias: softplus(dt_bias) ~ log-uniform in [DT_MIN, DT_MAX].
@@ -113,26 +113,14 @@ class SSMixer(MegatronModule):
         self.gate_norm_weight = local(torch.ones(self.H * self.P), no_weight_decay=True) if m.ss_z_gate else None
 
     # ------------------------------------------------------------------------------------------------ forward
-    def _causal_conv(self, xbc: torch.Tensor) -> torch.Tensor:
-        """Depthwise causal conv + SiLU over l. xbc (b, l, groups_local, conv_width) -> same shape."""
-        b, l = xbc.shape[:2]
-        u = xbc.reshape(b, l, -1).transpose(1, 2)                                   # (b, channels, l)
-        k = self.conv1d_weight.shape[-1]
-        u = F.conv1d(u, self.conv1d_weight.to(u.dtype), self.conv1d_bias.to(u.dtype), padding=k - 1,
-                     groups=u.shape[1])[..., :l]                                    # left-pad only: causal
-        return F.silu(u).transpose(1, 2).reshape(xbc.shape)
-
     def forward(self, hidden_states: torch.Tensor, rope: RopeTables | None = None) -> torch.Tensor:
         proj, _ = self.in_proj(hidden_states)                                       # (l, b, G_loc * width)
         l, b = proj.shape[:2]
-        proj = proj.transpose(0, 1).reshape(b, l, self.groups_local, self.group_width)
-        z, xbc, dt = proj.split([self.z_width, self.conv_width, self.heads_per_group], dim=-1)
+        z, xbc, dt = split_projection(proj, self.groups_local, self.z_width, self.conv_width, self.heads_per_group)
         if self.conv1d_weight is not None:
-            xbc = self._causal_conv(xbc)
-        x, B, C = xbc.split([self.x_width, self.N, self.N], dim=-1)                # B, C: (b, l, G_loc, N)
-        x = x.reshape(b, l, self.heads_local, self.P).contiguous()
-        dt = dt.reshape(b, l, self.heads_local).contiguous()
-        z = z.reshape(b, l, self.heads_local, self.P).contiguous() if self.z_width else None
+            xbc = causal_conv_silu(xbc.view(l, b, -1), self.conv1d_weight, self.conv1d_bias).view_as(xbc)
+        x, B, C = xbc.split([self.x_width, self.N, self.N], dim=-1)                # views (l, b, G_loc, .)
+        x = x.reshape(l, b, self.heads_local, self.P)                               # a view when G = H
 
         cos = sin = None
         if self.use_rope:
@@ -141,12 +129,18 @@ class SSMixer(MegatronModule):
             cos, sin = rope.state
         A = -torch.exp(self.A_log.float())                                          # (H_loc,) negative, fp32
         ssd = select_ssd(x, self.N, self.model_cfg.ss_chunk_size)
-        y = ssd(x, dt, A, B.contiguous(), C.contiguous(), chunk_size=self.model_cfg.ss_chunk_size, D=self.D, z=z,
-                dt_bias=self.dt_bias, dt_softplus=True, rope_cos=cos, rope_sin=sin)
-        y = y.reshape(b, l, self.heads_local * self.P)
-        if self.gate_norm_weight is not None:  # y = RMSNorm(y * silu(z)), normalised per B/C group
-            y = rms_norm(y, self.gate_norm_weight, self.model_cfg.norm_eps, group_size=self.x_width)
-        out, _ = self.out_proj(y.transpose(0, 1).contiguous())                      # (l, b, d)
+        # The SSD takes (b, l, ...) tensors of any strides and returns y in x's memory layout: sequence-first
+        # views in, a sequence-first y out, no copies on the way.
+        bl = lambda t: t.transpose(0, 1)
+        y = bl(ssd(bl(x), bl(dt), A, bl(B), bl(C), chunk_size=self.model_cfg.ss_chunk_size, dt_bias=self.dt_bias,
+                   dt_softplus=True, rope_cos=cos, rope_sin=sin))                   # (l, b, H_loc, P)
+        if self.gate_norm_weight is not None:  # y = RMSNorm((y + D x) * silu(z)), normalised per B/C group
+            y = gate_norm(y, x, self.D, z.view_as(x), self.gate_norm_weight, self.model_cfg.norm_eps, self.x_width)
+        else:
+            if self.D is not None:
+                y = y + (self.D.float()[:, None] * x.float()).to(y.dtype)
+            y = y.reshape(l, b, self.heads_local * self.P)
+        out, _ = self.out_proj(y)                                                   # (l, b, d)
         return out
 
     # ------------------------------------------------------------------------------------------ checkpointing

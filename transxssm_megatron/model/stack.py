@@ -6,6 +6,8 @@ Two changes to HybridStack, made here once:
 2. HybridStack only hands `rotary_pos_emb` to TransformerLayer instances. Ours passes the model's RopeTables
    (in that same argument) to every layer, SS and SA alike. The loop is also much shorter than the parent's
    since we use none of fp8/fp4, CUDA graphs or inference contexts.
+3. Each sub-layer's residual add and the next sub-layer's pre-norm (or the final norm) run as one fused
+   function (`fused_ops.skip_add_norm`), so the loop carries both h and RMSNorm(h) from layer to layer.
 Layer construction, pipeline-segment bookkeeping, `set_input_tensor` and `sharded_state_dict` are HybridStack's.
 
 Activation recomputation: with `recompute_granularity == "full"` every sub-layer is recomputed in backward
@@ -40,13 +42,16 @@ class TransXSSMStack(HybridStack):
         if isinstance(hidden_states, WrappedTensor):
             hidden_states = hidden_states.unwrap()
         recompute = self.config.recompute_granularity == "full" and self.training
-        for layer in self.layers:
+        last = self.final_norm if self.post_process and self.post_layer_norm else None
+        next_norms = [layer.norm for layer in self.layers[1:]] + [last]
+        normed = self.layers[0].norm(hidden_states)
+        for layer, next_norm in zip(self.layers, next_norms):
             if recompute:
-                hidden_states = torch.utils.checkpoint.checkpoint(layer, hidden_states, rotary_pos_emb,
-                                                                  use_reentrant=False)
+                hidden_states, normed = torch.utils.checkpoint.checkpoint(
+                    layer, hidden_states, normed, rotary_pos_emb, next_norm, use_reentrant=False)
             else:
-                hidden_states = layer(hidden_states, rope=rotary_pos_emb)
-        if self.post_process and self.post_layer_norm:
-            hidden_states = self.final_norm(hidden_states)
+                hidden_states, normed = layer(hidden_states, normed, rotary_pos_emb, next_norm)
+        if last is not None:
+            hidden_states = normed
         # Pipeline stages exchange this tensor: it must not be a view (see megatron's TransformerBlock).
         return make_viewless_tensor(inp=hidden_states, requires_grad=hidden_states.requires_grad, keep_graph=True)

@@ -1,0 +1,166 @@
+"""The elementwise work between the matmuls, as plain PyTorch functions that torch.compile fuses on CUDA.
+
+Every function here is its own reference: called eagerly it is a few readable PyTorch ops (CPU runs and the
+unfused path use it as is); on a CUDA tensor with fusion on, `@fusible` calls its torch.compile'd twin instead,
+which Inductor turns into one generated Triton kernel forward and one or two backward, in place of 5-20 eager
+kernels each reading and writing whole activations. The matmuls (megatron's parallel linears), the SSD kernel
+and attention stay outside: they are already single kernels, and sharding (TP / SP) lives in the linears.
+
+    set_fusion(False)          # process-wide: every call below runs eagerly (the reference path)
+
+Shapes follow megatron's sequence-first layout: (l, b, ...) in and out unless a docstring says otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+_enabled = True
+_announced = False
+
+
+def set_fusion(enabled: bool) -> None:
+    """Turn the compiled twins on or off for the whole process (the trainer sets it from `train.fused`)."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def fusion_enabled() -> bool:
+    return _enabled
+
+
+def _announce(device_type: str) -> None:
+    global _announced
+    if not _announced:
+        _announced = True
+        if device_type == "cuda":
+            log.info("elementwise ops: torch.compile'd (fused) on CUDA")
+        else:
+            log.info("elementwise ops: eager PyTorch on %s (fusion needs CUDA)", device_type)
+
+
+def fusible(fn):
+    """Run `fn` compiled (fullgraph, static shapes) when its first tensor argument is on CUDA and fusion is on,
+    else eagerly. `fn.reference` is the eager function."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def call(first, *args):
+        nonlocal compiled
+        _announce(first.device.type)
+        if _enabled and first.is_cuda:
+            if compiled is None:
+                compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+            return compiled(first, *args)
+        return fn(first, *args)
+
+    call.reference = fn
+    return call
+
+
+# ----------------------------------------------------------------------------------------------- norms, residual
+@fusible
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., C) / rms over C, times weight (C,); fp32 math, x's dtype out (SPEC §4)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (xf * weight.float()).to(x.dtype)
+
+
+def _skip_add(h: torch.Tensor, skip_weight: torch.Tensor | None, update: torch.Tensor) -> torch.Tensor:
+    return (h if skip_weight is None else h * skip_weight) + update
+
+
+skip_add = fusible(_skip_add)
+skip_add.__doc__ = "h' = w ⊙ h + update (h + update when w is None): the residual of a pre-norm sub-layer."
+
+
+@fusible
+def skip_add_norm(h: torch.Tensor, skip_weight: torch.Tensor | None, update: torch.Tensor,
+                  norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h', RMSNorm(h')) with h' = w ⊙ h + update: one sub-layer's residual and the next one's pre-norm in one
+    pass (h' is read once instead of being written, read back and normalised separately)."""
+    out = _skip_add(h, skip_weight, update)
+    return out, rms_norm.reference(out, norm_weight, eps)
+
+
+# ------------------------------------------------------------------------------------------------------ FFN
+@fusible
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for h = [gate | up] along the last dim (megatron's gated-linear-unit order); fp32 math."""
+    gate, up = h.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(h.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ attention
+@fusible
+def rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_per_group: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split the fused QKV projection and apply RoPE to q and k.
+
+    qkv (l, b, groups, heads_per_group + 2, D) -> q (b, heads, l, D), k, v (b, groups, l, D), the layout SDPA
+    reads. cos, sin fp32 (l, D/2) or (b, l, D/2), rotate_half pairing (dim i with i + D/2); fp32 math."""
+    l, b, groups, _, D = qkv.shape
+    q, k, v = qkv.split([heads_per_group, 1, 1], dim=3)
+    q = q.reshape(l, b, groups * heads_per_group, D)
+    k, v = k.squeeze(3), v.squeeze(3)
+    if cos.dim() == 2:
+        cos, sin = cos[:, None, None, :], sin[:, None, None, :]        # (l, 1, 1, D/2)
+    else:
+        cos, sin = cos.transpose(0, 1)[:, :, None], sin.transpose(0, 1)[:, :, None]   # (l, b, 1, D/2)
+
+    def rotate(t):
+        t1, t2 = t.float().chunk(2, dim=-1)
+        return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], dim=-1).to(t.dtype)
+
+    as_bhld = lambda t: t.permute(1, 2, 0, 3).contiguous()
+    return as_bhld(rotate(q)), as_bhld(rotate(k)), as_bhld(v)
+
+
+# ------------------------------------------------------------------------------------------------ SS mixer
+@fusible
+def split_projection(proj: torch.Tensor, groups: int, z_width: int, conv_width: int, dt_width: int
+                     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The SS mixer's in_proj output, laid out per group as [z | x B C | dt], into contiguous pieces.
+
+    proj (l, b, groups * (z_width + conv_width + dt_width)) -> z (l, b, groups, z_width) or None,
+    xbc (l, b, groups, conv_width), dt (l, b, groups * dt_width). One pass over proj; its gradient is assembled
+    in one pass too. xbc's rows stay 16-byte aligned (conv_width = x + 2N channels), so x, B and C can be handed
+    to the SSD kernel as views of it."""
+    l, b = proj.shape[:2]
+    z, xbc, dt = proj.view(l, b, groups, -1).split([z_width, conv_width, dt_width], dim=-1)
+    return (z.contiguous() if z_width else None), xbc.contiguous(), dt.reshape(l, b, groups * dt_width)
+
+
+@fusible
+def causal_conv_silu(xbc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Depthwise causal conv along l + SiLU. xbc (l, b, C) -> same; weight (C, 1, w), bias (C,).
+
+    Written as w shifted multiply-adds over the sequence rather than a convolution call: with the channels
+    contiguous this is one elementwise kernel forward (and elementwise + one reduction backward)."""
+    l, width = xbc.shape[0], weight.shape[-1]
+    x = F.pad(xbc.float(), (0, 0, 0, 0, width - 1, 0))          # (l + w - 1, b, C): zeros before the start
+    w = weight.float()[:, 0, :]                                 # (C, w)
+    acc = bias.float() + sum(x[k:k + l] * w[:, k] for k in range(width))
+    return F.silu(acc).to(xbc.dtype)
+
+
+@fusible
+def gate_norm(y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor, weight: torch.Tensor,
+              eps: float, group_size: int) -> torch.Tensor:
+    """Mamba-2's output gate: RMSNorm((y + D x) * silu(z)) over groups of `group_size` channels, times weight.
+
+    y, x, z (l, b, H, P); D (H,) or None; weight (H * P,). Returns (l, b, H * P); fp32 math, y's dtype out."""
+    out = y.float()
+    if D is not None:
+        out = out + D.float()[:, None] * x.float()
+    out = out * F.silu(z.float())
+    l, b = out.shape[:2]
+    grouped = out.reshape(l, b, -1, group_size)
+    grouped = grouped * torch.rsqrt(grouped.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (grouped.reshape(l, b, -1) * weight.float()).to(y.dtype)
