@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from transxssm_megatron.config import ConfigError
+from transxssm_megatron.model.fused_ops import set_fusion
 from transxssm_megatron.training import data as data_lib
+from transxssm_megatron.training import fast_optimizer
 from transxssm_megatron.training import metrics as metrics_lib
 from transxssm_megatron.training import optim as optim_lib
 from transxssm_megatron.training import parallel
@@ -104,14 +106,34 @@ def count_parameters(chunks) -> int:
     return int(total.item())
 
 
+def describe_speed_paths(cfg: RunConfig, world: parallel.World) -> str:
+    """One log line: which of the fused paths this run uses, and why not where it does not."""
+    if not cfg.train.fused:
+        ops = "eager reference path (train.fused=false)"
+    elif world.on_gpu:
+        ops = "elementwise ops fused by torch.compile, chunked LM head + cross-entropy"
+    else:
+        ops = "elementwise ops eager on CPU (fusion needs CUDA), chunked LM head + cross-entropy"
+    graph = ", forward+backward replayed as a CUDA graph" if cfg.train.cuda_graph else ""
+    return f"speed: {ops}{graph}"
+
+
+def release_cuda_graphs(wrapper) -> None:
+    """Drop a FullCudaGraphWrapper's captured graph and its static input buffers (both are class-level in
+    megatron-core), so that another Trainer in this process captures afresh."""
+    from megatron.core.full_cuda_graph import StaticBufferLoader
+
+    wrapper.reset_cuda_graph()
+    for buffers in StaticBufferLoader.static_buffers.values():
+        buffers.clear()
+
+
 # ---------------------------------------------------------------------------------------------- steps
-def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Masked sum of per-token losses; megatron divides by the token count and the micro-batch count."""
-    mask = loss_mask.reshape(-1).float()
-    loss_sum = (per_token_loss.reshape(-1).float() * mask).sum()
-    num_tokens = mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
-    return loss_sum, num_tokens, {"lm loss": report}
+def _loss_func(loss_mask: torch.Tensor, loss_sum: torch.Tensor):
+    """The model's masked loss sum; megatron divides it by the token count and the micro-batch count."""
+    tokens = loss_mask.sum()
+    report = torch.stack([loss_sum.detach().float(), tokens.detach().float()])
+    return loss_sum, tokens.to(torch.int), {"lm loss": report}
 
 
 def make_forward_step(device: torch.device):
@@ -119,9 +141,10 @@ def make_forward_step(device: torch.device):
         batch = next(data_iterator)
         tokens = batch["tokens"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
-        position_ids = batch["position_ids"].to(device, non_blocking=True)
         loss_mask = batch["loss_mask"].to(device, non_blocking=True)
-        output = model(tokens, position_ids, None, labels=labels)
+        # Positions restart only with reset_position_ids, which the data never sets: 0..l-1 for every row (None)
+        # lets the model build one shared RoPE table instead of one per row.
+        output = model(tokens, None, None, labels=labels, loss_mask=loss_mask)
         return output, partial(_loss_func, loss_mask)
 
     return forward_step
@@ -164,8 +187,11 @@ def preflight(cfg: RunConfig) -> None:
             from None
     if not os.access(run_dir, os.W_OK):
         raise ConfigError(f"logging.run_dir: {run_dir} is not writable; choose a writable folder")
-    if cfg.train.precision == "bf16" and (cfg.train.device == "cpu" or not torch.cuda.is_available()):
+    on_cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
+    if cfg.train.precision == "bf16" and on_cpu:
         raise ConfigError("train.precision: bf16 training needs a GPU; use fp32 (or auto) on CPU")
+    if cfg.train.cuda_graph and on_cpu:
+        raise ConfigError("train.cuda_graph: CUDA graphs need a GPU; set train.cuda_graph=false on CPU")
 
 
 class Trainer:
@@ -191,8 +217,12 @@ class Trainer:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(cfg.run_dir / "config.yaml")
 
+        set_fusion(cfg.train.fused)
+        self.print(f"[train] {describe_speed_paths(cfg, w)}")
         self.model = build_model_chunks(cfg, w, self.bf16)
         self.num_params = count_parameters(self.model)
+        if w.on_gpu:
+            fast_optimizer.install_multi_tensor_ops()
         self.optimizer = optim_lib.build_optimizer(cfg, self.model, w, self.bf16)
         self.scheduler = optim_lib.build_scheduler(cfg, self.optimizer)
 
@@ -204,6 +234,12 @@ class Trainer:
         tconfig.finalize_model_grads_func = finalize_model_grads
         tconfig.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
         self.forward_backward = get_forward_backward_func()
+        self.train_forward_backward = self.forward_backward
+        if cfg.train.cuda_graph:
+            from megatron.core.full_cuda_graph import FullCudaGraphWrapper
+
+            # Step 1 runs eagerly (compiles, allocates), step 2 is captured, later steps replay the graph.
+            self.train_forward_backward = FullCudaGraphWrapper(self.forward_backward, cuda_graph_warmup_steps=1)
         self.forward_step = make_forward_step(w.device)
 
         self.step = 0
@@ -215,6 +251,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
         self.preemption = PreemptionHandler()  # SIGTERM / SIGUSR1 -> checkpoint at the next step, exit cleanly
         self.resumed_from = self._maybe_resume()
+        if w.on_gpu:
+            fast_optimizer.use_fused_adamw(self.optimizer)
 
         total_samples = cfg.train.steps * cfg.train.global_batch_size
         valid_samples = cfg.train.eval_iters * cfg.train.global_batch_size  # the same set at any TP/PP/DP
@@ -281,7 +319,7 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         t = self.cfg.train
-        reports = self.forward_backward(
+        reports = self.train_forward_backward(
             forward_step_func=self.forward_step, data_iterator=data_iterator, model=self.model,
             num_microbatches=self.num_microbatches, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
             forward_only=False)
@@ -289,13 +327,13 @@ class Trainer:
         bad = not math.isfinite(loss)
         grad_norm = float("nan")
         if not bad:
-            # Megatron's step() would clip NaN gradients and apply them; check the global norm first.
+            # Megatron's step() would clip NaN gradients and apply them; check the global norm first, then clip
+            # with that same norm and update.
             found_inf = self.optimizer.prepare_grads()
             grad_norm = float(self.optimizer.get_grad_norm())
             bad = found_inf or not math.isfinite(grad_norm)
         if not bad:
-            updated, _, _ = self.optimizer.step()  # clip to optim.clip_grad with the same norm, then AdamW
-            bad = not updated
+            bad = not fast_optimizer.clip_and_step(self.optimizer, grad_norm)
         if bad:
             self.skipped_total += 1
             self.consecutive_skips += 1
@@ -402,7 +440,10 @@ class Trainer:
         self.throughput.reset()  # keep validation time out of tokens/s
 
     def close(self) -> None:
-        """Flush the metric sinks and give the signal handlers back (the process groups stay up)."""
+        """Flush the metric sinks, free a captured graph and give the signal handlers back (the process groups
+        stay up)."""
+        if self.train_forward_backward is not self.forward_backward:
+            release_cuda_graphs(self.train_forward_backward)
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None

@@ -45,6 +45,10 @@ class TrainConfig:
     eval_at_start: bool = False          # also validate before the first step (after a resume: checks the load)
     device: str = "auto"                 # auto | cuda | cpu
     deterministic: bool = False          # torch deterministic algorithms (bitwise-repeatable runs)
+    fused: bool = True                   # torch.compile the elementwise work between matmuls (CUDA) and run the LM
+                                         # head + cross-entropy chunked; false: the eager reference path
+    cuda_graph: bool = False             # replay each step's forward+backward as one captured CUDA graph: takes
+                                         # the CPU's kernel launches out of the step (GPU only)
     exit_after_steps: Optional[int] = None  # stop (with a checkpoint) after reaching this step; for demos/tests
     time_limit_minutes: Optional[float] = None  # stop (with a checkpoint) once training ran this long
 
