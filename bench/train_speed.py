@@ -1,0 +1,251 @@
+"""Training speed on one GPU: `transxssm train` beside a compiled plain-PyTorch baseline, and where the time goes.
+
+    python bench/train_speed.py OUT [--rows 320m_4k,1.3b_4k] [--variants fused,graph,reference]
+                                    [--anchor PATH] [--steps 30] [--profile]
+
+For every row (model, sequence length, micro-batch) it runs `transxssm train` on mock data in a fresh process, one
+micro-batch per optimizer step (the baseline's step), once per variant:
+  fused      the default: elementwise work compiled, chunked LM head + cross-entropy, fused AdamW
+  graph      fused + train.cuda_graph=true (forward+backward replayed as one CUDA graph)
+  reference  train.fused=false: the eager path the fused one is checked against
+and, with --anchor, the baseline script (a ~150-line PyTorch model of the same architecture with torch.compile per
+block and our SSD kernel) with the same shapes. tokens/s is the median over the logged intervals after the first
+(which holds compilation and warm-up). --profile adds, per row, a torch.profiler breakdown of one step's GPU time by
+kind of work (matmuls, SSD kernels, attention, compiled elementwise, eager elementwise, optimizer, ...).
+
+Writes OUT/train-speed.json: `rows` (one object per row: model, seq_length, micro_batch_size, ours_tokens_per_s,
+anchor_tokens_per_s, ours_mfu, mem_gib, and per-variant details), the date, commit, GPU and versions, and every
+command. Prints a short table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# name: (config, anchor architecture or None, size, seq_length, micro_batch_size)
+ROWS = {
+    "320m_4k": ("320m", "hybrid", "320m", 4096, 4),
+    "transformer_320m_4k": ("transformer_320m", "llama", "320m", 4096, 4),
+    "1.3b_4k": ("1.3b", "hybrid", "1.3b", 4096, 2),
+    "mamba2_320m_4k": ("mamba2_320m", None, "320m", 4096, 4),
+    "jamba_320m_4k": ("jamba_320m", None, "320m", 4096, 4),
+    "320m_16k": ("320m", "hybrid", "320m", 16384, 1),
+    "transformer_320m_16k": ("transformer_320m", "llama", "320m", 16384, 1),
+    "320m_32k": ("320m", "hybrid", "320m", 32768, 1),
+    "transformer_320m_32k": ("transformer_320m", "llama", "320m", 32768, 1),
+    "1.3b_16k": ("1.3b", "hybrid", "1.3b", 16384, 1),
+    "1.3b_32k": ("1.3b", "hybrid", "1.3b", 32768, 1),
+}
+VARIANTS = {"fused": [], "graph": ["train.cuda_graph=true"], "reference": ["train.fused=false"]}
+
+# Kernel name fragments -> kind of work, first match wins (names from PyTorch 2.11 / Triton 3.6 on an H200).
+KINDS = [
+    ("SSD (our Triton kernels)", ("state_scan_", "chunk_output_kernel", "dc_kernel", "dxdb_kernel", "delta_kernel",
+                                  "dt_grad_kernel")),
+    ("attention (SDPA)", ("flash", "fmha", "attention", "cudnn")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "cublas")),
+    ("compiled elementwise (Inductor)", ("triton_",)),
+    ("optimizer (AdamW, norms)", ("adam", "multi_tensor", "foreach", "l2norm")),
+    ("communication", ("nccl",)),
+    ("copies, casts, concat", ("copy", "cat_", "CatArray", "transpose")),
+    ("other eager elementwise / reductions", ("",)),
+]
+
+
+def run_config_overrides(row: str, steps: int, interval: int, run_dir: Path) -> tuple[str, list[str]]:
+    config, _, _, seq, mbs = ROWS[row]
+    return f"configs/{config}.yaml", [
+        "data.mode=mock", f"train.seq_length={seq}", f"model.max_seq_length={seq}",
+        f"train.micro_batch_size={mbs}", f"train.global_batch_size={mbs}", f"train.steps={steps}",
+        "train.eval_interval=0", "train.eval_iters=0", f"logging.interval={interval}", "logging.tensorboard=false",
+        "checkpoint.interval=0", "checkpoint.save_at_end=false", "checkpoint.resume=none", f"logging.run_dir={run_dir}"]
+
+
+def run(cmd: list[str], log, timeout_s: float) -> tuple[int | str, float]:
+    log.write(f"\n===== {' '.join(cmd)}\n")
+    log.flush()
+    started = time.monotonic()
+    try:
+        rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    return rc, time.monotonic() - started
+
+
+def ours(row: str, variant: str, args, log) -> dict:
+    run_dir = Path(args.work) / f"{row}-{variant}"
+    config, overrides = run_config_overrides(row, args.steps, args.interval, run_dir)
+    cmd = [sys.executable, "-m", "transxssm_megatron.cli", "train", "--config", config, *overrides,
+           *VARIANTS[variant]]
+    rc, wall = run(cmd, log, args.timeout)
+    metrics = run_dir / "metrics.jsonl"
+    records = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+    steady = [r for r in records if "tokens_per_s" in r][1:]
+    med = lambda k: statistics.median(r[k] for r in steady) if steady and k in steady[0] else None
+    return {"command": " ".join(cmd), "exit_code": rc, "wall_s": round(wall, 1), "tokens_per_s": med("tokens_per_s"),
+            "mfu": med("mfu"), "tflops_per_gpu": med("tflops_per_device"), "step_time_s": med("step_time_s"),
+            "mem_gib": max((r.get("mem_peak_gib", 0) for r in records), default=None),
+            "losses": [round(r["loss"], 4) for r in records if "loss" in r]}
+
+
+def anchor(row: str, args, log) -> dict | None:
+    _, arch, size, seq, mbs = ROWS[row]
+    if arch is None or not args.anchor:
+        return None
+    cmd = [sys.executable, args.anchor, arch, size, str(seq), str(mbs), str(args.anchor_steps)]
+    out_file = Path(args.work) / f"{row}-anchor.txt"
+    log.write(f"\n===== {' '.join(cmd)}\n")
+    log.flush()
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
+        rc, text = proc.returncode, proc.stdout
+        log.write(proc.stdout + proc.stderr[-3000:])
+    except subprocess.TimeoutExpired:
+        rc, text = "timeout", ""
+    out_file.write_text(text)
+    result = next((json.loads(x) for x in text.splitlines() if x.startswith("{")), {})
+    return {"command": " ".join(cmd), "exit_code": rc, "wall_s": round(time.monotonic() - started, 1), **result}
+
+
+def profile(row: str, variant: str, args) -> dict:
+    """In this process: a few steps of the Trainer, then one profiled step's kernels by kind."""
+    import torch
+    from torch.autograd import DeviceType
+
+    from transxssm_megatron.training import data as data_lib
+    from transxssm_megatron.training.loop import Trainer
+    from transxssm_megatron.training.run_config import RunConfig
+
+    config, overrides = run_config_overrides(row, 100, 100, Path(args.work) / f"{row}-{variant}-profile")
+    trainer = Trainer(RunConfig.load(str(REPO / config), overrides + VARIANTS[variant]))
+    try:
+        batches = trainer._data_iterators(lambda: data_lib.train_batches(trainer.datasets.train, 0, trainer.cfg,
+                                                                         trainer.world))
+        for _ in range(4):
+            trainer.train_step(batches)
+        torch.cuda.synchronize()
+        steps = 3
+        started = time.perf_counter()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                trainer.train_step(batches)
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - started) * 1e3 / steps
+    finally:
+        trainer.close()
+    kinds = {name: {"ms": 0.0, "kernels": 0} for name, _ in KINDS}
+    top: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type != DeviceType.CUDA:
+            continue
+        us = event.time_range.elapsed_us()
+        kind = next(name for name, keys in KINDS if any(k in event.name.lower() or k in event.name for k in keys))
+        kinds[kind]["ms"] += us / 1e3 / steps
+        kinds[kind]["kernels"] += 1 / steps
+        top[event.name[:90]] = top.get(event.name[:90], 0.0) + us / 1e3 / steps
+    gpu_ms = sum(k["ms"] for k in kinds.values())
+    return {"row": row, "variant": variant, "wall_ms_per_step": round(wall_ms, 2), "gpu_ms_per_step": round(gpu_ms, 2),
+            "kinds": {n: {"ms": round(k["ms"], 2), "share": round(k["ms"] / gpu_ms, 3), "kernels": round(k["kernels"])}
+                      for n, k in kinds.items()},
+            "top_kernels_ms": dict(sorted(((k, round(v, 3)) for k, v in top.items()), key=lambda kv: -kv[1])[:25])}
+
+
+def environment() -> dict:
+    import torch
+    import triton
+
+    import megatron.core
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = os.environ.get("TRANSXSSM_COMMIT", "unknown")
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+            "gpu": torch.cuda.get_device_name(0), "python": sys.version.split()[0], "torch": torch.__version__,
+            "triton": triton.__version__, "megatron_core": megatron.core.__version__, "cuda": torch.version.cuda,
+            "command": " ".join([Path(sys.executable).name, *sys.argv])}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="folder for train-speed.json and the logs")
+    parser.add_argument("--rows", default="320m_4k,1.3b_4k", help=f"comma-separated, from: {', '.join(ROWS)}")
+    parser.add_argument("--variants", default="fused", help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--anchor", help="the baseline script (anchor_compiled.py); omitted: no baseline runs")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run of ours")
+    parser.add_argument("--interval", type=int, default=5, help="steps per logged throughput interval")
+    parser.add_argument("--anchor-steps", type=int, default=20)
+    parser.add_argument("--timeout", type=float, default=420, help="seconds per run")
+    parser.add_argument("--profile", action="store_true", help="also profile one step of each row and variant")
+    parser.add_argument("--profile-only", nargs=2, metavar=("ROW", "VARIANT"), help=argparse.SUPPRESS)
+    parser.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/transxssm_speed"))
+    args = parser.parse_args()
+    if args.profile_only:  # child process of --profile: print the breakdown as one JSON line
+        print("PROFILE " + json.dumps(profile(*args.profile_only, args)), flush=True)
+        return 0
+    unknown = [r for r in args.rows.split(",") if r not in ROWS] + \
+        [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown row or variant: {', '.join(unknown)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    if args.anchor:
+        args.anchor = str(Path(args.anchor).resolve())
+    path = args.out / "train-speed.json"
+    result = {"benchmark": "train-speed", **environment(), "rows": [], "profiles": []}
+    with open(args.out / "train-speed.log", "a") as log:
+        for row in args.rows.split(","):
+            config, arch, size, seq, mbs = ROWS[row]
+            entry = {"model": f"{config.split('_')[0] if '_' in config else 'transxssm'}_{size}", "seq_length": seq,
+                     "micro_batch_size": mbs, "variants": {}}
+            for variant in args.variants.split(","):
+                entry["variants"][variant] = ours(row, variant, args, log)
+                print(f"[bench] {row} {variant}: {entry['variants'][variant]['tokens_per_s']}", flush=True)
+            entry["anchor"] = anchor(row, args, log)
+            best = max((v for v in entry["variants"].values() if v["tokens_per_s"]),
+                       key=lambda v: v["tokens_per_s"], default={})
+            entry.update(ours_tokens_per_s=best.get("tokens_per_s"), ours_mfu=best.get("mfu"),
+                         mem_gib=best.get("mem_gib"),
+                         anchor_tokens_per_s=(entry["anchor"] or {}).get("tokens_per_s"),
+                         anchor_mem_gib=(entry["anchor"] or {}).get("mem_gib"))
+            result["rows"].append(entry)
+            if args.profile:
+                for variant in args.variants.split(","):
+                    cmd = [sys.executable, __file__, str(args.out), "--profile-only", row, variant,
+                           "--work", args.work]
+                    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
+                    log.write(proc.stdout[-5000:] + proc.stderr[-5000:])
+                    line = next((x for x in proc.stdout.splitlines() if x.startswith("PROFILE ")), None)
+                    result["profiles"].append(json.loads(line[8:]) if line else
+                                              {"row": row, "variant": variant, "error": proc.stderr[-800:]})
+            path.write_text(json.dumps(result, indent=1))
+    print(f"\n{'row':<22}{'variant':<10}{'tok/s':>10}{'MFU':>7}{'GiB':>6}{'anchor':>10}{'ratio':>7}")
+    for entry, row in zip(result["rows"], args.rows.split(",")):
+        for name, v in entry["variants"].items():
+            a = entry["anchor_tokens_per_s"]
+            ratio = f"{v['tokens_per_s'] / a:.2f}" if a and v["tokens_per_s"] else "-"
+            fmt = lambda x, f: f.format(x) if x is not None else "-"
+            print(f"{row:<22}{name:<10}{fmt(v['tokens_per_s'], '{:,.0f}'):>10}{fmt(v['mfu'], '{:.1%}'):>7}"
+                  f"{fmt(v['mem_gib'], '{:.0f}'):>6}{fmt(a, '{:,.0f}'):>10}{ratio:>7}")
+    for p in result["profiles"]:
+        if "kinds" in p:
+            parts = ", ".join(f"{n.split(' (')[0]} {k['ms']:.1f}" for n, k in p["kinds"].items() if k["ms"] > 0.05)
+            print(f"profile {p['row']} {p['variant']}: wall {p['wall_ms_per_step']} ms, GPU {p['gpu_ms_per_step']} ms: "
+                  f"{parts}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

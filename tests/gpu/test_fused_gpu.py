@@ -1,0 +1,134 @@
+"""The fused training paths on one CUDA GPU against their eager references: forward and backward, random inputs.
+
+Tolerances, as relative norms ||fused - ref|| / ||ref||:
+- each compiled elementwise op (model/fused_ops.py) against the same function run eagerly: 1e-5 for fp32 results,
+  1e-2 for bf16 ones (both compute in fp32 inside and round once; the compiled one may reorder sums, which moves a
+  bf16 result by one unit in the last place at most);
+- the chunked LM head + cross-entropy against full logits through F.cross_entropy: loss 1e-5, gradients 1e-2
+  (the bf16 gradient of the logits is rounded once, before its matmuls, in both);
+- whole models, bf16 parameters, fused against `set_fusion(False)` on the same weights and tokens: loss 2e-3, every
+  parameter's gradient 5e-2 (bf16 activations rounded at different points along 4 layers).
+
+    python -m pytest tests/gpu/test_fused_gpu.py -q
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+from test_model_gpu import build  # noqa: E402  (same folder)
+
+from transxssm_megatron.config import ModelConfig  # noqa: E402
+from transxssm_megatron.model import fused_ops  # noqa: E402
+from transxssm_megatron.model.lm_loss import cross_entropy_grad, linear_cross_entropy, logsumexp_and_target  # noqa
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def compare_op(fn, args: list, tol_bf16: float = 1e-2, tol_fp32: float = 1e-5) -> None:
+    """fn's compiled twin against fn.reference on `args` (tensors that are floating point get gradients)."""
+    outs = {}
+    for name, impl in (("fused", fn), ("eager", fn.reference)):
+        leaves = [a.detach().clone().requires_grad_(a.is_floating_point()) if torch.is_tensor(a) else a for a in args]
+        fused_ops.set_fusion(name == "fused")
+        try:
+            out = impl(*leaves)
+        finally:
+            fused_ops.set_fusion(True)
+        out = [o for o in (out if isinstance(out, tuple) else (out,)) if o is not None]
+        g = torch.Generator(device="cuda").manual_seed(5)
+        cot = [torch.randn(o.shape, device="cuda", generator=g).to(o.dtype) for o in out]
+        diff = [o for o in out if o.requires_grad]
+        if diff:
+            torch.autograd.backward(diff, [c for o, c in zip(out, cot) if o.requires_grad])
+        outs[name] = [o.detach() for o in out] + [a.grad for a in leaves if torch.is_tensor(a) and a.grad is not None]
+    assert len(outs["fused"]) == len(outs["eager"])
+    for i, (a, b) in enumerate(zip(outs["fused"], outs["eager"])):
+        assert torch.isfinite(a).all() and b.abs().sum() > 0, f"{fn.__name__} output/grad {i}"
+        tol = tol_fp32 if a.dtype == torch.float32 else tol_bf16
+        err = rel(a, b)
+        assert err < tol, f"{fn.__name__} output/grad {i}: relative error {err:.2e} over {tol:g}"
+
+
+def rand(*shape, dtype=torch.bfloat16, scale=1.0):
+    return (torch.randn(*shape, device="cuda") * scale).to(dtype)
+
+
+def test_compiled_elementwise_ops_match_eager():
+    torch.manual_seed(0)
+    l, b, d = 512, 2, 768
+    h, update, w = rand(l, b, d), rand(l, b, d), rand(d, scale=0.1) + 1
+    compare_op(fused_ops.rms_norm, [h, w, 1e-6])
+    compare_op(fused_ops.skip_add, [h, w, update])
+    compare_op(fused_ops.skip_add_norm, [h, w, update, rand(d, scale=0.1) + 1, 1e-6])
+    compare_op(fused_ops.skip_add_norm, [h, None, update, w, 1e-6])
+    compare_op(fused_ops.swiglu, [rand(l, b, 2 * 1024)])
+    cos, sin = torch.randn(2, l, 32, device="cuda").unbind(0)
+    compare_op(fused_ops.rotate_qkv, [rand(l, b, 4, 3, 64), cos, sin, 1])
+    compare_op(fused_ops.rotate_qkv, [rand(l, b, 2, 4, 64), cos[None].expand(b, -1, -1).contiguous(),
+                                      sin[None].expand(b, -1, -1).contiguous(), 2])
+    compare_op(fused_ops.split_projection, [rand(l, b, 4 * (64 + 256 + 1)), 4, 0, 64 + 256, 1])
+    compare_op(fused_ops.split_projection, [rand(l, b, 4 * (128 + 128 + 256 + 2)), 4, 128, 128 + 256, 2])
+    compare_op(fused_ops.causal_conv_silu, [rand(l, b, 384), rand(384, 1, 4, scale=0.3), rand(384, scale=0.1)])
+    compare_op(fused_ops.gate_norm, [rand(l, b, 4, 64), rand(l, b, 4, 64), rand(4, dtype=torch.float32),
+                                     rand(l, b, 4, 64), rand(256) + 1, 1e-6, 128])
+
+
+def test_cross_entropy_pieces_match_eager():
+    logits = rand(1000, 5000, scale=3.0)
+    target = torch.randint(-100, 5000, (1000,), device="cuda")
+    valid = (target >= 0) & (target < 5000)
+    mask = (torch.rand(1000, device="cuda") > 0.2).float()
+    compare_op(logsumexp_and_target, [logits, target, valid])
+    lse = torch.logsumexp(logits.float(), -1)
+    compare_op(cross_entropy_grad, [logits, lse, target, valid, mask])
+
+
+def test_linear_cross_entropy_matches_full_logits_bf16():
+    torch.manual_seed(1)
+    T, d, V = 5000, 512, 50304
+    hidden = rand(T, d).requires_grad_(True)
+    weight = rand(V, d, scale=0.05).requires_grad_(True)
+    labels = torch.randint(0, V, (T,), device="cuda")
+    mask = (torch.rand(T, device="cuda") > 0.1).float()
+    loss = linear_cross_entropy(hidden, weight, labels, mask, chunk_tokens=2048)   # 2 full chunks + a tail
+    (loss * 0.5).backward()
+    got = [loss.detach(), hidden.grad, weight.grad]
+    hidden.grad = weight.grad = None
+    ref = (F.cross_entropy((hidden @ weight.t()).float(), labels, reduction="none") * mask).sum()
+    (ref * 0.5).backward()
+    assert rel(got[0], ref.detach()) < 1e-5
+    for name, a, b in (("d hidden", got[1], hidden.grad), ("d weight", got[2], weight.grad)):
+        assert rel(a, b) < 1e-2, f"{name}: {rel(a, b):.2e}"
+
+
+@pytest.mark.parametrize("architecture", ["transxssm", "jamba", "transformer"])
+def test_model_fused_matches_reference(architecture):
+    """320m-shaped, 4 layers (attention every 2nd), bf16: loss and every gradient, fused against the eager path."""
+    cfg = ModelConfig.from_preset("320m", architecture=architecture, num_layers=4, attention_period=2,
+                                  attention_offset=1)
+    model = build(cfg, torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 1025), device="cuda", generator=g)
+    mask = (torch.rand(2, 1024, device="cuda", generator=g) > 0.1).float()
+    results = {}
+    for fused in (False, True):
+        fused_ops.set_fusion(fused)
+        try:
+            model.zero_grad(set_to_none=True)
+            loss = model(tokens[:, :-1], None, labels=tokens[:, 1:], loss_mask=mask)
+            loss.backward()
+        finally:
+            fused_ops.set_fusion(True)
+        results[fused] = (loss.detach().float(), {n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    (ref_loss, ref_grads), (loss, grads) = results[False], results[True]
+    print(f"{architecture}: loss eager {ref_loss.item():.5f} fused {loss.item():.5f}")
+    assert rel(loss, ref_loss) < 2e-3
+    for name, ref in ref_grads.items():
+        assert torch.isfinite(grads[name]).all(), name
+        err = rel(grads[name], ref)
+        assert err < 5e-2, f"{name}: relative gradient error {err:.2e}"
