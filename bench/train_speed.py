@@ -1,7 +1,7 @@
 """Training speed on one GPU: `transxssm train` beside a compiled plain-PyTorch baseline, and where the time goes.
 
     python bench/train_speed.py OUT [--rows 320m_4k,1.3b_4k] [--variants fused,graph,reference]
-                                    [--anchor PATH] [--steps 30] [--profile]
+                                    [--anchor PATH] [--steps 30] [--profile fused,reference]
 
 For every row (model, sequence length, micro-batch) it runs `transxssm train` on mock data in a fresh process, one
 micro-batch per optimizer step (the baseline's step), once per variant:
@@ -10,8 +10,8 @@ micro-batch per optimizer step (the baseline's step), once per variant:
   reference  train.fused=false: the eager path the fused one is checked against
 and, with --anchor, the baseline script (a ~150-line PyTorch model of the same architecture with torch.compile per
 block and our SSD kernel) with the same shapes. tokens/s is the median over the logged intervals after the first
-(which holds compilation and warm-up). --profile adds, per row, a torch.profiler breakdown of one step's GPU time by
-kind of work (matmuls, SSD kernels, attention, compiled elementwise, eager elementwise, optimizer, ...).
+(which holds compilation and warm-up). --profile adds, per row and named variant, a torch.profiler breakdown of a
+step's GPU time by kind of work (matmuls, SSD kernels, attention, compiled elementwise, eager elementwise, optimizer, ...).
 
 Writes OUT/train-speed.json: `rows` (one object per row: model, seq_length, micro_batch_size, ours_tokens_per_s,
 anchor_tokens_per_s, ours_mfu, mem_gib, and per-variant details), the date, commit, GPU and versions, and every
@@ -188,7 +188,7 @@ def main() -> int:
     parser.add_argument("--interval", type=int, default=5, help="steps per logged throughput interval")
     parser.add_argument("--anchor-steps", type=int, default=20)
     parser.add_argument("--timeout", type=float, default=420, help="seconds per run")
-    parser.add_argument("--profile", action="store_true", help="also profile one step of each row and variant")
+    parser.add_argument("--profile", default="", help="variants to profile (one step each) per row, e.g. fused")
     parser.add_argument("--profile-only", nargs=2, metavar=("ROW", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/transxssm_speed"))
     args = parser.parse_args()
@@ -196,7 +196,7 @@ def main() -> int:
         print("PROFILE " + json.dumps(profile(*args.profile_only, args)), flush=True)
         return 0
     unknown = [r for r in args.rows.split(",") if r not in ROWS] + \
-        [v for v in args.variants.split(",") if v not in VARIANTS]
+        [v for v in args.variants.split(",") + args.profile.split(",") if v and v not in VARIANTS]
     if unknown:
         parser.error(f"unknown row or variant: {', '.join(unknown)}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -222,7 +222,7 @@ def main() -> int:
                          anchor_mem_gib=(entry["anchor"] or {}).get("mem_gib"))
             result["rows"].append(entry)
             if args.profile:
-                for variant in args.variants.split(","):
+                for variant in args.profile.split(","):
                     cmd = [sys.executable, __file__, str(args.out), "--profile-only", row, variant,
                            "--work", args.work]
                     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
