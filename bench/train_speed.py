@@ -1,16 +1,18 @@
 """Training speed on one GPU: `transxssm train` beside a compiled plain-PyTorch baseline, and where the time goes.
 
     python bench/train_speed.py OUT [--rows 320m_4k,1.3b_4k] [--variants fused,graph,reference]
-                                    [--anchor PATH] [--steps 30] [--profile fused,reference]
+                                    [--accumulation 1,8] [--anchor PATH] [--profile fused,reference]
 
-For every row (model, sequence length, micro-batch) it runs `transxssm train` on mock data in a fresh process, one
-micro-batch per optimizer step (the baseline's step), once per variant:
+For every row (model, sequence length, micro-batch) it runs `transxssm train` on mock data in a fresh process, once
+per variant and per number of micro-batches accumulated into each optimizer step (1: the baseline script's step;
+8: closer to pretraining, where a step accumulates dozens of micro-batches per GPU and the optimizer is a small
+share), variants being:
   fused      the default: elementwise work compiled, chunked LM head + cross-entropy, fused AdamW
   graph      fused + train.cuda_graph=true (forward+backward replayed as one CUDA graph)
   reference  train.fused=false: the eager path the fused one is checked against
 and, with --anchor, the baseline script (a ~150-line PyTorch model of the same architecture with torch.compile per
-block and our SSD kernel) with the same shapes. tokens/s is the median over the logged intervals after the first
-(which holds compilation and warm-up). --profile adds, per row and named variant, a torch.profiler breakdown of a
+block and our SSD kernel) with the same shapes. tokens/s is the median over the logged intervals after the
+first (which holds compilation and warm-up); each run does about --micro-batches micro-batches. --profile adds, per row and named variant, a torch.profiler breakdown of a
 step's GPU time by kind of work (matmuls, SSD kernels, attention, compiled elementwise, eager elementwise, optimizer, ...).
 
 Writes OUT/train-speed.json: `rows` (one object per row: model, seq_length, micro_batch_size, ours_tokens_per_s,
@@ -62,11 +64,12 @@ KINDS = [
 ]
 
 
-def run_config_overrides(row: str, steps: int, interval: int, run_dir: Path) -> tuple[str, list[str]]:
+def run_config_overrides(row: str, steps: int, interval: int, accumulation: int, run_dir: Path
+                         ) -> tuple[str, list[str]]:
     config, _, _, seq, mbs = ROWS[row]
     return f"configs/{config}.yaml", [
         "data.mode=mock", f"train.seq_length={seq}", f"model.max_seq_length={seq}",
-        f"train.micro_batch_size={mbs}", f"train.global_batch_size={mbs}", f"train.steps={steps}",
+        f"train.micro_batch_size={mbs}", f"train.global_batch_size={mbs * accumulation}", f"train.steps={steps}",
         "train.eval_interval=0", "train.eval_iters=0", f"logging.interval={interval}", "logging.tensorboard=false",
         "checkpoint.interval=0", "checkpoint.save_at_end=false", "checkpoint.resume=none", f"logging.run_dir={run_dir}"]
 
@@ -82,9 +85,10 @@ def run(cmd: list[str], log, timeout_s: float) -> tuple[int | str, float]:
     return rc, time.monotonic() - started
 
 
-def ours(row: str, variant: str, args, log) -> dict:
-    run_dir = Path(args.work) / f"{row}-{variant}"
-    config, overrides = run_config_overrides(row, args.steps, args.interval, run_dir)
+def ours(row: str, variant: str, accumulation: int, args, log) -> dict:
+    run_dir = Path(args.work) / f"{row}-{variant}-acc{accumulation}"
+    steps = max(7, args.micro_batches // accumulation)
+    config, overrides = run_config_overrides(row, steps, max(1, steps // 6), accumulation, run_dir)
     cmd = [sys.executable, "-m", "transxssm_megatron.cli", "train", "--config", config, *overrides,
            *VARIANTS[variant]]
     rc, wall = run(cmd, log, args.timeout)
@@ -127,7 +131,7 @@ def profile(row: str, variant: str, args) -> dict:
     from transxssm_megatron.training.loop import Trainer
     from transxssm_megatron.training.run_config import RunConfig
 
-    config, overrides = run_config_overrides(row, 100, 100, Path(args.work) / f"{row}-{variant}-profile")
+    config, overrides = run_config_overrides(row, 100, 100, 1, Path(args.work) / f"{row}-{variant}-profile")
     trainer = Trainer(RunConfig.load(str(REPO / config), overrides + VARIANTS[variant]))
     try:
         batches = trainer._data_iterators(lambda: data_lib.train_batches(trainer.datasets.train, 0, trainer.cfg,
@@ -173,7 +177,7 @@ def environment() -> dict:
     except (OSError, subprocess.CalledProcessError):
         commit = os.environ.get("TRANSXSSM_COMMIT", "unknown")
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-            "gpu": torch.cuda.get_device_name(0), "python": sys.version.split()[0], "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "python": sys.version.split()[0], "torch": torch.__version__,
             "triton": triton.__version__, "megatron_core": megatron.core.__version__, "cuda": torch.version.cuda,
             "command": " ".join([Path(sys.executable).name, *sys.argv])}
 
@@ -184,8 +188,8 @@ def main() -> int:
     parser.add_argument("--rows", default="320m_4k,1.3b_4k", help=f"comma-separated, from: {', '.join(ROWS)}")
     parser.add_argument("--variants", default="fused", help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--anchor", help="the baseline script (anchor_compiled.py); omitted: no baseline runs")
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run of ours")
-    parser.add_argument("--interval", type=int, default=5, help="steps per logged throughput interval")
+    parser.add_argument("--accumulation", default="1", help="micro-batches per optimizer step, comma-separated")
+    parser.add_argument("--micro-batches", type=int, default=60, help="micro-batches per run of ours")
     parser.add_argument("--anchor-steps", type=int, default=20)
     parser.add_argument("--timeout", type=float, default=420, help="seconds per run")
     parser.add_argument("--profile", default="", help="variants to profile (one step each) per row, e.g. fused")
@@ -211,13 +215,19 @@ def main() -> int:
             entry = {"model": f"{config.split('_')[0] if '_' in config else 'transxssm'}_{size}", "seq_length": seq,
                      "micro_batch_size": mbs, "variants": {}}
             for variant in args.variants.split(","):
-                entry["variants"][variant] = ours(row, variant, args, log)
-                print(f"[bench] {row} {variant}: {entry['variants'][variant]['tokens_per_s']}", flush=True)
+                for acc in map(int, args.accumulation.split(",")):
+                    name = f"{variant}/acc{acc}"
+                    entry["variants"][name] = ours(row, variant, acc, args, log)
+                    print(f"[bench] {row} {name}: {entry['variants'][name]['tokens_per_s']}", flush=True)
             entry["anchor"] = anchor(row, args, log)
-            best = max((v for v in entry["variants"].values() if v["tokens_per_s"]),
-                       key=lambda v: v["tokens_per_s"], default={})
-            entry.update(ours_tokens_per_s=best.get("tokens_per_s"), ours_mfu=best.get("mfu"),
-                         mem_gib=best.get("mem_gib"),
+            # The headline: the default path (fused, no graph) at the largest accumulation measured, and the same at
+            # one micro-batch per step (the baseline script's step) for the strict comparison.
+            accs = sorted(map(int, args.accumulation.split(",")))
+            main = entry["variants"].get(f"fused/acc{accs[-1]}", {})
+            strict = entry["variants"].get("fused/acc1", {})
+            entry.update(micro_batches_per_step=accs[-1], ours_tokens_per_s=main.get("tokens_per_s"),
+                         ours_mfu=main.get("mfu"), mem_gib=main.get("mem_gib"),
+                         ours_tokens_per_s_one_micro_batch_per_step=strict.get("tokens_per_s"),
                          anchor_tokens_per_s=(entry["anchor"] or {}).get("tokens_per_s"),
                          anchor_mem_gib=(entry["anchor"] or {}).get("mem_gib"))
             result["rows"].append(entry)
@@ -231,13 +241,13 @@ def main() -> int:
                     result["profiles"].append(json.loads(line[8:]) if line else
                                               {"row": row, "variant": variant, "error": proc.stderr[-800:]})
             path.write_text(json.dumps(result, indent=1))
-    print(f"\n{'row':<22}{'variant':<10}{'tok/s':>10}{'MFU':>7}{'GiB':>6}{'anchor':>10}{'ratio':>7}")
+    print(f"\n{'row':<22}{'variant':<16}{'tok/s':>10}{'MFU':>7}{'GiB':>6}{'anchor':>10}{'ratio':>7}")
     for entry, row in zip(result["rows"], args.rows.split(",")):
         for name, v in entry["variants"].items():
             a = entry["anchor_tokens_per_s"]
             ratio = f"{v['tokens_per_s'] / a:.2f}" if a and v["tokens_per_s"] else "-"
             fmt = lambda x, f: f.format(x) if x is not None else "-"
-            print(f"{row:<22}{name:<10}{fmt(v['tokens_per_s'], '{:,.0f}'):>10}{fmt(v['mfu'], '{:.1%}'):>7}"
+            print(f"{row:<22}{name:<16}{fmt(v['tokens_per_s'], '{:,.0f}'):>10}{fmt(v['mfu'], '{:.1%}'):>7}"
                   f"{fmt(v['mem_gib'], '{:.0f}'):>6}{fmt(a, '{:,.0f}'):>10}{ratio:>7}")
     for p in result["profiles"]:
         if "kinds" in p:
