@@ -1,5 +1,5 @@
 """Shared pytest setup. The tests/ directory is put on sys.path by pytest (this conftest lives here), so test
-modules import the helpers directly: `from distributed import run_distributed`, `from megatron_cpu import ...`."""
+modules import the helpers directly: `from distributed import run_distributed`."""
 
 _QUIET = [
     "ignore:.*Transformer Engine and Apex are not installed.*:UserWarning",

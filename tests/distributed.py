@@ -3,7 +3,7 @@
     results = run_distributed(fn, world_size, *args, tp=1, pp=1, vpp=None, seed=1234, timeout_s=300)
 
 `fn(*args)` runs in every rank after `torch.distributed.init_process_group("gloo")`, the CPU shim
-(tests/megatron_cpu.py) and `parallel_state.initialize_model_parallel(tp, pp)`; the RNG is seeded with
+(transxssm_megatron/training/cpu_backend.py) and `parallel_state.initialize_model_parallel(tp, pp)`; the RNG is seeded with
 `seed` (same on every rank). `results[r]` is rank r's return value (must be picklable). If any rank raises,
 a RuntimeError carrying that rank's traceback is raised here and the other ranks are stopped; a rank that
 hangs (e.g. a collective some rank never joined) is killed after `timeout_s`.
@@ -44,7 +44,7 @@ def _context():
 
 def _rank_main(rank: int, world_size: int, port: int, tp: int, pp: int, vpp, seed: int, timeout_s: float,
                tests_dir: str, fn: Callable, args: tuple, results) -> None:
-    # The test directory is on the parent's sys.path via pytest; make `import megatron_cpu` work here too.
+    # The test directory is on the parent's sys.path via pytest; make the helper modules importable here too.
     if tests_dir not in sys.path:
         sys.path.insert(0, tests_dir)
     # Share the cores between the ranks (2 ranks on 2 cores: one thread each) unless OMP_NUM_THREADS says.
@@ -55,9 +55,9 @@ def _rank_main(rank: int, world_size: int, port: int, tp: int, pp: int, vpp, see
         import torch
 
         torch.set_num_threads(int(threads))
-        from megatron_cpu import install_cpu_shim
+        from transxssm_megatron.training.cpu_backend import install_cpu_backend
 
-        install_cpu_shim()
+        install_cpu_backend()
         from megatron.core import parallel_state
         from megatron.core import tensor_parallel
 

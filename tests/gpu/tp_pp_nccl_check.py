@@ -20,12 +20,11 @@ import torch.distributed as dist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "model"))  # model_parallel_utils (shared with the CPU tests)
-sys.path.insert(0, os.path.join(HERE, ".."))            # megatron_cpu, only used without CUDA
 CUDA = torch.cuda.is_available()
 if not CUDA:
-    from megatron_cpu import install_cpu_shim
+    from transxssm_megatron.training.cpu_backend import install_cpu_backend
 
-    install_cpu_shim()
+    install_cpu_backend()
 
 from megatron.core import parallel_state, tensor_parallel  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402

@@ -27,9 +27,9 @@ def _build(seed: int, lr: float = 3e-3):
 
     from transxssm_megatron.config import ModelConfig
     from transxssm_megatron.model.builder import build_model, build_transformer_config
-    from megatron_cpu import install_cpu_shim
+    from transxssm_megatron.training.cpu_backend import install_cpu_backend
 
-    install_cpu_shim()
+    install_cpu_backend()
     cfg = ModelConfig.from_preset("tiny", hidden_size=64, ffn_hidden_size=128, state_size=16, vocab_size=VOCAB,
                                   max_seq_length=SEQ)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()

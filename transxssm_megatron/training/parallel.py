@@ -12,17 +12,15 @@ to 127.0.0.1 and a free port. Backend: NCCL on GPU, gloo on CPU.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 
 from transxssm_megatron.config import ConfigError
+from transxssm_megatron.training.cpu_backend import install_cpu_backend
 
 
 @dataclass
@@ -100,7 +98,7 @@ def setup(cfg) -> World:
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
-        _install_cpu_shim()
+        install_cpu_backend()
         backend = "gloo"
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
@@ -119,22 +117,6 @@ def setup(cfg) -> World:
         torch.use_deterministic_algorithms(True, warn_only=True)
     return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
                  tp=p.tp, pp=p.pp, vpp=p.vpp, dp=dp)
-
-
-def _install_cpu_shim() -> None:
-    """megatron-core hard-codes CUDA in a few bookkeeping spots. Without a GPU (the demo, CI) we load the
-    checkout's CPU shim, tests/megatron_cpu.py: it stays out of the installed package on purpose, so that
-    nothing on a GPU can depend on it."""
-    if "megatron_cpu" not in sys.modules:
-        shim = Path(__file__).resolve().parents[2] / "tests" / "megatron_cpu.py"
-        if not shim.is_file():
-            raise ConfigError(f"train.device: no GPU is visible and the CPU shim {shim} is missing; CPU runs "
-                              f"(demo, tests) need a source checkout of transxssm-megatron, GPU runs do not")
-        spec = importlib.util.spec_from_file_location("megatron_cpu", shim)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["megatron_cpu"] = module
-        spec.loader.exec_module(module)
-    sys.modules["megatron_cpu"].install_cpu_shim()
 
 
 def seed_everything(seed: int) -> None:

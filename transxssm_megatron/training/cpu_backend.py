@@ -1,13 +1,12 @@
-"""CPU shim: lets megatron-core 0.19.2 run over gloo on a machine without CUDA (tests, the CPU demo, CI).
+"""CPU backend: lets megatron-core 0.19.2 run over gloo on a machine without CUDA (CPU training, the demo, tests, CI).
 
-Kept in tests/ on purpose: the installed package never contains it, so GPU runs cannot depend on it. The tests
-import it directly; `transxssm train` on a machine without a GPU loads it from the checkout
-(transxssm_megatron/training/parallel.py). `install_cpu_shim()` is idempotent and a no-op when CUDA exists.
+`install_cpu_backend()` is idempotent and a no-op when CUDA exists: training calls it only when it runs on the CPU
+(parallel.setup), so nothing on a GPU depends on it; the tests call it too.
 
 megatron-core is written for GPUs: a handful of modules create small bookkeeping tensors with a hard-coded
 ``device='cuda'`` (the fp32 optimizer's scale, the grad-norm all-reduce, the schedules' token counter, ...),
 ask ``torch.cuda.current_device()`` for buffer placement, synchronize CUDA, and fork the CUDA RNG for
-tensor-parallel regions. The shim redirects exactly those spots (docs/ENGINEERING.md lists them):
+tensor-parallel regions. The shim redirects exactly those spots (one place, below):
 
 1. In the listed megatron modules, the module-level name ``torch`` is replaced by a thin proxy whose factory
    functions (``tensor``, ``zeros``, ``empty``, ...) map a CUDA device argument to the CPU; everything else
@@ -87,7 +86,7 @@ class _NullStream:
         pass
 
 
-def install_cpu_shim() -> None:
+def install_cpu_backend() -> None:
     """Redirect megatron-core's CUDA-only bookkeeping to the CPU (see the module docstring). Idempotent."""
     global _ENABLED
     if _ENABLED or torch.cuda.is_available():
