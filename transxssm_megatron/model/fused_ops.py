@@ -124,25 +124,30 @@ def rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_pe
 
 # ------------------------------------------------------------------------------------------------ SS mixer
 @fusible
-def split_projection(proj: torch.Tensor, groups: int, z_width: int, conv_width: int, dt_width: int
-                     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """The SS mixer's in_proj output, laid out per group as [z | x B C | dt], into contiguous pieces.
+def split_projection(proj: torch.Tensor, groups: int, widths: tuple[int, int, int, int, int],
+                     conv_weight: torch.Tensor | None, conv_bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The SS mixer's in_proj output, laid out per group as [z | x B C | dt], into the SSD's contiguous inputs.
 
-    proj (l, b, groups * (z_width + conv_width + dt_width)) -> z (l, b, groups, z_width) or None,
-    xbc (l, b, groups, conv_width), dt (l, b, groups * dt_width). One pass over proj; its gradient is assembled
-    in one pass too. xbc's rows stay 16-byte aligned (conv_width = x + 2N channels), so x, B and C can be handed
-    to the SSD kernel as views of it."""
+    proj (l, b, groups * sum(widths)), widths = (z, x, N, N, dt) channels per group -> z (l, b, groups, z) or None,
+    x (l, b, groups, x), B, C (l, b, groups, N), dt (l, b, groups * dt). With conv_weight (C, 1, w) and conv_bias
+    (C,) over the x|B|C channels, those pass through the causal conv + SiLU first (`causal_conv_silu`). Compiled,
+    this is one read of proj forward and one write of its gradient backward, straight from the pieces' gradients."""
     l, b = proj.shape[:2]
-    z, xbc, dt = proj.view(l, b, groups, -1).split([z_width, conv_width, dt_width], dim=-1)
-    return (z.contiguous() if z_width else None), xbc.contiguous(), dt.reshape(l, b, groups * dt_width)
+    z_w, x_w, n, _, dt_w = widths
+    z, xbc, dt = proj.view(l, b, groups, -1).split([z_w, x_w + 2 * n, dt_w], dim=-1)
+    if conv_weight is not None:
+        xbc = causal_conv_silu(xbc.reshape(l, b, -1), conv_weight, conv_bias).view(l, b, groups, -1)
+    x, B, C = xbc.split([x_w, n, n], dim=-1)
+    return ((z.contiguous() if z_w else None), x.contiguous(), B.contiguous(), C.contiguous(),
+            dt.reshape(l, b, groups * dt_w))
 
 
-@fusible
 def causal_conv_silu(xbc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Depthwise causal conv along l + SiLU. xbc (l, b, C) -> same; weight (C, 1, w), bias (C,).
 
     Written as w shifted multiply-adds over the sequence rather than a convolution call: with the channels
-    contiguous this is one elementwise kernel forward (and elementwise + one reduction backward)."""
+    contiguous, torch.compile makes it part of the elementwise kernel around it (`split_projection`), where a
+    depthwise conv1d call would be a separate, slow kernel on transposed copies."""
     l, width = xbc.shape[0], weight.shape[-1]
     x = F.pad(xbc.float(), (0, 0, 0, 0, width - 1, 0))          # (l + w - 1, b, C): zeros before the start
     w = weight.float()[:, 0, :]                                 # (C, w)

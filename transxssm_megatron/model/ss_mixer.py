@@ -33,7 +33,7 @@ from megatron.core.transformer.utils import (
 from transxssm_kernels.rope_ssd import rope_ssd, ssd_chunked_reference
 
 from ..config import ModelConfig
-from .fused_ops import causal_conv_silu, gate_norm, split_projection
+from .fused_ops import gate_norm, split_projection
 from .norms import param_device
 from .rope import RopeTables
 
@@ -116,11 +116,9 @@ class SSMixer(MegatronModule):
     def forward(self, hidden_states: torch.Tensor, rope: RopeTables | None = None) -> torch.Tensor:
         proj, _ = self.in_proj(hidden_states)                                       # (l, b, G_loc * width)
         l, b = proj.shape[:2]
-        z, xbc, dt = split_projection(proj, self.groups_local, self.z_width, self.conv_width, self.heads_per_group)
-        if self.conv1d_weight is not None:
-            xbc = causal_conv_silu(xbc.view(l, b, -1), self.conv1d_weight, self.conv1d_bias).view_as(xbc)
-        x, B, C = xbc.split([self.x_width, self.N, self.N], dim=-1)                # views (l, b, G_loc, .)
-        x = x.reshape(l, b, self.heads_local, self.P)                               # a view when G = H
+        widths = (self.z_width, self.x_width, self.N, self.N, self.heads_per_group)
+        z, x, B, C, dt = split_projection(proj, self.groups_local, widths, self.conv1d_weight, self.conv1d_bias)
+        x = x.view(l, b, self.heads_local, self.P)                                  # B, C: (l, b, G_loc, N)
 
         cos = sin = None
         if self.use_rope:
