@@ -18,11 +18,8 @@ import torch.nn.functional as F
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-from test_model_gpu import build  # noqa: E402  (same folder)
-
-from transxssm_megatron.config import ModelConfig  # noqa: E402
-from transxssm_megatron.model import fused_ops  # noqa: E402
-from transxssm_megatron.model.lm_loss import cross_entropy_grad, linear_cross_entropy, logsumexp_and_target  # noqa
+# The product is imported inside the tests: importing the model at collection time would build the Triton kernels
+# before tests/kernels switches them to the CPU interpreter (a CPU run collects this file too).
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -31,6 +28,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def compare_op(fn, args: list, tol_bf16: float = 1e-2, tol_fp32: float = 1e-5) -> None:
     """fn's compiled twin against fn.reference on `args` (tensors that are floating point get gradients)."""
+    from transxssm_megatron.model import fused_ops
+
     outs = {}
     for name, impl in (("fused", fn), ("eager", fn.reference)):
         leaves = [a.detach().clone().requires_grad_(a.is_floating_point()) if torch.is_tensor(a) else a for a in args]
@@ -59,6 +58,8 @@ def rand(*shape, dtype=torch.bfloat16, scale=1.0):
 
 
 def test_compiled_elementwise_ops_match_eager():
+    from transxssm_megatron.model import fused_ops
+
     torch.manual_seed(0)
     l, b, d = 512, 2, 768
     h, update, w = rand(l, b, d), rand(l, b, d), rand(d, scale=0.1) + 1
@@ -79,6 +80,8 @@ def test_compiled_elementwise_ops_match_eager():
 
 
 def test_cross_entropy_pieces_match_eager():
+    from transxssm_megatron.model.lm_loss import cross_entropy_grad, logsumexp_and_target
+
     logits = rand(1000, 5000, scale=3.0)
     target = torch.randint(-100, 5000, (1000,), device="cuda")
     valid = (target >= 0) & (target < 5000)
@@ -89,6 +92,8 @@ def test_cross_entropy_pieces_match_eager():
 
 
 def test_linear_cross_entropy_matches_full_logits_bf16():
+    from transxssm_megatron.model.lm_loss import linear_cross_entropy
+
     torch.manual_seed(1)
     T, d, V = 5000, 512, 50304
     hidden = rand(T, d).requires_grad_(True)
@@ -109,6 +114,11 @@ def test_linear_cross_entropy_matches_full_logits_bf16():
 @pytest.mark.parametrize("architecture", ["transxssm", "jamba", "transformer"])
 def test_model_fused_matches_reference(architecture):
     """320m-shaped, 4 layers (attention every 2nd), bf16: loss and every gradient, fused against the eager path."""
+    from test_model_gpu import build
+
+    from transxssm_megatron.config import ModelConfig
+    from transxssm_megatron.model import fused_ops
+
     cfg = ModelConfig.from_preset("320m", architecture=architecture, num_layers=4, attention_period=2,
                                   attention_offset=1)
     model = build(cfg, torch.bfloat16)
