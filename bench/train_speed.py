@@ -14,6 +14,8 @@ and, with --anchor, the baseline script (a ~150-line PyTorch model of the same a
 block and our SSD kernel) with the same shapes. tokens/s is the median over the logged intervals after the
 first (which holds compilation and warm-up); each run does about --micro-batches micro-batches. --profile adds, per row and named variant, a torch.profiler breakdown of a
 step's GPU time by kind of work (matmuls, SSD kernels, attention, compiled elementwise, eager elementwise, optimizer, ...).
+--loss-curve DATA_DIR trains 320m fused and reference side by side on real preprocessed data (same seed, data order
+and schedule) and compares the two loss curves step by step.
 
 Writes OUT/train-speed.json: `rows` (one object per row: model, seq_length, micro_batch_size, ours_tokens_per_s,
 anchor_tokens_per_s, ours_mfu, mem_gib, and per-variant details), the date, commit, GPU and versions, and every
@@ -165,6 +167,34 @@ def profile(row: str, variant: str, args) -> dict:
             "top_kernels_ms": dict(sorted(((k, round(v, 3)) for k, v in top.items()), key=lambda kv: -kv[1])[:25])}
 
 
+def loss_curves(args, log) -> dict:
+    """The fused path and the eager reference trained side by side: same data, seed and schedule, 320m at l=4096."""
+    prefixes = "[" + ",".join(str(p.with_suffix("")) for p in sorted(Path(args.loss_curve).resolve().glob("*.idx"))) + "]"
+    common = ["train.seq_length=4096", "model.max_seq_length=4096", "train.micro_batch_size=4",
+              "train.global_batch_size=8", f"train.steps={args.curve_steps}", "train.eval_interval=0",
+              "train.eval_iters=0", "logging.interval=1", "logging.tensorboard=false", "checkpoint.interval=0",
+              "checkpoint.save_at_end=false", "checkpoint.resume=none", f"data.prefixes={prefixes}",
+              "data.split=100,0,0"]
+    curves = {}
+    for variant in ("fused", "reference"):
+        run_dir = Path(args.work) / f"curve-{variant}"
+        cmd = [sys.executable, "-m", "transxssm_megatron.cli", "train", "--config", "configs/320m.yaml", *common,
+               f"logging.run_dir={run_dir}", *VARIANTS[variant]]
+        rc, wall = run(cmd, log, args.timeout)
+        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] \
+            if (run_dir / "metrics.jsonl").is_file() else []
+        curves[variant] = {"command": " ".join(cmd), "exit_code": rc, "wall_s": round(wall, 1),
+                           "loss": [r["loss"] for r in records if "loss" in r]}
+    a, b = curves["fused"]["loss"], curves["reference"]["loss"]
+    n = min(len(a), len(b))
+    diffs = [abs(x - y) for x, y in zip(a, b)]
+    tail = slice(max(0, n - 50), n)
+    return {"data": prefixes, "steps": n, **curves,
+            "max_abs_diff": max(diffs, default=None), "mean_abs_diff_last_50": statistics.mean(diffs[tail]) if n else None,
+            "mean_loss_last_50": {"fused": statistics.mean(a[tail]) if n else None,
+                                  "reference": statistics.mean(b[tail]) if n else None}}
+
+
 def environment() -> dict:
     import torch
     import triton
@@ -185,7 +215,8 @@ def environment() -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="folder for train-speed.json and the logs")
-    parser.add_argument("--rows", default="320m_4k,1.3b_4k", help=f"comma-separated, from: {', '.join(ROWS)}")
+    parser.add_argument("--rows", default="320m_4k,1.3b_4k", help=f"comma-separated, from: {', '.join(ROWS)}; "
+                        "empty: none")
     parser.add_argument("--variants", default="fused", help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--anchor", help="the baseline script (anchor_compiled.py); omitted: no baseline runs")
     parser.add_argument("--accumulation", default="1", help="micro-batches per optimizer step, comma-separated")
@@ -194,12 +225,16 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=420, help="seconds per run")
     parser.add_argument("--profile", default="", help="variants to profile (one step each) per row, e.g. fused")
     parser.add_argument("--profile-only", nargs=2, metavar=("ROW", "VARIANT"), help=argparse.SUPPRESS)
+    parser.add_argument("--loss-curve", metavar="DATA_DIR", help="folder of preprocessed prefixes (*.bin/.idx): also "
+                        "train 320m fused and reference side by side on them and compare the loss curves")
+    parser.add_argument("--curve-steps", type=int, default=200)
     parser.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/transxssm_speed"))
     args = parser.parse_args()
     if args.profile_only:  # child process of --profile: print the breakdown as one JSON line
         print("PROFILE " + json.dumps(profile(*args.profile_only, args)), flush=True)
         return 0
-    unknown = [r for r in args.rows.split(",") if r not in ROWS] + \
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in ROWS] + \
         [v for v in args.variants.split(",") + args.profile.split(",") if v and v not in VARIANTS]
     if unknown:
         parser.error(f"unknown row or variant: {', '.join(unknown)}")
@@ -210,7 +245,7 @@ def main() -> int:
     path = args.out / "train-speed.json"
     result = {"benchmark": "train-speed", **environment(), "rows": [], "profiles": []}
     with open(args.out / "train-speed.log", "a") as log:
-        for row in args.rows.split(","):
+        for row in rows:
             config, arch, size, seq, mbs = ROWS[row]
             entry = {"model": f"{config.split('_')[0] if '_' in config else 'transxssm'}_{size}", "seq_length": seq,
                      "micro_batch_size": mbs, "variants": {}}
@@ -241,14 +276,21 @@ def main() -> int:
                     result["profiles"].append(json.loads(line[8:]) if line else
                                               {"row": row, "variant": variant, "error": proc.stderr[-800:]})
             path.write_text(json.dumps(result, indent=1))
+        if args.loss_curve:
+            result["loss_curve"] = loss_curves(args, log)
+            path.write_text(json.dumps(result, indent=1))
     print(f"\n{'row':<22}{'variant':<16}{'tok/s':>10}{'MFU':>7}{'GiB':>6}{'anchor':>10}{'ratio':>7}")
-    for entry, row in zip(result["rows"], args.rows.split(",")):
+    for entry, row in zip(result["rows"], rows):
         for name, v in entry["variants"].items():
             a = entry["anchor_tokens_per_s"]
             ratio = f"{v['tokens_per_s'] / a:.2f}" if a and v["tokens_per_s"] else "-"
             fmt = lambda x, f: f.format(x) if x is not None else "-"
             print(f"{row:<22}{name:<16}{fmt(v['tokens_per_s'], '{:,.0f}'):>10}{fmt(v['mfu'], '{:.1%}'):>7}"
                   f"{fmt(v['mem_gib'], '{:.0f}'):>6}{fmt(a, '{:,.0f}'):>10}{ratio:>7}")
+    if "loss_curve" in result:
+        c = result["loss_curve"]
+        print(f"loss curves over {c['steps']} steps: max |fused - reference| {c['max_abs_diff']}, mean over the last "
+              f"50 {c['mean_abs_diff_last_50']}, mean loss {c['mean_loss_last_50']}")
     for p in result["profiles"]:
         if "kinds" in p:
             parts = ", ".join(f"{n.split(' (')[0]} {k['ms']:.1f}" for n, k in p["kinds"].items() if k["ms"] > 0.05)
