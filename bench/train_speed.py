@@ -169,7 +169,8 @@ def profile(row: str, variant: str, args) -> dict:
 
 def loss_curves(args, log) -> dict:
     """The fused path and the eager reference trained side by side: same data, seed and schedule, 320m at l=4096."""
-    prefixes = "[" + ",".join(str(p.with_suffix("")) for p in sorted(Path(args.loss_curve).resolve().glob("*.idx"))) + "]"
+    found = sorted(Path(args.loss_curve).resolve().glob("*.idx"))
+    prefixes = "[" + ",".join(str(p.with_suffix("")) for p in found) + "]"
     common = ["train.seq_length=4096", "model.max_seq_length=4096", "train.micro_batch_size=4",
               "train.global_batch_size=8", f"train.steps={args.curve_steps}", "train.eval_interval=0",
               "train.eval_iters=0", "logging.interval=1", "logging.tensorboard=false", "checkpoint.interval=0",
