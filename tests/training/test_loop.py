@@ -200,3 +200,26 @@ def test_interleaved_pipeline_step_equals_one_process(tmp_path):
     for loss, grad_norm in results:
         assert loss == pytest.approx(expected["loss"], rel=1e-5)
         assert grad_norm == pytest.approx(expected["grad_norm"], rel=1e-4)
+
+
+def _step_with(run_dir: Path, **train):
+    cfg = _mock_config(run_dir, **train)
+    trainer = Trainer(cfg)
+    try:
+        batches = data_lib.train_batches(trainer.datasets.train, 0, cfg, trainer.world)
+        return trainer.train_step(batches)["loss"], _flat_grads(trainer)
+    finally:
+        trainer.close()
+        parallel.teardown()
+
+
+@pytest.mark.parametrize("option", [{"recompute": True}, {"fused": False}], ids=["recompute", "unfused"])
+def test_speed_options_keep_loss_and_gradients(tmp_path, option):
+    """train.recompute (activations recomputed in backward) and train.fused=false (megatron's LM head and
+    cross-entropy instead of the chunked one) change no result: same loss and gradients as the default (fp32,
+    relative 1e-6 and 1e-5)."""
+    loss, grads = _step_with(tmp_path / "default")
+    other_loss, other_grads = _step_with(tmp_path / "other", **option)
+    assert grads.abs().sum() > 0
+    assert abs(other_loss - loss) < 1e-6 * abs(loss)
+    assert ((other_grads - grads).norm() / grads.norm()).item() < 1e-5   # fp32 sums in another order

@@ -60,6 +60,8 @@ def build_model_chunks(cfg: RunConfig, world: parallel.World, bf16: bool) -> lis
         # for interleaved schedules).
         batch_p2p_sync=world.on_gpu and not world.vpp,
         batch_p2p_comm=world.on_gpu and not world.vpp,
+        **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+           if cfg.train.recompute else {}),
     )
     chunks = []
     for vp_stage in range(world.vpp or 1):

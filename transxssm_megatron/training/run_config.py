@@ -49,6 +49,8 @@ class TrainConfig:
                                          # head + cross-entropy chunked; false: the eager reference path
     cuda_graph: bool = False             # replay each step's forward+backward as one captured CUDA graph: takes
                                          # the CPU's kernel launches out of the step (GPU only)
+    recompute: bool = False              # recompute each sub-layer's activations in backward: far less activation
+                                         # memory (long contexts, larger micro-batches) for ~1/3 more compute
     exit_after_steps: Optional[int] = None  # stop (with a checkpoint) after reaching this step; for demos/tests
     time_limit_minutes: Optional[float] = None  # stop (with a checkpoint) once training ran this long
 
