@@ -9,6 +9,7 @@ per variant and per number of micro-batches accumulated into each optimizer step
 share), variants being:
   fused      the default: elementwise work compiled, chunked LM head + cross-entropy, fused AdamW
   graph      fused + train.cuda_graph=true (forward+backward replayed as one CUDA graph)
+  recompute  fused + train.recompute=true (activations recomputed in backward: long contexts)
   reference  train.fused=false: the eager path the fused one is checked against
 and, with --anchor, the baseline script (a ~150-line PyTorch model of the same architecture with torch.compile per
 block and our SSD kernel) with the same shapes. tokens/s is the median over the logged intervals after the
@@ -50,7 +51,8 @@ ROWS = {
     "1.3b_16k": ("1.3b", "hybrid", "1.3b", 16384, 1),
     "1.3b_32k": ("1.3b", "hybrid", "1.3b", 32768, 1),
 }
-VARIANTS = {"fused": [], "graph": ["train.cuda_graph=true"], "reference": ["train.fused=false"]}
+VARIANTS = {"fused": [], "graph": ["train.cuda_graph=true"], "recompute": ["train.recompute=true"],
+            "reference": ["train.fused=false"]}
 
 # Kernel name fragments -> kind of work, first match wins (names from PyTorch 2.11 / Triton 3.6 on an H200).
 KINDS = [
