@@ -72,3 +72,16 @@ def test_model_loss_matches_megatron_path(tp, sequence_parallel):
     for name, grad in ref["grads"].items():
         err = ((ours["grads"][name] - grad).norm() / grad.norm().clamp(min=1e-30)).item()
         assert err < 1e-5, f"{name}: relative gradient error {err:.2e}"
+
+
+def test_no_gradient_work_under_no_grad(monkeypatch):
+    """Validation runs under no_grad: the same loss, and the gradient of the logits is never formed."""
+    import transxssm_megatron.model.lm_loss as lm_loss
+
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(20, 8, generator=g), torch.randn(30, 8, generator=g, requires_grad=True)
+    labels, mask = torch.randint(0, 30, (20,), generator=g), torch.ones(20)
+    expected = linear_cross_entropy(hidden, weight, labels, mask, chunk_tokens=8).detach()
+    monkeypatch.setattr(lm_loss, "cross_entropy_grad", lambda *a: pytest.fail("gradient formed under no_grad"))
+    with torch.no_grad():
+        assert torch.equal(linear_cross_entropy(hidden, weight, labels, mask, chunk_tokens=8), expected)

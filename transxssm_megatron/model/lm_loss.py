@@ -70,11 +70,11 @@ def _accumulate_wgrad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torc
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, loss_mask, tp_group, chunk_tokens):
+    def forward(ctx, hidden, weight, labels, loss_mask, tp_group, chunk_tokens, with_grads):
         tp = tp_group.size() if tp_group is not None else 1
         vocab_local = weight.shape[0]
         first = (tp_group.rank() if tp > 1 else 0) * vocab_local
-        want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_dh, want_dw = with_grads and ctx.needs_input_grad[0], with_grads and ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_dh else None
         acc = _math_dtype(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_dw else None
@@ -105,7 +105,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         dh = grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None
         dw = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
@@ -117,4 +117,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if labels.shape != hidden.shape[:1] or loss_mask.shape != hidden.shape[:1]:
         raise ValueError(f"labels and loss_mask must have shape ({hidden.shape[0]},), got {tuple(labels.shape)} "
                          f"and {tuple(loss_mask.shape)}")
-    return _LinearCrossEntropy.apply(hidden, weight, labels, loss_mask, tp_group, chunk_tokens)
+    # Under no_grad (validation) the gradients are not formed: autograd.Function cannot tell from inside.
+    return _LinearCrossEntropy.apply(hidden, weight, labels, loss_mask, tp_group, chunk_tokens,
+                                     torch.is_grad_enabled())
