@@ -108,11 +108,13 @@ def _mixers_vs_reference(overrides):
     with torch.no_grad():
         got_ss, got_sa = ss(x, rope=tables), sa(x, rope=tables)
 
-        # SS: in_proj rows group by group = [x (h_g P) | B (N) | C (N) | dt (h_g)], then SSD(softplus(dt), A=-exp(A_log))
+        # SS: in_proj rows group by group = [x (h_g P) | B (N) | C (N)], dt_proj one row per head, then
+        # SSD(softplus(dt), A=-exp(A_log))
         H, P, N, G = cfg.num_attention_heads, cfg.head_dim, cfg.state_size, cfg.ss_groups
         hg = H // G
-        u = (x.transpose(0, 1).double() @ ss.in_proj.weight.double().T).reshape(B, L, G, hg * P + 2 * N + hg)
-        xs, Bm, Cm, dt = u.split([hg * P, N, N, hg], dim=-1)
+        u = (x.transpose(0, 1).double() @ ss.in_proj.weight.double().T).reshape(B, L, G, hg * P + 2 * N)
+        xs, Bm, Cm = u.split([hg * P, N, N], dim=-1)
+        dt = x.transpose(0, 1).double() @ ss.dt_proj.weight.double().T
         cos, sin = tables.state
         y = ssd_naive(xs.reshape(B, L, H, P), dt.reshape(B, L, H), -torch.exp(ss.A_log.double()), Bm, Cm,
                       dt_softplus=True, rope_cos=cos.double(), rope_sin=sin.double())

@@ -124,22 +124,21 @@ def rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_pe
 
 # ------------------------------------------------------------------------------------------------ SS mixer
 @fusible
-def split_projection(proj: torch.Tensor, groups: int, widths: tuple[int, int, int, int, int],
+def split_projection(proj: torch.Tensor, groups: int, widths: tuple[int, int, int, int],
                      conv_weight: torch.Tensor | None, conv_bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """The SS mixer's in_proj output, laid out per group as [z | x B C | dt], into the SSD's contiguous inputs.
+    """The SS mixer's in_proj output, laid out per group as [z | x B C], into the SSD's contiguous inputs.
 
-    proj (l, b, groups * sum(widths)), widths = (z, x, N, N, dt) channels per group -> z (l, b, groups, z) or None,
-    x (l, b, groups, x), B, C (l, b, groups, N), dt (l, b, groups * dt). With conv_weight (C, 1, w) and conv_bias
-    (C,) over the x|B|C channels, those pass through the causal conv + SiLU first (`causal_conv_silu`). Compiled,
-    this is one read of proj forward and one write of its gradient backward, straight from the pieces' gradients."""
+    proj (l, b, groups * sum(widths)), widths = (z, x, N, N) channels per group -> z (l, b, groups, z) or None,
+    x (l, b, groups, x), B, C (l, b, groups, N). With conv_weight (C, 1, w) and conv_bias (C,) over the x|B|C
+    channels, those pass through the causal conv + SiLU first (`causal_conv_silu`). Compiled, this is one read of
+    proj forward and one write of its gradient backward, straight from the pieces' gradients."""
     l, b = proj.shape[:2]
-    z_w, x_w, n, _, dt_w = widths
-    z, xbc, dt = proj.view(l, b, groups, -1).split([z_w, x_w + 2 * n, dt_w], dim=-1)
+    z_w, x_w, n, _ = widths
+    z, xbc = proj.view(l, b, groups, -1).split([z_w, x_w + 2 * n], dim=-1)
     if conv_weight is not None:
         xbc = causal_conv_silu(xbc.reshape(l, b, -1), conv_weight, conv_bias).view(l, b, groups, -1)
     x, B, C = xbc.split([x_w, n, n], dim=-1)
-    return ((z.contiguous() if z_w else None), x.contiguous(), B.contiguous(), C.contiguous(),
-            dt.reshape(l, b, groups * dt_w))
+    return (z.contiguous() if z_w else None), x.contiguous(), B.contiguous(), C.contiguous()
 
 
 def causal_conv_silu(xbc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
