@@ -111,7 +111,7 @@ def setup(cfg) -> World:
         pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp,
     )
-    seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed, graph_safe=cfg.train.cuda_graph and device.type == "cuda")
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable GEMMs
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -119,8 +119,10 @@ def setup(cfg) -> World:
                  tp=p.tp, pp=p.pp, vpp=p.vpp, dp=dp)
 
 
-def seed_everything(seed: int) -> None:
-    """Same seed on every rank; megatron's tracker gives TP ranks their own stream for TP-split regions."""
+def seed_everything(seed: int, graph_safe: bool = False) -> None:
+    """Same seed on every rank; megatron's tracker gives TP ranks their own stream for TP-split regions.
+    `graph_safe`: the tracker holds torch.Generator objects, which a captured CUDA graph can register and advance
+    (train.cuda_graph)."""
     import random
 
     import numpy as np
@@ -129,7 +131,7 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=graph_safe)
 
 
 def teardown() -> None:
