@@ -13,8 +13,9 @@ share), variants being:
   reference  train.fused=false: the eager path the fused one is checked against
 and, with --anchor, the baseline script (a ~150-line PyTorch model of the same architecture with torch.compile per
 block and our SSD kernel) with the same shapes. tokens/s is the median over the logged intervals after the
-first (which holds compilation and warm-up); each run does about --micro-batches micro-batches. --profile adds, per row and named variant, a torch.profiler breakdown of a
-step's GPU time by kind of work (matmuls, SSD kernels, attention, compiled elementwise, eager elementwise, optimizer, ...).
+first (which holds compilation and warm-up); each run does about --micro-batches micro-batches. --profile adds,
+per row and named variant, a torch.profiler breakdown of a step's GPU time by kind of work (matmuls, SSD kernels,
+attention, compiled elementwise, eager elementwise, optimizer, ...).
 --loss-curve DATA_DIR trains 320m fused and reference side by side on real preprocessed data (same seed, data order
 and schedule) and compares the two loss curves step by step.
 
@@ -193,7 +194,8 @@ def loss_curves(args, log) -> dict:
     diffs = [abs(x - y) for x, y in zip(a, b)]
     tail = slice(max(0, n - 50), n)
     return {"data": prefixes, "steps": n, **curves,
-            "max_abs_diff": max(diffs, default=None), "mean_abs_diff_last_50": statistics.mean(diffs[tail]) if n else None,
+            "max_abs_diff": max(diffs, default=None),
+            "mean_abs_diff_last_50": statistics.mean(diffs[tail]) if n else None,
             "mean_loss_last_50": {"fused": statistics.mean(a[tail]) if n else None,
                                   "reference": statistics.mean(b[tail]) if n else None}}
 
@@ -210,7 +212,8 @@ def environment() -> dict:
     except (OSError, subprocess.CalledProcessError):
         commit = os.environ.get("TRANSXSSM_COMMIT", "unknown")
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "python": sys.version.split()[0], "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": sys.version.split()[0], "torch": torch.__version__,
             "triton": triton.__version__, "megatron_core": megatron.core.__version__, "cuda": torch.version.cuda,
             "command": " ".join([Path(sys.executable).name, *sys.argv])}
 
@@ -220,7 +223,8 @@ def main() -> int:
     parser.add_argument("out", type=Path, help="folder for train-speed.json and the logs")
     parser.add_argument("--rows", default="320m_4k,1.3b_4k", help=f"comma-separated, from: {', '.join(ROWS)}; "
                         "empty: none")
-    parser.add_argument("--variants", default="fused", help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default="fused", help=f"comma-separated, from: {', '.join(VARIANTS)}; "
+                        "VARIANT/accN fixes the micro-batches per step of that run")
     parser.add_argument("--anchor", help="the baseline script (anchor_compiled.py); omitted: no baseline runs")
     parser.add_argument("--accumulation", default="1", help="micro-batches per optimizer step, comma-separated")
     parser.add_argument("--micro-batches", type=int, default=60, help="micro-batches per run of ours")
@@ -237,8 +241,12 @@ def main() -> int:
         print("PROFILE " + json.dumps(profile(*args.profile_only, args)), flush=True)
         return 0
     rows = [r for r in args.rows.split(",") if r]
+    runs = []   # (variant, micro-batches per step): "graph/acc8" names both, "graph" takes every --accumulation
+    for item in args.variants.split(","):
+        variant, _, acc = item.partition("/acc")
+        runs += [(variant, int(acc))] if acc else [(variant, int(a)) for a in args.accumulation.split(",")]
     unknown = [r for r in rows if r not in ROWS] + \
-        [v for v in args.variants.split(",") + args.profile.split(",") if v and v not in VARIANTS]
+        [v for v in [v for v, _ in runs] + args.profile.split(",") if v and v not in VARIANTS]
     if unknown:
         parser.error(f"unknown row or variant: {', '.join(unknown)}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -252,18 +260,19 @@ def main() -> int:
             config, arch, size, seq, mbs = ROWS[row]
             entry = {"model": f"{config.split('_')[0] if '_' in config else 'transxssm'}_{size}", "seq_length": seq,
                      "micro_batch_size": mbs, "variants": {}}
-            for variant in args.variants.split(","):
-                for acc in map(int, args.accumulation.split(",")):
-                    name = f"{variant}/acc{acc}"
-                    entry["variants"][name] = ours(row, variant, acc, args, log)
-                    print(f"[bench] {row} {name}: {entry['variants'][name]['tokens_per_s']}", flush=True)
+            for variant, acc in runs:
+                name = f"{variant}/acc{acc}"
+                entry["variants"][name] = ours(row, variant, acc, args, log)
+                print(f"[bench] {row} {name}: {entry['variants'][name]['tokens_per_s']}", flush=True)
             entry["anchor"] = anchor(row, args, log)
             # The headline: the default path (fused, no graph) at the largest accumulation measured, and the same at
             # one micro-batch per step (the baseline script's step) for the strict comparison.
-            accs = sorted(map(int, args.accumulation.split(",")))
-            main = entry["variants"].get(f"fused/acc{accs[-1]}", {})
-            strict = entry["variants"].get("fused/acc1", {})
-            entry.update(micro_batches_per_step=accs[-1], ours_tokens_per_s=main.get("tokens_per_s"),
+            default = "graph" if any(v == "graph" for v, _ in runs) else "fused"
+            accs = sorted(acc for v, acc in runs if v == default) or [1]
+            main = entry["variants"].get(f"{default}/acc{accs[-1]}", {})
+            strict = entry["variants"].get(f"{default}/acc1", {})
+            entry.update(ours_variant=default, micro_batches_per_step=accs[-1],
+                         ours_tokens_per_s=main.get("tokens_per_s"),
                          ours_mfu=main.get("mfu"), mem_gib=main.get("mem_gib"),
                          ours_tokens_per_s_one_micro_batch_per_step=strict.get("tokens_per_s"),
                          anchor_tokens_per_s=(entry["anchor"] or {}).get("tokens_per_s"),
