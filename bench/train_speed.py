@@ -206,11 +206,13 @@ def environment() -> dict:
 
     import megatron.core
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("TRANSXSSM_COMMIT", "unknown")
+    commit = os.environ.get("TRANSXSSM_COMMIT")   # set when the tree was copied without its git history
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                    check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": sys.version.split()[0], "torch": torch.__version__,
