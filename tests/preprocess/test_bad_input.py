@@ -1,4 +1,5 @@
-"""Bad input: a clear error naming the file and line/row, or (with skip_bad) skipped and counted; never a dataset."""
+"""Bad input: a clear error naming the file and line/row, or (with skip_bad) skipped and counted; never a dataset.
+Empty documents are not bad input: they are always skipped and counted."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ JSONL_CASES = {
     "not_an_object": (b'["text", "in a list"]\n', "malformed_json", "not an object"),
     "missing_text": (b'{"content": "wrong key"}\n', "missing_text_column", "text column is absent"),
     "null_text": (b'{"text": null}\n', "null_text", "null"),
-    "empty_text": (b'{"text": "  \\n "}\n', "empty_text", "empty"),
     "number_text": (b'{"text": 42}\n', "not_a_string", "not a string"),
     "invalid_utf8": (b'{"text": "caf\xe9 au lait"}\n', "invalid_utf8", "UTF-8"),
     "lone_surrogate": (b'{"text": "bad \\ud800 escape"}\n', "invalid_utf8", "UTF-8"),
@@ -45,7 +45,7 @@ def test_jsonl_bad_line_error_then_skip(tmp_path, tokenizer_path, tokenizer, cas
 
     stats = preprocess([str(src)], tmp_path / "out", str(tokenizer_path), max_doc_chars=1000, skip_bad=True,
                        progress=False)
-    assert stats["skipped"] == {reason: 1} and stats["documents"] == len(GOOD)
+    assert stats["skipped"] == {reason: 1} and stats["documents"] == len(GOOD) and stats["empty_skipped"] == 0
     assert stats["skipped_examples"] == [f"{src}:line 3: {reason}"]
     assert [tokenizer.decode(d[:-1].tolist()) for d in read_documents(tmp_path / "out")] == GOOD
 
@@ -57,8 +57,9 @@ def test_parquet_null_empty_and_long_rows(tmp_path, tokenizer_path):
         preprocess([str(src)], tmp_path / "out", str(tokenizer_path), max_doc_chars=1000, progress=False)
     stats = preprocess([str(src)], tmp_path / "out", str(tokenizer_path), max_doc_chars=1000, skip_bad=True,
                        progress=False)
-    assert stats["skipped"] == {"null_text": 1, "empty_text": 1, "too_long": 1} and stats["documents"] == 3
-    assert stats["skipped_examples"][2] == f"{src}:row 4: too_long"
+    assert stats["skipped"] == {"null_text": 1, "too_long": 1} and stats["documents"] == 3
+    assert stats["empty_skipped"] == 1  # the "" row: skipped and counted, never bad input
+    assert stats["skipped_examples"][1] == f"{src}:row 4: too_long"
 
 
 def test_parquet_missing_text_column(tmp_path, tokenizer_path):

@@ -121,7 +121,8 @@ def test_cli_help_run_validate_blend(two_datasets, tmp_path, tokenizer_path, cap
     assert report["ok"] and report["documents"] == 10
     (tmp_path / "o.bin").write_bytes((tmp_path / "o.bin").read_bytes()[:-2])
     assert main(["validate", str(tmp_path / "o")]) == 1
-    assert "bytes" in json.loads(capsys.readouterr().out)["problems"][0]
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("error: ") and "bytes" in err
     _, (a, b) = two_datasets
     assert main(["blend", "1", a, "3", b]) == 0
     assert json.loads(capsys.readouterr().out)["blend"] == [[a, b], [0.25, 0.75]]

@@ -3,6 +3,7 @@
 Public API (imported lazily so `import transxssm_preprocess.assets` stays cheap):
     preprocess(...)          tokenize inputs into PREFIX.bin/.idx + PREFIX.stats.json   (pipeline.py)
     validate_dataset(...)    check a .bin/.idx pair                                      (validate.py)
+    check_dataset(...)       the structural checks training shares with validate          (integrity.py)
     build_blend(...)         weighted prefixes -> megatron blend format                  (blend.py)
     build_assets(...)        offline tokenizer / eval sets / sample corpus folder        (assets.py)
 """
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "preprocess": "pipeline",
     "validate_dataset": "validate",
+    "check_dataset": "integrity",
     "build_blend": "blend",
     "build_assets": "assets",
 }

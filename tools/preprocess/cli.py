@@ -53,7 +53,8 @@ def _add_run(sub) -> None:
     p.add_argument("--text-column", default="text", help="column / JSON key holding the document text")
     p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="worker processes")
     p.add_argument("--skip-bad", action="store_true",
-                   help="skip malformed / empty / invalid documents and count them, instead of stopping")
+                   help="skip malformed / invalid documents and count them, instead of stopping (empty or "
+                        "whitespace-only documents are always skipped and counted)")
     p.add_argument("--no-eod", action="store_true", help="do not append the EOD token after each document")
     p.add_argument("--eod-token", default="<|endoftext|>", help="token appended after each document")
     p.add_argument("--max-doc-chars", type=int, default=50_000_000, help="longer documents are bad input")
@@ -63,34 +64,42 @@ def _add_run(sub) -> None:
     p.add_argument("--docs-per-shard", type=int, default=20_000, help="shard size for --hf-dataset streams")
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
     p.add_argument("--restart", action="store_true", help="discard a partial run in PREFIX.work/ instead of resuming")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary line stays)")
     p.set_defaults(func=_run_run)
 
 
 def _run_run(args) -> int:
-    from .pipeline import preprocess
+    from .pipeline import preprocess, summary_line
     from .sources import InputError
 
     if bool(args.input) == bool(args.hf_dataset):
         print("error: give either --input or --hf-dataset", file=sys.stderr)
         return 2
     try:
-        preprocess(args.input, args.output_prefix, args.tokenizer, text_column=args.text_column,
-                   workers=args.workers, skip_bad=args.skip_bad, append_eod=not args.no_eod,
-                   eod_token=args.eod_token, max_doc_chars=args.max_doc_chars, shard_mb=args.shard_mb,
-                   overwrite=args.overwrite, restart=args.restart, progress=not args.no_progress,
-                   hf_dataset=args.hf_dataset, hf_config=args.hf_config, hf_split=args.hf_split,
-                   docs_per_shard=args.docs_per_shard)
+        stats = preprocess(args.input, args.output_prefix, args.tokenizer, text_column=args.text_column,
+                           workers=args.workers, skip_bad=args.skip_bad, append_eod=not args.no_eod,
+                           eod_token=args.eod_token, max_doc_chars=args.max_doc_chars, shard_mb=args.shard_mb,
+                           overwrite=args.overwrite, restart=args.restart, progress=not args.no_progress,
+                           hf_dataset=args.hf_dataset, hf_config=args.hf_config, hf_split=args.hf_split,
+                           docs_per_shard=args.docs_per_shard)
     except (InputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. the disk filled up mid-run: the file and the reason, no traceback
+        print(f"error: {e.filename or args.output_prefix}: {e.strerror or e}; rerun the same command to resume",
+              file=sys.stderr)
+        return 2
+    if args.no_progress:  # with the bar on, preprocess() prints the summary after it
+        print(summary_line(stats), file=sys.stderr)
     return 0
 
 
 def _add_validate(sub) -> None:
     p = sub.add_parser("validate", help="check a PREFIX.bin/.idx pair",
-                       description="Check header, sizes, dtype, offsets, document count, token ids < vocab and "
-                                   "that every document ends with EOD. Exit status 1 when a check fails.")
+                       description="Check header, sizes, dtype, offsets, that the dataset is not empty, the "
+                                   "document count, token ids < vocab and that every document ends with EOD. Prints "
+                                   "a JSON report per sound prefix; a failing prefix gets one `error:` line on "
+                                   "stderr and exit status 1.")
     p.add_argument("prefix", nargs="+", help="dataset prefix(es) (without .bin/.idx)")
     p.add_argument("--tokenizer", help="tokenizer.json: checks ids < its vocab size and EOD placement")
     p.add_argument("--vocab-size", type=int, help="ids must be below this (default: from --tokenizer)")
@@ -101,27 +110,42 @@ def _add_validate(sub) -> None:
 
 def _run_validate(args) -> int:
     import json
-    from pathlib import Path
 
     from .validate import validate_dataset
 
     vocab, eod = args.vocab_size, args.eod_id
     if args.tokenizer:
-        from .tokenizer import resolve_tokenizer
+        from .tokenizer import EOD_TOKEN, resolve_tokenizer
 
-        info = resolve_tokenizer(args.tokenizer)
+        try:
+            info = resolve_tokenizer(args.tokenizer, eod_token=None if args.no_eod_check else EOD_TOKEN)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         vocab = vocab if vocab is not None else info.vocab_size
         eod = eod if eod is not None else info.eod_id
     if args.no_eod_check:
         eod = None
     ok = True
     for prefix in args.prefix:
-        stats_path = Path(f"{prefix}.stats.json")
-        expected = json.loads(stats_path.read_text())["documents"] if stats_path.is_file() else None
-        report = validate_dataset(prefix, vocab_size=vocab, eod_id=eod, expected_documents=expected)
-        print(json.dumps(report, indent=1))
-        ok &= report["ok"]
+        report = validate_dataset(prefix, vocab_size=vocab, eod_id=eod, expected_documents=_stats_documents(prefix))
+        if report["ok"]:
+            print(json.dumps(report, indent=1))
+        else:
+            print(f"error: {'; '.join(report['problems'])}", file=sys.stderr)
+            ok = False
     return 0 if ok else 1
+
+
+def _stats_documents(prefix: str) -> int | None:
+    """The document count PREFIX.stats.json records, or None without a readable one (nothing to compare)."""
+    import json
+    from pathlib import Path
+
+    try:
+        return int(json.loads(Path(f"{prefix}.stats.json").read_text())["documents"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _add_blend(sub) -> None:

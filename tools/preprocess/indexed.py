@@ -67,27 +67,44 @@ class IndexInfo:
     expected_file_bytes: int
 
 
+class IndexFormatError(ValueError):
+    """An .idx file that megatron cannot read; the message names the file and the field at fault."""
+
+
 def read_index(idx_path: str | Path) -> IndexInfo:
-    """Parse an .idx file; raises ValueError naming the file and the field that is wrong."""
+    """Parse an .idx file (header, then memory-mapped arrays: milliseconds even for a 100 MB index).
+
+    Raises IndexFormatError naming the file and what is wrong with it. Extra bytes after the arrays are not an
+    error here (``file_bytes`` > ``expected_file_bytes``); `integrity.check_dataset` rejects them."""
     idx_path = Path(idx_path)
     size = idx_path.stat().st_size
     with open(idx_path, "rb") as f:
         header = f.read(HEADER_BYTES)
-    if len(header) < HEADER_BYTES or header[: len(INDEX_MAGIC)] != INDEX_MAGIC:
-        raise ValueError(f"{idx_path}: not a megatron .idx file (bad magic header)")
+    if size == 0:
+        raise IndexFormatError(f"{idx_path}: empty file (0 bytes), not a megatron .idx")
+    if header[: len(INDEX_MAGIC)] != INDEX_MAGIC[: len(header)]:
+        raise IndexFormatError(f"{idx_path}: not a megatron .idx file (bad magic header)")
+    if len(header) < HEADER_BYTES:
+        raise IndexFormatError(f"{idx_path}: truncated: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
     offset = len(INDEX_MAGIC)
     (version,) = struct.unpack_from("<Q", header, offset)
     (code,) = struct.unpack_from("<B", header, offset + 8)
     seq_count, doc_count = struct.unpack_from("<QQ", header, offset + 9)
     if version != INDEX_VERSION:
-        raise ValueError(f"{idx_path}: index version {version}, expected {INDEX_VERSION}")
+        raise IndexFormatError(f"{idx_path}: index version {version}, expected {INDEX_VERSION}")
     if code not in CODE_DTYPES:
-        raise ValueError(f"{idx_path}: unknown dtype code {code}")
+        raise IndexFormatError(f"{idx_path}: unknown dtype code {code} (megatron's codes are "
+                               f"{min(CODE_DTYPES)}-{max(CODE_DTYPES)})")
+    if not np.issubdtype(CODE_DTYPES[code], np.integer):
+        raise IndexFormatError(f"{idx_path}: dtype code {code} ({np.dtype(CODE_DTYPES[code]).name}) is not an "
+                               "integer type, so the .bin cannot hold token ids")
+    if doc_count < 1:
+        raise IndexFormatError(f"{idx_path}: document count 0 in the header (an index lists at least the "
+                               "boundary 0)")
     expected = HEADER_BYTES + seq_count * (4 + 8) + doc_count * 8
-    # A multimodal index carries one extra int8 per sequence; we never write those, so anything else is wrong.
     if size < expected:
-        raise ValueError(f"{idx_path}: truncated: {size} bytes, header promises {expected} "
-                         f"({seq_count} sequences, {doc_count} document indices)")
+        raise IndexFormatError(f"{idx_path}: truncated: {size} bytes, header promises {expected} "
+                               f"({seq_count} sequences, {doc_count} document indices)")
     mm = np.memmap(idx_path, dtype=np.uint8, mode="r")
     lengths = mm[HEADER_BYTES: HEADER_BYTES + 4 * seq_count].view(np.int32)
     start = HEADER_BYTES + 4 * seq_count

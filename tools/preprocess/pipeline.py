@@ -18,6 +18,7 @@ import os
 import queue as queue_mod
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -28,8 +29,8 @@ import numpy as np
 
 from . import __version__
 from .indexed import token_dtype, write_index
-from .sources import (BAD_REASONS, Bad, Doc, InputError, Progress, Shard, expand_inputs, parquet_text_column_check,
-                      plan_shards, read_shard, validated_text)
+from .sources import (BAD_REASONS, Bad, Doc, Empty, InputError, Progress, Shard, expand_inputs,
+                      parquet_text_column_check, plan_shards, read_shard, validated_text)
 from .tokenizer import EOD_TOKEN, TokenizerInfo, load_tokenizer, resolve_tokenizer
 
 PLAN_FORMAT = 1
@@ -77,9 +78,12 @@ def _atomic_rename_all(pairs: list[tuple[Path, Path]]) -> None:
 
 
 def _tokenize_batch(texts: list[str], eod_id: int | None, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of all ``texts`` back to back (EOD after each when eod_id is set) and per-document lengths."""
+    """Token ids of all ``texts`` back to back (EOD after each when eod_id is set) and per-document lengths.
+
+    A text that gives no token (possible only for text the tokenizer normalizes away) is left out: it would be
+    a document of nothing but EOD. The caller counts it as empty (len(texts) - len(lengths))."""
     encodings = _WORKER["tokenizer"].encode_batch_fast(texts, add_special_tokens=False)
-    ids = [e.ids for e in encodings]
+    ids = [e.ids for e in encodings if e.ids]
     if eod_id is not None:
         for doc in ids:
             doc.append(eod_id)
@@ -88,11 +92,15 @@ def _tokenize_batch(texts: list[str], eod_id: int | None, dtype) -> tuple[np.nda
     return flat, lengths
 
 
-def _process_documents(docs: Iterable[Doc | Bad], out_stem: Path, opts: Options, eod_id: int | None, dtype,
+def _process_documents(docs: Iterable[Doc | Empty | Bad], out_stem: Path, opts: Options, eod_id: int | None, dtype,
                        progress: Progress, report: Callable) -> dict:
-    """Tokenize ``docs`` into out_stem.{bin,len} (+ .json, written last); return the shard's stats."""
+    """Tokenize ``docs`` into out_stem.{bin,len} (+ .json, written last); return the shard's stats.
+
+    Empty documents are skipped and counted ("empty_skipped"); bad ones stop the run, or with --skip-bad are
+    skipped and counted by reason ("skipped")."""
     bin_tmp, len_tmp = out_stem.with_suffix(".bin.tmp"), out_stem.with_suffix(".len.tmp")
-    stats = {"documents": 0, "tokens": 0, "text_bytes": 0, "skipped": {}, "skipped_examples": [], "max_doc_tokens": 0}
+    stats = {"documents": 0, "tokens": 0, "text_bytes": 0, "empty_skipped": 0, "skipped": {}, "skipped_examples": [],
+             "max_doc_tokens": 0}
     lengths_all: list[np.ndarray] = []
     batch: list[str] = []
     batch_chars = batch_bytes = 0
@@ -105,16 +113,20 @@ def _process_documents(docs: Iterable[Doc | Bad], out_stem: Path, opts: Options,
         flat.tofile(bin_file)
         lengths_all.append(lengths)
         text_bytes = batch_bytes
-        stats["documents"] += len(batch)
+        stats["documents"] += lengths.size
+        stats["empty_skipped"] += len(batch) - lengths.size
         stats["tokens"] += int(flat.size)
         stats["text_bytes"] += text_bytes
-        stats["max_doc_tokens"] = max(stats["max_doc_tokens"], int(lengths.max()))
-        report(progress.weight, len(batch), int(flat.size), text_bytes)
+        stats["max_doc_tokens"] = max(stats["max_doc_tokens"], int(lengths.max(initial=0)))
+        report(progress.weight, lengths.size, int(flat.size), text_bytes)
         progress.weight = 0
         batch, batch_chars, batch_bytes = [], 0, 0
 
     with open(bin_tmp, "wb") as bin_file:
         for item in docs:
+            if isinstance(item, Empty):
+                stats["empty_skipped"] += 1
+                continue
             if isinstance(item, Bad):
                 if not opts.skip_bad:
                     raise BadInputError(
@@ -260,11 +272,12 @@ def _merge(work_dir: Path, n_shards: int, prefix: Path, dtype) -> tuple[int, np.
 
 
 def _collect_stats(work_dir: Path, n_shards: int) -> dict:
-    total = {"documents": 0, "tokens": 0, "text_bytes": 0, "skipped": {}, "skipped_examples": [], "max_doc_tokens": 0}
+    total = {"documents": 0, "tokens": 0, "text_bytes": 0, "empty_skipped": 0, "skipped": {}, "skipped_examples": [],
+             "max_doc_tokens": 0}
     for i in range(n_shards):
         s = json.loads((work_dir / f"shard-{i:06d}.json").read_text())
-        for key in ("documents", "tokens", "text_bytes"):
-            total[key] += s[key]
+        for key in ("documents", "tokens", "text_bytes", "empty_skipped"):
+            total[key] += s.get(key, 0)
         total["max_doc_tokens"] = max(total["max_doc_tokens"], s["max_doc_tokens"])
         for reason, count in s["skipped"].items():
             total["skipped"][reason] = total["skipped"].get(reason, 0) + count
@@ -288,7 +301,7 @@ def preprocess(inputs: list[str] | None, output_prefix: str | os.PathLike, token
     """
     started = time.monotonic()
     prefix = Path(output_prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
+    _check_output_folder(prefix)
     stats_path = Path(f"{prefix}.stats.json")
     if not overwrite and (Path(f"{prefix}.bin").exists() or Path(f"{prefix}.idx").exists()):
         raise InputError(f"{prefix}.bin/.idx already exist; pass --overwrite to replace them")
@@ -356,6 +369,9 @@ def preprocess(inputs: list[str] | None, output_prefix: str | os.PathLike, token
         runner.close()
 
     total = _collect_stats(work_dir, n_shards)
+    if total["documents"] == 0:
+        shutil.rmtree(work_dir)  # every shard is done: nothing to resume
+        raise InputError(_nothing_to_write(inputs, input_list, prefix, total, skipped_files))
     tokens, lengths = _merge(work_dir, n_shards, prefix, dtype)
     assert tokens == total["tokens"]
     stats = {
@@ -363,7 +379,7 @@ def preprocess(inputs: list[str] | None, output_prefix: str | os.PathLike, token
         "output_prefix": str(prefix), "bin_bytes": os.path.getsize(f"{prefix}.bin"),
         "idx_bytes": os.path.getsize(f"{prefix}.idx"), "dtype": np.dtype(dtype).name,
         "documents": total["documents"], "tokens": total["tokens"], "text_bytes": total["text_bytes"],
-        "max_doc_tokens": total["max_doc_tokens"],
+        "max_doc_tokens": total["max_doc_tokens"], "empty_skipped": total["empty_skipped"],
         "skipped": total["skipped"], "skipped_total": sum(total["skipped"].values()),
         "skipped_examples": total["skipped_examples"], "skipped_files": skipped_files,
         "tokenizer": {"source": tok.source, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
@@ -377,9 +393,53 @@ def preprocess(inputs: list[str] | None, output_prefix: str | os.PathLike, token
     os.replace(tmp, stats_path)
     shutil.rmtree(work_dir)
     if progress:
-        print(f"[preprocess] {prefix}.bin/.idx: {stats['documents']:,} documents, {stats['tokens']:,} tokens, "
-              f"{stats['skipped_total']:,} skipped, {stats['seconds']:.1f} s", file=sys.stderr)
+        print(summary_line(stats), file=sys.stderr)
     return stats
+
+
+def summary_line(stats: dict) -> str:
+    """The console summary of a finished run: every count, so that nothing is dropped silently."""
+    return (f"[preprocess] {stats['output_prefix']}.bin/.idx: {stats['documents']:,} documents written, "
+            f"{stats['tokens']:,} tokens, {_skip_counts(stats)}, {stats['seconds']:.1f} s")
+
+
+def _skip_counts(total: dict) -> str:
+    bad = sum(total["skipped"].values())
+    reasons = ", ".join(f"{reason} {count:,}" for reason, count in sorted(total["skipped"].items()))
+    return f"{total['empty_skipped']:,} empty skipped, {bad:,} bad skipped" + (f" ({reasons})" if reasons else "")
+
+
+def _check_output_folder(prefix: Path) -> None:
+    """Fail before any work when PREFIX's folder cannot be created or written (messages name --output-prefix)."""
+    folder = prefix.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--output-prefix {prefix}: cannot create the folder {folder} ({e.strerror}); choose a "
+                         "writable location") from None
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise InputError(f"--output-prefix {prefix}: cannot write in {folder} ({e.strerror}); choose a writable "
+                         "location") from None
+
+
+def _nothing_to_write(inputs: list[str] | None, input_list: list[dict], prefix: Path, total: dict,
+                      skipped_files: list[str]) -> str:
+    """The one-line error for a run whose inputs hold no usable document."""
+    names = [item.get("path") or item.get("stream") for item in input_list]
+    where = ("--input " if inputs else "") + ", ".join(names[:3]) + (f" and {len(names) - 3} more"
+                                                                     if len(names) > 3 else "")
+    counts = _skip_counts(total) + (f", {len(skipped_files)} files skipped" if skipped_files else "")
+    if skipped_files or total["skipped"]:
+        why = "every document was empty or bad input, skipped by --skip-bad"
+    elif total["empty_skipped"]:
+        why = "every document is empty or whitespace-only"
+    else:
+        why = "the inputs hold no documents"
+    return (f"{where}: no documents to write ({counts}): {why}. Nothing was written at {prefix}.bin/.idx; check "
+            "the input files and --text-column")
 
 
 def _chunks(iterable: Iterable, size: int):

@@ -8,8 +8,9 @@ workers, and a shard is the unit that a resumed run skips.
     .jsonl / .json   byte ranges of about shard_bytes, each owning the lines that *start* inside it
     .jsonl.gz / .zst one shard per file (compressed streams cannot be split)
 
-Every document comes out as ``Doc(text, where)`` or ``Bad(reason, where, detail)``; the caller decides whether a
-bad one is an error or is skipped and counted (``--skip-bad``). ``where`` is "file:line N" or "file:row N".
+Every document comes out as ``Doc(text, where)``, ``Empty(where)`` (empty or whitespace-only text: no tokens,
+always skipped and counted) or ``Bad(reason, where, detail)``; the caller decides whether a bad one is an error or
+is skipped and counted (``--skip-bad``). ``where`` is "file:line N" or "file:row N".
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ BAD_REASONS = {
     "missing_text_column": "the text column is absent",
     "not_a_string": "the text value is not a string",
     "null_text": "the text value is null",
-    "empty_text": "the text is empty or only whitespace",
     "invalid_utf8": "the bytes are not valid UTF-8 (or the text holds lone surrogates)",
     "too_long": "the document is longer than --max-doc-chars",
 }
@@ -59,6 +59,13 @@ class Doc:
     text: str
     where: str
     nbytes: int = 0  # UTF-8 size of text (stats)
+
+
+@dataclass
+class Empty:
+    """A document whose text is empty or only whitespace: common in real corpora, and it carries no tokens."""
+
+    where: str
 
 
 @dataclass
@@ -168,8 +175,8 @@ def plan_shards(files: list[str], shard_bytes: int) -> list[Shard]:
     return shards
 
 
-def validated_text(value, where: str, max_chars: int) -> Doc | Bad:
-    """Turn a raw text value into a Doc, or the reason it is bad."""
+def validated_text(value, where: str, max_chars: int) -> Doc | Empty | Bad:
+    """Turn a raw text value into a Doc, an Empty, or the reason it is bad."""
     if value is None:
         return Bad("null_text", where)
     if isinstance(value, (bytes, bytearray)):
@@ -180,7 +187,7 @@ def validated_text(value, where: str, max_chars: int) -> Doc | Bad:
     if not isinstance(value, str):
         return Bad("not_a_string", where, f"got {type(value).__name__}")
     if not value.strip():
-        return Bad("empty_text", where)
+        return Empty(where)
     if len(value) > max_chars:
         return Bad("too_long", where, f"{len(value):,} characters > --max-doc-chars {max_chars:,}")
     try:
@@ -212,8 +219,8 @@ def _open_decompressed(raw, compression: str):
     return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
 
 
-def _parse_line(line: bytes, text_column: str, max_chars: int) -> Doc | Bad:
-    """One JSON line -> Doc or Bad (``where`` left empty for the caller to fill)."""
+def _parse_line(line: bytes, text_column: str, max_chars: int) -> Doc | Empty | Bad:
+    """One JSON line -> Doc, Empty or Bad (``where`` left empty for the caller to fill)."""
     try:
         obj = json.loads(line)
     except UnicodeDecodeError as e:
@@ -227,7 +234,7 @@ def _parse_line(line: bytes, text_column: str, max_chars: int) -> Doc | Bad:
     return validated_text(obj[text_column], "", max_chars)
 
 
-def read_jsonl(shard: Shard, text_column: str, max_chars: int, progress: Progress) -> Iterator[Doc | Bad]:
+def read_jsonl(shard: Shard, text_column: str, max_chars: int, progress: Progress) -> Iterator[Doc | Empty | Bad]:
     """Documents of a JSON-lines shard. Each line owned by the shard is one JSON object."""
     raw = open(shard.path, "rb")
     try:
@@ -268,7 +275,7 @@ def read_jsonl(shard: Shard, text_column: str, max_chars: int, progress: Progres
         raw.close()
 
 
-def read_parquet(shard: Shard, text_column: str, max_chars: int, progress: Progress) -> Iterator[Doc | Bad]:
+def read_parquet(shard: Shard, text_column: str, max_chars: int, progress: Progress) -> Iterator[Doc | Empty | Bad]:
     """Documents of a parquet row range, read a row group at a time."""
     import pyarrow.parquet as pq
 
@@ -304,6 +311,6 @@ def read_parquet(shard: Shard, text_column: str, max_chars: int, progress: Progr
             break
 
 
-def read_shard(shard: Shard, text_column: str, max_chars: int, progress: Progress) -> Iterator[Doc | Bad]:
+def read_shard(shard: Shard, text_column: str, max_chars: int, progress: Progress) -> Iterator[Doc | Empty | Bad]:
     reader = read_parquet if shard.kind == "parquet" else read_jsonl
     return reader(shard, text_column, max_chars, progress)

@@ -35,6 +35,24 @@ def load_tokenizer(json_text: str, sha256: str | None = None):
     return _LOADED[key]
 
 
+def _load_file(spec: str, path: Path):
+    """(Tokenizer, its JSON text) from a local file; ValueError naming --tokenizer and the file when it is not one."""
+    hint = ("expected a `tokenizers` tokenizer.json such as .assets/tokenizer/gpt-neox-20b.json "
+            "(`transxssm-preprocess assets --out .assets` writes it)")
+    where = spec if Path(spec) == path else f"{spec} ({path})"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ValueError(f"--tokenizer {where}: cannot read the file ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--tokenizer {where}: not a tokenizer file (not UTF-8 text); {hint}") from None
+    try:
+        return load_tokenizer(text), text
+    except Exception as e:  # tokenizers raises a plain Exception for bad JSON or an unknown layout
+        reason = " ".join(str(e).split())[:200]
+        raise ValueError(f"--tokenizer {where}: not a tokenizer file ({reason}); {hint}") from None
+
+
 def resolve_tokenizer(spec: str, eod_token: str | None = EOD_TOKEN) -> TokenizerInfo:
     """``spec``: a tokenizer.json path, a folder holding tokenizer.json, or a Hugging Face hub name (online only)."""
     from tokenizers import Tokenizer
@@ -43,11 +61,7 @@ def resolve_tokenizer(spec: str, eod_token: str | None = EOD_TOKEN) -> Tokenizer
     if path.is_dir():
         path = path / "tokenizer.json"
     if path.is_file():
-        text = path.read_text("utf-8")
-        try:
-            tok = load_tokenizer(text)
-        except Exception as e:  # tokenizers raises a plain Exception for bad JSON
-            raise ValueError(f"--tokenizer {spec}: not a `tokenizers` JSON file ({e})") from e
+        tok, text = _load_file(spec, path)
     elif os.sep in spec and not path.exists() or spec.endswith(".json"):
         raise ValueError(f"--tokenizer {spec}: no such file. Run `transxssm-preprocess assets --out .assets` for "
                          ".assets/tokenizer/gpt-neox-20b.json, or give a hub name such as EleutherAI/gpt-neox-20b")
@@ -55,8 +69,9 @@ def resolve_tokenizer(spec: str, eod_token: str | None = EOD_TOKEN) -> Tokenizer
         try:
             tok = Tokenizer.from_pretrained(spec)
         except Exception as e:
+            reason = " ".join(str(e).split())[:200]
             raise ValueError(f"--tokenizer {spec}: not a local file, and loading it from the Hugging Face hub failed "
-                             f"({e}). Offline? Pass a local tokenizer.json.") from e
+                             f"({reason}). Offline? Pass a local tokenizer.json.") from None
         text = tok.to_str()
     eod_id = None
     if eod_token:

@@ -1,5 +1,6 @@
 """Training data: preprocessed Megatron prefixes -> GPTDataset (blended, split) -> micro-batches.
 
+    check_data(cfg)                      # every prefix sound, every needed split non-empty; no process group
     datasets = build_datasets(cfg, world, num_train_samples, num_valid_samples)
     batches = train_batches(datasets.train, consumed_samples, cfg, world)   # iterator of dict micro-batches
     valid = valid_batches(datasets.valid, cfg, world)                      # same fixed samples every call
@@ -15,12 +16,13 @@ Each batch: tokens (m, l) int64, labels (m, l) int64, loss_mask (m, l) fp32, pos
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 
 from transxssm_megatron.config import ConfigError
+from transxssm_preprocess.integrity import DatasetError, DatasetSummary, check_dataset
 
 
 @dataclass
@@ -41,15 +43,61 @@ class Datasets:
     valid: Optional[object]
 
 
-def check_prefixes(prefixes: list[str]) -> None:
-    """Fail fast, naming the missing file and how to make it."""
+def check_prefixes(prefixes: list) -> list[DatasetSummary]:
+    """Every prefix is a sound, non-empty PREFIX.bin/.idx pair (`transxssm_preprocess.integrity`, the same checks
+    as `transxssm-preprocess validate`). Reads only the .idx arrays and the .bin size (about 0.1 s for a 100 MB
+    index), no megatron objects and no process group. Raises ConfigError naming the file, the fault and the
+    command that rebuilds it."""
+    summaries = []
     for prefix in prefixes:
-        for suffix in (".bin", ".idx"):
-            path = Path(str(prefix) + suffix)
-            if not path.is_file():
-                raise ConfigError(
-                    f"data.prefixes: {path} does not exist. Give the prefix without .bin/.idx, as produced by "
-                    f"`transxssm-preprocess run --output-prefix PREFIX`, or use data.mode=mock")
+        try:
+            summaries.append(check_dataset(prefix))
+        except DatasetError as err:
+            raise ConfigError(f"data.prefixes: {err}") from None
+    return summaries
+
+
+def check_data(cfg, need_valid: Optional[bool] = None) -> list[DatasetSummary]:
+    """check_prefixes, then that each split the run reads can feed it: train always, valid when `need_valid`
+    (default: train.eval_iters > 0) and data.split gives it a share.
+
+    Splits are computed as megatron's BlendedMegatronDatasetBuilder cuts them: each prefix's *sequences* (one
+    per document in our data) [round(lo * S), round(hi * S)) for the bounds that megatron's own
+    parse_and_normalize_split / convert_split_vector_to_split_matrix give. Two conditions:
+      - every prefix holds at least one token in each needed split: GPTDataset repeats a split's documents
+        until it has the samples it was asked for, and loops forever on a split with no tokens;
+      - the prefixes together hold at least one sample (train.seq_length + 1 tokens) in each needed split. A
+        single prefix's small split is allowed below that (the blend repeats it), but a whole split shorter than
+        one sample would be the same few documents over and over: a wrong split or far too little data."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
+                                                                         parse_and_normalize_split)
+
+    d, t = cfg.data, cfg.train
+    summaries = check_prefixes(d.prefixes)
+    need_valid = t.eval_iters > 0 if need_valid is None else need_valid
+    bounds = convert_split_vector_to_split_matrix(parse_and_normalize_split(d.split))
+    if bounds[0] is None:
+        raise ConfigError(f"data.split: {d.split!r} leaves no training documents; give the first (train) "
+                          "proportion a share, e.g. data.split=98,2,0")
+    needed = [("train", bounds[0], "more data or a shorter train.seq_length")]
+    if need_valid and bounds[1] is not None:
+        needed.append(("valid", bounds[1], "a larger valid share (e.g. data.split=90,10,0), more data, or "
+                                           "train.eval_iters=0 (no validation)"))
+    sample = t.seq_length + 1
+    for name, (lo, hi), fix in needed:
+        total = 0
+        for s in summaries:
+            first, end = int(round(lo * s.sequences)), int(round(hi * s.sequences))
+            tokens = int(s.sequence_lengths[first:end].sum(dtype=np.int64))
+            if tokens == 0:
+                raise ConfigError(f"data.split: {d.split!r} gives {s.prefix}.bin/.idx no {name} tokens "
+                                  f"({end - first} of its {s.sequences} documents); use {fix}")
+            total += tokens
+        if total < sample:
+            where = ", ".join(f"{s.prefix}.bin/.idx" for s in summaries)
+            raise ConfigError(f"data.split: the {name} split of {where} holds {total} tokens, less than one sample "
+                              f"of train.seq_length + 1 = {sample} tokens; use {fix}")
+    return summaries
 
 
 def _blend(prefixes: list, weights: Optional[list]) -> tuple[list[str], Optional[list[float]]]:
@@ -57,17 +105,10 @@ def _blend(prefixes: list, weights: Optional[list]) -> tuple[list[str], Optional
 
     (megatron's own `None` builds a single epoch weighted by split sizes, so a prefix whose validation split
     holds no full sequence gets weight 0 and fails deep inside BlendedDataset; token weights avoid that.)"""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     prefixes = [str(p) for p in prefixes]
     if weights is None and len(prefixes) > 1:
-        weights = [_token_count(IndexedDataset(p)) for p in prefixes]
+        weights = [float(s.tokens) for s in check_prefixes(prefixes)]
     return prefixes, weights
-
-
-def _token_count(dataset) -> float:
-    # Sum while `dataset` is alive: sequence_lengths is a view into its mmap, closed when it is collected.
-    return float(dataset.sequence_lengths.sum())
 
 
 def build_datasets(cfg, world, num_train_samples: int, num_valid_samples: int) -> Datasets:
@@ -78,7 +119,7 @@ def build_datasets(cfg, world, num_train_samples: int, num_valid_samples: int) -
     d = cfg.data
     mock = d.mode == "mock"
     if not mock:
-        check_prefixes(d.prefixes)
+        check_data(cfg, need_valid=num_valid_samples > 0)  # before megatron reads a byte (it would hang or crash)
     cache = d.cache_dir or str(cfg.run_dir / "data_cache")
     blend = None if mock else _blend(d.prefixes, d.weights)
     ds_config = GPTDatasetConfig(
