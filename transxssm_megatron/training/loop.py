@@ -176,7 +176,7 @@ def _global_mean_loss(pair: Optional[torch.Tensor], world: parallel.World) -> fl
 def preflight(cfg: RunConfig) -> None:
     """Checks that need no process group: fail in seconds, not after the model is built."""
     if cfg.data.mode == "gpt":
-        data_lib.check_prefixes(cfg.data.prefixes)
+        data_lib.check_data(cfg)
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "none") and not Path(resume).exists():
         raise ConfigError(f"checkpoint.resume: {resume} does not exist; use auto, none or a checkpoint directory "
@@ -275,20 +275,30 @@ class Trainer:
             self._print(*args, flush=True) if self._print is print else self._print(*args)
 
     def _maybe_resume(self) -> Optional[Path]:
-        resume = self.cfg.checkpoint.resume
-        if resume == "none":
-            return None
+        """Load the checkpoint `checkpoint.resume` asks for: `auto` the newest intact one (each newer damaged or
+        unfinished one is skipped with a warning), a PATH exactly that one (a damaged PATH is an error, never a
+        silent fallback). Then clean what interrupted saves left in the checkpoint dir."""
+        resume, checkpoints = self.cfg.checkpoint.resume, self.checkpoints
+        path = state = None
         if resume == "auto":
-            path = self.checkpoints.latest()
-            state = self.checkpoints.load_latest(self.model, self.optimizer, self.scheduler)
-            if state is None:
-                return None
-        else:
+            path, skipped = checkpoints.newest_intact()
+            for status in skipped:
+                self.print(f"[train] warning: skipped checkpoint {status.path}: {status.reason}")
+            if skipped:
+                self.print(f"[train] warning: resuming from the newest intact checkpoint, {path.name}" if path else
+                           "[train] warning: no complete checkpoint to resume from; starting from scratch")
+            if path is not None:
+                state = checkpoints.load(path, self.model, self.optimizer, self.scheduler, verify=False)
+        elif resume != "none":
             path = Path(resume)
             if not path.exists():
                 raise ConfigError(f"checkpoint.resume: {path} does not exist; use auto, none or a checkpoint "
                                   f"directory (ls {self.cfg.checkpoint_dir})")
-            state = self.checkpoints.load(path, self.model, self.optimizer, self.scheduler)
+            state = checkpoints.load(path, self.model, self.optimizer, self.scheduler)
+        for message in checkpoints.clean_stale(intact=path):
+            self.print(f"[train] checkpoints: {message}")
+        if state is None:
+            return None
         self.step = int(state["step"])
         self.consumed_samples = int(state["consumed_samples"])
         self.skipped_total = int(state.get("skipped_total", 0))
