@@ -220,6 +220,13 @@ class Trainer:
             cfg.save(cfg.run_dir / "config.yaml")
 
         set_fusion(cfg.train.fused)
+        if cfg.train.cuda_graph:
+            # Everything runs on the stream the graph is captured on. Autograd's gradient accumulators are made
+            # when DDP registers its hooks and keep the stream current then; on the default (legacy) stream, the
+            # captured backward would make that stream wait on the capture and CUDA refuses the capture.
+            from megatron.core.full_cuda_graph import get_shared_capture_stream
+
+            torch.cuda.set_stream(get_shared_capture_stream())
         self.print(f"[train] {describe_speed_paths(cfg, w)}")
         self.model = build_model_chunks(cfg, w, self.bf16)
         self.num_params = count_parameters(self.model)
@@ -456,6 +463,7 @@ class Trainer:
         stay up)."""
         if self.train_forward_backward is not self.forward_backward:
             release_cuda_graphs(self.train_forward_backward)
+            torch.cuda.set_stream(torch.cuda.default_stream())
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
