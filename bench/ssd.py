@@ -1,7 +1,7 @@
 """Benchmark: the SS mixer's SSD with Unified RoPE, ours fused vs. composed from parts vs. attention (one H200).
 
     python bench/ssd.py --out bench/results/ssd-<date>.json [--mamba-path DIR] [--quick]
-(with the project installed, or PYTHONPATH holding a folder where transxssm_kernels links to kernels/)
+(with the project installed: `pip install .`, or a wheel built from the tree)
 
 Methods, each timed forward and forward+backward (median of triton.testing.do_bench, CUDA events):
   fused      transxssm_kernels.rope_ssd (B, C rotated on load)
@@ -335,8 +335,7 @@ def profile_fused(P=64, steps_only=False, variant="default"):
 
 
 def git_commit():
-    """GIT_COMMIT if set (bench/h200_session.sh sets it from .device/COMMIT: the device copy's .git may be stale),
-    else the checkout's HEAD."""
+    """GIT_COMMIT if set (a copy of the tree without its git history), else the checkout's HEAD."""
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
     try:

@@ -5,7 +5,7 @@
                                   [--scan-warps 4] [--scan-stages FWD BWD] [--half-tile-min 64] [--fp32 | --fp16]
                                   [--masked] [--seq] [--sass] [--json OUT]
 
-Each kernel of kernels/rope_ssd is compiled ahead of time for GPUTarget("cuda", 90, 32) (Triton frontend, LLVM,
+Each kernel of transxssm_kernels.rope_ssd is compiled ahead of time for GPUTarget("cuda", 90, 32) (Triton frontend, LLVM,
 PTX) with the specialisations of a real launch of the contiguous 1.3B layer (unit strides as constants, the other
 integers and the pointers 16-divisible, H = G; block sizes and stages default to chunk.py's), and its PTX is
 assembled by the ptxas bundled with Triton (`-v`): registers per thread, spill bytes and shared memory. With --sass

@@ -1,6 +1,10 @@
-"""GPU training benchmarks of the pretraining loop (run on the H200 machine through bench/train_gpu.sh).
+"""GPU training benchmarks of the pretraining loop: layouts, checkpoints across layout changes, real data.
 
     python bench/train.py OUT_DIR [--data DIR] [--only 320m_1gpu,parallel,1.3b_1gpu] [--stages tp2,pp2_vpp2,pp2_dp2]
+
+With the package installed. --data (default runs/bench-data) holds the embedded sample corpus tokenized into
+<subset>.bin/.idx; when it is missing and the offline assets are there (.assets/, `bash scripts/setup.sh`), it is
+made first with the preprocessing tool. (Throughput beside a compiled baseline: bench/train_speed.py.)
 
 Scenarios (each a real `transxssm train` under torchrun, bf16, real data = the preprocessed embedded sample):
   320m_1gpu   320m at l=4096 on 1 GPU, a few hundred steps: tokens/s, TFLOP/s, MFU, memory, loss curve; the
@@ -51,6 +55,7 @@ def versions() -> dict:
 
 
 def commit() -> str:
+    """TRANSXSSM_COMMIT if set (a copy of the tree without its git history), else the checkout's HEAD."""
     env = os.environ.get("TRANSXSSM_COMMIT")
     if env:
         return env
@@ -58,8 +63,7 @@ def commit() -> str:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        path = REPO / ".device" / "COMMIT"
-        return path.read_text().strip() if path.is_file() else "unknown"
+        return "unknown"
 
 
 class Runner:
@@ -251,8 +255,8 @@ def bench_1p3b_1gpu(r: Runner, out: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="folder for the JSON results and logs")
-    parser.add_argument("--data", type=Path, default=REPO / ".device" / "train_data",
-                        help="folder with the preprocessed sample: <subset>.bin/.idx (bench/train_gpu.sh --prepare)")
+    parser.add_argument("--data", type=Path, default=REPO / "runs" / "bench-data",
+                        help="folder with the preprocessed sample: <subset>.bin/.idx (made from .assets when missing)")
     parser.add_argument("--only", default="320m_1gpu,parallel,1.3b_1gpu")
     parser.add_argument("--stages", default=",".join(PARALLEL_STAGES),
                         help="stages of the parallel scenario, in order (those needing more GPUs are skipped)")
@@ -263,9 +267,16 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for subset in SUBSETS:
         if not (args.data / f"{subset}.idx").is_file():
-            print(f"error: {args.data / subset}.bin/.idx missing; run `bash bench/train_gpu.sh --prepare` on the "
-                  f"machine with the assets and carry .device/", file=sys.stderr)
-            return 2
+            sample = REPO / ".assets" / "sample" / subset
+            if not sample.is_dir():
+                print(f"error: {args.data / subset}.bin/.idx missing and no {sample} to make it from; run "
+                      f"`bash scripts/setup.sh` (it assembles .assets) or pass --data", file=sys.stderr)
+                return 2
+            from transxssm_preprocess import preprocess
+
+            args.data.mkdir(parents=True, exist_ok=True)
+            preprocess([str(sample)], args.data / subset, str(REPO / ".assets/tokenizer/gpt-neox-20b.json"),
+                       overwrite=True, progress=False)
     import torch
 
     gpus = 4 if args.cpu_smoke else torch.cuda.device_count()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Model checks on the GPU machine (real CUDA, no CPU shim): 1-GPU model tests, then TP=2 and PP=2 equivalence
-# over NCCL with torchrun. Works without installing this package: megatron-core may come from a wheel unpacked
-# into /tmp/site (pip install --no-deps --target /tmp/site ...); we map the repo's import names ourselves.
+# over NCCL with torchrun. Needs the package installed (`pip install .`, or a wheel built from the tree installed
+# with --target DIR and DIR on PYTHONPATH).
 #
 #   bash tests/gpu/run_model_checks.sh            # logs and a JSON summary go to ${OUT:-/tmp/model_checks}
 set -uo pipefail
@@ -10,10 +10,6 @@ out=${OUT:-/tmp/model_checks}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 
-# transxssm_megatron lives at the repo root; transxssm_kernels is the kernels/ folder (pyproject package-dir).
-map=$(mktemp -d)
-ln -s "$repo/kernels" "$map/transxssm_kernels"
-export PYTHONPATH="$repo:$map:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 cd "$repo"
 
@@ -57,5 +53,4 @@ summary = dict(check="model on GPU (1 GPU tests; TP=2 / PP=2 over NCCL)", date=d
 json.dump(summary, open(f"{out}/model_checks.json", "w"), indent=1)
 print(json.dumps(summary, indent=1))
 PY
-rm -rf "$map"
 exit $status

@@ -3,7 +3,7 @@
 SDPA attention against the CPU path. Skipped without CUDA.
 
     python -m pytest tests/gpu/test_model_gpu.py -q        # or: python tests/gpu/test_model_gpu.py
-(tests/gpu/run_model_checks.sh sets PYTHONPATH when the package is not installed.)
+(needs the package installed: `pip install .` or a wheel built from the tree.)
 """
 
 import os

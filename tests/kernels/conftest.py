@@ -1,4 +1,4 @@
-"""Run the Triton kernels of kernels/rope_ssd/chunk.py through Triton's CPU interpreter in this directory's tests.
+"""Run the Triton kernels of kernels/transxssm_kernels/rope_ssd/chunk.py through Triton's CPU interpreter in this directory's tests.
 
 triton.jit decides at decoration time whether a kernel is interpreted, so TRITON_INTERPRET must be set before
 chunk.py is imported; test_chunk.py reloads the kernel modules if something imported them earlier without it.

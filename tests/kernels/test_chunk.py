@@ -1,4 +1,4 @@
-"""rope_ssd (Triton, kernels/rope_ssd/chunk.py) against ssd_naive (the float64 definition): forward, final state
+"""rope_ssd (Triton, kernels/transxssm_kernels/rope_ssd/chunk.py) against ssd_naive (the float64 definition): forward, final state
 and every gradient, on random inputs, through Triton's CPU interpreter at small shapes.
 
 Tolerances (relative norm ||ours - ref|| / ||ref||): fp32 inputs 1e-3 (the interpreter computes fp32 dots exactly;
