@@ -1,4 +1,4 @@
-"""Model configuration: one small, validated dataclass (SPEC.md §2-§6, §8).
+"""Model configuration: one small, validated dataclass (docs/model.md §2-§6, §8).
 
 `ModelConfig` describes the network only (no parallelism, no optimizer). It is built from a preset
 (`ModelConfig.from_preset("320m", num_layers=12)`) or a YAML file / mapping (`ModelConfig.from_yaml(path)`),
@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional
 ARCHITECTURES = ("transxssm", "transformer", "mamba2", "jamba")
 SS_POSITIONAL_MODES = ("rope", "conv1d_d", "none")
 
-# SPEC §6. FFN sizes are ours; `ffn_hidden_size` is the SwiGLU inner size I.
+# docs/model.md §6. FFN sizes are ours; `ffn_hidden_size` is the SwiGLU inner size I.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=128, num_layers=8, num_attention_heads=2, state_size=64, ss_groups=2,
                  ffn_hidden_size=384, max_seq_length=256),
@@ -33,7 +33,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  ffn_hidden_size=4096, max_seq_length=2048),
 }
 
-# Mamba-2 style SS options used by the `mamba2` and `jamba` baselines (SPEC §8).
+# Mamba-2 style SS options used by the `mamba2` and `jamba` baselines (docs/model.md §8).
 _MAMBA2_SS_DEFAULTS = dict(ss_positional="conv1d_d", ss_conv1d=True, ss_d_skip=True, ss_z_gate=True,
                            ss_dt_bias=True)
 _TRANSXSSM_SS_DEFAULTS = dict(ss_positional="rope", ss_conv1d=False, ss_d_skip=False, ss_z_gate=False,
@@ -46,7 +46,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """The TransXSSM network (and its baselines). Sizes follow SPEC.md notation in the comments."""
+    """The TransXSSM network (and its baselines). Sizes follow docs/model.md's notation in the comments."""
 
     architecture: str = "transxssm"      # transxssm | transformer | mamba2 | jamba
     hidden_size: int = 128                # d
@@ -72,7 +72,7 @@ class ModelConfig:
     depth_scaled_init: bool = False       # Megatron's std / sqrt(2 * num_layers) on output projections
     norm_eps: float = 1e-6
     attention_period: int = 8             # hybrid pattern: one attention layer per `attention_period` layers,
-    attention_offset: int = 7             # at this offset inside each period (SPEC §4: layers 7, 15, 23)
+    attention_offset: int = 7             # at this offset inside each period (docs/model.md §4: layers 7, 15, 23)
 
     # ---------------------------------------------------------------------------------------- construction
     def __post_init__(self) -> None:
@@ -102,7 +102,7 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
-        """A preset of SPEC §6 (`tiny`, `320m`, `1.3b`) with optional field overrides."""
+        """A preset of docs/model.md §6 (`tiny`, `320m`, `1.3b`) with optional field overrides."""
         if name not in PRESETS:
             raise ConfigError(f"preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})

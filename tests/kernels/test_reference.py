@@ -117,7 +117,7 @@ def test_empty_sequence_passes_the_state_through():
 
 
 def test_naive_matches_dual_form():
-    """The definition against the SPEC's dual form y_t = sum_s exp(A sum_{k=s+1..t} delta_k)(C~_t.B~_s) delta_s x_s."""
+    """The definition against the dual form of docs/model.md §1 y_t = sum_s exp(A sum_{k=s+1..t} delta_k)(C~_t.B~_s) delta_s x_s."""
     b, l, H, P, G, N = 1, 7, 2, 3, 1, 8
     args, kw = make_inputs(b, l, H, P, G, N, seed=3, options=False)
     y = ssd_naive(**args, **kw)

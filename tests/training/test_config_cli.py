@@ -66,7 +66,7 @@ def test_shipped_configs_load_and_round_trip(path, tmp_path):
     cfg.save(tmp_path / "config.yaml")
     again = RunConfig.load(tmp_path / "config.yaml")
     assert again.to_dict() == cfg.to_dict()
-    if path.stem != "tiny":  # SPEC §7 recipe
+    if path.stem != "tiny":  # the recipe of docs/model.md §7
         o = cfg.optim
         assert (o.beta1, o.beta2, o.eps, o.weight_decay, o.clip_grad) == (0.9, 0.999, 1e-8, 0.01, 1.0)
         assert (o.warmup_fraction, o.min_lr_ratio) == (0.1, 0.1)

@@ -77,7 +77,7 @@ def build_transformer_config(model_cfg: ModelConfig, *, tp: int = 1, pp: int = 1
 
 
 class TransXSSMModel(HybridModel):
-    """TransXSSM (or a baseline of SPEC §8) as a megatron HybridModel; one pipeline stage of it when pp > 1."""
+    """TransXSSM (or a baseline of docs/model.md §8) as a megatron HybridModel; one pipeline stage of it when pp > 1."""
 
     def __init__(self, config: TransformerConfig, model_cfg: ModelConfig, *, pre_process: bool = True,
                  post_process: bool = True, vp_stage: Optional[int] = None, pg_collection=None):

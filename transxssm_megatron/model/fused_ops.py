@@ -66,7 +66,7 @@ def fusible(fn):
 # ----------------------------------------------------------------------------------------------- norms, residual
 @fusible
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x (..., C) / rms over C, times weight (C,); fp32 math, x's dtype out (SPEC §4)."""
+    """x (..., C) / rms over C, times weight (C,); fp32 math, x's dtype out (docs/model.md §4)."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
     return (xf * weight.float()).to(x.dtype)

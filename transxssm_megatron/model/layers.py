@@ -1,4 +1,4 @@
-"""Pre-norm residual sub-layers with learnable skip weights (SPEC.md §4).
+"""Pre-norm residual sub-layers with learnable skip weights (docs/model.md §4).
 
 A TransXSSM decoder layer is two HybridStack layers, each one `ResidualLayer`:
 

@@ -1,4 +1,4 @@
-"""The RMSNorm module (SPEC §4): fp32 math in `fused_ops.rms_norm`, fused on CUDA.
+"""The RMSNorm module (docs/model.md §4): fp32 math in `fused_ops.rms_norm`, fused on CUDA.
 
 Torch-native on purpose: megatron's TENorm needs Transformer Engine, which neither our CPU CI nor the GPU
 machine has. Weights are plain replicated parameters (no weight decay: `no_weight_decay = True`).

@@ -1,4 +1,4 @@
-"""Unified RoPE (SPEC.md §1): one rotary scheme for attention Q/K and SSM C/B, tables computed once per forward.
+"""Unified RoPE (docs/model.md §1): one rotary scheme for attention Q/K and SSM C/B, tables computed once per forward.
 
 The model owns a `UnifiedRope`; every forward it builds a `RopeTables` from the position ids and hands the same
 object to every layer of its pipeline stage (through HybridStack's `rotary_pos_emb` argument, see stack.py).
@@ -56,7 +56,7 @@ class UnifiedRope:
         if self.state_size is None:
             state = None
         elif self.state_size == self.head_dim:
-            state = attention  # same table, shared (SPEC §1)
+            state = attention  # same table, shared (docs/model.md §1)
         else:
             state = rope_table(positions, self.state_size, self.base)
         return RopeTables(attention=attention, state=state)

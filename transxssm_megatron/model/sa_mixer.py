@@ -1,4 +1,4 @@
-"""The self-attention (SA) mixer (SPEC.md §3): causal multi-head attention with Unified RoPE on Q/K, optional GQA.
+"""The self-attention (SA) mixer (docs/model.md §3): causal multi-head attention with Unified RoPE on Q/K, optional GQA.
 
 `linear_qkv` is megatron's ColumnParallelLinear, `linear_proj` its RowParallelLinear, both without bias. Like
 megatron's own attention, QKV rows are laid out per KV group so that a TP shard is a contiguous slice of a

@@ -1,4 +1,4 @@
-"""The model as data: megatron ModuleSpecs for our layers and the hybrid layer pattern (SPEC.md §4, §8).
+"""The model as data: megatron ModuleSpecs for our layers and the hybrid layer pattern (docs/model.md §4, §8).
 
 HybridStack symbols: `M` = our SS mixer sub-layer, `*` = our attention sub-layer, `-` = SwiGLU FFN sub-layer,
 `|` = pipeline stage boundary. A decoder layer is a mixer sub-layer followed by an FFN sub-layer, so the 24-layer

@@ -1,4 +1,4 @@
-"""The state-space (SS) mixer of TransXSSM (SPEC.md §2): in_proj, dt_proj -> [conv1d] -> RoPE(B, C) -> SSD ->
+"""The state-space (SS) mixer of TransXSSM (docs/model.md §2): in_proj, dt_proj -> [conv1d] -> RoPE(B, C) -> SSD ->
 out_proj.
 
 Tensor parallelism splits whole B/C groups (and so whole heads): G % tp == 0. To make every TP shard a
@@ -16,7 +16,7 @@ The per-head parameters (A_log, dt_bias, D), the conv1d channels (x|B|C per grou
 follow the same group order and are split along dim 0 (`sharded_state_dict` says so to dist_checkpointing).
 
 Parameters with `no_weight_decay = True` (A_log, dt_bias, D, gate_norm_weight) must be excluded from weight
-decay by the optimizer (SPEC §7).
+decay by the optimizer (docs/model.md §7).
 
 Shapes: hidden_states (l, b, d) in, (l, b, d) out (megatron's sequence-first layout; with sequence parallelism
 l is the local shard and in_proj/out_proj gather/scatter it).

@@ -1,4 +1,4 @@
-"""AdamW + learning-rate schedule of SPEC §7, on megatron-core's optimizer and scheduler.
+"""AdamW + learning-rate schedule of docs/model.md §7, on megatron-core's optimizer and scheduler.
 
     optimizer = build_optimizer(cfg, model_chunks, world)   # MegatronOptimizer (distributed on GPU)
     scheduler = build_scheduler(cfg, optimizer)              # OptimizerParamScheduler

@@ -1,4 +1,4 @@
-"""Rotary embedding of the SSM B and C (Unified RoPE, SPEC.md section 1).
+"""Rotary embedding of the SSM B and C (Unified RoPE, docs/model.md §1).
 
 rotate_half pairing (GPT-NeoX, non-interleaved) over the last dim N: the first half a pairs with the second half b,
 
