@@ -17,7 +17,9 @@ mamba_ssm is a comparison only: its Triton modules are loaded from --mamba-path 
 """
 
 import argparse
+import dataclasses
 import datetime
+import functools
 import importlib
 import json
 import os
@@ -193,79 +195,62 @@ def run_shape(H, N, l, mamba, P=64):
     return out
 
 
-# Layouts of the fused kernel: overrides of chunk.py's module settings, plus "shape" ((H, N, l); default the 1.3B
-# layer), "chunk" (the chunk size), "warps" (of the output/dc/dxdb kernels; out_/dc_/dxdb_warps for one),
-# "scan_warps", "scan_cols" (half-columns per state-scan program; default: chosen per call), "out_/dc_/dxdb_stages",
-# "scan_fwd_/scan_bwd_stages" and "out_/dc_/dxdb_maxnreg" (register cap per thread). The first is the shipped
-# default; --variants times them all (and the kernels of --baseline-kernels, if given). bench/NOTES-ssd.md has
-# what each measured.
+# Layouts of the fused kernel: each a LaunchConfig (overrides of DEFAULT_LAUNCH, see launch_of) plus "shape"
+# ((H, N, l); default the 1.3B layer) and "chunk" (the chunk size). The first is the shipped default; --variants
+# times them all (and the kernels of --baseline-kernels, if given).
 VARIANTS = {
     "default": {},
     "chunk128": dict(chunk=128),
-    # alternatives to the shipped settings, each measured slower on the H200 (bench/NOTES-ssd.md). The sessions'
-    # runs used other names for some of them (e.g. "s4 chunk128", "s4b dxdb stages1"); each JSON in bench/results
-    # holds the names of its commit.
-    "out inner32": dict(BLOCK_INNER_FWD=32),
-    "out stages2": dict(out_stages=2),
-    "out w8": dict(out_warps=8),
-    "out maxnreg168": dict(out_maxnreg=168),
-    "dc inner64": dict(BLOCK_INNER_DC=64),
-    "dc stages2": dict(dc_stages=2),
-    "dc w8": dict(dc_warps=8),
-    "dxdb inner16": dict(BLOCK_INNER_DXDB=16),
-    "dxdb inner32": dict(BLOCK_INNER_DXDB=32),
-    "dxdb stages2": dict(dxdb_stages=2),
-    "dxdb stages3": dict(dxdb_stages=3),
-    "dxdb w8": dict(dxdb_warps=8),
-    "dxdb maxnreg168": dict(dxdb_maxnreg=168),
-    "scan cols32": dict(scan_cols=32),
-    "scan w8": dict(scan_warps=8),
-    # the state scans (one loop over all row blocks since session 5): forward / backward row blocks and stages
-    "scan stages2/1": dict(scan_fwd_stages=2, scan_bwd_stages=1),
-    "scan stages2/2": dict(scan_fwd_stages=2, scan_bwd_stages=2),
-    "scan stages3/4": dict(scan_bwd_stages=4),
-    "scan rows64/32 stages3/3": dict(BLOCK_SCAN_BWD=32),
-    "scan rows64/32 stages3/5": dict(BLOCK_SCAN_BWD=32, scan_bwd_stages=5),
-    "scan rows32/32 stages5/5": dict(BLOCK_SCAN_FWD=32, BLOCK_SCAN_BWD=32, scan_fwd_stages=5, scan_bwd_stages=5),
-    "scan rows32/16 stages5/6": dict(BLOCK_SCAN_FWD=32, BLOCK_SCAN_BWD=16, scan_fwd_stages=5, scan_bwd_stages=6),
-    "states fp32": dict(STATES_IN_INPUT_DTYPE=False),
-    "states+dstates fp32": dict(STATES_IN_INPUT_DTYPE=False, DSTATES_IN_INPUT_DTYPE=False),
+    # alternatives to the shipped settings (LaunchConfig fields, or a KernelOptions field of one kernel written
+    # kernel.option), each measured slower on the H200 (docs/kernels.md); "shape" times the default elsewhere
+    "out inner32": dict(block_inner_fwd=32),
+    "out stages2": {"output.num_stages": 2},
+    "out w8": {"output.num_warps": 8},
+    "out maxnreg168": {"output.maxnreg": 168},
+    "dc inner64": dict(block_inner_dc=64),
+    "dc stages2": {"dc.num_stages": 2},
+    "dc w8": {"dc.num_warps": 8},
+    "dxdb inner16": dict(block_inner_dxdb=16),
+    "dxdb inner32": dict(block_inner_dxdb=32),
+    "dxdb stages2": {"dxdb.num_stages": 2},
+    "dxdb stages3": {"dxdb.num_stages": 3},
+    "dxdb w8": {"dxdb.num_warps": 8},
+    "dxdb maxnreg168": {"dxdb.maxnreg": 168},
+    "scan cols32": dict(scan_columns=32),
+    "scan w8": {"scan_fwd.num_warps": 8, "scan_bwd.num_warps": 8},
+    "scan stages2/1": {"scan_fwd.num_stages": 2, "scan_bwd.num_stages": 1},
+    "scan stages2/2": {"scan_fwd.num_stages": 2, "scan_bwd.num_stages": 2},
+    "scan stages3/4": {"scan_bwd.num_stages": 4},
+    "scan rows64/32 stages3/3": dict(block_scan_bwd=32),
+    "scan rows64/32 stages3/5": {"block_scan_bwd": 32, "scan_bwd.num_stages": 5},
+    "scan rows32/32 stages5/5": {"block_scan_fwd": 32, "block_scan_bwd": 32, "scan_fwd.num_stages": 5,
+                                 "scan_bwd.num_stages": 5},
+    "scan rows32/16 stages5/6": {"block_scan_fwd": 32, "block_scan_bwd": 16, "scan_fwd.num_stages": 5,
+                                 "scan_bwd.num_stages": 6},
+    "states fp32": dict(states_in_input_dtype=False),
+    "states+dstates fp32": dict(states_in_input_dtype=False, dstates_in_input_dtype=False),
     "320M layer": dict(shape=(12, 128, 4096)),   # the default settings at the 320M layer's shape (for --profile)
-    **{f"N64 half-tiles{w} H{H} l{l}": dict(shape=(H, 64, l), HALF_TILE_MIN=w)
+    **{f"N64 half-tiles{w} H{H} l{l}": dict(shape=(H, 64, l), half_tile_min=w)
        for H in (32, 12) for l in (4096, 16384) for w in (64, 32)},
 }
-_LAUNCH_KEYS = {"warps": ("num_warps", ("_OPT_OUT", "_OPT_DC", "_OPT_DXDB")),
-                "out_warps": ("num_warps", ("_OPT_OUT",)), "dc_warps": ("num_warps", ("_OPT_DC",)),
-                "dxdb_warps": ("num_warps", ("_OPT_DXDB",)), "scan_warps": ("num_warps", ("_OPT_SFWD", "_OPT_SBWD")),
-                "scan_cols": ("BNH", ("_OPT_SFWD", "_OPT_SBWD")),
-                "out_stages": ("num_stages", ("_OPT_OUT",)), "dc_stages": ("num_stages", ("_OPT_DC",)),
-                "dxdb_stages": ("num_stages", ("_OPT_DXDB",)), "scan_fwd_stages": ("num_stages", ("_OPT_SFWD",)),
-                "scan_bwd_stages": ("num_stages", ("_OPT_SBWD",)),
-                "out_maxnreg": ("maxnreg", ("_OPT_OUT",)), "dc_maxnreg": ("maxnreg", ("_OPT_DC",)),
-                "dxdb_maxnreg": ("maxnreg", ("_OPT_DXDB",))}
 
 
-def use_variant(overrides):
-    """Point the fused kernel at one layout; returns a function that restores the previous one."""
-    from transxssm_kernels.rope_ssd import chunk
-    all_opts = [getattr(chunk, n) for n in ("_OPT_SFWD", "_OPT_SBWD", "_OPT_OUT", "_OPT_DC", "_OPT_DXDB")]
-    saved_opts = [dict(o) for o in all_opts]
-    saved = {k: getattr(chunk, k) for k in overrides if k not in _LAUNCH_KEYS and k not in ("chunk", "shape")}
-    for k, v in overrides.items():
-        if k in _LAUNCH_KEYS:
-            option, names = _LAUNCH_KEYS[k]
-            for n in names:
-                getattr(chunk, n)[option] = v
-        elif k not in ("chunk", "shape"):
-            setattr(chunk, k, v)
+def launch_of(overrides):
+    """The LaunchConfig of a variant: DEFAULT_LAUNCH with its overrides ("kernel.option" for KernelOptions)."""
+    from transxssm_kernels.rope_ssd import DEFAULT_LAUNCH
 
-    def restore():
-        for k, v in saved.items():
-            setattr(chunk, k, v)
-        for o, d in zip(all_opts, saved_opts):
-            o.clear()
-            o.update(d)
-    return restore
+    fields, kernels = {}, {}
+    for key, value in overrides.items():
+        if key in ("chunk", "shape"):
+            continue
+        kernel, _, option = key.partition(".")
+        if option:
+            kernels.setdefault(kernel, {})[option] = value
+        else:
+            fields[key] = value
+    for kernel, options in kernels.items():
+        fields[kernel] = dataclasses.replace(getattr(DEFAULT_LAUNCH, kernel), **options)
+    return dataclasses.replace(DEFAULT_LAUNCH, **fields)
 
 
 def load_baseline(path):
@@ -284,9 +269,9 @@ def time_variants(P=64, baseline=None, matching="", rounds=1):
     the variant names one), those whose name contains one of the '|'-separated texts of `matching`, `rounds` times
     in turn; leaves the default."""
     inputs = {}
-    runs = [(name, v, rope_ssd) for name, v in VARIANTS.items()
+    runs = [(name, v, functools.partial(rope_ssd, launch=launch_of(v))) for name, v in VARIANTS.items()
             if name == "default" or any(m in name for m in matching.split("|"))]
-    if baseline is not None:
+    if baseline is not None:   # another checkout's kernels, with their own defaults
         runs.insert(0, ("baseline", {}, baseline))
     runs = [(name + (f" #{k + 1}" if k else ""), v, fn) for k in range(rounds) for name, v, fn in runs]
     out = {}
@@ -295,15 +280,12 @@ def time_variants(P=64, baseline=None, matching="", rounds=1):
         if shape not in inputs:
             inputs[shape] = layer_inputs(*shape, P)
         x, dt, A, B, C, dy, cos, sin = inputs[shape]
-        restore = use_variant(overrides)
         Q = overrides.get("chunk", 256)
         f = lambda: fn(x, dt, A, B, C, chunk_size=Q, dt_softplus=True, rope_cos=cos, rope_sin=sin)
         try:
             out[name] = {"fwd": bench(f, None), "fwdbwd": bench(lambda: f().backward(dy), [x, dt, A, B, C])}
         except Exception as e:  # a layout that fails to compile or run is reported, not fatal
             out[name] = {"error": repr(e)[:300]}
-        finally:
-            restore()
         print("variant", name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out[name].items()},
               flush=True)
     return out
@@ -313,23 +295,22 @@ def profile_fused(P=64, steps_only=False, variant="default"):
     """Print the CUDA time of each kernel of one fused forward+backward (torch.profiler) of a layout at its shape and
     chunk, after warm-up."""
     overrides = VARIANTS[variant]
-    restore = use_variant(overrides)
+    launch = launch_of(overrides)
     x, dt, A, B, C, dy, cos, sin = layer_inputs(*overrides.get("shape", (32, 128, 4096)), P)
     Q = overrides.get("chunk", 256)
     def step():
         x.grad = dt.grad = A.grad = B.grad = C.grad = None   # no gradient-accumulation kernels in the profile
-        rope_ssd(x, dt, A, B, C, chunk_size=Q, dt_softplus=True, rope_cos=cos, rope_sin=sin).backward(dy)
+        rope_ssd(x, dt, A, B, C, chunk_size=Q, dt_softplus=True, rope_cos=cos, rope_sin=sin,
+                 launch=launch).backward(dy)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
     if steps_only:
-        restore()
         return
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-    restore()
     print(f"profile of layout {variant!r}, 5 steps:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
 

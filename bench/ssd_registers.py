@@ -5,14 +5,14 @@
                                   [--scan-warps 4] [--scan-stages FWD BWD] [--half-tile-min 64] [--fp32 | --fp16]
                                   [--masked] [--seq] [--sass] [--json OUT]
 
-Each kernel of transxssm_kernels.rope_ssd is compiled ahead of time for GPUTarget("cuda", 90, 32) (Triton frontend, LLVM,
-PTX) with the specialisations of a real launch of the contiguous 1.3B layer (unit strides as constants, the other
-integers and the pointers 16-divisible, H = G; block sizes and stages default to chunk.py's), and its PTX is
+Each kernel of transxssm_kernels.rope_ssd is compiled ahead of time for GPUTarget("cuda", 90, 32) (Triton frontend,
+LLVM, PTX) with the specialisations of a real launch of the contiguous 1.3B layer (unit strides as constants, the other
+integers and the pointers 16-divisible, H = G; block sizes and stages default to DEFAULT_LAUNCH's), and its PTX is
 assembled by the ptxas bundled with Triton (`-v`): registers per thread, spill bytes and shared memory. With --sass
 the cubin is disassembled (Triton's bundled nvdisasm) and the instructions of each loop (a backward branch) are
-counted by opcode: session 4 cut the tile kernels' loops from 1015 / 1082 / 649 to 348 / 430 / 380 instructions per
-iteration this way before timing them on the GPU. The local Triton may be newer than the GPU machine's (3.8 vs 3.6):
-numbers are indicative, the GPU benchmark decides.
+counted by opcode: the packed rotation and split decays cut the tile kernels' loops from 1015 / 1082 / 649 to
+348 / 430 / 380 instructions per iteration this way before timing them on the GPU. The local Triton may be newer
+than the GPU machine's (3.8 vs 3.6): numbers are indicative, the GPU benchmark decides.
 """
 
 import argparse
@@ -28,7 +28,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from transxssm_kernels.rope_ssd import _bwd, _fwd, chunk
+from transxssm_kernels.rope_ssd import DEFAULT_LAUNCH, _bwd, _fwd
 
 BF16_POINTERS = {"x_ptr", "b_ptr", "c_ptr", "g_ptr", "y_ptr", "dx_ptr", "db_ptr", "dc_ptr", "cos_ptr", "sin_ptr"}
 UNIT_STRIDES = {"s_xp", "s_bn", "s_cn", "s_gp", "s_yp", "s_dxp", "s_dn"}   # last-dim strides: 1 in every launch
@@ -95,18 +95,19 @@ def ptxas_report(ptx: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for flag, setting, what in (("--rows", "BLOCK_ROWS", "row block of the tile kernels"),
-                                ("--inner-fwd", "BLOCK_INNER_FWD", "inner block of the forward"),
-                                ("--inner-dc", "BLOCK_INNER_DC", "inner block of dc"),
-                                ("--inner-dxdb", "BLOCK_INNER_DXDB", "inner block of dxdb"),
-                                ("--scan-fwd", "BLOCK_SCAN_FWD", "row block of the forward scan"),
-                                ("--scan-bwd", "BLOCK_SCAN_BWD", "row block of the backward scan")):
-        ap.add_argument(flag, type=int, default=getattr(chunk, setting), help=f"{what} (chunk.{setting})")
+    for flag, setting, what in (("--rows", "block_rows", "row block of the tile kernels"),
+                                ("--inner-fwd", "block_inner_fwd", "inner block of the forward"),
+                                ("--inner-dc", "block_inner_dc", "inner block of dc"),
+                                ("--inner-dxdb", "block_inner_dxdb", "inner block of dxdb"),
+                                ("--scan-fwd", "block_scan_fwd", "row block of the forward scan"),
+                                ("--scan-bwd", "block_scan_bwd", "row block of the backward scan")):
+        ap.add_argument(flag, type=int, default=getattr(DEFAULT_LAUNCH, setting),
+                        help=f"{what} (LaunchConfig.{setting})")
     ap.add_argument("--scan-warps", type=int, default=4, help="warps of the state scans")
     ap.add_argument("--scan-stages", type=int, nargs=2, default=None, metavar=("FWD", "BWD"),
-                    help="pipeline stages of the forward and backward scans (default: chunk.py's)")
+                    help="pipeline stages of the forward and backward scans (default: DEFAULT_LAUNCH's)")
     ap.add_argument("--scan-cols", type=int, default=64, help="half-columns per state-scan program (BNH)")
-    ap.add_argument("--half-tile-min", type=int, default=64, help="chunk.HALF_TILE_MIN (32: N = 64 unpadded)")
+    ap.add_argument("--half-tile-min", type=int, default=64, help="LaunchConfig.half_tile_min (32: N = 64 unpadded)")
     ap.add_argument("--maxnreg", type=int, default=None, help="register cap per thread of the tile kernels")
     ap.add_argument("--fp32", action="store_true", help="fp32 inputs (tf32 dots, operands rounded by to_dot)")
     ap.add_argument("--fp16", action="store_true", help="fp16 inputs (rotation in fp32)")
@@ -128,8 +129,9 @@ def main() -> None:
     inner = lambda n: min(n, bt)
     scan = dict(common, BNH=args.scan_cols)
     even = not args.masked
-    stages_fwd, stages_bwd = args.scan_stages or (chunk._OPT_SFWD["num_stages"], chunk._OPT_SBWD["num_stages"])
-    cases = {   # launch options as chunk.py sets them
+    stages_fwd, stages_bwd = args.scan_stages or (DEFAULT_LAUNCH.scan_fwd.num_stages,
+                                                  DEFAULT_LAUNCH.scan_bwd.num_stages)
+    cases = {   # launch options as rope_ssd passes them
         "state_scan_fwd": (_fwd.state_scan_fwd_kernel, dict(scan, BS=min(args.scan_fwd, args.chunk), HAS_INIT=False),
                            args.scan_warps, stages_fwd),
         "chunk_output": (_fwd.chunk_output_kernel, dict(common, BT=bt, BI=inner(args.inner_fwd), EVEN=even),

@@ -6,6 +6,8 @@ state and every gradient, random inputs. Skipped without CUDA. Run on the GPU ma
 Tolerances (relative norm): fp32 inputs 2e-3 (tf32 dots: 10-bit mantissa operands), bf16 2e-2, fp16 1e-2.
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -53,9 +55,9 @@ def run(fn, tensors, kw, *, chunk_size, cast=None, seed=7):
     return {k: v.detach().to(F64) for k, v in out.items()}
 
 
-def check(tensors, kw, *, dtype, chunk_size=256):
-    from transxssm_kernels.rope_ssd import rope_ssd, ssd_chunked_reference
-    ours = run(rope_ssd, tensors, kw, chunk_size=chunk_size)
+def check(tensors, kw, *, dtype, chunk_size=256, launch=None):
+    from transxssm_kernels.rope_ssd import DEFAULT_LAUNCH, rope_ssd, ssd_chunked_reference
+    ours = run(functools.partial(rope_ssd, launch=launch or DEFAULT_LAUNCH), tensors, kw, chunk_size=chunk_size)
     ref = run(ssd_chunked_reference, tensors, kw, chunk_size=chunk_size, cast=F64)
     errs = {k: ((ours[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref}
     print({k: f"{e:.1e}" for k, e in errs.items()})
@@ -66,14 +68,14 @@ def check(tensors, kw, *, dtype, chunk_size=256):
     assert not bad, f"relative errors over {TOL[dtype]:g}: {bad}"
 
 
-def check_repeatable(tensors, kw):
+def check_repeatable(tensors, kw, launch=None):
     """Two identical calls give the same output and gradients bit for bit."""
-    from transxssm_kernels.rope_ssd import rope_ssd
+    from transxssm_kernels.rope_ssd import DEFAULT_LAUNCH, rope_ssd
     leaves = {k: v.requires_grad_(True) for k, v in tensors.items()}
     dy = None
     runs = []
     for _ in range(2):
-        y = rope_ssd(**leaves, **kw)
+        y = rope_ssd(**leaves, **kw, launch=launch or DEFAULT_LAUNCH)
         dy = torch.randn_like(y) if dy is None else dy
         runs.append([y.detach(), *torch.autograd.grad(y, list(leaves.values()), dy)])
     for name, a, b in zip(["y", *[f"d{k}" for k in leaves]], *runs):
@@ -126,27 +128,26 @@ def test_no_rope_and_p32():
 
 
 @pytest.mark.parametrize("cols", [16, 32, 64])
-def test_scan_columns(monkeypatch, cols):
+def test_scan_columns(cols):
     """Each width of the state scans' column blocks (chunk._scan_columns picks one by b*H), at the 1.3B layer
     (bf16, l = 4096, b = 2), then with every option (documents, initial state, G = 4) at chunk 128."""
-    import transxssm_kernels.rope_ssd.chunk as chunk
-    for opts in (chunk._OPT_SFWD, chunk._OPT_SBWD):
-        monkeypatch.setitem(opts, "BNH", cols)
+    from transxssm_kernels.rope_ssd import LaunchConfig
+    launch = LaunchConfig(scan_columns=cols)
     t, kw = make_case(2, 4096, 32, 64, 32, 128, dtype=torch.bfloat16, seed=21)
-    check(t, kw, dtype=torch.bfloat16)
+    check(t, kw, dtype=torch.bfloat16, launch=launch)
     seq = torch.zeros(1, 1500, dtype=torch.int32, device="cuda")
     seq[0, 300:] += 1
     seq[0, 640:] += 1
     t, kw = make_case(1, 1500, 8, 64, 4, 128, dtype=torch.bfloat16, seed=22, options=True, seq_idx=seq, init=True)
-    check(t, kw, dtype=torch.bfloat16, chunk_size=128)
+    check(t, kw, dtype=torch.bfloat16, chunk_size=128, launch=launch)
 
 
-def test_narrow_half_tiles(monkeypatch):
-    """N = 64 with 32-wide half-column tiles (chunk.HALF_TILE_MIN = 32, the default; 64 pads them, the workaround of
-    an illegal memory access seen in session 1): the 1.3B layer in bf16 and fp32, every option at chunk 128, and
-    bit-repeatability."""
-    import transxssm_kernels.rope_ssd.chunk as chunk
-    monkeypatch.setattr(chunk, "HALF_TILE_MIN", 32)
+def test_narrow_half_tiles():
+    """N = 64 with 32-wide half-column tiles (LaunchConfig.half_tile_min = 32, the default; 64 pads them, the
+    workaround of an illegal memory access of an early bf16 backward): the 1.3B layer in bf16 and fp32, every option
+    at chunk 128, and bit-repeatability."""
+    from transxssm_kernels.rope_ssd import DEFAULT_LAUNCH
+    assert DEFAULT_LAUNCH.half_tile_min == 32
     for dtype in (torch.bfloat16, torch.float32):
         t, kw = make_case(2, 4096, 32, 64, 32, 64, dtype=dtype, seed=41)
         check(t, kw, dtype=dtype)

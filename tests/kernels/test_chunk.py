@@ -6,6 +6,7 @@ on a GPU they are tf32, ~3e-4), bf16/fp16 inputs 2e-2 (operands of every dot rou
 The bf16 reference sees the same bf16-rounded inputs, upcast to float64.
 """
 
+import functools
 import importlib
 import os
 import sys
@@ -13,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from transxssm_kernels.rope_ssd import ssd_naive
+from transxssm_kernels.rope_ssd import LaunchConfig, ssd_naive
 
 from test_reference import docs, rope_tables  # noqa: E402  (same folder, pytest rootdir import)
 
@@ -119,30 +120,25 @@ def test_no_rope_larger_chunk(rope_ssd):
 
 @pytest.mark.parametrize("l", [75, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_row_blocks_larger_than_inner_blocks(rope_ssd, monkeypatch, dtype, l):
+def test_row_blocks_larger_than_inner_blocks(rope_ssd, dtype, l):
     """Two 32-row blocks per chunk of 64 walking 16-wide inner blocks (the layout of 256 / 64 / 32 on the GPU):
     the tiles off the chunk's diagonal (decay split at a pivot) and on it, with a document starting inside;
     l = 128 is whole chunks, where the tile kernels run without masks (EVEN). The state scans walk 16-row blocks
     too: several per chunk in their single loop, the state stored and decayed at each chunk's first."""
-    import transxssm_kernels.rope_ssd.chunk as chunk
-    monkeypatch.setattr(chunk, "BLOCK_ROWS", 32)
-    for name in ("BLOCK_INNER_FWD", "BLOCK_INNER_DC", "BLOCK_INNER_DXDB", "BLOCK_SCAN_FWD", "BLOCK_SCAN_BWD"):
-        monkeypatch.setattr(chunk, name, 16)
+    launch = LaunchConfig(block_rows=32, block_inner_fwd=16, block_inner_dc=16, block_inner_dxdb=16,
+                          block_scan_fwd=16, block_scan_bwd=16)
     seq = docs(1, l, [[40]])
     t, kw = make_case(1, l, 2, 16, 2, 32, dtype=dtype, seed=7, seq_idx=seq, init=True)
-    check(rope_ssd, t, kw, dtype=dtype, chunk_size=64)
+    check(functools.partial(rope_ssd, launch=launch), t, kw, dtype=dtype, chunk_size=64)
 
 
-def test_strong_decay(rope_ssd, monkeypatch):
+def test_strong_decay(rope_ssd):
     """cs falls by ~180 inside one chunk (A x 6), past fp32's exp range: the off-diagonal decay factors split at
     the pivot must each stay <= 1 (a pivot of 0 gives inf * 0 here) and the results match the float64 definition."""
-    import transxssm_kernels.rope_ssd.chunk as chunk
-    monkeypatch.setattr(chunk, "BLOCK_ROWS", 32)
-    for name in ("BLOCK_INNER_FWD", "BLOCK_INNER_DC", "BLOCK_INNER_DXDB"):
-        monkeypatch.setattr(chunk, name, 16)
+    launch = LaunchConfig(block_rows=32, block_inner_fwd=16, block_inner_dc=16, block_inner_dxdb=16)
     t, kw = make_case(1, 64, 2, 16, 2, 32, dtype=torch.float32, seed=8)
     t["A"] = t["A"] * 6
-    check(rope_ssd, t, kw, dtype=torch.float32, chunk_size=64)
+    check(functools.partial(rope_ssd, launch=launch), t, kw, dtype=torch.float32, chunk_size=64)
 
 
 @pytest.mark.parametrize("softplus", [False, True])
@@ -160,15 +156,13 @@ def test_delta_paths(rope_ssd, softplus):
 
 
 @pytest.mark.parametrize("rounded_states", [True, False])
-def test_bf16_options(rope_ssd, monkeypatch, rounded_states):
+def test_bf16_options(rope_ssd, rounded_states):
     """bf16 with every option on, G = 1; the per-chunk states and their gradients stored in bf16 (the default) or
     fp32."""
-    import transxssm_kernels.rope_ssd.chunk as chunk
-    monkeypatch.setattr(chunk, "STATES_IN_INPUT_DTYPE", rounded_states)
-    monkeypatch.setattr(chunk, "DSTATES_IN_INPUT_DTYPE", rounded_states)
+    launch = LaunchConfig(states_in_input_dtype=rounded_states, dstates_in_input_dtype=rounded_states)
     seq = docs(1, 37, [[20]])
     t, kw = make_case(1, 37, 2, 16, 1, 32, dtype=torch.bfloat16, seed=5, options=True, seq_idx=seq, init=True)
-    check(rope_ssd, t, kw, dtype=torch.bfloat16, chunk_size=16)
+    check(functools.partial(rope_ssd, launch=launch), t, kw, dtype=torch.bfloat16, chunk_size=16)
 
 
 def test_bad_arguments(rope_ssd):

@@ -1,7 +1,8 @@
 """Chunked SSD with Unified RoPE fused in: Triton forward and backward (the CUDA path of the SS mixer).
 
     y = rope_ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
-                 rope_cos=None, rope_sin=None, seq_idx=None, initial_state=None, return_final_state=False)
+                 rope_cos=None, rope_sin=None, seq_idx=None, initial_state=None, return_final_state=False,
+                 launch=DEFAULT_LAUNCH)
     -> y  or  (y, final_state) when return_final_state
 
     x  (b, l, H, P)   bf16 / fp16 / fp32; y has x's dtype. P: any multiple of 16 (64 is the tuned case)
@@ -49,6 +50,7 @@ import triton.language as tl
 from ._bwd import dc_kernel, dxdb_kernel, state_scan_bwd_kernel
 from ._delta import delta_kernel, dt_grad_kernel
 from ._fwd import chunk_output_kernel, state_scan_fwd_kernel
+from .launch import DEFAULT_LAUNCH, LaunchConfig
 from .naive import check_ssd_inputs
 
 def _strides4(t):
@@ -63,14 +65,8 @@ def _dot_dtype(dtype):
     return tl.float16 if dtype == torch.float16 else tl.float32
 
 
-# Narrowest half-column tile on the GPU. 64 pads N = 64's 32-wide halves to N = 128's tiles: the workaround for an
-# illegal memory access of session 1's bf16 backward (triton 3.6), which no longer occurs with today's kernels
-# (tests/gpu: test_narrow_half_tiles); 32 makes the 1.3B-sized N = 64 layer 14% faster (bench/NOTES-ssd.md).
-HALF_TILE_MIN = 32
-
-
-def _meta(P, N, Q, dtype):
-    min_nh = 16 if os.environ.get("TRITON_INTERPRET") == "1" else HALF_TILE_MIN
+def _meta(P, N, Q, dtype, launch):
+    min_nh = 16 if os.environ.get("TRITON_INTERPRET") == "1" else launch.half_tile_min
     return dict(
         DOT=_dot_dtype(dtype),
         N_HALF=N // 2,
@@ -85,38 +81,18 @@ def _even(l, P, N, Q, meta):
     return l % Q == 0 and meta["BLOCK_P"] == P and meta["BLOCK_NH"] == N // 2
 
 
-# Row block of the tile kernels, the blocks of their inner loops (each capped at the row block): output kernel, dc,
-# dxdb; and the row blocks the state scans walk a chunk in. Measured on the H200 (1.3B layer, bench/NOTES-ssd.md):
-# 64-wide inner blocks suit the forward and, since the states' gradients are stored in bf16, dxdb (-0.07 ms against
-# 32); 32-wide ones suit dc (168 registers: three programs per SM).
-BLOCK_ROWS = 64
-BLOCK_INNER_FWD = 64
-BLOCK_INNER_DC = 32
-BLOCK_INNER_DXDB = 64
-BLOCK_SCAN_FWD = 64
-BLOCK_SCAN_BWD = 64
-# Rotate bf16/fp16 operands with tables rounded to that dtype: half the table traffic, 0.6 ms faster fwd+bwd on the
-# H200. The rotated operands are rounded to that dtype for the dot products anyway, so the error stays of the
-# same order (tests/gpu/test_rope_ssd_gpu.py checks it against float64).
-TABLES_IN_INPUT_DTYPE = True
-# Per-chunk states (forward) and their gradients (backward) stored in the input dtype (bf16 / fp16): on the GPU the
-# tile kernels round them to it for their dots anyway, so only the backward scan's K_c = decay <dH, H_c> sees a
-# rounded state (STATES_IN_INPUT_DTYPE) and storing the gradients rounded changes no result (the CPU interpreter
-# multiplies bf16 in fp32, so there both round). Halves the state traffic: -0.13 ms fwd+bwd on the H200.
-STATES_IN_INPUT_DTYPE = True
-DSTATES_IN_INPUT_DTYPE = True
 
 
 def _state_dtype(x, rounded):
     return x.dtype if rounded else torch.float32
 
 
-def _tables(cos, sin, ref):
+def _tables(cos, sin, ref, launch):
     """Return (cos, sin, stride_b, stride_l, has_rope) with the last dim contiguous."""
     if cos is None:
         dummy = torch.zeros(1, device=ref.device, dtype=torch.float32)
         return dummy, dummy, 0, 0, False
-    dtype = ref.dtype if TABLES_IN_INPUT_DTYPE and ref.dtype != torch.float32 else torch.float32
+    dtype = ref.dtype if launch.tables_in_input_dtype and ref.dtype != torch.float32 else torch.float32
     cos = cos.to(dtype).contiguous()
     sin = sin.to(dtype).contiguous()
     if cos.dim() == 2:
@@ -124,32 +100,28 @@ def _tables(cos, sin, ref):
     return cos, sin, cos.stride(0), cos.stride(1), True
 
 
-def _tunable(kernel, key, configs, default, reset=None):
-    """(launcher, launch options). By default every kernel runs its `default` configuration (the autotuner's choice
-    on an H200 for the 1.3B layer, bench/NOTES-ssd.md). TRANSXSSM_SSD_AUTOTUNE=1 autotunes over `configs` per shape
-    key instead (kernels with atomic accumulators name them in `reset`, zeroed before each trial)."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("TRANSXSSM_SSD_AUTOTUNE", "0") != "1":
-        return kernel, dict(default.kwargs, num_warps=default.num_warps, num_stages=default.num_stages)
-    return triton.autotune(configs, key=key, reset_to_zero=reset)(kernel), {}
-
-
-def _cfg(meta, warps, stages):
-    return triton.Config(meta, num_warps=warps, num_stages=stages)
-
-
+# TRANSXSSM_SSD_AUTOTUNE=1: Triton's autotuner chooses warps, stages and scan columns per shape key over the configs
+# below (kernels with atomic accumulators name them in reset_to_zero) instead of the LaunchConfig's.
+AUTOTUNE = os.environ.get("TRANSXSSM_SSD_AUTOTUNE", "0") == "1" and os.environ.get("TRITON_INTERPRET") != "1"
 _KEY = ["P", "N_HALF", "Q", "H", "L", "HAS_ROPE", "HAS_SEQ", "BT"]
-_TILE_CONFIGS = [_cfg({}, w, s) for w in (4, 8) for s in (1, 2, 3)]
-_SCAN_CONFIGS = [_cfg({"BNH": n}, w, s) for n in (16, 32, 64) for w in (4,) for s in (2, 3)]
-# BNH None: chosen per call by _scan_columns
-# The scans run one loop over all of a sequence's row blocks, which Triton pipelines (cp.async) across chunks: 3
-# stages each, 0.08 ms faster fwd+bwd than 2 and 1 on the H200 (bench/NOTES-ssd.md); more stages of the forward's
-# 64-row blocks would need more shared memory than two programs per SM leave.
-_state_fwd, _OPT_SFWD = _tunable(state_scan_fwd_kernel, _KEY[:-1], _SCAN_CONFIGS, _cfg({"BNH": None}, 4, 3))
-_state_bwd, _OPT_SBWD = _tunable(state_scan_bwd_kernel, _KEY[:-1], _SCAN_CONFIGS, _cfg({"BNH": None}, 4, 3),
-                                 reset=["kdec_ptr"])
-_chunk_output, _OPT_OUT = _tunable(chunk_output_kernel, _KEY, _TILE_CONFIGS, _cfg({}, 4, 1))
-_dc, _OPT_DC = _tunable(dc_kernel, _KEY, _TILE_CONFIGS, _cfg({}, 4, 1))
-_dxdb, _OPT_DXDB = _tunable(dxdb_kernel, _KEY, _TILE_CONFIGS, _cfg({}, 4, 1))   # 1 stage: -0.035 ms vs 3 (session 4)
+_TILE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
+_SCAN_CONFIGS = [triton.Config({"BNH": n}, num_warps=4, num_stages=s) for n in (16, 32, 64) for s in (2, 3)]
+
+
+def _tunable(kernel, key, configs, reset=None):
+    return triton.autotune(configs, key=key, reset_to_zero=reset)(kernel) if AUTOTUNE else kernel
+
+
+_state_fwd = _tunable(state_scan_fwd_kernel, _KEY[:-1], _SCAN_CONFIGS)
+_state_bwd = _tunable(state_scan_bwd_kernel, _KEY[:-1], _SCAN_CONFIGS, reset=["kdec_ptr"])
+_chunk_output = _tunable(chunk_output_kernel, _KEY, _TILE_CONFIGS)
+_dc = _tunable(dc_kernel, _KEY, _TILE_CONFIGS)
+_dxdb = _tunable(dxdb_kernel, _KEY, _TILE_CONFIGS)
+
+
+def _options(kernel_options):
+    """Launch keyword arguments of a tile kernel (none when the autotuner chooses)."""
+    return {} if AUTOTUNE else kernel_options.as_kwargs()
 
 
 def _scan_columns(b, H, N, device):
@@ -164,12 +136,12 @@ def _scan_columns(b, H, N, device):
     return cols
 
 
-def _scan_launch(opts, b, H, N, device):
+def _scan_launch(kernel_options, columns, b, H, N, device):
     """(grid, launch options) of a state scan: the autotuner's BNH, a fixed one, or _scan_columns'."""
-    if not opts:
+    if AUTOTUNE:
         return (lambda meta: (b * H, triton.cdiv(N // 2, meta["BNH"]))), {}
-    cols = opts["BNH"] or _scan_columns(b, H, N, device)
-    return (b * H, triton.cdiv(N // 2, cols)), dict(opts, BNH=cols)
+    cols = columns or _scan_columns(b, H, N, device)
+    return (b * H, triton.cdiv(N // 2, cols)), dict(kernel_options.as_kwargs(), BNH=cols)
 
 
 class _RopeSSDCore(torch.autograd.Function):
@@ -177,40 +149,42 @@ class _RopeSSDCore(torch.autograd.Function):
     sums come from delta_kernel, the gradients of dt, A, dt_bias from dt_grad_kernel (_delta.py)."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, dt_bias, B, C, cos, sin, seq, initial_state, Q, y_dtype, softplus):
+    def forward(ctx, x, dt, A, dt_bias, B, C, cos, sin, seq, initial_state, Q, y_dtype, softplus, launch):
         b, l, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
         nc = triton.cdiv(max(l, 1), Q)
         Lp = nc * Q
-        BT, BI = min(BLOCK_ROWS, Q), min(BLOCK_INNER_FWD, BLOCK_ROWS, Q)
+        BT, BI = min(launch.block_rows, Q), min(launch.block_inner_fwd, launch.block_rows, Q)
         A32 = A.to(torch.float32).contiguous()
         bias = dt_bias.contiguous() if dt_bias is not None else A32
         delta_p, cs = torch.empty((2, b, H, Lp), device=x.device, dtype=torch.float32)
         delta_kernel[(nc, b * H)](dt, *dt.stride(), bias, A32, delta_p, cs, l, Lp, H, Q=Q,
                                   HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus)
-        cos_t, sin_t, s_tb, s_tl, has_rope = _tables(cos, sin, x)
+        cos_t, sin_t, s_tb, s_tl, has_rope = _tables(cos, sin, x, launch)
         has_seq = seq is not None
         seq_t = seq if has_seq else torch.zeros(1, device=x.device, dtype=torch.int32)
-        meta = _meta(P, N, Q, x.dtype)
+        meta = _meta(P, N, Q, x.dtype, launch)
         flags = dict(HAS_ROPE=has_rope, HAS_SEQ=has_seq)
 
-        states = torch.empty((b, H, nc, P, N), device=x.device, dtype=_state_dtype(x, STATES_IN_INPUT_DTYPE))
+        states = torch.empty((b, H, nc, P, N), device=x.device, dtype=_state_dtype(x, launch.states_in_input_dtype))
         final = torch.empty((b, H, P, N), device=x.device, dtype=torch.float32)
         init = initial_state.to(torch.float32).contiguous() if initial_state is not None else final
-        scan_grid, scan_opts = _scan_launch(_OPT_SFWD, b, H, N, x.device)
+        scan_grid, scan_opts = _scan_launch(launch.scan_fwd, launch.scan_columns, b, H, N, x.device)
         _state_fwd[scan_grid](
             x, *_strides4(x), B, *_strides4(B), cos_t, sin_t, s_tb, s_tl, delta_p, cs, seq_t, init, states, final,
-            l, Lp, H, H // G, P, nc, BS=min(BLOCK_SCAN_FWD, Q), HAS_INIT=initial_state is not None, **flags, **meta,
-            **scan_opts)
+            l, Lp, H, H // G, P, nc, BS=min(launch.block_scan_fwd, Q), HAS_INIT=initial_state is not None, **flags,
+            **meta, **scan_opts)
         y = torch.empty_like(x, dtype=y_dtype)  # x's memory layout: sequence-first views give a sequence-first y
         _chunk_output[(nc * (Q // BT), b * H)](
             x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
             delta_p, cs, seq_t, states, y, *_strides4(y),
-            l, Lp, H, H // G, P, nc, BT=BT, BI=BI, EVEN=_even(l, P, N, Q, meta), **flags, **meta, **_OPT_OUT)
+            l, Lp, H, H // G, P, nc, BT=BT, BI=BI, EVEN=_even(l, P, N, Q, meta), **flags, **meta,
+            **_options(launch.output))
 
         ctx.save_for_backward(x, dt, A32, bias, delta_p, cs, B, C, cos_t, sin_t, seq_t, states)
         ctx.cfg = (Q, s_tb, s_tl, has_rope, has_seq, initial_state is not None, dt_bias is not None, softplus)
         ctx.a_dtype = A.dtype
+        ctx.launch = launch
         ctx.set_materialize_grads(False)
         return y, final
 
@@ -222,9 +196,10 @@ class _RopeSSDCore(torch.autograd.Function):
         G, N = B.shape[2], B.shape[3]
         Lp = delta_p.shape[-1]
         nc = Lp // Q
-        BT = min(BLOCK_ROWS, Q)
+        launch = ctx.launch
+        BT = min(launch.block_rows, Q)
         tf32 = x.dtype == torch.float32 and os.environ.get("TRITON_INTERPRET") != "1"
-        meta = _meta(P, N, Q, x.dtype)
+        meta = _meta(P, N, Q, x.dtype, launch)
         flags = dict(HAS_ROPE=has_rope, HAS_SEQ=has_seq)
         even = _even(l, P, N, Q, meta)
         dev = x.device
@@ -235,15 +210,15 @@ class _RopeSSDCore(torch.autograd.Function):
             g = g.contiguous()
 
         # gradient of the state leaving each chunk (reverse scan) and the chunk-decay part of d a
-        dstates = torch.empty((b, H, nc, P, N), device=dev, dtype=_state_dtype(x, DSTATES_IN_INPUT_DTYPE))
+        dstates = torch.empty((b, H, nc, P, N), device=dev, dtype=_state_dtype(x, launch.dstates_in_input_dtype))
         dinit = torch.empty((b, H, P, N), device=dev, dtype=torch.float32)
         kdec = torch.zeros((b, H, nc), device=dev, dtype=torch.float32)
         dfin = dfinal.to(torch.float32).contiguous() if dfinal is not None else dinit
-        scan_grid, scan_opts = _scan_launch(_OPT_SBWD, b, H, N, dev)
+        scan_grid, scan_opts = _scan_launch(launch.scan_bwd, launch.scan_columns, b, H, N, dev)
         _state_bwd[scan_grid](
             g, *_strides4(g), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl, cs, seq_t, states, dfin, dstates, dinit,
-            kdec, l, Lp, H, H // G, P, nc, BS=min(BLOCK_SCAN_BWD, Q), HAS_DFINAL=dfinal is not None, **flags, **meta,
-            **scan_opts)
+            kdec, l, Lp, H, H // G, P, nc, BS=min(launch.block_scan_bwd, Q), HAS_DFINAL=dfinal is not None,
+            **flags, **meta, **scan_opts)
 
         # per-token gradients; with G < H the per-head dB, dC are summed over each group's heads
         # (gradients take their input's memory layout, so that views of one projection come back as such)
@@ -258,13 +233,13 @@ class _RopeSSDCore(torch.autograd.Function):
         _dc[grid](
             g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
             delta_p, cs, seq_t, states, dC_h, *_strides4(dC_h), e,
-            l, Lp, H, H // G, P, nc, BT=BT, BI=min(BLOCK_INNER_DC, BT), TF32=tf32, EVEN=even, **flags, **meta,
-            **_OPT_DC)
+            l, Lp, H, H // G, P, nc, BT=BT, BI=min(launch.block_inner_dc, BT), TF32=tf32, EVEN=even, **flags, **meta,
+            **_options(launch.dc))
         _dxdb[grid](
             g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
             delta_p, cs, seq_t, dstates, dx, *_strides4(dx), dB_h, *_strides4(dB_h), ddelta, v, k,
-            l, Lp, H, H // G, P, nc, BT=BT, BI=min(BLOCK_INNER_DXDB, BT), TF32=tf32, EVEN=even,
-            **flags, **meta, **_OPT_DXDB)
+            l, Lp, H, H // G, P, nc, BT=BT, BI=min(launch.block_inner_dxdb, BT), TF32=tf32, EVEN=even,
+            **flags, **meta, **_options(launch.dxdb))
         if G == H:
             dB, dC = dB_h, dC_h
         else:
@@ -277,12 +252,14 @@ class _RopeSSDCore(torch.autograd.Function):
                                     part_a, part_bias, l, Lp, H, nc, Q=Q, HAS_BIAS=has_bias, SOFTPLUS=softplus)
         dA = part_a.sum((0, 2)).to(ctx.a_dtype)
         dbias = part_bias.sum((0, 2)).to(bias.dtype) if has_bias else None
-        return (dx, ddt, dA, dbias, dB, dC, None, None, None, (dinit if has_init else None), None, None, None)
+        return (dx, ddt, dA, dbias, dB, dC, None, None, None, (dinit if has_init else None), None, None, None, None)
 
 
 def rope_ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
-             rope_cos=None, rope_sin=None, seq_idx=None, initial_state=None, return_final_state=False):
-    """Fused chunked SSD with Unified RoPE on CUDA (Triton). Signature and shapes: see the module docstring."""
+             rope_cos=None, rope_sin=None, seq_idx=None, initial_state=None, return_final_state=False,
+             launch: LaunchConfig = DEFAULT_LAUNCH):
+    """Fused chunked SSD with Unified RoPE on CUDA (Triton). Signature and shapes: see the module docstring;
+    `launch` sets tile sizes, state precision and each kernel's launch options (launch.py)."""
     b, l, H, P, G, N = check_ssd_inputs(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, rope_cos=rope_cos,
                                         rope_sin=rope_sin, seq_idx=seq_idx, initial_state=initial_state)
     Q = int(chunk_size)
@@ -297,7 +274,7 @@ def rope_ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt
     seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     gated = D is not None or z is not None
     y, final = _RopeSSDCore.apply(x, dt, A, dt_bias, B, C, rope_cos, rope_sin, seq, initial_state, Q,
-                                  torch.float32 if gated else x.dtype, bool(dt_softplus))
+                                  torch.float32 if gated else x.dtype, bool(dt_softplus), launch)
     if gated:
         if D is not None:
             y = y + D.to(torch.float32)[:, None] * x.to(torch.float32)

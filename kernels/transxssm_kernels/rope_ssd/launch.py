@@ -1,0 +1,67 @@
+"""How the fused RoPE-SSD kernels are launched: one frozen object, passed explicitly.
+
+    rope_ssd(x, dt, A, B, C, ..., launch=dataclasses.replace(DEFAULT_LAUNCH, block_inner_dc=64))
+
+Tile sizes, the storage precision of the per-chunk states and of the RoPE tables, and each kernel's warps, pipeline
+stages and register cap. `DEFAULT_LAUNCH` is what the H200 measurements chose (docs/kernels.md has the numbers);
+benchmarks and tests pass variants of it, nothing changes a module global. With TRANSXSSM_SSD_AUTOTUNE=1 Triton's
+autotuner picks warps, stages and scan columns per shape instead (chunk.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """Triton launch options of one kernel."""
+
+    num_warps: int = 4
+    num_stages: int = 1
+    maxnreg: int | None = None    # register cap per thread (None: the compiler's choice)
+
+    def as_kwargs(self) -> dict:
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg is not None:
+            options["maxnreg"] = self.maxnreg
+        return options
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    # Row block of the tile kernels (chunk_output, dc, dxdb), and the blocks of their inner loops (each capped at the
+    # row block): 64-wide inner blocks suit the forward and, with the states' gradients stored in bf16, dxdb; 32-wide
+    # ones suit dc (168 registers: three programs per SM).
+    block_rows: int = 64
+    block_inner_fwd: int = 64
+    block_inner_dc: int = 32
+    block_inner_dxdb: int = 64
+    # Rows the state scans take per step of their single loop over a sequence's row blocks.
+    block_scan_fwd: int = 64
+    block_scan_bwd: int = 64
+    # Half-columns of the state per scan program; None: chosen per call (all N/2 up to 64 while b * H programs still
+    # cover every SM, fewer for few batch rows).
+    scan_columns: int | None = None
+    # Narrowest half-column tile: 32 keeps N = 64 unpadded (14% faster at the 1.3B-sized N = 64 layer); 64 pads it
+    # to N = 128's tiles, the workaround for an illegal memory access of an early bf16 backward on triton 3.6 that
+    # the present kernels no longer show (tests/gpu: test_narrow_half_tiles).
+    half_tile_min: int = 32
+    # Rotate bf16/fp16 operands with tables rounded to that dtype: half the table traffic. The rotated operands are
+    # rounded to that dtype for the dot products anyway, so the error stays of the same order.
+    tables_in_input_dtype: bool = True
+    # Per-chunk states (forward) and their gradients (backward) stored in the input dtype (bf16 / fp16): the tile
+    # kernels round them to it for their dots anyway, so only the backward scan's K_c = decay <dH, H_c> sees a
+    # rounded state and storing the gradients rounded changes no result. Halves the state traffic.
+    states_in_input_dtype: bool = True
+    dstates_in_input_dtype: bool = True
+    # Per kernel: the scans pipeline their single loop across chunks (3 stages, cp.async); the tile kernels run best
+    # with one stage (dxdb: 3 stages measured 0.035 ms slower).
+    scan_fwd: KernelOptions = field(default_factory=lambda: KernelOptions(num_warps=4, num_stages=3))
+    scan_bwd: KernelOptions = field(default_factory=lambda: KernelOptions(num_warps=4, num_stages=3))
+    output: KernelOptions = field(default_factory=KernelOptions)
+    dc: KernelOptions = field(default_factory=KernelOptions)
+    dxdb: KernelOptions = field(default_factory=KernelOptions)
+
+
+DEFAULT_LAUNCH = LaunchConfig()
