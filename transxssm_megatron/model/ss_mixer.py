@@ -24,7 +24,9 @@ l is the local shard and in_proj/out_proj gather/scatter it).
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -35,12 +37,14 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
-from transxssm_kernels.rope_ssd import rope_ssd, ssd_chunked_reference
+from transxssm_kernels.rope_ssd import ROPE_SSD_IMPORT_ERROR, rope_ssd, ssd_chunked_reference
 
 from ..config import ModelConfig
 from .fused_ops import gate_norm, split_projection
 from .norms import param_device
 from .rope import RopeTables
+
+log = logging.getLogger(__name__)
 
 # Mamba-2 initialisation of dt_bias: softplus(dt_bias) ~ log-uniform in [DT_MIN, DT_MAX].
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
@@ -48,12 +52,34 @@ A_INIT_RANGE = (1.0, 16.0)
 
 
 def select_ssd(x: torch.Tensor, state_size: int, chunk_size: int):
-    """The SSD implementation for x (b, l, H, P): the Triton kernel on CUDA when importable and the shapes suit
-    it (N % 32 == 0, P % 16 == 0, chunk a power of two >= 16), else the plain PyTorch reference."""
-    fits = state_size % 32 == 0 and x.shape[-1] % 16 == 0 and chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
-    if x.is_cuda and rope_ssd is not None and fits:
-        return rope_ssd
-    return ssd_chunked_reference
+    """The SSD implementation for x (b, l, H, P), logged once per choice: on CUDA the fused Triton kernels; the plain
+    PyTorch reference on CPU, for shapes the kernels do not take (N % 32, P % 16, a power-of-two chunk >= 16), or
+    when TRANSXSSM_SSD=reference asks for it. On CUDA without importable kernels it is an error, not a silent
+    20x slower run."""
+    if not x.is_cuda:
+        return _chosen(ssd_chunked_reference, "PyTorch reference (CPU)", logging.INFO)
+    if os.environ.get("TRANSXSSM_SSD") == "reference":
+        return _chosen(ssd_chunked_reference, "PyTorch reference on the GPU (TRANSXSSM_SSD=reference)",
+                       logging.WARNING)
+    if rope_ssd is None:
+        raise RuntimeError(f"the fused SSD kernels failed to import ({ROPE_SSD_IMPORT_ERROR}); install triton, or set "
+                           f"TRANSXSSM_SSD=reference to run the much slower PyTorch reference on the GPU")
+    P = x.shape[-1]
+    if state_size % 32 or P % 16 or chunk_size < 16 or chunk_size & (chunk_size - 1):
+        return _chosen(ssd_chunked_reference, f"PyTorch reference on the GPU: the fused kernels need N % 32 == 0, "
+                       f"P % 16 == 0 and a power-of-two chunk >= 16 (N={state_size}, P={P}, chunk {chunk_size})",
+                       logging.WARNING)
+    return _chosen(rope_ssd, "fused Triton kernels", logging.INFO)
+
+
+def _chosen(fn, description: str, level: int):
+    if description not in _announced:
+        _announced.add(description)
+        log.log(level, "SSD: %s", description)
+    return fn
+
+
+_announced: set[str] = set()
 
 
 def tp_group_of(pg_collection):
