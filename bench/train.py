@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SUBSETS = ("cosmopedia-v2", "fineweb-edu-dedup", "python-edu")
+
+from transxssm_preprocess.sample import SUBSETS  # noqa: E402  (the sample's three SmolLM-Corpus subsets)
 
 
 def versions() -> dict:

@@ -24,7 +24,7 @@ from ..config import ModelConfig
 from .fused_ops import skip_add, skip_add_norm, swiglu
 from .norms import RMSNorm, param_device
 from .rope import RopeTables
-from .ss_mixer import tp_group_of
+from .groups import tp_group_of
 
 
 class SwiGLU(MLP):

@@ -23,7 +23,7 @@ from megatron.core.transformer.module import MegatronModule
 from ..config import ModelConfig
 from .fused_ops import rotate_qkv
 from .rope import RopeTables
-from .ss_mixer import tp_group_of
+from .groups import tp_group_of
 
 
 def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import math
 import os
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import (
     ensure_metadata_has_dp_cp_group,
@@ -41,6 +41,7 @@ from transxssm_kernels.rope_ssd import ROPE_SSD_IMPORT_ERROR, rope_ssd, ssd_chun
 
 from ..config import ModelConfig
 from .fused_ops import gate_norm, split_projection
+from .groups import tp_group_of
 from .norms import param_device
 from .rope import RopeTables
 
@@ -80,12 +81,6 @@ def _chosen(fn, description: str, level: int):
 
 
 _announced: set[str] = set()
-
-
-def tp_group_of(pg_collection):
-    if pg_collection is not None and getattr(pg_collection, "tp", None) is not None:
-        return pg_collection.tp
-    return parallel_state.get_tensor_model_parallel_group()
 
 
 class SSMixer(MegatronModule):

@@ -26,7 +26,7 @@ from transxssm_preprocess.integrity import DatasetError, DatasetSummary, check_d
 
 
 @dataclass
-class TokenizerInfo:
+class DatasetTokenizer:
     """What GPTDataset needs to know about the tokenizer: size and end-of-document id (no pad token)."""
 
     vocab_size: int
@@ -34,7 +34,7 @@ class TokenizerInfo:
 
     @property
     def unique_identifiers(self) -> dict:  # megatron hashes this into the dataset cache key
-        return {"class": "TokenizerInfo", "vocab_size": self.vocab_size, "eod": self.eod}
+        return {"class": "DatasetTokenizer", "vocab_size": self.vocab_size, "eod": self.eod}
 
 
 @dataclass
@@ -128,7 +128,7 @@ def build_datasets(cfg, world, num_train_samples: int, num_valid_samples: int) -
         blend=blend,
         split=d.split,
         path_to_cache=None if mock else cache,
-        tokenizer=TokenizerInfo(vocab_size=cfg.model.vocab_size, eod=d.eod_id),
+        tokenizer=DatasetTokenizer(vocab_size=cfg.model.vocab_size, eod=d.eod_id),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=d.eod_mask_loss,

