@@ -114,7 +114,7 @@ def test_linear_cross_entropy_matches_full_logits_bf16():
 @pytest.mark.parametrize("architecture", ["transxssm", "jamba", "transformer"])
 def test_model_fused_matches_reference(architecture):
     """320m-shaped, 4 layers (attention every 2nd), bf16: loss and every gradient, fused against the eager path."""
-    from test_model_gpu import build
+    from gpu_helpers import build
 
     from transxssm_megatron.config import ModelConfig
     from transxssm_megatron.model import fused_ops

@@ -6,7 +6,6 @@ SDPA attention against the CPU path. Skipped without CUDA.
 (needs the package installed: `pip install .` or a wheel built from the tree.)
 """
 
-import os
 import time
 
 import torch
@@ -18,32 +17,9 @@ try:
 except ImportError:  # the GPU machine may lack pytest: `python tests/gpu/test_model_gpu.py` runs the same tests
     pytest = None
 
+from gpu_helpers import build, init_single_gpu
+
 from transxssm_megatron.config import ModelConfig
-
-
-def init_single_gpu():
-    """One-rank NCCL group + megatron parallel state (idempotent)."""
-    from megatron.core import parallel_state, tensor_parallel
-
-    if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29517")
-        torch.cuda.set_device(0)
-        torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)
-
-
-def build(cfg, dtype):
-    from transxssm_megatron.model import build_model, build_transformer_config
-
-    init_single_gpu()
-    torch.manual_seed(0)
-    tc = build_transformer_config(cfg, params_dtype=dtype, bf16=dtype == torch.bfloat16)
-    model = build_model(cfg, tc)
-    assert next(model.parameters()).is_cuda
-    return model
 
 
 def fwd_bwd(model, vocab, b, l, seed=0):

@@ -1,6 +1,7 @@
-"""Helpers for the parallel-equivalence tests: move full (TP=1, PP=1) weights into a sharded model and gather
-sharded gradients back, using only megatron's own parameter attributes (tensor_model_parallel,
-partition_dim, partition_stride) and layer numbers. Also used by tests/gpu/tp_pp_nccl_check.py."""
+"""Helpers for the parallel-equivalence tests: a small model config and batch, and moving full (TP=1, PP=1)
+weights into a sharded model and gathering sharded gradients back, using only megatron's own parameter attributes
+(tensor_model_parallel, partition_dim, partition_stride) and layer numbers. Also used by tests/gpu/tp_pp_nccl_check.py.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +9,23 @@ import re
 
 import torch
 from megatron.core import parallel_state
+
+from transxssm_megatron.config import ModelConfig
+
+BATCH, SEQ = 2, 40  # 40 = 2.5 SSD chunks of 16: covers state passing and a partial last chunk
+
+
+def small_cfg(architecture: str, **overrides) -> ModelConfig:
+    # 4 decoder layers with attention every 2nd, so TP and each PP stage see both mixers.
+    return ModelConfig.from_preset("tiny", architecture=architecture, num_layers=4, attention_period=2,
+                                   attention_offset=1, vocab_size=1000, ffn_hidden_size=256, ss_chunk_size=16,
+                                   **overrides)
+
+
+def batch(n_micro: int = 1):
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 1000, (n_micro, BATCH, SEQ + 1), generator=g)
+    return ids[..., :-1], ids[..., 1:]
 
 
 def is_tp_sharded(param: torch.Tensor) -> bool:

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from distributed import run_distributed
-from model_parallel_utils import full_grads, load_full_weights
-from test_parallel_equivalence import batch, small_cfg
+from model_parallel_utils import batch, full_grads, load_full_weights, small_cfg
 
 from transxssm_megatron.model.lm_loss import linear_cross_entropy
 

@@ -8,19 +8,7 @@ own partition attributes (tests/model/model_parallel_utils.py), so a wrong TP la
 import pytest
 import torch
 from distributed import run_distributed
-from model_parallel_utils import full_grads, load_full_weights
-
-from transxssm_megatron.config import ModelConfig
-
-BATCH, SEQ = 2, 40  # 40 = 2.5 SSD chunks of 16: covers state passing and a partial last chunk
-
-
-def small_cfg(architecture: str, **overrides) -> ModelConfig:
-    # 4 decoder layers with attention every 2nd, so TP and each PP stage see both mixers.
-    return ModelConfig.from_preset("tiny", architecture=architecture, num_layers=4, attention_period=2,
-                                   attention_offset=1, vocab_size=1000, ffn_hidden_size=256, ss_chunk_size=16,
-                                   **overrides)
-
+from model_parallel_utils import BATCH, SEQ, batch, full_grads, load_full_weights, small_cfg
 
 TP_CASES = {
     "transxssm": ("transxssm", {}, False),
@@ -29,12 +17,6 @@ TP_CASES = {
     # 2 heads per B/C group and per KV group on each rank; conv1d, D, z-gate + grouped norm, dt_bias all sharded
     "jamba-4heads-G2-gqa": ("jamba", dict(num_attention_heads=4, ss_groups=2, num_query_groups=2), False),
 }
-
-
-def batch(n_micro: int = 1):
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, 1000, (n_micro, BATCH, SEQ + 1), generator=g)
-    return ids[..., :-1], ids[..., 1:]
 
 
 def _tp_run(case, full_weights):
