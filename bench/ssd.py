@@ -11,7 +11,7 @@ Methods, each timed forward and forward+backward (median of triton.testing.do_be
   sdpa       PyTorch SDPA causal attention, the same heads (head dim 64), q/k/v given
 Grid: H in {32 (1.3B), 12 (320M)}, P = 64, N in {64, 128}, G = H, l in {4096, 8192, 16384}, b = 32768 / l; bf16
 inputs, fp32 RoPE tables, softplus(dt), chunk 256. Also measured in the same run: device copy bandwidth and bf16
-matmul rate (the ceilings), the bytes / FLOPs each call must move / do (see bench/NOTES-ssd.md), and the host (CPU)
+matmul rate (the ceilings), the bytes / FLOPs each call must move / do (see docs/kernels.md), and the host (CPU)
 time per forward+backward call of ours and SDPA: where it exceeds the GPU time, the timing measures the launches.
 mamba_ssm is a comparison only: its Triton modules are loaded from --mamba-path without its package __init__.
 """

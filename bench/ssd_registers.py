@@ -10,9 +10,8 @@ LLVM, PTX) with the specialisations of a real launch of the contiguous 1.3B laye
 integers and the pointers 16-divisible, H = G; block sizes and stages default to DEFAULT_LAUNCH's), and its PTX is
 assembled by the ptxas bundled with Triton (`-v`): registers per thread, spill bytes and shared memory. With --sass
 the cubin is disassembled (Triton's bundled nvdisasm) and the instructions of each loop (a backward branch) are
-counted by opcode: the packed rotation and split decays cut the tile kernels' loops from 1015 / 1082 / 649 to
-348 / 430 / 380 instructions per iteration this way before timing them on the GPU. The local Triton may be newer
-than the GPU machine's (3.8 vs 3.6): numbers are indicative, the GPU benchmark decides.
+counted by opcode, so that a change to a kernel's inner loop can be weighed before it is timed on the GPU. The local
+Triton may be newer than the GPU machine's (3.8 vs 3.6): numbers are indicative, the GPU benchmark decides.
 """
 
 import argparse

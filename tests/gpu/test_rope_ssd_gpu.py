@@ -143,9 +143,8 @@ def test_scan_columns(cols):
 
 
 def test_narrow_half_tiles():
-    """N = 64 with 32-wide half-column tiles (LaunchConfig.half_tile_min = 32, the default; 64 pads them, the
-    workaround of an illegal memory access of an early bf16 backward): the 1.3B layer in bf16 and fp32, every option
-    at chunk 128, and bit-repeatability."""
+    """N = 64 with 32-wide half-column tiles (LaunchConfig.half_tile_min = 32, the default; 64 pads them to N = 128's
+    tiles): the 1.3B layer in bf16 and fp32, every option at chunk 128, and bit-repeatability."""
     from transxssm_kernels.rope_ssd import DEFAULT_LAUNCH
     assert DEFAULT_LAUNCH.half_tile_min == 32
     for dtype in (torch.bfloat16, torch.float32):

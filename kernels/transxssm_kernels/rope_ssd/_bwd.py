@@ -12,8 +12,8 @@ a_j = delta_j A (cs is its within-chunk cumulative sum).
   part of E_t (its state part is g_t.y_off_t), so d cs_t (all) = E_t - K_t and d a_j = sum_{t >= j} (E_t - K_t)
   + sum_{s < j} V_s + K_c (chunk.py adds the parts up). dc needs no C~ B~^T for this: E_t is one row sum after its
   loop. dxdb forms K_s from the same dot-rounded L (u.g) that dc's dots use (fp32 operands rounded to tf32 by
-  to_dot), so the diagonal twins W_tt of E_t and K_t cancel to fp32 rounding; the first version's
-  d cs_t = g_t.y_t - u_t.du_t subtracted bf16-rounded outputs instead and lost dA to that (9% off at l = 4096).
+  to_dot), so the diagonal twins W_tt of E_t and K_t cancel to fp32 rounding. Forming d cs_t = g_t.y_t - u_t.du_t
+  instead would subtract bf16-rounded outputs, whose twins no longer cancel, and lose dA.
 Rotated gradients go back through the inverse rotation as they are stored.
 """
 

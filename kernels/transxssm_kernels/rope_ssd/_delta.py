@@ -6,7 +6,8 @@
                   d a_j = sum_{t >= j} (E_t - K_t) + sum_{s < j} V_s + K_c, then d delta = (direct part) + A d a,
                   d dt = d delta * sigmoid(dt + dt_bias) (with softplus), and per-program partial sums of d a * delta
                   (for dA) and of d dt (for d dt_bias), summed in PyTorch so the result is bit-repeatable.
-They replace ~20 small PyTorch kernels (~0.12 ms per forward + backward of the 1.3B layer on the H200).
+Together 0.03 ms per forward + backward of the 1.3B layer on the H200 (docs/kernels.md), in place of ~20 small
+PyTorch kernels.
 """
 
 import triton

@@ -70,8 +70,8 @@ def prefetch_block(mat_base, stride_row, stride_n, cos_base, sin_base, stride_co
                    rows, L, N_HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
     """Ask L1 for the first line of each row of a block of B or C (both halves), of its tables and of x (or g), a
     block ahead of the loads: the tile kernels' main stall is waiting on those loads (ncu), and holding the next
-    block in registers instead spills. chunk_output uses it (-0.05 ms on the H200); it made dc, dxdb and the scans
-    slower (bench/NOTES-ssd.md). The rows are clamped to the sequence; a no-op in the interpreter."""
+    block in registers instead spills. chunk_output uses it (0.05 ms faster on the H200); in dc and dxdb it measured
+    slower (docs/kernels.md). The rows are clamped to the sequence; a no-op in the interpreter."""
     if not _INTERPRET:
         r = tl.minimum(rows, L - 1)
         prefetch_l1(mat_base + r * stride_row)

@@ -37,7 +37,7 @@ dt -> delta (bias, softplus) and its within-chunk cumulative sum, and back to d 
 small kernels of _delta.py; the D skip and the z gate (options off the default path) are PyTorch around the one
 autograd Function.
 Speed (H200, 1.3B layer H=G=32, P=64, N=128, l=4096, 32K tokens, bf16): 0.68 ms forward, 2.17 ms forward+backward
-(chunk 128: 0.57 / 1.91); PyTorch SDPA with the same heads 4.71; bench/NOTES-ssd.md has the grid and what limits it.
+(chunk 128: 0.57 / 1.91); PyTorch SDPA with the same heads 4.71; docs/kernels.md has the grid and what limits it.
 """
 
 import os
@@ -125,9 +125,9 @@ def _options(kernel_options):
 
 
 def _scan_columns(b, H, N, device):
-    """Half-columns per state-scan program. All N/2 (up to 64) reads x (or dy) once per head, 0.4 ms faster
-    fwd+bwd than 32 on the H200 at the 1.3B layer, as long as the b*H programs still cover every SM; fewer
-    batch rows (long sequences) split the columns to keep the SMs busy."""
+    """Half-columns per state-scan program. All N/2 (up to 64) reads x (or dy) once per head, 0.1 ms faster
+    fwd+bwd than 32 on the H200 at the 1.3B layer (docs/kernels.md), as long as the b*H programs still cover every
+    SM; fewer batch rows (long sequences) split the columns to keep the SMs busy."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     widest = max(16, min(64, triton.next_power_of_2(N // 2)))
     cols = widest

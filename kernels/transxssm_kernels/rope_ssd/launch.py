@@ -43,9 +43,8 @@ class LaunchConfig:
     # Half-columns of the state per scan program; None: chosen per call (all N/2 up to 64 while b * H programs still
     # cover every SM, fewer for few batch rows).
     scan_columns: int | None = None
-    # Narrowest half-column tile: 32 keeps N = 64 unpadded (14% faster at the 1.3B-sized N = 64 layer); 64 pads it
-    # to N = 128's tiles, the workaround for an illegal memory access of an early bf16 backward on triton 3.6 that
-    # the present kernels no longer show (tests/gpu: test_narrow_half_tiles).
+    # Narrowest half-column tile: 32 keeps N = 64 unpadded (11-16% faster at the 1.3B-sized N = 64 layer,
+    # docs/kernels.md); 64 pads it to N = 128's tiles. tests/gpu: test_narrow_half_tiles.
     half_tile_min: int = 32
     # Rotate bf16/fp16 operands with tables rounded to that dtype: half the table traffic. The rotated operands are
     # rounded to that dtype for the dot products anyway, so the error stays of the same order.
@@ -56,7 +55,7 @@ class LaunchConfig:
     states_in_input_dtype: bool = True
     dstates_in_input_dtype: bool = True
     # Per kernel: the scans pipeline their single loop across chunks (3 stages, cp.async); the tile kernels run best
-    # with one stage (dxdb: 3 stages measured 0.035 ms slower).
+    # with one stage (2 stages measured 0.10-0.21 ms slower per kernel on the H200, docs/kernels.md).
     scan_fwd: KernelOptions = field(default_factory=lambda: KernelOptions(num_warps=4, num_stages=3))
     scan_bwd: KernelOptions = field(default_factory=lambda: KernelOptions(num_warps=4, num_stages=3))
     output: KernelOptions = field(default_factory=KernelOptions)
