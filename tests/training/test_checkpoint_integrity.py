@@ -7,7 +7,8 @@ truncated, deleted or overwritten with random bytes, and then:
 - `--resume auto` warns that it skipped it, naming the file, and trains on from iter_0000002 with exactly the
   losses of a run resumed from iter_0000002 directly.
 Also: `checkpoint verify` / `list`, old markers without a file list, a resume path that is not a checkpoint,
-cleaning of folders left by interrupted saves, --debug / TRANSXSSM_DEBUG, and the hashing spread over two ranks.
+cleaning of folders left by interrupted saves, `checkpoint.keep_last` retention around damaged checkpoints (and 0
+keeping all), --debug / TRANSXSSM_DEBUG, and the hashing spread over two ranks.
 """
 
 import json
@@ -251,6 +252,59 @@ def test_cleaning_removes_only_unmarked_folders_older_than_an_intact_checkpoint(
                                                     f"left {tmp_path / 'iter_0000025.tmp'} in place"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000010", "iter_0000020", "iter_0000020.tmp",
                                                           "iter_0000025.tmp", "iter_0000030", "iter_0000040"]
+
+
+def _fake_checkpoint(save_dir: Path, step: int, marker: str = "files") -> Path:
+    """A marked folder with one 1 KiB shard; `marker`: files (the current format), old (no file list)."""
+    from transxssm_megatron.training.checkpoint_integrity import file_checksum, write_marker
+
+    path = save_dir / f"iter_{step:07d}"
+    path.mkdir(parents=True)
+    shard = path / "__0_0.distcp"
+    shard.write_bytes(os.urandom(1024))
+    size, digest = file_checksum(shard)
+    write_marker(path, {"step": step}, {shard.name: {"size": size, "checksum": digest}})
+    if marker == "old":
+        (path / "COMPLETE").write_text(json.dumps({"step": step}))
+    return path
+
+
+def test_retention_counts_only_intact_checkpoints(tmp_path):
+    from transxssm_megatron.training.checkpoint_integrity import retire_old
+
+    for step in (1, 2, 3):
+        _fake_checkpoint(tmp_path, step)
+    _fake_checkpoint(tmp_path, 4, marker="old")          # unverifiable, but loadable: counts
+    _truncate(tmp_path / "iter_0000003" / "__0_0.distcp")
+    newest = _fake_checkpoint(tmp_path, 5)              # just saved
+    (tmp_path / "iter_0000006").mkdir()                  # unmarked: cleaning's business, not retention's
+
+    # keep_last=2 once counted iter_4 and iter_5 and removed the intact iter_2 while keeping the damaged iter_3.
+    messages = retire_old(tmp_path, keep_last=3, intact=newest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter_0000002", "iter_0000003", "iter_0000004", "iter_0000005", "iter_0000006"]
+    assert messages == [f"kept damaged checkpoint {tmp_path / 'iter_0000003'} (__0_0.distcp is 512 bytes, the "
+                        f"checkpoint recorded 1024 (truncated or overwritten)) for inspection; it does not count "
+                        f"towards checkpoint.keep_last=3 and is removed once 3 newer intact checkpoint(s) exist"]
+
+    (tmp_path / "iter_0000002" / "COMPLETE").write_text("{trunc")  # an unreadable marker is damage too
+    newest = _fake_checkpoint(tmp_path, 7)
+    messages = retire_old(tmp_path, keep_last=2, intact=newest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000005", "iter_0000006", "iter_0000007"]
+    assert [m.split(" (")[0] for m in messages] == [f"removed damaged checkpoint {tmp_path / 'iter_0000003'}",
+                                                    f"removed damaged checkpoint {tmp_path / 'iter_0000002'}"]
+
+
+def test_keep_last_zero_keeps_every_checkpoint(tmp_path):
+    from transxssm_megatron.training.checkpoint_integrity import retire_old
+    from transxssm_megatron.training.checkpointing import CheckpointManager
+
+    for step in range(1, 6):
+        _fake_checkpoint(tmp_path, step)
+    _truncate(tmp_path / "iter_0000001" / "__0_0.distcp")
+    assert CheckpointManager(tmp_path, keep_last=0).keep_last is None
+    assert retire_old(tmp_path, keep_last=0) == retire_old(tmp_path, keep_last=None) == []
+    assert len(list(tmp_path.iterdir())) == 5
 
 
 def test_run_start_reports_and_cleans_leftovers(run_copy, capsys):

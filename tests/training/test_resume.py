@@ -2,12 +2,15 @@
 
 - kill -9 in the middle of a run, `--resume auto`: the per-step losses in metrics.jsonl equal those of an
   uninterrupted run bit for bit (deterministic mode, same layout);
+- (slow) kill -9 at ten random moments, during steps and during checkpoint saves, resuming each time: losses, grad
+  norms, learning rates and data position of every step equal an uninterrupted run's bit for bit;
 - SIGTERM: the run saves a checkpoint at the step it reached and exits 0;
 - (slow) a TP=2/PP=2 run under torchrun resumes at TP=1/PP=1 and keeps training.
 """
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -17,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 from distributed import run_distributed
+
+from transxssm_megatron.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 TRANSXSSM = [sys.executable, "-c", "import sys; from transxssm_megatron.cli import main; sys.exit(main())"]
@@ -45,16 +50,24 @@ def _run(args: list[str], log: Path, prefix=TRANSXSSM, timeout=400) -> subproces
     return proc
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss from metrics.jsonl; a resumed run re-logs the steps after its checkpoint: the last wins."""
-    losses = {}
+def _step_records(run_dir: Path) -> dict[int, dict]:
+    """step -> training record from metrics.jsonl; a resumed run re-logs the steps after its checkpoint: the last
+    wins. A line cut short by a kill is skipped (the step is logged again after the resume)."""
+    records = {}
     path = run_dir / "metrics.jsonl"
     if path.exists():
         for line in path.read_text().splitlines():
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
             if "loss" in record:
-                losses[record["step"]] = record["loss"]
-    return losses
+                records[record["step"]] = record
+    return records
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {step: record["loss"] for step, record in _step_records(run_dir).items()}
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
@@ -62,7 +75,7 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+def _wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 300, period: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if proc.poll() is not None:
@@ -71,7 +84,7 @@ def _wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 300
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"timed out; log:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
+        time.sleep(period)
 
 
 def _complete_checkpoints(run_dir: Path) -> list[str]:
@@ -107,6 +120,77 @@ def test_kill_9_and_resume_gives_the_same_losses(tmp_path):
     assert sorted(reference) == list(range(1, steps + 1))
     assert resumed == reference, (f"per-step losses differ after kill + resume:\n"
                                   f"{ {s: (reference[s], resumed.get(s)) for s in reference} }")
+
+
+# What must match bitwise after any number of kills: the trajectory, the schedule and the data position.
+EXACT = ("loss", "grad_norm", "lr", "consumed_samples", "skipped_total")
+
+
+def _metrics_lines(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _written_since(pattern: str, checkpoints: Path, since_ns: int) -> bool:
+    """A path matching `pattern` in `checkpoints` changed after `since_ns` (a leftover of an earlier run is older)."""
+    for path in checkpoints.glob(pattern):
+        try:
+            if path.stat().st_mtime_ns > since_ns:
+                return True
+        except FileNotFoundError:  # renamed or retired while looking
+            pass
+    return False
+
+
+def _saves_begun(checkpoints: Path, since_ns: int, seen: set) -> set:
+    """`seen` plus the `.tmp` folders (saves under way) written to since `since_ns`."""
+    seen.update(p.name for p in checkpoints.glob("iter_*.tmp") if _written_since(p.name, checkpoints, since_ns))
+    return seen
+
+
+@pytest.mark.slow
+def test_ten_random_kill_9s_during_steps_and_saves_then_exact_resume(tmp_path):
+    steps, interval, kills = 100, 2, 10   # a save every other step: about half the training time is in saves
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight_log, log = tmp_path / "straight.log", tmp_path / "killed.log"
+    reference_run = _start(_train_args(straight, steps, interval), straight_log)
+    args = _train_args(killed, steps, interval)
+    args[1:1] = ["--resume", "auto"]
+    rng = random.Random(20261207)
+    # Each kill: after the k-th step logged (or the k-th save begun) since this launch's first checkpoint, plus up
+    # to 0.1 s (a step takes ~0.1 s, a save ~0.2 s).
+    moments = [(kind, rng.randint(1, 5) if kind == "step" else rng.randint(1, 2), rng.uniform(0, 0.1))
+               for kind in rng.sample(["step", "save"] * (kills // 2), kills)]
+    checkpoints, history = killed / "checkpoints", []
+    for kind, k, delay in moments:
+        launched = time.time_ns()
+        proc = _start(args, log)
+        # Progress first: a checkpoint of this launch (the first save of a process takes seconds, and a kill in
+        # it every time would test the same moment ten times).
+        _wait_for(lambda: _written_since("iter_*/COMPLETE", checkpoints, launched), proc, log, period=0.01)
+        progressed, lines, saves = time.time_ns(), _metrics_lines(killed), set()
+        if kind == "save":
+            _wait_for(lambda: len(_saves_begun(checkpoints, progressed, saves)) >= k, proc, log, period=0.002)
+        else:
+            _wait_for(lambda: _metrics_lines(killed) >= lines + k, proc, log, period=0.002)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL, "the run ended before it was killed; nothing was tested"
+        in_save = _written_since("iter_*.tmp", checkpoints, progressed)
+        history.append((kind, k, round(delay, 3), max(_losses(killed)), "in a save" if in_save else "in a step"))
+    _run(args, log)
+    assert reference_run.wait(timeout=300) == 0, straight_log.read_text()[-3000:]
+
+    assert any(where == "in a save" for *_, where in history), f"no kill landed in a save: {history}"
+    assert log.read_text().count("resumed from") == kills, history  # every launch after the first, and the last
+    reference, resumed = _step_records(straight), _step_records(killed)
+    assert sorted(reference) == sorted(resumed) == list(range(1, steps + 1))
+    differing = {step: [(key, reference[step][key], resumed[step][key]) for key in EXACT
+                        if reference[step][key] != resumed[step][key]] for step in reference}
+    assert not any(differing.values()), (f"steps differ after kills {history}: "
+                                         f"{ {s: d for s, d in differing.items() if d} }")
+    assert main(["checkpoint", "verify", str(killed)]) == 0  # what the kills left behind was cleaned up
+    assert sorted(p.name for p in checkpoints.iterdir()) == [f"iter_{steps - interval:07d}", f"iter_{steps:07d}"]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):

@@ -16,22 +16,12 @@ Files of a checkpoint (megatron-core 0.19.2, torch_dist backend): `__<rank>_<n>.
 `metadata.json` (the backend's name) and `COMPLETE`, our marker: JSON with the step, layout, time and
 `files: {name: {size, checksum}}` (sha256).
 
-Integrity. Loading checks every recorded file's size and checksum first (`inspect_checkpoint`; about 1 GB/s per
-core, see `file_checksum`), so a truncated, overwritten or missing file is reported by name instead of loading
-garbage (dist_checkpointing reads shards at recorded offsets and has no checksums: random bytes in a `.distcp`
-load silently and train to NaN). `--resume auto` takes the newest intact checkpoint and warns about each newer one
-it skipped; a PATH that fails the check is refused. Markers written before the file list existed load with a note
-that they cannot be verified.
-
-Cleaning (`clean_stale`, rank 0: at start after the resume checkpoint is chosen, and after every save). Deleted:
-`.trash` folders (retired checkpoints whose deletion was cut short), and `.tmp` or unmarked `iter_*` folders of a
-step older than a checkpoint known to be intact (the one just verified and loaded, or just saved): no save of an
-older step can still be running, and without a marker they cannot be loaded. Kept and reported: such folders of
-the same or a newer step (another job may be saving into this directory), and all of them while no intact
-checkpoint is known (nothing is deleted in favour of a damaged one). A save also removes the `.tmp` of the step
-it is about to write. A folder with a marker is never removed by cleaning, damaged or not (only
-`checkpoint.keep_last` retires complete checkpoints). Deleting renames to `.trash` first, so a kill halfway leaves
-a `.trash` folder, never a half-deleted one under a checkpoint's name.
+Integrity, stale-folder cleaning and `checkpoint.keep_last` retention are in checkpoint_integrity.py (no torch,
+no megatron-core). Loading checks every recorded file's size and checksum first, the hashing spread over the
+ranks, so a truncated, overwritten or missing file is reported by name instead of loading garbage.
+`--resume auto` takes the newest intact checkpoint and warns about each newer one it skipped; a PATH that fails
+the check is refused. After each save rank 0 applies retention (damaged checkpoints do not count towards
+`keep_last`; 0 keeps all) and cleans stale folders.
 
 What a checkpoint holds (one sharded state dict):
 - `model` (or `model0`, `model1`, ... with virtual pipeline stages): each chunk's `sharded_state_dict()`. Tensor
@@ -47,14 +37,12 @@ What a checkpoint holds (one sharded state dict):
 - `rng_state`: one entry per global rank (python, numpy, torch, cuda, megatron's RNG tracker). Restored only
   when the parallel layout is unchanged; after a change of TP/PP/DP the per-rank streams have no meaning.
 
-torch and megatron-core are imported inside the functions that use them: `transxssm checkpoint verify/list` use
-this module's integrity half without either.
+torch and megatron-core are imported inside the functions that use them, so importing this module (as
+`transxssm checkpoint verify/list` do, for the names re-exported below) costs neither.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import random
@@ -62,10 +50,31 @@ import re
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
+
+from transxssm_megatron.training.checkpoint_integrity import (
+    COMPLETE_MARKER,
+    FINAL_NAME,
+    CheckpointError,
+    CheckpointStatus,
+    checkpoint_folders,
+    choose_another,
+    clean_stale_folders,
+    delete_folder,
+    files_of,
+    final_folders,
+    hash_files,
+    inspect_checkpoint,
+    looks_like_checkpoint,
+    marked_folders,
+    merge_statuses,
+    one_line,
+    read_marker,
+    retire_old,
+    share_by_size,
+    write_marker,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -73,23 +82,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-COMPLETE_MARKER = "COMPLETE"
-CHECKSUM = "sha256"
-_HASH_BLOCK = 4 << 20            # bytes read per hash update: 1-8 MiB all measure the same
-_HASH_THREADS = 8                # per rank; hashlib releases the GIL, so threads hash files in parallel
-_FINAL_NAME = re.compile(r"^iter_(\d{7,})$")
-_ANY_NAME = re.compile(r"^iter_(\d{7,})(\.tmp|\.trash|\.tmp\.trash)?$")  # .tmp.trash: a .tmp being deleted
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be saved or loaded; the message (one line) says which file and what to do."""
-
-
-def _one_line(text: Any, limit: int = 400) -> str:
-    """Foreign error text (tracebacks, key lists) squeezed into one line for a one-line error."""
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
+# The integrity names in here are also imported from this module (by the CLI and by callers of the manager);
+# checkpoint_integrity.py is their home.
+__all__ = ["COMPLETE_MARKER", "FORMAT_VERSION", "CheckpointError", "CheckpointManager", "CheckpointStatus",
+           "capture_rng_state", "checkpoint_folders", "current_layout", "inspect_checkpoint", "read_marker",
+           "restore_rng_state"]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Small distributed helpers (work without an initialised process group, e.g. for tools that inspect a run dir)
@@ -155,219 +153,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Integrity: what the COMPLETE marker records, and checking a folder against it (no torch, no process group)
-
-def file_checksum(path: Path, algorithm: str = CHECKSUM) -> tuple[int, str]:
-    """(bytes read, hex digest) of one file, streamed in 4 MiB blocks.
-
-    Speed, measured on a 100 MB file in the page cache, one core of an Intel Xeon with SHA extensions: sha256
-    0.93-1.07 GB/s, blake2b 0.43-0.64 GB/s (hence sha256; CPUs without SHA extensions favour blake2b, and the
-    marker names its algorithm, so a later change stays readable). Two threads on two files: 1.85 GB/s. A save
-    or load hashes its files in `_HASH_THREADS` threads per rank, spread over all ranks."""
-    digest = hashlib.new(algorithm)
-    block = bytearray(_HASH_BLOCK)
-    view = memoryview(block)
-    size = 0
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(block):
-            digest.update(view[:n])
-            size += n
-    return size, digest.hexdigest()
-
-
-def _hash_files(folder: Path, names: list[str], algorithm: str = CHECKSUM) -> dict[str, tuple[int, str] | OSError]:
-    """{name: (size, digest)} for files of `folder`, or the OSError that stopped reading one."""
-    def one(name: str) -> tuple[int, str] | OSError:
-        try:
-            return file_checksum(folder / name, algorithm)
-        except OSError as err:
-            return err
-
-    if not names:
-        return {}
-    with ThreadPoolExecutor(max_workers=min(len(names), _HASH_THREADS, os.cpu_count() or 1)) as pool:
-        return dict(zip(names, pool.map(one, names)))
-
-
-def _files_of(folder: Path) -> dict[str, int]:
-    """{relative posix path: size} of every file under `folder` except the marker."""
-    found = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            full = Path(root) / name
-            rel = full.relative_to(folder).as_posix()
-            if rel != COMPLETE_MARKER:
-                found[rel] = full.stat().st_size
-    return found
-
-
-def _share(sizes: dict[str, int], workers: int) -> list[list[str]]:
-    """Split files over `workers` by bytes (largest first to the least loaded); the same answer on every rank."""
-    loads, shares = [0] * workers, [[] for _ in range(workers)]
-    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
-        i = loads.index(min(loads))
-        shares[i].append(name)
-        loads[i] += sizes[name]
-    return shares
-
-
-def _looks_like_checkpoint(path: Path) -> bool:
-    return bool(_ANY_NAME.match(path.name)) or (path / ".metadata").is_file() or any(path.glob("*.distcp"))
-
-
-def _choose_another(path: Path) -> str:
-    return f"Choose another checkpoint (transxssm checkpoint list {path.parent}) or start fresh with --resume none"
-
-
-def _valid_file_list(recorded: Any) -> bool:
-    return isinstance(recorded, dict) and all(
-        isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("checksum"), str)
-        for e in recorded.values())
-
-
-def read_marker(path: str | os.PathLike) -> dict:
-    """The COMPLETE marker of checkpoint folder `path` as a dict. CheckpointError (one line) when it is missing or
-    unreadable."""
-    path = Path(path)
-    marker = path / COMPLETE_MARKER
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a folder; a checkpoint is a folder such as iter_0000100")
-    if not marker.is_file():
-        if _looks_like_checkpoint(path):
-            raise CheckpointError(f"{path}: no {COMPLETE_MARKER} marker: the save was interrupted. "
-                                  f"{_choose_another(path)}")
-        inside = sorted(p.name for p in path.iterdir() if _FINAL_NAME.match(p.name))
-        if inside:
-            raise CheckpointError(f"{path}: not a checkpoint but a folder of checkpoints; pass one of them, e.g. "
-                                  f"{path / inside[-1]} (list them: transxssm checkpoint list {path})")
-        raise CheckpointError(f"{path}: not a checkpoint folder (no {COMPLETE_MARKER} marker, no .metadata); pass "
-                              f"one such as {path.parent / 'iter_0000100'}, or --resume auto")
-    try:
-        data = json.loads(marker.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: the {COMPLETE_MARKER} marker is not valid JSON (truncated or overwritten: "
-                              f"{_one_line(err, 80)})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: the {COMPLETE_MARKER} marker holds {type(data).__name__}, not the JSON "
-                              f"object a save writes (overwritten)")
-    return data
-
-
-def check_files(folder: Path, recorded: dict[str, dict], algorithm: str = CHECKSUM,
-                checksums: bool = True) -> list[str]:
-    """One phrase per recorded file of `folder` that is missing, of another size or (with `checksums`) of another
-    checksum than the marker says; [] when all match. Files the marker does not list are ignored."""
-    problems, same_size = [], []
-    for name, entry in sorted(recorded.items()):
-        try:
-            size = (folder / name).stat().st_size
-        except FileNotFoundError:
-            problems.append(f"{name} is missing")
-            continue
-        if size != entry["size"]:
-            problems.append(f"{name} is {size} bytes, the checkpoint recorded {entry['size']} "
-                            f"(truncated or overwritten)")
-        else:
-            same_size.append(name)
-    if checksums:
-        for name, result in _hash_files(folder, same_size, algorithm).items():
-            if isinstance(result, OSError):
-                problems.append(f"{name} cannot be read ({result.strerror or result})")
-            elif result[1] != recorded[name]["checksum"]:
-                problems.append(f"{name} checksum differs from the one recorded at save (the file was changed "
-                                f"or corrupted)")
-    return problems
-
-
-@dataclass(frozen=True)
-class CheckpointStatus:
-    """What `inspect_checkpoint` found. `state`: ok | bad | incomplete | unverifiable (marker of the old format,
-    without a file list). `problems`: one phrase each, naming the file."""
-
-    path: Path
-    state: str
-    problems: tuple[str, ...] = ()
-
-    @property
-    def step(self) -> Optional[int]:
-        match = _ANY_NAME.match(self.path.name)
-        return int(match.group(1)) if match else None
-
-    @property
-    def loadable(self) -> bool:
-        return self.state in ("ok", "unverifiable")
-
-    @property
-    def reason(self) -> str:
-        shown = "; ".join(self.problems[:3])
-        more = len(self.problems) - 3
-        return shown + (f"; and {more} more" if more > 0 else "")
-
-    def describe(self) -> str:
-        """The status column of `transxssm checkpoint list`."""
-        if self.state == "unverifiable":
-            return "unverifiable (old format: no recorded sizes or checksums)"
-        return self.state if self.state == "ok" else f"{self.state}: {self.reason}"
-
-    def size(self) -> int:
-        """Bytes of all files in the folder (0 if it is gone)."""
-        return sum(_files_of(self.path).values()) if self.path.is_dir() else 0
-
-
-def inspect_checkpoint(path: str | os.PathLike, checksums: bool = True, share: Optional[tuple[int, int]] = None
-                       ) -> CheckpointStatus:
-    """Check one checkpoint folder against its marker. `share=(rank, world)`: check only this rank's part of the
-    files (the parts are balanced by size); merge the ranks' results with `_merge_statuses`."""
-    path = Path(path)
-    if path.name.endswith(".tmp") and not (path / COMPLETE_MARKER).is_file():
-        return CheckpointStatus(path, "incomplete", ("temporary folder of a save in progress or killed",))
-    if path.is_dir() and not (path / COMPLETE_MARKER).exists() and _looks_like_checkpoint(path):
-        return CheckpointStatus(path, "incomplete", (f"no {COMPLETE_MARKER} marker: the save was interrupted",))
-    try:
-        marker = read_marker(path)
-    except CheckpointError as err:
-        return CheckpointStatus(path, "bad", (str(err).removeprefix(f"{path}: "),))
-    recorded = marker.get("files")
-    if recorded is None:
-        return CheckpointStatus(path, "unverifiable")
-    if not _valid_file_list(recorded) or marker.get("checksum", CHECKSUM) not in hashlib.algorithms_available:
-        return CheckpointStatus(path, "bad", (f"the {COMPLETE_MARKER} marker's file list is malformed "
-                                              f"(overwritten)",))
-    if share is not None:
-        rank, world = share
-        mine = _share({name: entry["size"] for name, entry in recorded.items()}, world)[rank]
-        recorded = {name: recorded[name] for name in mine}
-    problems = check_files(path, recorded, marker.get("checksum", CHECKSUM), checksums)
-    return CheckpointStatus(path, "bad" if problems else "ok", tuple(problems))
-
-
-def _merge_statuses(statuses: list[CheckpointStatus]) -> CheckpointStatus:
-    """One status from the ranks' shares: the marker verdict of the first rank, the file problems of all."""
-    first = statuses[0]
-    if first.state in ("incomplete", "unverifiable"):
-        return first
-    problems = tuple(dict.fromkeys(p for s in statuses for p in s.problems))
-    return replace(first, state="bad" if problems else "ok", problems=problems)
-
-
-def checkpoint_folders(path: str | os.PathLike) -> list[Path]:
-    """The checkpoint folders `path` stands for: itself if it is one; else the `iter_*` folders (complete or
-    `.tmp`, oldest first) in it or in its `checkpoints/` (a run dir). CheckpointError if it does not exist."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: does not exist; pass a checkpoint folder, a checkpoints dir or a run dir")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a folder; pass a checkpoint folder, a checkpoints dir or a run dir")
-    if (path / COMPLETE_MARKER).exists() or _looks_like_checkpoint(path):
-        return [path]
-    if not any(_ANY_NAME.match(p.name) for p in path.iterdir()) and (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    found = [(int(m.group(1)), child.name, child) for child in path.iterdir()
-             if (m := _ANY_NAME.match(child.name)) and child.is_dir() and not child.name.endswith(".trash")]
-    return [child for _, _, child in sorted(found)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -527,7 +312,8 @@ def _fit_optimizer_state(loaded: Any, current_ids: list[set]) -> None:
 # The manager
 
 class CheckpointManager:
-    """Save / find / verify / load checkpoints under `save_dir`, keeping the newest `keep_last` (None or 0: all).
+    """Save / find / verify / load checkpoints under `save_dir`, keeping the newest `keep_last` intact ones (None
+    or 0: all; damaged checkpoints do not count, see checkpoint_integrity.py).
 
     Every method except `latest()`, `list_complete()`, `path_for()` and `step_of()` is collective: call it on
     every rank.
@@ -543,17 +329,9 @@ class CheckpointManager:
     def path_for(self, step: int) -> Path:
         return self.save_dir / f"iter_{step:07d}"
 
-    def _final_folders(self) -> list[Path]:
-        """`iter_XXXXXXX` folders (no .tmp / .trash), oldest first, marked or not."""
-        if not self.save_dir.is_dir():
-            return []
-        found = [(int(m.group(1)), child) for child in self.save_dir.iterdir()
-                 if (m := _FINAL_NAME.match(child.name)) and child.is_dir()]
-        return [path for _, path in sorted(found)]
-
     def list_complete(self) -> list[Path]:
         """Checkpoints with a COMPLETE marker, oldest first (not verified: see `verify`)."""
-        return [path for path in self._final_folders() if (path / COMPLETE_MARKER).is_file()]
+        return marked_folders(self.save_dir)
 
     def latest(self) -> Path | None:
         """The newest checkpoint with a COMPLETE marker, or None. Not verified: `newest_intact()` is."""
@@ -562,7 +340,7 @@ class CheckpointManager:
 
     @staticmethod
     def step_of(path: str | os.PathLike) -> int:
-        match = _FINAL_NAME.match(Path(path).name)
+        match = FINAL_NAME.match(Path(path).name)
         if not match:
             raise CheckpointError(f"{path}: not a checkpoint folder name (expected iter_XXXXXXX)")
         return int(match.group(1))
@@ -572,14 +350,14 @@ class CheckpointManager:
         rank gets the same status."""
         path = Path(path)
         rank, world = _rank(), _world_size()
-        return _merge_statuses(_gathered(inspect_checkpoint(path, share=(rank, world) if world > 1 else None)))
+        return merge_statuses(_gathered(inspect_checkpoint(path, share=(rank, world) if world > 1 else None)))
 
     def newest_intact(self) -> tuple[Path | None, list[CheckpointStatus]]:
         """The newest checkpoint that passes `verify` (or has an old, unverifiable marker) and the status of each
         newer folder skipped on the way. None when there is none; CheckpointError when checkpoints with a marker
         exist but every one of them is damaged (starting from scratch would silently drop the run). Collective."""
         skipped = []
-        for path in reversed(_from_rank0(self._final_folders() if _rank() == 0 else None)):
+        for path in reversed(_from_rank0(final_folders(self.save_dir) if _rank() == 0 else None)):
             status = self.verify(path)
             if status.loadable:
                 return path, skipped
@@ -594,54 +372,17 @@ class CheckpointManager:
 
     # -- cleaning --------------------------------------------------------------------------------------------
     def clean_stale(self, intact: Optional[Path]) -> list[str]:
-        """Remove what interrupted saves left behind (rules in the module docstring). `intact`: a checkpoint known
+        """Remove what interrupted saves left behind (rules in checkpoint_integrity.py). `intact`: a checkpoint known
         to be intact (just verified and loaded), or None (then only `.trash` folders go; so, too, when it lies
         outside this dir). Returns one message per folder removed or deliberately kept. Rank 0 acts, the others
         wait. Collective."""
         older_than = None
         if intact is not None and Path(intact).resolve().parent == self.save_dir.resolve():
-            match = _FINAL_NAME.match(Path(intact).name)
+            match = FINAL_NAME.match(Path(intact).name)
             older_than = int(match.group(1)) if match else None
-        messages = self._clean_stale(older_than) if _rank() == 0 else []
+        messages = clean_stale_folders(self.save_dir, older_than) if _rank() == 0 else []
         _barrier()
         return messages
-
-    def _clean_stale(self, older_than: Optional[int]) -> list[str]:
-        if not self.save_dir.is_dir():
-            return []
-        messages = []
-        for child in sorted(self.save_dir.iterdir()):
-            match = _ANY_NAME.match(child.name)
-            if not match or not child.is_dir():
-                continue
-            step, suffix = int(match.group(1)), match.group(2)
-            if suffix and suffix.endswith(".trash"):
-                shutil.rmtree(child, ignore_errors=True)
-                messages.append(f"removed {child}: a retired checkpoint whose deletion was cut short")
-                continue
-            if suffix is None and (child / COMPLETE_MARKER).is_file():
-                continue  # marked: never removed here, damaged or not
-            what = "temporary folder of a save" if suffix == ".tmp" else f"folder without a {COMPLETE_MARKER} marker"
-            if older_than is not None and step < older_than:
-                self._delete(child)
-                messages.append(f"removed {child}: {what} that never finished, older than the intact checkpoint "
-                                f"iter_{older_than:07d}")
-            elif suffix == ".tmp":
-                messages.append(f"left {child} in place: {what} that another job may still be writing; a later "
-                                f"save removes it once it is older than an intact checkpoint")
-        return messages
-
-    @staticmethod
-    def _delete(folder: Path) -> None:
-        """Rename to .trash, then delete: a kill halfway leaves a .trash folder, never a half-deleted one under its
-        old name."""
-        trash = folder.with_name(folder.name + ".trash")
-        try:
-            folder.rename(trash)
-        except OSError:  # gone already (another job cleaning), or a leftover .trash of the same name
-            shutil.rmtree(folder, ignore_errors=True)
-            return
-        shutil.rmtree(trash, ignore_errors=True)
 
     # -- saving ----------------------------------------------------------------------------------------------
     def save(self, step: int, model_chunks: list, optimizer, scheduler, train_state: dict) -> Path:
@@ -654,7 +395,7 @@ class CheckpointManager:
         started = time.monotonic()
         if _rank() == 0:
             if tmp.exists():  # this step's own leftover: an earlier attempt at the same save
-                self._delete(tmp)
+                delete_folder(tmp)
             tmp.mkdir(parents=True)
         _barrier()
 
@@ -677,13 +418,8 @@ class CheckpointManager:
         files = self._record_files(tmp)
 
         if _rank() == 0:
-            marker = {"step": step, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                      "layout": state["layout"], "format_version": FORMAT_VERSION, "checksum": CHECKSUM,
-                      "files": files}
-            with open(tmp / COMPLETE_MARKER, "w") as f:
-                json.dump(marker, f)
-                f.flush()
-                os.fsync(f.fileno())
+            write_marker(tmp, {"step": step, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                               "layout": state["layout"], "format_version": FORMAT_VERSION}, files)
             if final.exists():  # same step saved again (e.g. preempted right after a resume): replace it
                 trash = final.with_name(final.name + ".trash")
                 final.rename(trash)
@@ -692,8 +428,10 @@ class CheckpointManager:
             else:
                 tmp.rename(final)
             _fsync_dir(self.save_dir)
-            self._apply_retention()
-            for message in self._clean_stale(older_than=step):  # this checkpoint is intact by construction
+            # The new checkpoint is intact by construction: retention and cleaning may act in its favour.
+            for message in retire_old(self.save_dir, self.keep_last, intact=final):
+                logger.warning("%s", message)
+            for message in clean_stale_folders(self.save_dir, older_than=step):
                 if message.startswith("removed"):
                     logger.warning("%s", message)
             logger.info("saved checkpoint %s in %.1f s", final, time.monotonic() - started)
@@ -703,25 +441,16 @@ class CheckpointManager:
     @staticmethod
     def _record_files(folder: Path) -> dict[str, dict]:
         """{name: {size, checksum}} of every file in `folder`; each rank hashes a share. Collective."""
-        sizes = _from_rank0(_files_of(folder) if _rank() == 0 else None)  # one listing, not one per rank
-        mine = _share(sizes, _world_size())[_rank()]
+        sizes = _from_rank0(files_of(folder) if _rank() == 0 else None)  # one listing, not one per rank
+        mine = share_by_size(sizes, _world_size())[_rank()]
         files = {}
-        for part in _gathered(_hash_files(folder, mine)):
+        for part in _gathered(hash_files(folder, mine)):
             for name, result in part.items():
                 if isinstance(result, OSError):
                     raise CheckpointError(f"{folder / name}: cannot be read back after the save ({result}); check "
                                           f"the file system of {folder.parent}")
                 files[name] = {"size": result[0], "checksum": result[1]}
         return dict(sorted(files.items()))
-
-    def _apply_retention(self) -> None:
-        if not self.keep_last:
-            return
-        for old in self.list_complete()[: -self.keep_last]:
-            # Rename first, so a kill during rmtree leaves a .trash folder, never a half-deleted "complete" one.
-            trash = old.with_name(old.name + ".trash")
-            old.rename(trash)
-            shutil.rmtree(trash, ignore_errors=True)
 
     @staticmethod
     def _save_strategy():
@@ -759,10 +488,12 @@ class CheckpointManager:
         if verify:
             status = self.verify(path)
             if not status.loadable:
-                if not _looks_like_checkpoint(path):
+                if not looks_like_checkpoint(path):
                     read_marker(path)  # raises its own "not a checkpoint" message, with the fix
-                raise CheckpointError(f"{path}: {status.reason}. {_choose_another(path)}")
+                raise CheckpointError(f"{path}: {status.reason}. {choose_another(path)}")
         saved = read_marker(path)
+        if saved.get("weights_only"):  # `transxssm convert --to megatron`: no optimizer, scheduler or RNG state
+            load_optimizer = load_rng = False
         verified = saved.get("files") is not None
         if not verified and _rank() == 0:
             logger.warning("%s: saved before checkpoints recorded file sizes and checksums, so it cannot be "
@@ -784,7 +515,7 @@ class CheckpointManager:
         if not verified:  # at least name the files dist_checkpointing cannot do without
             for name in ("metadata.json", ".metadata"):
                 if not (path / name).is_file():
-                    raise CheckpointError(f"{path}: {name} is missing. {_choose_another(path)}")
+                    raise CheckpointError(f"{path}: {name} is missing. {choose_another(path)}")
         try:
             loaded = dist_checkpointing.load(request, str(path))
         except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
@@ -852,7 +583,7 @@ def _describe_failure(err: BaseException) -> str:
     """One line: each distinct failure as `Type: message`, with the ranks that hit it."""
     by_message: dict[str, list[str]] = {}
     for who, exc in _failures(err):
-        by_message.setdefault(f"{type(exc).__name__}: {_one_line(exc, 200)}", []).append(who)
+        by_message.setdefault(f"{type(exc).__name__}: {one_line(exc, 200)}", []).append(who)
     parts = [(f"{', '.join(w for w in who if w)}: " if any(who) else "") + message
              for message, who in by_message.items()]
     return "; ".join(parts)
@@ -861,7 +592,7 @@ def _describe_failure(err: BaseException) -> str:
 def _files_involved(err: BaseException, folder: Path) -> str:
     """`reading X, Y`: the checkpoint files the error names, else all those the load reads (summarised if many)."""
     text = " ".join(str(exc) for _, exc in _failures(err))
-    present = sorted(_files_of(folder)) if folder.is_dir() else []
+    present = sorted(files_of(folder)) if folder.is_dir() else []
     quoted = re.findall(re.escape(str(folder)) + r"/([^\s'\"]+)", text)
     shown = list(dict.fromkeys(quoted + [name for name in present if name in text])) or present
     if len(shown) > 4:

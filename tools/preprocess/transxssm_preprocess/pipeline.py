@@ -383,7 +383,7 @@ def preprocess(inputs: list[str] | None, output_prefix: str | os.PathLike, token
         "skipped": total["skipped"], "skipped_total": sum(total["skipped"].values()),
         "skipped_examples": total["skipped_examples"], "skipped_files": skipped_files,
         "tokenizer": {"source": tok.source, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
-                      "eod_token": eod_token if append_eod else None, "eod_id": eod_id},
+                      "eod_token": tok.eod_token if append_eod else None, "eod_id": eod_id},
         "settings": output_settings | {"skip_bad": skip_bad, "shard_mb": shard_mb},
         "inputs": input_list, "shards": n_shards, "shards_resumed": len(done & set(range(n_shards))),
         "workers": workers, "seconds": round(time.monotonic() - started, 3),
