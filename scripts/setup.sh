@@ -28,10 +28,10 @@ stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
 if [ ! -f "$stamp" ]; then
     echo "[setup] installing transxssm-megatron and its dependencies into .venv (first run: a few minutes)"
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[dev]"
+    .venv/bin/python -m pip install -q -e ".[dev,hf]"
     rm -f .venv/.installed-*; touch "$stamp"
 fi
 if .venv/bin/python -c 'import transxssm_preprocess.assets' 2>/dev/null; then
     .venv/bin/transxssm-preprocess assets --out .assets
 fi
-echo "[setup] ready: .venv ($(.venv/bin/python --version))"
+echo "[setup] ready: .venv ($(.venv/bin/python --version)); \`source .venv/bin/activate\` puts transxssm on PATH"
