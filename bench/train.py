@@ -145,11 +145,12 @@ def dump_stacks_and_kill(proc: subprocess.Popen) -> None:
 
 def summarize(records: list[dict], skip_first: int = 1) -> dict:
     """Steady-state throughput (median over logged intervals after the first) and the loss curve."""
-    train = [r for r in records if "loss" in r]
+    # one record per step, the last written: a resumed run logs again the steps after its checkpoint
+    train = sorted({r["step"]: r for r in records if "loss" in r}.values(), key=lambda r: r["step"])
     steady = train[skip_first:] or train
     med = lambda key: statistics.median([r[key] for r in steady if key in r]) if any(key in r for r in steady) \
         else None
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    val = sorted({r["step"]: (r["step"], r["val_loss"]) for r in records if "val_loss" in r}.values())
     return {
         "steps": train[-1]["step"] if train else 0,
         "tokens_per_s": med("tokens_per_s"), "tflops_per_gpu": med("tflops_per_device"), "mfu": med("mfu"),

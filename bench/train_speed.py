@@ -38,6 +38,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+from transxssm_megatron.training.metrics import read_metrics  # noqa: E402
+
 # name: (config, anchor architecture or None, size, seq_length, micro_batch_size)
 ROWS = {
     "320m_4k": ("320m", "hybrid", "320m", 4096, 4),
@@ -97,8 +99,7 @@ def ours(row: str, variant: str, accumulation: int, args, log) -> dict:
     cmd = [sys.executable, "-m", "transxssm_megatron.cli", "train", "--config", config, *overrides,
            *VARIANTS[variant]]
     rc, wall = run(cmd, log, args.timeout)
-    metrics = run_dir / "metrics.jsonl"
-    records = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+    records, _ = read_metrics(run_dir / "metrics.jsonl")
     steady = [r for r in records if "tokens_per_s" in r][1:]
     med = lambda k: statistics.median(r[k] for r in steady) if steady and k in steady[0] else None
     return {"command": " ".join(cmd), "exit_code": rc, "wall_s": round(wall, 1), "tokens_per_s": med("tokens_per_s"),
@@ -185,8 +186,7 @@ def loss_curves(args, log) -> dict:
         cmd = [sys.executable, "-m", "transxssm_megatron.cli", "train", "--config", "configs/320m.yaml", *common,
                f"logging.run_dir={run_dir}", *VARIANTS[variant]]
         rc, wall = run(cmd, log, args.timeout)
-        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] \
-            if (run_dir / "metrics.jsonl").is_file() else []
+        records, _ = read_metrics(run_dir / "metrics.jsonl")
         curves[variant] = {"command": " ".join(cmd), "exit_code": rc, "wall_s": round(wall, 1),
                            "loss": [r["loss"] for r in records if "loss" in r]}
     a, b = curves["fused"]["loss"], curves["reference"]["loss"]

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,15 @@ from transxssm_megatron.config import ConfigError
 
 SUBSETS = {"cosmopedia-v2": 0.4, "fineweb-edu-dedup": 0.4, "python-edu": 0.2}
 MARKER = ".transxssm-demo"
+DEFAULT_OUT = "runs/demo"
+DEFAULT_STEPS = 200
+
+
+def missing_demo_data(prefixes: list[str]) -> list[str]:
+    """The prefixes among `prefixes` that name the demo's data (<out>/data/<subset>) and do not exist yet:
+    configs/tiny.yaml trains on what `transxssm demo` tokenized."""
+    return [p for p in prefixes if Path(p).parent.name == "data" and Path(p).name in SUBSETS
+            and not Path(f"{p}.idx").is_file()]
 
 
 def demo_config(out: Path, prefixes: list[str], weights: list[float], steps: int) -> dict:
@@ -56,6 +66,7 @@ def find_assets() -> Path:
 def preprocess_sample(assets: Path, data_dir: Path) -> tuple[list[str], list[float], int]:
     """Tokenize each sample subset once into data_dir/<subset>.bin/.idx; returns prefixes, weights, tokens."""
     from transxssm_preprocess import preprocess
+    from transxssm_preprocess.pipeline import summary_line
 
     tokenizer = assets / "tokenizer" / "gpt-neox-20b.json"
     prefixes, weights, tokens = [], [], 0
@@ -65,9 +76,14 @@ def preprocess_sample(assets: Path, data_dir: Path) -> tuple[list[str], list[flo
             continue
         prefix = data_dir / subset
         stats_file = Path(f"{prefix}.stats.json")
-        if not (stats_file.is_file() and Path(f"{prefix}.idx").is_file()):
+        reused = stats_file.is_file() and Path(f"{prefix}.idx").is_file()
+        if not reused:
+            # No progress bar (the demo prints its own steps), but always the summary: documents, tokens and
+            # what was skipped, so that nothing is dropped silently.
             preprocess([str(source)], prefix, str(tokenizer), overwrite=True, progress=False)
-        tokens += int(json.loads(stats_file.read_text()).get("tokens", 0))
+        stats = json.loads(stats_file.read_text())
+        print(f"[demo]     {'reused ' if reused else ''}{summary_line(stats)}", flush=True)
+        tokens += int(stats.get("tokens", 0))
         prefixes.append(str(prefix))
         weights.append(weight)
     if not prefixes:
@@ -84,26 +100,26 @@ def _curve(history: list[dict], width: int = 40) -> list[str]:
     return [f"    step {s:>5d}  loss {v:7.4f}  " + "#" * max(1, round((v - lo) / span * width)) for s, v in points]
 
 
-def _read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    train, val = {}, {}
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            if "val_loss" in rec:
-                val[rec["step"]] = rec
-            elif "loss" in rec:
-                train[rec["step"]] = rec  # a resumed run rewrites the steps after its checkpoint: keep the last
-    return [train[k] for k in sorted(train)], [val[k] for k in sorted(val)]
+def _transxssm_command() -> str:
+    """`transxssm` when it is on PATH, else the script beside this interpreter (`.venv/bin/transxssm` when the
+    demo ran through scripts/demo.sh without an activated environment)."""
+    if shutil.which("transxssm"):
+        return "transxssm"
+    script = Path(sys.executable).parent / "transxssm"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
-def run_demo(out: str = "runs/demo", steps: int | None = None, fresh: bool = True) -> int:
+def run_demo(out: str = DEFAULT_OUT, steps: int | None = None, fresh: bool = True) -> int:
     from transxssm_megatron.training.loop import train
+    from transxssm_megatron.training.metrics import read_metrics
     from transxssm_megatron.training.run_config import RunConfig
 
     started = time.monotonic()
     out = Path(out)
-    steps = steps or 200
+    steps = steps or DEFAULT_STEPS
     if steps < 2:
         raise ConfigError("demo --steps: needs at least 2 (half before the checkpoint, half after the resume)")
     if fresh and out.exists():
@@ -127,7 +143,7 @@ def run_demo(out: str = "runs/demo", steps: int | None = None, fresh: bool = Tru
     part2 = train(RunConfig.from_dict(cfg_dict))
 
     run_dir = Path(part2["run_dir"])
-    history, val = _read_metrics(run_dir)
+    history, val = read_metrics(run_dir / "metrics.jsonl")  # the last record of a step redone after the resume
     minutes, seconds = divmod(int(time.monotonic() - started), 60)
     lines = [f"[demo] 4/4 done in {minutes}m{seconds:02d}s",
              f"  resumed from: {part2['resumed_from']} (at step {part1['step']})",
@@ -143,6 +159,7 @@ def run_demo(out: str = "runs/demo", steps: int | None = None, fresh: bool = Tru
               f"    metrics       {run_dir / 'metrics.jsonl'}" + (f" and {run_dir / 'tensorboard'}"
                                                                  if (run_dir / 'tensorboard').exists() else ""),
               f"    checkpoints   {run_dir / 'checkpoints'} (latest: {part2['checkpoint']})",
-              f"  continue training: transxssm train --config {run_dir / 'config.yaml'} train.steps={2 * steps}"]
+              f"  continue training: {_transxssm_command()} train --config {run_dir / 'config.yaml'} "
+              f"train.steps={2 * steps}"]
     print("\n".join(lines), flush=True)
     return 0

@@ -74,7 +74,9 @@ def build_model_chunks(cfg: RunConfig, world: parallel.World, bf16: bool) -> lis
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        # Gradient reduce-scatter / all-reduce of each bucket as soon as its gradients are ready, overlapping the
+        # rest of the backward (data parallel only).
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce and world.dp > 1,
         use_distributed_optimizer=world.on_gpu and cfg.parallel.use_distributed_optimizer,
         check_for_nan_in_grad=False,  # we detect NaN/inf ourselves and skip the step instead of crashing
     )
@@ -272,8 +274,8 @@ class Trainer:
         tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
         self.throughput = metrics_lib.Throughput(tokens_per_step, flops_per_token, w.world_size, peak)
         log_print = partial(print, flush=True) if print_fn is print else print_fn
-        self.metrics = (metrics_lib.MetricsWriter(cfg.run_dir, cfg, self.step, log_print)
-                        if self.is_logger else None)
+        self.metrics = (metrics_lib.MetricsWriter(cfg.run_dir, cfg, self.step, log_print,
+                                                  resumed_from=self.resumed_from) if self.is_logger else None)
 
     # ------------------------------------------------------------------ helpers
     def print(self, *args) -> None:

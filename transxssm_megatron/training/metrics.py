@@ -132,16 +132,54 @@ def _wandb_run_id(run_dir: Path) -> str:
     return path.read_text().strip()
 
 
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"
+
+
+def _checkpoint_of(cfg, step: int) -> Path:
+    """The checkpoint a run that resumed at `step` loaded: the one checkpoint.resume names, else (auto) the
+    newest intact one, which is the folder of that step in the checkpoint dir."""
+    resume = cfg.checkpoint.resume
+    return Path(resume) if resume not in ("auto", "none") else cfg.checkpoint_dir / f"iter_{step:07d}"
+
+
+def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """metrics.jsonl -> (training records, validation records), each in step order with one record per step:
+    the last one written, since a resumed run logs again the steps after its checkpoint. Resume markers
+    (`resumed_at_step`) are left out. A missing file gives two empty lists."""
+    path = Path(path)
+    train, val = {}, {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # the last line of a killed run can be cut short; the resumed run appends after it
+            if "val_loss" in record:
+                val[record["step"]] = record
+            elif "loss" in record:
+                train[record["step"]] = record
+    return [train[k] for k in sorted(train)], [val[k] for k in sorted(val)]
+
+
 class MetricsWriter:
-    """Writes each record to metrics.jsonl, TensorBoard (if installed and enabled) and wandb (if enabled).
+    """Writes each record to metrics.jsonl, TensorBoard (if installed and enabled) and wandb (if enabled); a
+    resumed run (resume_step > 0) first writes a marker line to metrics.jsonl (see `_write_resume_marker`).
 
     Only the rank that holds the loss (last pipeline stage, first of its TP/DP group) should create one.
     """
 
-    def __init__(self, run_dir: Path, cfg, resume_step: int = 0, print_fn=print):
+    def __init__(self, run_dir: Path, cfg, resume_step: int = 0, print_fn=print,
+                 resumed_from: Optional[Path] = None):
         self.print = print_fn
         run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        if self.jsonl.tell() and not _ends_with_newline(run_dir / "metrics.jsonl"):
+            self.jsonl.write("\n")  # a killed run's cut-short last line stays alone on its line
+        if resume_step:
+            self._write_resume_marker(resume_step, resumed_from or _checkpoint_of(cfg, resume_step))
         self.tb = None
         if cfg.logging.tensorboard:
             try:
@@ -160,6 +198,15 @@ class MetricsWriter:
                                         name=run_dir.name, id=_wandb_run_id(run_dir), resume="allow")
             except ImportError:
                 self.print("[metrics] logging.wandb=true but wandb is not installed; skipping")
+
+    def _write_resume_marker(self, step: int, checkpoint: Path) -> None:
+        """A resumed run logs again the steps after its checkpoint that the run before it already logged; this
+        line, written before the first of them, tells readers that from here on the later record of a step wins
+        (`read_metrics` applies that). It carries `step` too, so readers that index every record by step keep
+        working, and no `loss`, so readers of losses skip it."""
+        marker = {"step": step, "resumed_at_step": step, "checkpoint": str(checkpoint)}
+        self.jsonl.write(json.dumps(marker) + "\n")
+        self.jsonl.flush()
 
     def write(self, record: dict, console: bool = True) -> None:
         record = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}

