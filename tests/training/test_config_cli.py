@@ -115,3 +115,34 @@ def test_flop_formula_matches_the_parameter_count():
     hybrid = train_flops_per_token(ModelConfig.from_preset("320m"), 16384)
     transformer = train_flops_per_token(ModelConfig.from_preset("320m", architecture="transformer"), 16384)
     assert hybrid < transformer
+
+
+def test_config_overlays_its_base(tmp_path):
+    """`base: FILE` reads FILE first and overlays this file key by key (sections merge, values replace); a missing
+    base and a base that leads back to the file are one-line errors naming the file."""
+    from transxssm_megatron.config import ConfigError
+
+    (tmp_path / "a.yaml").write_text("model: {preset: tiny}\ntrain: {steps: 7, seq_length: 64}\n"
+                                     "data: {mode: mock}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain: {steps: 9}\nmodel: {architecture: jamba}\n")
+    cfg = RunConfig.load(tmp_path / "b.yaml")
+    assert (cfg.train.steps, cfg.train.seq_length, cfg.model.architecture, cfg.model.hidden_size) == \
+        (9, 64, "jamba", 128)
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: base: nowhere\.yaml names no file"):
+        RunConfig.load(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: e.yaml\n")
+    (tmp_path / "e.yaml").write_text("base: d.yaml\n")
+    with pytest.raises(ConfigError, match="leads back to itself"):
+        RunConfig.load(tmp_path / "d.yaml")
+
+
+@pytest.mark.parametrize("arch", ["transformer", "mamba2", "jamba"])
+@pytest.mark.parametrize("size", ["320m", "1.3b"])
+def test_baseline_configs_are_their_size_with_another_architecture(arch, size):
+    base = RunConfig.load(REPO / "configs" / f"{size}.yaml").to_dict()
+    variant = RunConfig.load(REPO / "configs" / f"{arch}_{size}.yaml").to_dict()
+    assert variant["model"]["architecture"] == arch
+    assert variant["logging"]["run_dir"] == f"runs/{arch}_{size}"
+    for section in ("parallel", "train", "optim", "data", "checkpoint"):
+        assert variant[section] == base[section], section

@@ -143,9 +143,10 @@ def test_tiny_model_validation_loss_falls_on_the_sample_corpus(sample_prefix, tm
     assert saved.train.steps == 40 and saved.data.prefixes == [str(sample_prefix)]
 
 
-def _dp_rank_grads(run_dir: str):
+def _dp_rank_grads(run_dir: str, overlap: bool = False):
     """Runs in each of 2 gloo ranks (tests/distributed.py): one step at DP=2, micro-batch 2, global batch 4."""
     cfg = _mock_config(Path(run_dir), micro_batch_size=2)
+    cfg.parallel.overlap_grad_reduce = overlap
     trainer = Trainer(cfg)
     assert trainer.world.dp == 2 and trainer.num_microbatches == 1
     batches = data_lib.train_batches(trainer.datasets.train, 0, cfg, trainer.world)
@@ -154,12 +155,14 @@ def _dp_rank_grads(run_dir: str):
     return result["loss"], _flat_grads(trainer)
 
 
-def test_data_parallel_step_equals_one_process(tmp_path):
-    """DP=2 x micro-batch 2 (DDP all-reduce) == 1 process x micro-batch 4: same global batch, loss and gradients."""
+@pytest.mark.parametrize("overlap", [False, True], ids=["reduce-after-backward", "overlap-grad-reduce"])
+def test_data_parallel_step_equals_one_process(tmp_path, overlap):
+    """DP=2 x micro-batch 2 (DDP all-reduce, after the backward or overlapping it with parallel.overlap_grad_reduce)
+    == 1 process x micro-batch 4: same global batch, loss and gradients."""
     from distributed import run_distributed
 
     loss1, grads1 = _one_step(tmp_path / "single", 4)
-    results = run_distributed(_dp_rank_grads, 2, str(tmp_path / "dp"))
+    results = run_distributed(_dp_rank_grads, 2, str(tmp_path / "dp"), overlap)
     for loss, grads in results:
         assert loss == pytest.approx(loss1, rel=1e-5)
         torch.testing.assert_close(grads, grads1, rtol=1e-4, atol=1e-6)

@@ -29,6 +29,7 @@ class ParallelConfig:
     vpp: Optional[int] = None            # virtual pipeline stages per rank (interleaved schedule); None = off
     sequence_parallel: bool = False      # megatron sequence parallelism (needs tp > 1)
     use_distributed_optimizer: bool = True  # shard optimizer state over DP (GPU only; CPU uses the plain one)
+    overlap_grad_reduce: bool = False    # reduce each gradient bucket over DP while the backward goes on
 
 
 @dataclass
@@ -82,7 +83,7 @@ class DataConfig:
 class CheckpointConfig:
     dir: Optional[str] = None            # None: <run_dir>/checkpoints
     interval: int = 1000                 # save every N steps (0: only at the end / on preemption)
-    keep_last: int = 3                   # keep-last-K retention
+    keep_last: int = 3                   # keep the newest K complete checkpoints (0: keep all)
     resume: str = "auto"                 # auto (latest complete checkpoint in dir, if any) | none | PATH
     save_at_end: bool = True
 
@@ -168,6 +169,29 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return nested
 
 
+def _read_with_bases(path: Path, chain: list[Path]) -> dict:
+    """A YAML run config; `base: FILE` (relative to this file) names a config that this one overlays: the base is
+    read first (its own base before it) and this file's values replace its values key by key, so a variant states
+    only what differs (configs/transformer_320m.yaml is configs/320m.yaml with another architecture)."""
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: `base:` leads back to itself ({' -> '.join(str(p) for p in chain + [path])})")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    data = dict(data)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = path.parent / str(base)
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base: {base} names no file ({base_path}); give a path relative to {path.parent}")
+    return _merge(_read_with_bases(base_path, chain + [path.resolve()]), data)
+
+
 def _merge(base: dict, extra: Mapping) -> dict:
     out = dict(base)
     for key, value in extra.items():
@@ -192,7 +216,9 @@ class RunConfig:
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
+    def from_dict(cls, data: Mapping[str, Any], need_data: bool = True) -> "RunConfig":
+        """need_data=False accepts a config that names no data yet (`transxssm config` printing the defaults);
+        a run always needs it."""
         known = ["model", *SECTIONS]
         for key in data:
             if key not in known:
@@ -205,11 +231,11 @@ class RunConfig:
             raise ConfigError(f"model: {err}") from None
         sections = {name: _build_section(name, sec, data.get(name) or {}) for name, sec in SECTIONS.items()}
         cfg = cls(model=model, **sections)
-        cfg.validate()
+        cfg.validate(need_data=need_data)
         return cfg
 
     @classmethod
-    def load(cls, path: Optional[str | Path], overrides: Sequence[str] = ()) -> "RunConfig":
+    def load(cls, path: Optional[str | Path], overrides: Sequence[str] = (), need_data: bool = True) -> "RunConfig":
         """Read a YAML run config (or start from defaults when `path` is None) and apply overrides."""
         data: dict[str, Any] = {}
         if path is not None:
@@ -217,14 +243,8 @@ class RunConfig:
             if not path.is_file():
                 raise ConfigError(f"--config {path}: no such file; the shipped configs are in configs/ "
                                   f"(tiny.yaml, 320m.yaml, 1.3b.yaml, ...)")
-            with open(path) as f:
-                try:
-                    data = yaml.safe_load(f) or {}
-                except yaml.YAMLError as err:
-                    raise ConfigError(f"{path}: not valid YAML ({err})") from None
-            if not isinstance(data, Mapping):
-                raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        return cls.from_dict(_merge(dict(data), parse_overrides(overrides)))
+            data = _read_with_bases(path, [])
+        return cls.from_dict(_merge(dict(data), parse_overrides(overrides)), need_data=need_data)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"model": self.model.to_dict()}
@@ -237,8 +257,9 @@ class RunConfig:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 
     # ------------------------------------------------------------------------------------------ checks
-    def validate(self) -> None:
-        """Checks that do not need the world size (those live in `check_world`). Raise ConfigError by field."""
+    def validate(self, need_data: bool = True) -> None:
+        """Checks that do not need the world size (`num_microbatches` checks those). Raise ConfigError by
+        field; need_data=False skips the one check a printout of the defaults cannot pass (data.prefixes given)."""
         t, o, d, p = self.train, self.optim, self.data, self.parallel
         for name in ("steps", "seq_length", "micro_batch_size", "global_batch_size", "max_consecutive_skips"):
             if getattr(t, name) <= 0:
@@ -260,7 +281,7 @@ class RunConfig:
             raise ConfigError(f"optim.warmup_fraction: {o.warmup_fraction} must lie in [0, 1)")
         if d.mode not in ("gpt", "mock"):
             raise ConfigError(f"data.mode: {d.mode!r}; choose gpt (preprocessed prefixes) or mock")
-        if d.mode == "gpt" and not d.prefixes:
+        if need_data and d.mode == "gpt" and not d.prefixes:
             raise ConfigError("data.prefixes: empty; give the preprocessed dataset prefixes (PREFIX.bin/.idx "
                               "from `transxssm-preprocess run`) or set data.mode=mock")
         if d.weights is not None and len(d.weights) != len(d.prefixes):
@@ -271,8 +292,9 @@ class RunConfig:
         except (ValueError, AssertionError):
             raise ConfigError(f"data.split: {d.split!r}; expected three proportions 'train,valid,test', "
                               f"e.g. '98,2,0'") from None
-        if self.checkpoint.keep_last < 1:
-            raise ConfigError("checkpoint.keep_last: must be >= 1")
+        if self.checkpoint.keep_last < 0:
+            raise ConfigError(f"checkpoint.keep_last: {self.checkpoint.keep_last}; give the number of checkpoints "
+                              f"to keep, or 0 to keep all")
         if p.vpp is not None and (p.vpp < 2 or p.pp < 2):
             raise ConfigError(f"parallel.vpp: {p.vpp}; virtual pipeline stages need parallel.pp >= 2 and vpp >= 2 "
                               f"(or vpp: null)")
