@@ -29,13 +29,13 @@ TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 def rope_ssd():
     """The Triton function, with its kernels built in interpreter mode (reloaded if imported before the env var)."""
     names = ["transxssm_kernels.rope_ssd._triton_common", "transxssm_kernels.rope_ssd._fwd",
-             "transxssm_kernels.rope_ssd._bwd", "transxssm_kernels.rope_ssd.chunk"]
+             "transxssm_kernels.rope_ssd._bwd", "transxssm_kernels.rope_ssd._delta", "transxssm_kernels.rope_ssd.chunk"]
     from triton.runtime.interpreter import InterpretedFunction
     fwd = importlib.import_module(names[1])
     if not isinstance(fwd.chunk_output_kernel, InterpretedFunction):
         for n in names:
             importlib.reload(sys.modules[n]) if n in sys.modules else importlib.import_module(n)
-    return importlib.import_module(names[3]).rope_ssd
+    return importlib.import_module(names[-1]).rope_ssd
 
 
 def tables(positions, N):

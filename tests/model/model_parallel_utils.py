@@ -28,6 +28,20 @@ def batch(n_micro: int = 1):
     return ids[..., :-1], ids[..., 1:]
 
 
+def tp_model_with(cfg: ModelConfig, full_weights: dict | None, sequence_parallel: bool = False):
+    """This rank's model at the TP size of parallel_state, holding `full_weights` (sliced to this rank); with None,
+    the model's own initial weights, returned as the full weights for the next run. -> (model, full_weights)"""
+    from transxssm_megatron.model import build_model, build_transformer_config
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    model = build_model(cfg, build_transformer_config(cfg, tp=tp, sequence_parallel=sequence_parallel))
+    if full_weights is None:
+        full_weights = {k: v.detach().clone() for k, v in model.named_parameters()}
+    else:
+        load_full_weights(model, full_weights)
+    return model, full_weights
+
+
 def is_tp_sharded(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 

@@ -1,4 +1,4 @@
-"""Every architecture and SS positional mode (docs/model.md §2, §8) builds, runs forward + backward with a gradient for
+"""Every architecture and SS positional mode (model.md §2, §8) builds, runs forward + backward with a gradient for
 every parameter, and a few Adam steps lower the loss on a fixed batch."""
 
 import pytest

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from distributed import run_distributed
-from model_parallel_utils import batch, full_grads, load_full_weights, small_cfg
+from model_parallel_utils import batch, full_grads, small_cfg, tp_model_with
 
 from transxssm_megatron.model.lm_loss import linear_cross_entropy
 
@@ -40,19 +40,10 @@ def test_rejects_mismatched_shapes():
 
 def _masked_loss_run(sequence_parallel, full_weights, fused):
     """The model's masked loss sum (chunked path when `fused`, megatron's otherwise) and TP-gathered gradients."""
-    from megatron.core import parallel_state
-
-    from transxssm_megatron.model import build_model, build_transformer_config
     from transxssm_megatron.model.fused_ops import set_fusion
 
     set_fusion(fused)
-    cfg = small_cfg("transxssm")
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    model = build_model(cfg, build_transformer_config(cfg, tp=tp, sequence_parallel=sequence_parallel))
-    if full_weights is None:
-        full_weights = {k: v.detach().clone() for k, v in model.named_parameters()}
-    else:
-        load_full_weights(model, full_weights)
+    model, full_weights = tp_model_with(small_cfg("transxssm"), full_weights, sequence_parallel)
     ids, labels = batch()
     mask = (torch.arange(labels[0].numel()).view_as(labels[0]) % 5 != 0).float()
     loss = model(ids[0], None, labels=labels[0], loss_mask=mask)

@@ -8,7 +8,7 @@ own partition attributes (tests/model/model_parallel_utils.py), so a wrong TP la
 import pytest
 import torch
 from distributed import run_distributed
-from model_parallel_utils import BATCH, SEQ, batch, full_grads, load_full_weights, small_cfg
+from model_parallel_utils import BATCH, SEQ, batch, full_grads, load_full_weights, small_cfg, tp_model_with
 
 TP_CASES = {
     "transxssm": ("transxssm", {}, False),
@@ -21,18 +21,8 @@ TP_CASES = {
 
 def _tp_run(case, full_weights):
     """Logits, per-token loss and TP-gathered gradients; full weights from this run when none are given."""
-    from megatron.core import parallel_state
-
-    from transxssm_megatron.model import build_model, build_transformer_config
-
     architecture, overrides, sequence_parallel = TP_CASES[case]
-    cfg = small_cfg(architecture, **overrides)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    model = build_model(cfg, build_transformer_config(cfg, tp=tp, sequence_parallel=sequence_parallel))
-    if full_weights is None:
-        full_weights = {k: v.detach().clone() for k, v in model.named_parameters()}
-    else:
-        load_full_weights(model, full_weights)
+    model, full_weights = tp_model_with(small_cfg(architecture, **overrides), full_weights, sequence_parallel)
     ids, labels = batch()
     logits = model(ids[0], None, runtime_gather_output=True)
     loss = model(ids[0], None, labels=labels[0])

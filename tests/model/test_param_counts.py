@@ -22,7 +22,7 @@ def _count(preset):
 
 
 def expected_count(cfg: ModelConfig) -> int:
-    """docs/model.md §6 counting: SS 6d^2 + dH (+ H for A_log) when N = 2P and G = H, SA 4d^2, SwiGLU 3dI, embedding V d,
+    """model.md §6 counting: SS 6d^2 + dH (+ H for A_log) when N = 2P and G = H, SA 4d^2, SwiGLU 3dI, embedding V d,
     plus norm and skip weights (2 x d per sub-layer) and the final norm."""
     d, H, I = cfg.hidden_size, cfg.num_attention_heads, cfg.ffn_hidden_size
     G, N, P = cfg.ss_groups, cfg.state_size, cfg.head_dim

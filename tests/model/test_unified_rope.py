@@ -1,4 +1,4 @@
-"""Unified RoPE (docs/model.md §1): the tables, relative-position invariance of the SS and SA mixers and of the whole model,
+"""Unified RoPE (model.md §1): the tables, relative-position invariance of the SS and SA mixers and of the whole model,
 and the mixers computing exactly what their docstrings say (against plain references built from the weights)."""
 
 import math
