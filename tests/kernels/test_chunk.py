@@ -16,7 +16,7 @@ import torch
 
 from transxssm_kernels.rope_ssd import LaunchConfig, ssd_naive
 
-from test_reference import docs, rope_tables  # noqa: E402  (same folder, pytest rootdir import)
+from ssd_cases import docs, rope_tables
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="CPU interpreter tests; with CUDA see tests/gpu/test_rope_ssd_gpu.py")

@@ -5,7 +5,7 @@ import torch
 
 from transxssm_kernels.rope_ssd import rope_ssd_decode_step, ssd_chunked_reference, ssd_naive
 
-from test_reference import make_inputs, rel_err, rope_tables  # noqa: E402  (same folder, pytest rootdir import)
+from ssd_cases import make_inputs, rel_err, rope_tables
 
 
 def decode_tokens(state, args, kw, start, stop):

@@ -361,7 +361,7 @@ def test_checkpoint_error_on_a_rank_of_a_multi_process_run_exits_at_once():
 def _save_damage_verify(save_dir: str):
     """Both ranks save (TP=2: each writes its shard file), rank 0 damages one file, both verify."""
     import torch
-    from test_checkpointing import _build
+    from checkpoint_cases import build_trainable as _build
 
     from transxssm_megatron.training.checkpointing import CheckpointManager
 
