@@ -1,6 +1,6 @@
 """GPU training benchmarks of the pretraining loop: layouts, checkpoints across layout changes, real data.
 
-    python bench/train.py OUT_DIR [--data DIR] [--only 320m_1gpu,parallel,1.3b_1gpu] [--stages tp2,pp2_vpp2,pp2_dp2]
+    python bench/train.py --out DIR [--data DIR] [--only 320m_1gpu,parallel,1.3b_1gpu] [--stages tp2,pp2_vpp2,pp2_dp2]
 
 With the package installed. --data (default runs/bench-data) holds the embedded sample corpus tokenized into
 <subset>.bin/.idx; when it is missing and the offline assets are there (.assets/, `bash scripts/setup.sh`), it is
@@ -256,7 +256,7 @@ def bench_1p3b_1gpu(r: Runner, out: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", type=Path, help="folder for the JSON results and logs")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the JSON results and logs")
     parser.add_argument("--data", type=Path, default=REPO / "runs" / "bench-data",
                         help="folder with the preprocessed sample: <subset>.bin/.idx (made from .assets when missing)")
     parser.add_argument("--only", default="320m_1gpu,parallel,1.3b_1gpu")

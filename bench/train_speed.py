@@ -1,7 +1,7 @@
 """Training speed on one GPU: `transxssm train` beside a compiled plain-PyTorch baseline, and where the time goes.
 
-    python bench/train_speed.py OUT [--rows 320m_4k,1.3b_4k] [--variants fused,graph,reference]
-                                    [--accumulation 1,8] [--anchor PATH] [--profile fused,reference]
+    python bench/train_speed.py --out DIR [--rows 320m_4k,1.3b_4k] [--variants fused,graph,reference]
+                                [--accumulation 1,8] [--anchor PATH] [--profile fused,reference]
 
 For every row (model, sequence length, micro-batch) it runs `transxssm train` on mock data in a fresh process, once
 per variant and per number of micro-batches accumulated into each optimizer step (1: the baseline script's step;
@@ -222,7 +222,7 @@ def environment() -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", type=Path, help="folder for train-speed.json and the logs")
+    parser.add_argument("--out", type=Path, required=True, help="folder for train-speed.json and the logs")
     parser.add_argument("--rows", default="320m_4k,1.3b_4k", help=f"comma-separated, from: {', '.join(ROWS)}; "
                         "empty: none")
     parser.add_argument("--variants", default="fused", help=f"comma-separated, from: {', '.join(VARIANTS)}; "
@@ -282,7 +282,7 @@ def main() -> int:
             result["rows"].append(entry)
             if args.profile:
                 for variant in args.profile.split(","):
-                    cmd = [sys.executable, __file__, str(args.out), "--profile-only", row, variant,
+                    cmd = [sys.executable, __file__, "--out", str(args.out), "--profile-only", row, variant,
                            "--work", args.work]
                     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
                     log.write(proc.stdout[-5000:] + proc.stderr[-5000:])
