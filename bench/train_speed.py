@@ -176,7 +176,7 @@ def loss_curves(args, log) -> dict:
     found = sorted(Path(args.loss_curve).resolve().glob("*.idx"))
     prefixes = "[" + ",".join(str(p.with_suffix("")) for p in found) + "]"
     common = ["train.seq_length=4096", "model.max_seq_length=4096", "train.micro_batch_size=4",
-              "train.global_batch_size=8", f"train.steps={args.curve_steps}", "train.eval_interval=0",
+              "train.global_batch_size=4", f"train.steps={args.curve_steps}", "train.eval_interval=0",
               "train.eval_iters=0", "logging.interval=1", "logging.tensorboard=false", "checkpoint.interval=0",
               "checkpoint.save_at_end=false", "checkpoint.resume=none", f"data.prefixes={prefixes}",
               "data.split=100,0,0"]
