@@ -5,7 +5,9 @@ model and inputs, random weights (never zeros). Skipped without CUDA.
 
 Compared (relative norm): the logits of a left-padded batch, the SSM states the prefill leaves in the cache, and
 the logits of 8 decode steps fed the same tokens after each prefill. Tolerance 5e-3 in fp32 (the kernel's dots run
-in tf32), 3e-2 in bf16.
+in tf32); 5e-2 in bf16, where two different bf16 computations are compared, each up to 2e-2 from the exact result
+(tests/gpu/test_rope_ssd_gpu.py), their errors adding up over 7 SS layers (measured on an H200: up to 4.5e-2 for
+the transxssm states, 1.0e-2 for jamba).
 """
 
 import pytest
@@ -13,7 +15,7 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-TOL = {torch.float32: 5e-3, torch.bfloat16: 3e-2}
+TOL = {torch.float32: 5e-3, torch.bfloat16: 5e-2}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
