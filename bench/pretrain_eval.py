@@ -1,0 +1,146 @@
+"""Train, convert, evaluate, generate: the whole user path on one GPU, in one go, on a real corpus.
+
+    python bench/pretrain_eval.py --out DIR --data PREFIX [--config configs/320m.yaml] [--steps 300]
+                                  [--global-batch 64] [--limit 500] [--minutes 4.5]
+
+Runs, each as the CLI command a user would type (fresh processes, in order; a stage that fails stops the rest):
+  train     `transxssm train` on PREFIX (e.g. the train split of bench/package_corpus.py) for --steps steps of
+            --global-batch x --seq-length tokens, CUDA graph on (on a GPU), time limit --minutes (the run saves and stops there);
+  convert   `transxssm convert --to hf` of the last checkpoint;
+  eval      `transxssm eval` on the paper's tasks, offline from .assets/eval, at most --limit items per task
+            (MMLU: per subject), batch 64, TriviaQA answers capped at 16 tokens;
+  generate  `transxssm generate` of three prompts, greedy, 48 tokens;
+  niah      `transxssm niah` at --niah-lengths (1K, 2K, 4K), five depths, two trials.
+Writes DIR/pretrain-eval.json (every command with its exit code and wall time; the training's token count and
+losses; the scores beside the paper's; the generations; the NIAH grid), DIR/table.md and DIR/niah.png. Scores are
+what they are for the tokens trained: a few tens of millions against the paper's tens of billions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ("The capital of France is", "def fibonacci(n):", "In this tutorial we will learn how to")
+
+from transxssm_megatron.training.metrics import read_metrics  # noqa: E402
+
+
+def stage(name: str, cmd: list[str], log, timeout_s: float, results: dict) -> subprocess.CompletedProcess | None:
+    log.write(f"\n===== {name}: {' '.join(cmd)}\n")
+    log.flush()
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+        rc = proc.returncode
+        log.write(proc.stdout[-20000:] + proc.stderr[-5000:])
+    except subprocess.TimeoutExpired:
+        proc, rc = None, "timeout"
+    results["stages"].append({"name": name, "command": " ".join(cmd), "exit_code": rc,
+                              "wall_s": round(time.monotonic() - started, 1)})
+    print(f"[bench] {name}: exit {rc} after {results['stages'][-1]['wall_s']} s", flush=True)
+    return proc if rc == 0 else None
+
+
+def environment() -> dict:
+    commit = os.environ.get("TRANSXSSM_COMMIT")   # set when the tree was copied without its git history
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                    check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": sys.version.split()[0], "torch": torch.__version__,
+            "command": " ".join([Path(sys.executable).name, *sys.argv])}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for pretrain-eval.json, table.md, niah.png")
+    parser.add_argument("--data", required=True, help="dataset prefix (PREFIX.bin/.idx) to train on")
+    parser.add_argument("--config", default="configs/320m.yaml")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--global-batch", type=int, default=64, help="sequences per step")
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--seq-length", type=int, default=2048)
+    parser.add_argument("--niah-lengths", default="1024,2048,4096", help="comma-separated context lengths")
+    parser.add_argument("--minutes", type=float, default=4.5, help="training time limit (saves and stops there)")
+    parser.add_argument("--limit", type=int, default=500, help="items per eval task (MMLU: per subject)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/transxssm_pretrain_eval"))
+    args = parser.parse_args()
+    if not Path(args.data + ".idx").is_file():
+        parser.error(f"--data {args.data}: no {args.data}.idx; make one with bench/package_corpus.py or "
+                     "transxssm-preprocess run")
+    args.out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(args.work, ignore_errors=True)
+    run_dir, export = args.work / "run", args.work / "export"
+    cli = [sys.executable, "-m", "transxssm_megatron.cli"]
+    cuda = torch.cuda.is_available()   # the CUDA graph needs a GPU; elsewhere the same run, eagerly
+    results = {"benchmark": "pretrain-eval", **environment(), "stages": []}
+    path = args.out / "pretrain-eval.json"
+    with open(args.out / "pretrain-eval.log", "a") as log:
+        train = cli + ["train", "--config", args.config, f"data.prefixes=[{Path(args.data).resolve()}]",
+                       "data.split=100,0,0", f"train.seq_length={args.seq_length}",
+                       f"model.max_seq_length={args.seq_length}", f"train.micro_batch_size={args.micro_batch}",
+                       f"train.global_batch_size={args.global_batch}",
+                       f"train.steps={args.steps}", "train.eval_interval=0", "train.eval_iters=0",
+                       f"train.cuda_graph={str(cuda).lower()}", f"train.time_limit_minutes={args.minutes}",
+                       "logging.interval=10",
+                       "logging.tensorboard=false", "checkpoint.interval=0", "checkpoint.resume=none",
+                       f"logging.run_dir={run_dir}"]
+        ok = stage("train", train, log, args.minutes * 60 + 240, results)
+        records, _ = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else ([], 0)
+        losses = [r for r in records if "loss" in r]
+        results["train"] = {"steps": losses[-1]["step"] if losses else 0,
+                            "tokens": (losses[-1]["step"] if losses else 0) * args.global_batch * args.seq_length,
+                            "loss": [(r["step"], round(r["loss"], 4)) for r in losses],
+                            "tokens_per_s": [r.get("tokens_per_s") for r in losses][-1:]}
+        checkpoints = sorted((run_dir / "checkpoints").glob("iter_*")) if ok else []
+        if checkpoints:
+            ok = stage("convert", cli + ["convert", "--to", "hf", "--quiet", str(checkpoints[-1]), str(export)],
+                       log, 300, results)
+        else:
+            ok = None
+        if ok:
+            eval_out = args.work / "eval"
+            if stage("eval", cli + ["eval", "--model", str(export), "--offline-assets", str(REPO / ".assets/eval"),
+                                    "--limit", str(args.limit), "--batch-size", "64", "--max-gen-toks", "16",
+                                    "--out", str(eval_out)], log, 420, results):
+                summary = json.loads((eval_out / "results.json").read_text())
+                results["eval"] = summary
+                shutil.copy(eval_out / "table.md", args.out / "table.md")
+            results["generations"] = []
+            for prompt in PROMPTS:
+                proc = stage("generate", cli + ["generate", "--checkpoint", str(export), "--prompt", prompt,
+                                                "--max-new-tokens", "48"], log, 180, results)
+                results["generations"].append({"prompt": prompt, "text": proc.stdout.strip() if proc else None})
+            niah_out = args.work / "niah"
+            if stage("niah", cli + ["niah", "--model", str(export), "--lengths", *args.niah_lengths.split(","),
+                                    "--trials", "2", "--out", str(niah_out)], log, 300, results):
+                niah = json.loads((niah_out / "niah.json").read_text())
+                results["niah"] = {k: niah[k] for k in ("lengths", "depths", "trials", "accuracy", "mean_accuracy")}
+                if (niah_out / "niah.png").is_file():
+                    shutil.copy(niah_out / "niah.png", args.out / "niah.png")
+        path.write_text(json.dumps(results, indent=1))
+    for s in results["stages"]:
+        print(f"{s['name']:<10} exit {s['exit_code']!s:<8} {s['wall_s']:>7.1f} s")
+    if (args.out / "table.md").is_file():
+        print((args.out / "table.md").read_text())
+    print(f"wrote {path}")
+    return 0 if all(s["exit_code"] == 0 for s in results["stages"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
