@@ -1,0 +1,114 @@
+"""bench/ablation.py end to end on CPU: a tiny corpus from bench/package_corpus.py, tiny models, a few steps; every
+requested run trained and validated on the held-out files, the variants differing only where the ablation says."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from transxssm_preprocess.indexed import read_index
+
+REPO = Path(__file__).resolve().parents[2]
+TOKENIZER = REPO / ".assets" / "tokenizer" / "gpt-neox-20b.json"
+TINY = ["--steps", "3", "--seq-length", "64", "--layers", "8", "--hidden", "64", "--heads", "2", "--state-size", "32",
+        "--micro-batch", "2", "--global-batch", "2", "--eval-iters", "1", "--device", "cpu"]
+SS_OPTIONS = ("ss_positional", "ss_conv1d", "ss_d_skip", "ss_z_gate", "ss_dt_bias")
+_WORDS = ("the model reads a token and writes the next one while the state keeps what came before in a decaying sum "
+          "over positions of keys and values so that a reader can follow each step").split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """40 short text files -> OUT/train.bin/.idx and OUT/valid.bin/.idx (a quarter of the files held out)."""
+    if not TOKENIZER.is_file():
+        pytest.fail(f"{TOKENIZER} is missing: run `bash scripts/setup.sh` before the tests", pytrace=False)
+    root = tmp_path_factory.mktemp("ablation")
+    for i in range(40):
+        rng = random.Random(i)
+        lines = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(8, 20))).capitalize() + "." for _ in range(30)]
+        (root / "src" / f"note_{i:02d}.txt").parent.mkdir(exist_ok=True)
+        (root / "src" / f"note_{i:02d}.txt").write_text(f"Note {i}\n\n" + "\n".join(lines) + "\n")
+    cmd = [sys.executable, str(REPO / "bench" / "package_corpus.py"), "--out", str(root / "corpus"), "--roots",
+           str(root / "src"), "--valid-fraction", "0.25", "--workers", "1", "--tokenizer", str(TOKENIZER)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "corpus"
+
+
+def _ablation(corpus: Path, out: Path, *flags: str) -> dict:
+    cmd = [sys.executable, str(REPO / "bench" / "ablation.py"), "--data", str(corpus), "--out", str(out), *TINY,
+           *flags]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "order, paper:" in proc.stdout
+    return json.loads((out / "ablation.json").read_text())
+
+
+def _check_runs(result: dict, expected: list[tuple[str, int]]) -> None:
+    assert [(r["config"], r["seed"]) for r in result["runs"]] == expected
+    for r in result["runs"]:
+        assert r["exit_code"] == 0 and r["status"] == "finished", r.get("error")
+        assert [p["step"] for p in r["val_curve"]] == [1, 2, 3]
+        assert all(math.isfinite(p["val_loss"]) and p["val_ppl"] > 1 for p in r["val_curve"])
+        assert r["final_val_ppl"] == r["val_curve"][-1]["val_ppl"] and r["tokens_seen"] == 3 * 2 * 64
+        assert r["tokens_per_s"] > 0 and f"train.seed={r['seed']}" in r["command"]
+
+
+def test_ablation_trains_each_config_on_held_out_validation(corpus, tmp_path):
+    result = _ablation(corpus, tmp_path, "--configs", "ss-conv1d_d,hybrid-rope")
+    # The first seed's set runs the headline comparison first.
+    _check_runs(result, [("hybrid-rope", 0), ("ss-conv1d_d", 0)])
+    assert (tmp_path / "ablation.png").stat().st_size > 10_000
+    assert {s["config"] for s in result["summary"]} == {"ss-conv1d_d", "hybrid-rope"}
+    assert result["commit"] and result["command"] and result["settings"]["steps"] == 3
+
+    # Validation reads exactly valid.bin's documents: heldout = train's documents, then valid's, cut there.
+    train, valid = (read_index(corpus / f"{name}.idx").sequence_lengths for name in ("train", "valid"))
+    merged = read_index(tmp_path / "data" / "heldout.idx").sequence_lengths
+    assert list(merged) == list(train) + list(valid)
+    assert result["settings"]["split"] == f"{len(train)},{len(valid)},0"
+    assert (tmp_path / "data" / "heldout.bin").read_bytes() == \
+        (corpus / "train.bin").read_bytes() + (corpus / "valid.bin").read_bytes()
+
+    # The variants: the three SS ones differ only in the positional mechanism (conv1d and D come with conv1d_d, never
+    # a z gate or dt_bias), the hybrid only in its layer pattern, attention-only has no SS layer.
+    configs = result["configs"]
+    assert set(configs) == {"ss-conv1d_d", "ss-none", "ss-rope", "hybrid-conv1d_d", "hybrid-none", "hybrid-rope",
+                            "attention-only"}
+    for kind, layers in (("ss", ["ss"] * 8), ("hybrid", ["ss"] * 7 + ["sa"])):
+        models = {mode: configs[f"{kind}-{mode}"]["model"] for mode in ("conv1d_d", "none", "rope")}
+        for mode, model in models.items():
+            assert {k: model[k] for k in SS_OPTIONS} == {
+                "ss_positional": mode, "ss_conv1d": mode == "conv1d_d", "ss_d_skip": mode == "conv1d_d",
+                "ss_z_gate": False, "ss_dt_bias": False}
+            assert configs[f"{kind}-{mode}"]["layer_kinds"] == layers
+            assert {k: v for k, v in model.items() if k not in SS_OPTIONS} == \
+                {k: v for k, v in models["rope"].items() if k not in SS_OPTIONS}
+    for mode in ("conv1d_d", "none", "rope"):
+        ss, hybrid = configs[f"ss-{mode}"]["model"], configs[f"hybrid-{mode}"]["model"]
+        assert {k: v for k, v in ss.items() if k != "architecture"} == \
+            {k: v for k, v in hybrid.items() if k != "architecture"}
+    assert configs["attention-only"]["layer_kinds"] == ["sa"] * 8
+
+
+@pytest.mark.slow
+def test_ablation_second_invocation_adds_seeds(corpus, tmp_path):
+    """Three configs with seeds 0 and 1 (the second only for the extra-seed configs), then a second invocation with
+    seed 2 into the same folder: one table over all, the finished runs not run again."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    result = _ablation(corpus, out, "--configs", "ss-none,hybrid-rope,attention-only", "--seeds", "0,1", "--work",
+                       str(work))
+    first = [("hybrid-rope", 0), ("attention-only", 0), ("ss-none", 0), ("hybrid-rope", 1), ("attention-only", 1)]
+    _check_runs(result, first)
+    assert (work / "heldout.bin").is_file() and not (out / "data").exists()
+    result = _ablation(corpus, out, "--configs", "hybrid-rope,ss-none", "--seeds", "0,2", "--work", str(work))
+    _check_runs(result, first + [("hybrid-rope", 2)])
+    summary = {s["config"]: s for s in result["summary"]}
+    assert summary["hybrid-rope"]["seeds"] == [0, 1, 2] and summary["hybrid-rope"]["std_ppl"] > 0
+    assert len(result["invocations"]) == 2
