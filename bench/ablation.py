@@ -7,8 +7,8 @@ positional mechanism, and attention only, trained alike and compared by validati
                              [--time-limit-per-run 60] [--work DIR]
 
 --data and --valid are what `bench/package_corpus.py --out DIR` writes: a folder holding train.bin/.idx (resp.
-valid.bin/.idx), or a prefix. --valid defaults to the --data folder. --work (default OUT/data) holds a copy of both
-(below) and the dataset index cache; put it outside OUT when OUT is copied somewhere afterwards.
+valid.bin/.idx), or a prefix. --valid defaults to the --data folder. --work (default OUT/data) holds the dataset
+index cache; put it outside OUT when OUT is copied somewhere afterwards.
 
 The seven configurations (paper: d = 256, l = 8192, 8k steps, validation perplexity):
 
@@ -37,12 +37,8 @@ SwiGLU FFN, norms, skip weights, initialisation, data, schedule and seed are the
 none). Parameters differ slightly: conv1d_d adds the conv weights, its bias and D (6.4K per layer at d = 256), and an
 attention mixer (4d^2) is smaller than an SS mixer (6d^2 + dH), so attention-only has ~1.1M fewer of ~21M.
 
-Held-out validation. `transxssm train` takes one list of prefixes and cuts each into train/valid/test by document
-(`data.split`); there is no option for a separate validation prefix. So WORK/heldout.bin/.idx is train.bin's
-documents followed by valid.bin's (a copy, made once), and the run reads it with data.split = "T,V,0" (T, V: the two
-document counts): megatron's split then gives the training split exactly train.bin's documents and the validation
-split exactly valid.bin's, so validation is on files never trained on (each document is one file in
-package_corpus's corpora). Validation takes --eval-iters global batches of the valid split, the same samples at
+Held-out validation. The runs train on all of train.bin (`data.prefixes`) and validate on valid.bin
+(`data.valid_prefixes`): files never trained on, as package_corpus splits by file. Validation takes --eval-iters global batches of the valid split, the same samples at
 every evaluation and for every configuration of a seed (the seed also sets the data order and which validation
 samples are drawn, as `train.seed` seeds the datasets too).
 
@@ -131,52 +127,21 @@ def resolve_prefix(path: Path, name: str, option: str) -> str:
     return str(prefix)
 
 
-def heldout_dataset(train_prefix: str, valid_prefix: str, data_dir: Path) -> tuple[str, str, dict]:
-    """data_dir/heldout.bin/.idx = the train documents, then the valid ones; returns (prefix, data.split that cuts
-    them exactly there, counts). Made once: kept while heldout.json records the same two sources."""
-    import numpy as np
-
-    from transxssm_preprocess.indexed import read_index, write_index
+def data_sources(train_prefix: str, valid_prefix: str) -> dict:
+    """What the runs read (recorded with the settings); one-line errors for a broken or mismatched pair."""
     from transxssm_preprocess.integrity import DatasetError, check_dataset
 
     summaries = {}
-    for option, prefix in (("--data", train_prefix), ("--valid", valid_prefix)):
+    for option, name, prefix in (("--data", "train", train_prefix), ("--valid", "valid", valid_prefix)):
         try:
-            s = check_dataset(prefix)
+            summaries[name] = check_dataset(prefix)
         except DatasetError as err:
             raise AblationError(f"{option}: {err}") from None
-        if s.documents != int(s.sequence_lengths.size):
-            raise AblationError(f"{option} {prefix}: {s.documents} documents in {s.sequence_lengths.size} sequences; "
-                                "the held-out split needs one sequence per document (as package_corpus writes)")
-        summaries[option] = s
-    train, valid = summaries["--data"], summaries["--valid"]
-    if train.dtype != valid.dtype:
-        raise AblationError(f"--valid {valid_prefix}: tokens of {valid.dtype}, --data has {train.dtype}; tokenize both "
-                            "with the same tokenizer")
-    t, v = train.documents, valid.documents
-    # megatron (BlendedMegatronDatasetBuilder) cuts document ranges [round(lo * n), round(hi * n)) of the normalised
-    # split; with "t,v,0" that is [0, t) and [t, t + v) exactly.
-    n = t + v
-    lo, hi = t / n, t / n + v / n
-    assert round(lo * n) == t and round(hi * n) == n, (t, v)
-    sources = {name: {"prefix": str(Path(s.prefix).resolve()), "documents": s.documents, "tokens": s.tokens,
-                      "bin_bytes": s.bin_bytes, "mtime": Path(f"{s.prefix}.bin").stat().st_mtime}
-               for name, s in (("train", train), ("valid", valid))}
-    prefix = data_dir / "heldout"
-    manifest = data_dir / "heldout.json"
-    if not (manifest.is_file() and json.loads(manifest.read_text()) == sources and Path(f"{prefix}.idx").is_file()):
-        data_dir.mkdir(parents=True, exist_ok=True)
-        manifest.unlink(missing_ok=True)
-        lengths = [read_index(f"{p}.idx").sequence_lengths for p in (train_prefix, valid_prefix)]
-        with open(f"{prefix}.bin.tmp", "wb") as out:
-            for p in (train_prefix, valid_prefix):
-                with open(f"{p}.bin", "rb") as src:
-                    shutil.copyfileobj(src, out, 16 << 20)
-        write_index(f"{prefix}.idx.tmp", train.dtype.type, np.concatenate(lengths).astype(np.int64))
-        os.replace(f"{prefix}.bin.tmp", f"{prefix}.bin")
-        os.replace(f"{prefix}.idx.tmp", f"{prefix}.idx")
-        manifest.write_text(json.dumps(sources, indent=1) + "\n")
-    return str(prefix), f"{t},{v},0", sources
+    if summaries["train"].dtype != summaries["valid"].dtype:
+        raise AblationError(f"--valid {valid_prefix}: tokens of {summaries['valid'].dtype}, --data has "
+                            f"{summaries['train'].dtype}; tokenize both with the same tokenizer")
+    return {name: {"prefix": str(Path(s.prefix).resolve()), "documents": s.documents, "tokens": s.tokens}
+            for name, s in summaries.items()}
 
 
 # ---------------------------------------------------------------------------------------------------- runs
@@ -207,7 +172,8 @@ def train_command(name: str, seed: int, args, run_dir: Path) -> list[str]:
             "train.eval_at_start=false", f"train.device={args.device}", *t_limit,
             f"optim.lr={args.lr}", "optim.min_lr_ratio=0.1", "optim.warmup_fraction=0.1", "optim.weight_decay=0.01",
             "optim.clip_grad=1.0",
-            "data.mode=gpt", f"data.prefixes=[{args.prefix}]", "data.weights=null", f"data.split={args.split}",
+            "data.mode=gpt", f"data.prefixes=[{args.train_prefix}]", f"data.valid_prefixes=[{args.valid_prefix}]",
+            "data.weights=null",
             f"data.cache_dir={args.work / 'cache'}",
             "checkpoint.interval=0", "checkpoint.save_at_end=false", "checkpoint.resume=none",
             f"logging.run_dir={run_dir}", f"logging.interval={args.log_interval}", "logging.tensorboard=false",
@@ -403,8 +369,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, required=True, help="folder with train.bin/.idx, or a prefix")
     p.add_argument("--valid", type=Path, help="folder with valid.bin/.idx, or a prefix (default: the --data folder)")
     p.add_argument("--out", type=Path, required=True, help="writes OUT/ablation.json, OUT/ablation.png, OUT/runs/")
-    p.add_argument("--work", type=Path, help="for the held-out dataset (a copy of --data and --valid) and the dataset "
-                   "index cache (default OUT/data)")
+    p.add_argument("--work", type=Path, help="for the dataset index cache (default OUT/data)")
     p.add_argument("--configs", default="all", help=f"all, or comma-separated from: {', '.join(CONFIGS)}")
     p.add_argument("--seeds", default="0", help="comma-separated; the first for every config, the others for "
                    "--extra-seed-configs")
@@ -460,19 +425,17 @@ def settings(args, sources: dict) -> dict:
     return {"steps": args.steps, "seq_length": args.seq_length, "layers": args.layers, "hidden": args.hidden,
             "heads": args.heads, "state_size": args.state_size, "ffn": args.ffn or 3 * args.hidden,
             "micro_batch": args.micro_batch, "global_batch": args.global_batch, "eval_interval": args.eval_interval,
-            "eval_iters": args.eval_iters, "lr": args.lr, "device": args.device, "split": args.split,
-            "data": {k: {"prefix": v["prefix"], "documents": v["documents"], "tokens": v["tokens"]}
-                     for k, v in sources.items()}}
+            "eval_iters": args.eval_iters, "lr": args.lr, "device": args.device, "data": sources}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        train_prefix = resolve_prefix(args.data, "train", "--data")
-        valid_prefix = resolve_prefix(args.valid or (args.data if args.data.is_dir() else args.data.parent),
-                                      "valid", "--valid")
+        args.train_prefix = resolve_prefix(args.data, "train", "--data")
+        args.valid_prefix = resolve_prefix(args.valid or (args.data if args.data.is_dir() else args.data.parent),
+                                           "valid", "--valid")
         args.out.mkdir(parents=True, exist_ok=True)
-        args.prefix, args.split, sources = heldout_dataset(train_prefix, valid_prefix, args.work)
+        sources = data_sources(args.train_prefix, args.valid_prefix)
         cfgs = {name: ModelConfig.from_dict(model_values(name, args)) for name in CONFIGS}
     except (AblationError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -506,7 +469,7 @@ def main(argv=None) -> int:
     print(f"[ablation] {len(todo)} runs ({skipped} already in {path}): "
           f"{', '.join(f'{c}/seed{s}' for c, s in todo)}; {args.steps} steps x {args.global_batch} x "
           f"{args.seq_length} = {args.steps * args.tokens_per_step / 1e6:.1f}M tokens each; "
-          f"data {args.prefix} split {args.split}", flush=True)
+          f"train on {args.train_prefix}, validate on {args.valid_prefix}", flush=True)
     started = time.monotonic()
     for i, (name, seed) in enumerate(todo):
         run = run_one(name, seed, args)

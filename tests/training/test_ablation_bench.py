@@ -68,13 +68,11 @@ def test_ablation_trains_each_config_on_held_out_validation(corpus, tmp_path):
     assert {s["config"] for s in result["summary"]} == {"ss-conv1d_d", "hybrid-rope"}
     assert result["commit"] and result["command"] and result["settings"]["steps"] == 3
 
-    # Validation reads exactly valid.bin's documents: heldout = train's documents, then valid's, cut there.
-    train, valid = (read_index(corpus / f"{name}.idx").sequence_lengths for name in ("train", "valid"))
-    merged = read_index(tmp_path / "data" / "heldout.idx").sequence_lengths
-    assert list(merged) == list(train) + list(valid)
-    assert result["settings"]["split"] == f"{len(train)},{len(valid)},0"
-    assert (tmp_path / "data" / "heldout.bin").read_bytes() == \
-        (corpus / "train.bin").read_bytes() + (corpus / "valid.bin").read_bytes()
+    # Every run trains on train.bin and validates on the held-out files of valid.bin.
+    for r in result["runs"]:
+        assert f"data.prefixes=[{corpus / 'train'}]" in r["command"]
+        assert f"data.valid_prefixes=[{corpus / 'valid'}]" in r["command"]
+    assert result["settings"]["data"]["valid"]["documents"] == len(read_index(corpus / "valid.idx").sequence_lengths)
 
     # The variants: the three SS ones differ only in the positional mechanism (conv1d and D come with conv1d_d, never
     # a z gate or dt_bias), the hybrid only in its layer pattern, attention-only has no SS layer.
@@ -106,7 +104,7 @@ def test_ablation_second_invocation_adds_seeds(corpus, tmp_path):
                        str(work))
     first = [("hybrid-rope", 0), ("attention-only", 0), ("ss-none", 0), ("hybrid-rope", 1), ("attention-only", 1)]
     _check_runs(result, first)
-    assert (work / "heldout.bin").is_file() and not (out / "data").exists()
+    assert (work / "cache").is_dir() and not (out / "data").exists()
     result = _ablation(corpus, out, "--configs", "hybrid-rope,ss-none", "--seeds", "0,2", "--work", str(work))
     _check_runs(result, first + [("hybrid-rope", 2)])
     summary = {s["config"]: s for s in result["summary"]}

@@ -55,3 +55,35 @@ def test_long_sequences_build_even_when_a_valid_split_holds_less_than_one_sequen
     assert len(sets.train) >= 8 and len(sets.valid) >= 2
     sample = sets.valid[0]
     assert sample["tokens"].shape == (4096,) and int(sample["tokens"].max()) < 50_304
+
+
+def test_valid_prefixes_hold_out_whole_files(prefixes, tmp_path):
+    # cosmopedia-v2 trains, python-edu validates: each split reads its own file, all of it.
+    train_prefix, valid_prefix = prefixes
+    cfg = RunConfig.from_dict({
+        "model": {"preset": "tiny", "max_seq_length": 256},
+        "train": {"steps": 4, "seq_length": 256, "micro_batch_size": 1, "global_batch_size": 1, "eval_iters": 2},
+        "data": {"prefixes": [str(train_prefix)], "valid_prefixes": [str(valid_prefix)]},
+        "logging": {"run_dir": str(tmp_path), "tensorboard": False},
+    })
+    sets = data_lib.build_datasets(cfg, None, num_train_samples=8, num_valid_samples=4)
+    assert sets.train.dataset.path_prefix == str(train_prefix)
+    assert sets.valid.dataset.path_prefix == str(valid_prefix)
+    tokens = lambda prefix: json.loads(Path(f"{prefix}.stats.json").read_text())["tokens"]
+    # all of each file: the split's documents span the whole prefix (with split 95,5,0 they would be a share)
+    for split, prefix in ((sets.train, train_prefix), (sets.valid, valid_prefix)):
+        ids = split.document_index
+        assert set(ids.tolist()) == set(range(len(split.dataset)))
+        assert int(split.dataset.sequence_lengths.sum()) == tokens(prefix)
+
+
+def test_valid_prefixes_errors(prefixes, tmp_path):
+    from transxssm_megatron.config import ConfigError
+
+    base = {"model": {"preset": "tiny"}, "train": {"seq_length": 256}, "logging": {"run_dir": str(tmp_path), "tensorboard": False}}
+    with pytest.raises(ConfigError, match="data.valid_prefixes: a prefix is also in data.prefixes"):
+        RunConfig.from_dict({**base, "data": {"prefixes": [str(prefixes[0])], "valid_prefixes": [str(prefixes[0])]}})
+    cfg = RunConfig.from_dict({**base, "train": {"seq_length": 256, "eval_iters": 1},
+                               "data": {"prefixes": [str(prefixes[0])], "valid_prefixes": [str(tmp_path / "none")]}})
+    with pytest.raises(ConfigError, match="^data.valid_prefixes: "):
+        data_lib.check_data(cfg)

@@ -43,7 +43,7 @@ class Datasets:
     valid: Optional[object]
 
 
-def check_prefixes(prefixes: list) -> list[DatasetSummary]:
+def check_prefixes(prefixes: list, field: str = "data.prefixes") -> list[DatasetSummary]:
     """Every prefix is a sound, non-empty PREFIX.bin/.idx pair (`transxssm_preprocess.integrity`, the same checks
     as `transxssm-preprocess validate`). Reads only the .idx arrays and the .bin size (about 0.1 s for a 100 MB
     index), no megatron objects and no process group. Raises ConfigError naming the file, the fault and the
@@ -53,13 +53,14 @@ def check_prefixes(prefixes: list) -> list[DatasetSummary]:
         try:
             summaries.append(check_dataset(prefix))
         except DatasetError as err:
-            raise ConfigError(f"data.prefixes: {err}") from None
+            raise ConfigError(f"{field}: {err}") from None
     return summaries
 
 
 def check_data(cfg, need_valid: Optional[bool] = None) -> list[DatasetSummary]:
     """check_prefixes, then that each split the run reads can feed it: train always, valid when `need_valid`
-    (default: train.eval_iters > 0) and data.split gives it a share.
+    (default: train.eval_iters > 0) and data.split gives it a share. With data.valid_prefixes, the training
+    prefixes and the validation prefixes each hold at least one sample in all.
 
     Splits are computed as megatron's BlendedMegatronDatasetBuilder cuts them: each prefix's *sequences* (one
     per document in our data) [round(lo * S), round(hi * S)) for the bounds that megatron's own
@@ -75,6 +76,16 @@ def check_data(cfg, need_valid: Optional[bool] = None) -> list[DatasetSummary]:
     d, t = cfg.data, cfg.train
     summaries = check_prefixes(d.prefixes)
     need_valid = t.eval_iters > 0 if need_valid is None else need_valid
+    if d.valid_prefixes:   # whole prefixes per split, data.split unused
+        sets = [("data.prefixes", summaries)]
+        if need_valid:
+            sets.append(("data.valid_prefixes", check_prefixes(d.valid_prefixes, "data.valid_prefixes")))
+        for name, found in sets:
+            total = sum(s.tokens for s in found)
+            if total < t.seq_length + 1:
+                raise ConfigError(f"{name}: {total} tokens in all, less than one sample of train.seq_length + 1 = "
+                                  f"{t.seq_length + 1} tokens; give more data or a shorter train.seq_length")
+        return summaries
     bounds = convert_split_vector_to_split_matrix(parse_and_normalize_split(d.split))
     if bounds[0] is None:
         raise ConfigError(f"data.split: {d.split!r} leaves no training documents; give the first (train) "
@@ -122,11 +133,15 @@ def build_datasets(cfg, world, num_train_samples: int, num_valid_samples: int) -
         check_data(cfg, need_valid=num_valid_samples > 0)  # before megatron reads a byte (it would hang or crash)
     cache = d.cache_dir or str(cfg.run_dir / "data_cache")
     blend = None if mock else _blend(d.prefixes, d.weights)
+    per_split = None
+    if not mock and d.valid_prefixes:   # held-out validation files: each split reads its own prefixes whole
+        per_split, blend = [blend, _blend(d.valid_prefixes, None), None], None
     ds_config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.train.seq_length,
         blend=blend,
-        split=d.split,
+        blend_per_split=per_split,
+        split=None if per_split else d.split,
         path_to_cache=None if mock else cache,
         tokenizer=DatasetTokenizer(vocab_size=cfg.model.vocab_size, eod=d.eod_id),
         reset_position_ids=False,

@@ -74,6 +74,8 @@ class DataConfig:
     prefixes: list = field(default_factory=list)  # dataset prefixes (PREFIX.bin / PREFIX.idx)
     weights: Optional[list] = None       # blend weights, one per prefix (None: proportional to size)
     split: str = "98,2,0"                # train,valid,test proportions of each prefix's documents
+    valid_prefixes: list = field(default_factory=list)  # held-out validation prefixes: when given, `prefixes`
+                                         # are all training data and `split` is not used
     eod_id: int = 0                      # <|endoftext|> in GPT-NeoX-20B
     eod_mask_loss: bool = False          # do not train on predicting the token after EOD
     cache_dir: Optional[str] = None      # GPTDataset index cache (None: <run_dir>/data_cache)
@@ -284,6 +286,9 @@ class RunConfig:
         if need_data and d.mode == "gpt" and not d.prefixes:
             raise ConfigError("data.prefixes: empty; give the preprocessed dataset prefixes (PREFIX.bin/.idx "
                               "from `transxssm-preprocess run`) or set data.mode=mock")
+        if d.valid_prefixes and set(map(str, d.valid_prefixes)) & set(map(str, d.prefixes)):
+            raise ConfigError("data.valid_prefixes: a prefix is also in data.prefixes; validation data must be "
+                              "held out from training")
         if d.weights is not None and len(d.weights) != len(d.prefixes):
             raise ConfigError(f"data.weights: {len(d.weights)} weights for {len(d.prefixes)} prefixes")
         try:
