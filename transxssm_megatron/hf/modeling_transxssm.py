@@ -19,6 +19,9 @@ Generation: `TransXSSMCache` holds, per layer, the KV tensors of attention layer
 token's absolute position) and, for SS layers, the SSM state (b, H, P, N) in fp32 and the last conv_width - 1 conv
 inputs. A decode step then costs O(1) per SS layer. Left padding is exact: padded tokens get delta = 0 (they
 neither decay nor feed the state), zero conv inputs and masked attention keys; positions count real tokens only.
+`TransXSSMStaticCache` holds the same state in fixed-shape buffers (K/V of max_length positions, written in place at
+a position kept in a device tensor), so that one decode step can be captured as a CUDA graph and replayed
+(transxssm_megatron/hf/generate.py, `DecodeGraph`); it takes unpadded batches only.
 Supported transformers: 4.57 - 5.x (checked on 4.57.1, 5.17.0, 5.24.0; the cache argument was renamed from
 `past_key_values` to `cache` in 5.2x and both names are accepted).
 """
@@ -236,6 +239,143 @@ class TransXSSMCache(Cache):
     def crop(self, max_length: int) -> None:
         raise NotImplementedError("TransXSSMCache cannot be cropped: SS layers keep a recurrent state, not tokens")
 
+    def keep_conv_inputs(self, layer_idx: int, inputs: torch.Tensor) -> None:
+        self.conv_states[layer_idx] = inputs.clone()   # a view would keep the whole conv input alive
+
+    def keep_ssm_state(self, layer_idx: int, state: torch.Tensor) -> None:
+        self.ssm_states[layer_idx] = state
+
+    def update_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        """Append k, v (b, kv_heads, l, D). Returns the keys and values to attend to (b, kv_heads, past + l, D)
+        and `past`, the position of the first new token."""
+        l = k.shape[2]
+        if self.key_cache[layer_idx] is not None:
+            k = torch.cat((self.key_cache[layer_idx], k), dim=2)
+            v = torch.cat((self.value_cache[layer_idx], v), dim=2)
+        self.key_cache[layer_idx], self.value_cache[layer_idx] = k, v
+        return k, v, k.shape[2] - l
+
+
+class TransXSSMStaticCache(TransXSSMCache):
+    """TransXSSMCache in fixed-shape buffers, for decode steps captured once as a CUDA graph and replayed.
+
+    key_cache[i], value_cache[i]: (b, kv_heads, max_length, D), a token's K/V written in place at its position;
+    ssm_states[i], conv_states[i]: as in TransXSSMCache, overwritten in place; `position`: 0-d int64 tensor on the
+    model's device, the tokens seen so far. A single-token forward reads no host-side counter, allocates no cache
+    tensor and moves none, so a captured step replays at the right position: its key is written with index_copy_
+    at `position` and attention runs over all max_length slots with the slots after `position` masked.
+
+    The buffers are allocated by the first forward (its batch size, device and dtype) or at construction when
+    batch_size is given; `reset()` zeroes them in place for the next prompt. Unpadded batches only: left padding
+    needs per-row positions, which TransXSSMCache keeps. A single-token step does not check max_length (that would
+    read `position` on the host); the caller counts steps (`DecodeGraph` does)."""
+
+    def __init__(self, config: TransXSSMConfig, max_length: int, batch_size: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        if max_length < 1:
+            raise ValueError(f"TransXSSMStaticCache: max_length {max_length}: give the prompt length plus the "
+                             "tokens to generate")
+        n = config.num_hidden_layers
+        self.config = config
+        self.max_length = max_length
+        self.mixer_types = list(config.mixer_types)
+        self.key_cache: list = [None] * n
+        self.value_cache: list = [None] * n
+        self.ssm_states: list = [None] * n
+        self.conv_states: list = [None] * n
+        self.position: torch.Tensor | None = None
+        self._batch_size: int | None = None
+        self.layers = []
+        if batch_size is not None:
+            self.allocate(batch_size, device or "cpu", dtype or torch.get_default_dtype())
+
+    def __repr__(self) -> str:
+        return (f"TransXSSMStaticCache(layers={len(self.mixer_types)}, max_length={self.max_length}, "
+                f"batch_size={self.batch_size})")
+
+    def allocate(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Zeroed buffers (zeros, not empty: masked slots are multiplied by 0 in attention, and 0 * NaN is NaN).
+        A no-op once allocated for this batch size."""
+        if self.position is not None:
+            if batch_size != self._batch_size:
+                raise ValueError(f"TransXSSMStaticCache holds batch size {self._batch_size}, the input has "
+                                 f"{batch_size}; make a new cache for another batch size")
+            return
+        c = self.config
+        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        H, P, N, G = c.num_attention_heads, c.head_dim, c.state_size, c.ss_groups
+        conv_channels = G * ((H // G) * P + 2 * N)
+        for i, kind in enumerate(self.mixer_types):
+            if kind == "sa":
+                shape = (batch_size, c.num_key_value_heads, self.max_length, c.head_dim)
+                self.key_cache[i] = torch.zeros(shape, dtype=dtype, device=device)
+                self.value_cache[i] = torch.zeros(shape, dtype=dtype, device=device)
+            else:
+                self.ssm_states[i] = torch.zeros((batch_size, H, P, N), dtype=state_dtype, device=device)
+                if c.ss_conv1d:
+                    self.conv_states[i] = torch.zeros((batch_size, c.ss_conv_width - 1, conv_channels), dtype=dtype,
+                                                      device=device)
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+        self._batch_size = batch_size
+
+    @property
+    def batch_size(self) -> int:
+        """The batch size of the buffers; -1 before they are allocated (transformers' Cache convention)."""
+        return -1 if self._batch_size is None else self._batch_size
+
+    @property
+    def seen_tokens(self) -> int:
+        """Tokens seen so far (reads the device position: not for use inside a captured step)."""
+        return 0 if self.position is None else int(self.position)
+
+    def get_max_length(self):
+        return self.max_length
+
+    def get_max_cache_shape(self, layer_idx: int = 0):
+        return self.max_length
+
+    def reset(self) -> None:
+        for store in (self.key_cache, self.value_cache, self.ssm_states, self.conv_states):
+            for t in store:
+                if t is not None:
+                    t.zero_()
+        if self.position is not None:
+            self.position.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for store in (self.key_cache, self.value_cache, self.ssm_states, self.conv_states):
+            for t in store:
+                if t is not None:
+                    t.copy_(t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("TransXSSMStaticCache has a fixed batch size; use TransXSSMCache")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("TransXSSMStaticCache has a fixed batch size; use TransXSSMCache")
+
+    def keep_conv_inputs(self, layer_idx: int, inputs: torch.Tensor) -> None:
+        self.conv_states[layer_idx].copy_(inputs)
+
+    def keep_ssm_state(self, layer_idx: int, state: torch.Tensor) -> None:
+        self.ssm_states[layer_idx].copy_(state)
+
+    def update_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (b, kv_heads, l, D) at the current position. A single token goes in with index_copy_ at the
+        device position and all max_length slots are returned, `past` being the position tensor (the caller masks
+        the slots after it); a longer input (a prefill) reads the position once and gets the slots up to its end."""
+        keys, values = self.key_cache[layer_idx], self.value_cache[layer_idx]
+        l = k.shape[2]
+        if l == 1:
+            index = self.position.view(1)
+            keys.index_copy_(2, index, k)
+            values.index_copy_(2, index, v)
+            return keys, values, self.position
+        past = int(self.position)
+        keys[:, :, past:past + l].copy_(k)
+        values[:, :, past:past + l].copy_(v)
+        return keys[:, :, :past + l], values[:, :, :past + l], past
+
 
 # ---------------------------------------------------------------------------------------------------- layers
 class RMSNorm(nn.Module):
@@ -300,7 +440,7 @@ class SSMixer(nn.Module):
             prefix = xbc.new_zeros((b, width - 1, channels))
         full = torch.cat((prefix.to(xbc.dtype), xbc), dim=1)           # (b, l + w - 1, C)
         if cache is not None:
-            cache.conv_states[self.layer_idx] = full[:, l:].clone()
+            cache.keep_conv_inputs(self.layer_idx, full[:, l:])
         x = full.float()
         w = self.conv1d.weight.float()[:, 0, :]                         # (C, w)
         acc = self.conv1d.bias.float() + sum(x[:, k:k + l] * w[:, k] for k in range(width))
@@ -338,7 +478,7 @@ class SSMixer(nn.Module):
             y, final = _fused_rope_ssd(x, delta, A, B, C, chunk_size=self.chunk_size, rope_cos=cos, rope_sin=sin,
                                        initial_state=state, return_final_state=True)
             if cache is not None:
-                cache.ssm_states[self.layer_idx] = final.float()
+                cache.keep_ssm_state(self.layer_idx, final.float())
         else:
             reason = ("transxssm_kernels is not importable" if _fused_rope_ssd is None else
                       "the shapes do not suit the fused kernel") if x.is_cuda else f"running on {x.device.type}"
@@ -346,7 +486,7 @@ class SSMixer(nn.Module):
             y, final = ssd_chunked(x, delta, A, B, C, chunk_size=self.chunk_size, rope_cos=cos, rope_sin=sin,
                                    initial_state=state)
             if cache is not None:
-                cache.ssm_states[self.layer_idx] = final
+                cache.keep_ssm_state(self.layer_idx, final)
 
         if self.norm is not None:  # RMSNorm((y + D x) * silu(z)) per B/C group
             out = y.float()
@@ -384,15 +524,11 @@ class Attention(nn.Module):
         q = rotate_qk(self.q_proj(u).view(b, l, self.heads, self.head_dim), cos, sin).transpose(1, 2)
         k = rotate_qk(self.k_proj(u).view(b, l, self.kv_heads, self.head_dim), cos, sin).transpose(1, 2)
         v = self.v_proj(u).view(b, l, self.kv_heads, self.head_dim).transpose(1, 2)
-        if cache is not None:
-            if cache.key_cache[self.layer_idx] is not None:
-                k = torch.cat((cache.key_cache[self.layer_idx], k), dim=2)
-                v = torch.cat((cache.value_cache[self.layer_idx], v), dim=2)
-            cache.key_cache[self.layer_idx], cache.value_cache[self.layer_idx] = k, v
+        # past: an int, or (static cache, one token) the device position, with keys in all max_length slots
+        k, v, past = (k, v, 0) if cache is None else cache.update_kv(self.layer_idx, k, v)
         total = k.shape[2]
-        past = total - l
         rep = self.heads // self.kv_heads
-        query_pos = torch.arange(past, total, device=u.device)[:, None]
+        query_pos = (torch.arange(l, device=u.device) + past)[:, None]
         allowed = torch.arange(total, device=u.device)[None, :] <= query_pos            # (l, total) causal
         if key_mask is not None:  # padding keys are hidden; a padding query still sees itself (no empty rows)
             allowed = allowed & (key_mask[:, None, None, :] | (torch.arange(total, device=u.device) == query_pos))
@@ -482,9 +618,13 @@ class TransXSSMModel(TransXSSMPreTrainedModel):
         """Returns (last hidden state after the final norm, tuple of hidden states or None)."""
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, l = h.shape[:2]
-        past = cache.seen_tokens if cache is not None else 0
+        static = isinstance(cache, TransXSSMStaticCache)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: the exact unmasked path
+        if static:
+            past = self._static_past(cache, h, l, attention_mask, position_ids)
+        else:
+            past = cache.seen_tokens if cache is not None else 0
         if attention_mask is not None:
             attention_mask = attention_mask.to(h.device).bool()
             if attention_mask.shape[-1] != past + l:
@@ -493,6 +633,8 @@ class TransXSSMModel(TransXSSMPreTrainedModel):
         if position_ids is None:
             if attention_mask is not None:  # left padding: positions count real tokens only
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            elif static:  # past may be the device position tensor
+                position_ids = torch.arange(l, device=h.device) + past
             else:
                 position_ids = torch.arange(past, past + l, device=h.device)
         c = self.config
@@ -507,9 +649,30 @@ class TransXSSMModel(TransXSSMPreTrainedModel):
             h = layer(h, rope_attention, rope_state, token_mask, attention_mask, cache)
             if output_hidden_states:
                 hidden_states += (h,)
-        if cache is not None:
+        if static:
+            cache.position.add_(l)
+        elif cache is not None:
             cache.seen_tokens = past + l
         return self.norm(h), hidden_states
+
+    @staticmethod
+    def _static_past(cache: TransXSSMStaticCache, h, l, attention_mask, position_ids):
+        """The position of the first new token: the device position tensor for one token (nothing read on the
+        host, so the step can be captured), an int read once for longer inputs (prefill; checked against
+        max_length)."""
+        if attention_mask is not None:
+            raise ValueError("TransXSSMStaticCache takes unpadded batches only (the attention_mask has zeros); "
+                             "decode left-padded batches with TransXSSMCache")
+        if position_ids is not None:
+            raise ValueError("TransXSSMStaticCache: positions come from the cache; pass no position_ids")
+        cache.allocate(h.shape[0], h.device, h.dtype)
+        if l == 1:
+            return cache.position
+        past = int(cache.position)
+        if past + l > cache.max_length:
+            raise ValueError(f"TransXSSMStaticCache: {past} cached + {l} new tokens exceed max_length "
+                             f"{cache.max_length}; make the cache with a larger max_length")
+        return past
 
 
 class TransXSSMForCausalLM(TransXSSMPreTrainedModel, GenerationMixin):
