@@ -89,6 +89,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+from run_record import environment  # noqa: E402
 from transxssm_megatron.config import ModelConfig  # noqa: E402
 from transxssm_megatron.training.metrics import read_metrics, train_flops_per_token  # noqa: E402
 
@@ -338,31 +339,6 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def environment() -> dict:
-    import torch
-
-    import megatron.core
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    commit = os.environ.get("TRANSXSSM_COMMIT")   # set when the tree was copied without its git history
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                    check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": sys.version.split()[0], "torch": torch.__version__, "triton": triton_version,
-            "megatron_core": megatron.core.__version__, "cuda": torch.version.cuda,
-            "command": " ".join([Path(sys.executable).name, *sys.argv])}
-
-
 # ---------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -441,7 +417,8 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     path = args.out / "ablation.json"
-    result = {"benchmark": "ablation", **environment(), "settings": settings(args, sources), "invocations": [],
+    result = {"benchmark": "ablation", **environment("triton", "megatron.core"), "settings": settings(args, sources),
+              "invocations": [],
               "configs": {}, "runs": [], "summary": []}
     if path.is_file():
         previous = json.loads(path.read_text())

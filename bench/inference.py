@@ -38,19 +38,18 @@ short table at the end; the goal quoted for the project is decode >= 1.5x at 16K
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import inspect
 import json
 import logging
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from run_record import environment
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("transxssm", "transformer")
@@ -210,28 +209,6 @@ def measure(name: str, model, new_cache, context: int, batch: int, args, check: 
     return row
 
 
-def environment(device: str) -> dict:
-    import transformers
-
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    commit = os.environ.get("TRANSXSSM_COMMIT")   # set when the tree was copied without its git history
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                    check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
-            "python": sys.version.split()[0], "torch": torch.__version__, "triton": triton_version,
-            "transformers": transformers.__version__, "cuda": torch.version.cuda,
-            "command": " ".join([Path(sys.executable).name, *sys.argv])}
-
-
 def ratios(rows: list[dict]) -> list[dict]:
     by = {(r["model"], r["context"], r["batch"]): r for r in rows}
     out = []
@@ -278,7 +255,7 @@ def main() -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "inference-speed.json"
-    result = {"benchmark": "inference-speed", **environment(args.device), "dtype": str(dtype).split(".")[-1],
+    result = {"benchmark": "inference-speed", **environment("triton", "transformers"), "dtype": str(dtype).split(".")[-1],
               "decode_tokens": args.decode_tokens, "repeats": args.repeats, "rows": [], "ratios": []}
     # Both models resident, cases interleaved: a run cut short still pairs every case it finished.
     models = {name: build(name, args.size, args.tiny, args.device, dtype) for name in MODELS}

@@ -19,9 +19,7 @@ what they are for the tokens trained: a few tens of millions against the paper's
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -33,6 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "In this tutorial we will learn how to")
 
+from run_record import environment  # noqa: E402
 from transxssm_megatron.training.metrics import read_metrics  # noqa: E402
 
 
@@ -50,20 +49,6 @@ def stage(name: str, cmd: list[str], log, timeout_s: float, results: dict) -> su
                               "wall_s": round(time.monotonic() - started, 1)})
     print(f"[bench] {name}: exit {rc} after {results['stages'][-1]['wall_s']} s", flush=True)
     return proc if rc == 0 else None
-
-
-def environment() -> dict:
-    commit = os.environ.get("TRANSXSSM_COMMIT")   # set when the tree was copied without its git history
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                    check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": sys.version.split()[0], "torch": torch.__version__,
-            "command": " ".join([Path(sys.executable).name, *sys.argv])}
 
 
 def main() -> int:
@@ -88,7 +73,7 @@ def main() -> int:
     run_dir, export = args.work / "run", args.work / "export"
     cli = [sys.executable, "-m", "transxssm_megatron.cli"]
     cuda = torch.cuda.is_available()   # the CUDA graph needs a GPU; elsewhere the same run, eagerly
-    results = {"benchmark": "pretrain-eval", **environment(), "stages": []}
+    results = {"benchmark": "pretrain-eval", **environment("transformers", "lm_eval"), "stages": []}
     path = args.out / "pretrain-eval.json"
     with open(args.out / "pretrain-eval.log", "a") as log:
         train = cli + ["train", "--config", args.config, f"data.prefixes=[{Path(args.data).resolve()}]",

@@ -23,7 +23,6 @@ against 989 TFLOP/s dense bf16 per H200.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shutil
@@ -36,35 +35,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+from run_record import environment  # noqa: E402
 from transxssm_preprocess.sample import SUBSETS  # noqa: E402  (the sample's three SmolLM-Corpus subsets)
-
-
-def versions() -> dict:
-    import megatron.core
-    import torch
-
-    out = {"python": sys.version.split()[0], "torch": torch.__version__, "megatron_core": megatron.core.__version__,
-           "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(),
-           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    return out
-
-
-def commit() -> str:
-    """TRANSXSSM_COMMIT if set (a copy of the tree without its git history), else the checkout's HEAD."""
-    env = os.environ.get("TRANSXSSM_COMMIT")
-    if env:
-        return env
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 class Runner:
@@ -163,8 +135,10 @@ def summarize(records: list[dict], skip_first: int = 1) -> dict:
 
 
 def write(out: Path, name: str, payload: dict) -> None:
-    payload = {"benchmark": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-               "commit": commit(), **versions(), **payload}
+    import torch
+
+    payload = {"benchmark": name, **environment("triton", "megatron.core"), "gpus": torch.cuda.device_count(),
+               **payload}
     (out / f"train_{name}.json").write_text(json.dumps(payload, indent=1))
 
 

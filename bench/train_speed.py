@@ -27,7 +27,6 @@ command. Prints a short table at the end.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -38,6 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+from run_record import environment  # noqa: E402
 from transxssm_megatron.training.metrics import read_metrics  # noqa: E402
 
 # name: (config, anchor architecture or None, size, seq_length, micro_batch_size)
@@ -200,26 +200,6 @@ def loss_curves(args, log) -> dict:
                                   "reference": statistics.mean(b[tail]) if n else None}}
 
 
-def environment() -> dict:
-    import torch
-    import triton
-
-    import megatron.core
-
-    commit = os.environ.get("TRANSXSSM_COMMIT")   # set when the tree was copied without its git history
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                    check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": sys.version.split()[0], "torch": torch.__version__,
-            "triton": triton.__version__, "megatron_core": megatron.core.__version__, "cuda": torch.version.cuda,
-            "command": " ".join([Path(sys.executable).name, *sys.argv])}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for train-speed.json and the logs")
@@ -256,7 +236,7 @@ def main() -> int:
     if args.anchor:
         args.anchor = str(Path(args.anchor).resolve())
     path = args.out / "train-speed.json"
-    result = {"benchmark": "train-speed", **environment(), "rows": [], "profiles": []}
+    result = {"benchmark": "train-speed", **environment("triton", "megatron.core"), "rows": [], "profiles": []}
     with open(args.out / "train-speed.log", "a") as log:
         for row in rows:
             config, arch, size, seq, mbs = ROWS[row]
