@@ -3,10 +3,11 @@
     results = run_distributed(fn, world_size, *args, tp=1, pp=1, vpp=None, cp=1, seed=1234, timeout_s=300)
 
 `fn(*args)` runs in every rank after `torch.distributed.init_process_group("gloo")`, the CPU shim
-(transxssm_megatron/training/cpu_backend.py) and `parallel_state.initialize_model_parallel(tp, pp, vpp, context_parallel_size=cp)`; the RNG is seeded with
-`seed` (same on every rank). `results[r]` is rank r's return value (must be picklable). If any rank raises,
-a RuntimeError carrying that rank's traceback is raised here and the other ranks are stopped; a rank that
-hangs (e.g. a collective some rank never joined) is killed after `timeout_s`.
+(transxssm_megatron/training/cpu_backend.py) and megatron's `parallel_state.initialize_model_parallel` with the
+tp, pp, vpp and cp (context_parallel_size) given; the RNG is seeded with `seed` (same on every rank).
+`results[r]` is rank r's return value (must be picklable). If any rank raises, a RuntimeError carrying that
+rank's traceback is raised here and the other ranks are stopped; a rank that hangs (e.g. a collective some rank
+never joined) is killed after `timeout_s`.
 
 `fn` must be importable by name from a module (a top-level function of a test module is fine): ranks are
 forked from a clean "forkserver" process that has torch and megatron-core preloaded, so each run costs well

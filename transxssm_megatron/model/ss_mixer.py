@@ -183,8 +183,8 @@ class SSMixer(MegatronModule):
         # The SSD takes (b, l, ...) tensors of any strides and returns y in x's memory layout: sequence-first
         # views in, a sequence-first y out, no copies on the way.
         bl = lambda t: t.transpose(0, 1)
-        y = bl(ssd(bl(x), bl(dt), A, bl(B), bl(C), chunk_size=self.model_cfg.ss_chunk_size, dt_bias=self._cp_rows(self.dt_bias),
-                   dt_softplus=True, rope_cos=cos, rope_sin=sin))                   # (l, b, H_loc, P)
+        y = bl(ssd(bl(x), bl(dt), A, bl(B), bl(C), chunk_size=self.model_cfg.ss_chunk_size,  # (l, b, H_loc, P)
+                   dt_bias=self._cp_rows(self.dt_bias), dt_softplus=True, rope_cos=cos, rope_sin=sin))
         D = self._cp_rows(self.D)
         if self.gate_norm_weight is not None:  # y = RMSNorm((y + D x) * silu(z)), normalised per B/C group
             y = gate_norm(y, x, D, z.view_as(x), self._cp_rows(self.gate_norm_weight), self.model_cfg.norm_eps,
