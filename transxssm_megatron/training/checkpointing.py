@@ -571,7 +571,8 @@ class CheckpointManager:
 def _layout_text(layout: Optional[dict]) -> str:
     if not layout:
         return "an unrecorded layout"
-    return "tp={tp} pp={pp} dp={dp}".format(**{k: layout.get(k, "?") for k in ("tp", "pp", "dp")})
+    text = "tp={tp} pp={pp} dp={dp}".format(**{k: layout.get(k, "?") for k in ("tp", "pp", "dp")})
+    return text + (f" cp={layout['cp']}" if "cp" in layout else "")
 
 
 def _failures(err: BaseException) -> list[tuple[str, BaseException]]:
