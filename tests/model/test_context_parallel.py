@@ -89,11 +89,9 @@ def test_context_parallel_2_matches_single_process(case):
     _check(case, 2, tp=1, cp=2)
 
 
-@pytest.mark.parametrize("case", ["transxssm-4heads-sequence-parallel",
-                                  pytest.param("transxssm-4heads", marks=pytest.mark.slow),
-                                  pytest.param("mamba2-4heads", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("case", ["transxssm-4heads", "mamba2-4heads", "transxssm-4heads-sequence-parallel"])
 def test_tensor_2_by_context_parallel_2_matches_single_process(case):
-    """4 gloo ranks (~15 s each on 2 cores): sequence parallelism in the default run, the rest with -m slow."""
+    """4 gloo ranks: 3-15 s each on 2 cores."""
     _check(case, 4, tp=2, cp=2)
 
 
