@@ -100,15 +100,16 @@ LAYOUTS = {
     "cp2-reference": ({"cp": 2}, {"fused": False}, 2, (1, 1, 2, 1)),
     "cp2-dp2": ({"cp": 2}, {"micro_batch_size": 2}, 4, (1, 1, 2, 2)),
     "pp2-cp2": ({"cp": 2, "pp": 2}, {"micro_batch_size": 2}, 4, (1, 2, 2, 1)),
+    "pp2-vpp2-cp2": ({"cp": 2, "pp": 2, "vpp": 2}, {"micro_batch_size": 1}, 4, (1, 2, 2, 1)),
     "tp2-cp2-sequence-parallel": ({"cp": 2, "tp": 2, "sequence_parallel": True}, {}, 4, (2, 1, 2, 1)),
 }
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_context_parallel_composes_with_other_layouts(tmp_path, single, layout):
-    """CP with activation recomputation, the unfused reference path, DP, PP and TP + sequence parallelism,
-    resumed from one process's checkpoint: that process's loss and global gradient norm on the next step (same
-    global batch; fp32, relative 1e-5 and 1e-4)."""
+    """CP with activation recomputation, the unfused reference path, DP, PP (also interleaved) and TP + sequence
+    parallelism, resumed from one process's checkpoint: that process's loss and global gradient norm on the next
+    step (same global batch; fp32, relative 1e-5 and 1e-4)."""
     from distributed import run_distributed
 
     parallel_options, train_options, world, expected = LAYOUTS[layout]
