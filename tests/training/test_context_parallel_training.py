@@ -1,5 +1,6 @@
-"""Context parallelism in the training loop and the CLI (CPU, gloo): a cp=2 step equals one process's, config
-errors, and `transxssm train parallel.cp=2` under torchrun trains, checkpoints and resumes at cp=1.
+"""Context parallelism in the training loop and the CLI (CPU, gloo): a step at cp=2, alone and with recompute,
+the reference path, DP, PP, VPP and TP + SP, equals one process's; config errors; and `transxssm train
+parallel.cp=2` under torchrun trains, checkpoints and resumes at cp=1.
 
 The model-level equivalence (every architecture, tp x cp, sequence parallelism) is tests/model/test_context_parallel.py.
 """
