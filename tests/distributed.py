@@ -1,12 +1,13 @@
 """Run a function on N local gloo ranks with megatron-core's model parallel state initialised (tests only).
 
-    results = run_distributed(fn, world_size, *args, tp=1, pp=1, vpp=None, seed=1234, timeout_s=300)
+    results = run_distributed(fn, world_size, *args, tp=1, pp=1, vpp=None, cp=1, seed=1234, timeout_s=300)
 
 `fn(*args)` runs in every rank after `torch.distributed.init_process_group("gloo")`, the CPU shim
-(transxssm_megatron/training/cpu_backend.py) and `parallel_state.initialize_model_parallel(tp, pp)`; the RNG is seeded with
-`seed` (same on every rank). `results[r]` is rank r's return value (must be picklable). If any rank raises,
-a RuntimeError carrying that rank's traceback is raised here and the other ranks are stopped; a rank that
-hangs (e.g. a collective some rank never joined) is killed after `timeout_s`.
+(transxssm_megatron/training/cpu_backend.py) and megatron's `parallel_state.initialize_model_parallel` with the
+tp, pp, vpp and cp (context_parallel_size) given; the RNG is seeded with `seed` (same on every rank).
+`results[r]` is rank r's return value (must be picklable). If any rank raises, a RuntimeError carrying that
+rank's traceback is raised here and the other ranks are stopped; a rank that hangs (e.g. a collective some rank
+never joined) is killed after `timeout_s`.
 
 `fn` must be importable by name from a module (a top-level function of a test module is fine): ranks are
 forked from a clean "forkserver" process that has torch and megatron-core preloaded, so each run costs well
@@ -42,7 +43,7 @@ def _context():
     return ctx
 
 
-def _rank_main(rank: int, world_size: int, port: int, tp: int, pp: int, vpp, seed: int, timeout_s: float,
+def _rank_main(rank: int, world_size: int, port: int, tp: int, pp: int, vpp, cp: int, seed: int, timeout_s: float,
                tests_dir: str, fn: Callable, args: tuple, results) -> None:
     # The test directory is on the parent's sys.path via pytest; make the helper modules importable here too.
     if tests_dir not in sys.path:
@@ -66,7 +67,8 @@ def _rank_main(rank: int, world_size: int, port: int, tp: int, pp: int, vpp, see
         try:
             parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
                                                      pipeline_model_parallel_size=pp,
-                                                     virtual_pipeline_model_parallel_size=vpp)
+                                                     virtual_pipeline_model_parallel_size=vpp,
+                                                     context_parallel_size=cp)
             tensor_parallel.model_parallel_cuda_manual_seed(seed)
             torch.manual_seed(seed)
             payload = pickle.dumps(fn(*args))  # pickle here so an unpicklable result is reported, not lost
@@ -79,17 +81,17 @@ def _rank_main(rank: int, world_size: int, port: int, tp: int, pp: int, vpp, see
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, tp: int = 1, pp: int = 1, vpp: int | None = None,
-                    seed: int = 1234, timeout_s: float = 300.0) -> list[Any]:
-    """Run `fn(*args)` on `world_size` gloo ranks (tp * pp must divide world_size; vpp: virtual pipeline
-    stages per rank, None for none); return the per-rank results."""
-    if world_size % (tp * pp):
-        raise ValueError(f"world_size {world_size} is not a multiple of tp*pp = {tp * pp}")
+                    cp: int = 1, seed: int = 1234, timeout_s: float = 300.0) -> list[Any]:
+    """Run `fn(*args)` on `world_size` gloo ranks (tp * pp * cp must divide world_size; vpp: virtual pipeline
+    stages per rank, None for none; cp: context parallel size); return the per-rank results."""
+    if world_size % (tp * pp * cp):
+        raise ValueError(f"world_size {world_size} is not a multiple of tp*pp*cp = {tp * pp * cp}")
     ctx = _context()
     results = ctx.Queue()
     port = _free_port()
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     procs = [ctx.Process(target=_rank_main, name=f"rank{r}",
-                         args=(r, world_size, port, tp, pp, vpp, seed, timeout_s, tests_dir, fn, args, results))
+                         args=(r, world_size, port, tp, pp, vpp, cp, seed, timeout_s, tests_dir, fn, args, results))
              for r in range(world_size)]
     for p in procs:
         p.start()

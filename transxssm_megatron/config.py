@@ -2,7 +2,7 @@
 
 `ModelConfig` describes the network only (no parallelism, no optimizer). It is built from a preset
 (`ModelConfig.from_preset("320m", num_layers=12)`) or a YAML file / mapping (`ModelConfig.from_yaml(path)`),
-checked against a parallel layout with `validate(tp, pp)`, and turned into megatron-core objects by
+checked against a parallel layout with `validate(tp, pp, vpp, cp)`, and turned into megatron-core objects by
 `transxssm_megatron.model.builder`.
 
 Architecture-dependent SS options default to `None` and are resolved in `__post_init__`:
@@ -204,20 +204,25 @@ class ModelConfig:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > low:
                 raise ConfigError(f"{name}: must be a number > {low:g}, got {value!r}")
 
-    def validate(self, tp: int = 1, pp: int = 1, vpp: Optional[int] = None) -> "ModelConfig":
-        """Check the config against a parallel layout; raises ConfigError naming the field. Returns self."""
+    def validate(self, tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int = 1) -> "ModelConfig":
+        """Check the config against a parallel layout; raises ConfigError naming the field. Returns self.
+
+        Context parallelism (cp) splits the heads and groups that TP leaves on a rank once more, inside each
+        mixer (docs/training.md, context parallelism): every count of heads or groups must divide by tp * cp."""
         self._check_sizes()
-        if tp < 1 or pp < 1:
-            raise ConfigError(f"tensor/pipeline parallel sizes must be >= 1, got tp={tp}, pp={pp}")
-        if self.num_attention_heads % tp:
-            raise ConfigError(f"num_attention_heads: {self.num_attention_heads} heads are not divisible by "
-                              f"tensor parallel size {tp} (TP splits whole heads)")
-        if self.num_query_groups % tp:
-            raise ConfigError(f"num_query_groups: {self.num_query_groups} KV groups are not divisible by "
-                              f"tensor parallel size {tp}")
-        if self.has_ss_layers and self.ss_groups % tp:
-            raise ConfigError(f"ss_groups: G = {self.ss_groups} is not divisible by tensor parallel size {tp} "
-                              f"(TP splits whole B/C groups)")
+        if tp < 1 or pp < 1 or cp < 1:
+            raise ConfigError(f"tensor/pipeline/context parallel sizes must be >= 1, got tp={tp}, pp={pp}, cp={cp}")
+        split = tp * cp
+        by = f"tensor parallel size {tp}" if cp == 1 else f"tp * cp = {tp} * {cp}"
+        who = "TP splits" if cp == 1 else "TP and CP split"
+        if self.num_attention_heads % split:
+            raise ConfigError(f"num_attention_heads: {self.num_attention_heads} heads are not divisible by {by} "
+                              f"({who} whole heads)")
+        if self.num_query_groups % split:
+            raise ConfigError(f"num_query_groups: {self.num_query_groups} KV groups are not divisible by {by}")
+        if self.has_ss_layers and self.ss_groups % split:
+            raise ConfigError(f"ss_groups: G = {self.ss_groups} is not divisible by {by} "
+                              f"({who} whole B/C groups)")
         if self.ffn_hidden_size % tp:
             raise ConfigError(f"ffn_hidden_size: {self.ffn_hidden_size} is not divisible by tensor parallel "
                               f"size {tp}")

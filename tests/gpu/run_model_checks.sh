@@ -29,7 +29,7 @@ else
 fi
 gpu1=${PIPESTATUS[0]}; [ "$gpu1" = 0 ] || status=1
 
-echo "== 2 GPUs: TP=2 / PP=2 over NCCL" | tee "$out/nccl.log"
+echo "== 2 GPUs: TP=2 / PP=2 / CP=2 over NCCL" | tee "$out/nccl.log"
 if [ "$("$py" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
     "$py" -m torch.distributed.run --standalone --nproc-per-node 2 tests/gpu/tp_pp_nccl_check.py 2>&1 | tee -a "$out/nccl.log"
     nccl=${PIPESTATUS[0]}

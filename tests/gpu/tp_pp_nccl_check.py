@@ -1,4 +1,4 @@
-"""TP=2 and PP=2 equivalence on 2 GPUs over NCCL (real CUDA, no CPU shim). Run with
+"""TP=2, PP=2 and CP=2 equivalence on 2 GPUs over NCCL (real CUDA, no CPU shim). Run with
 
     torchrun --nproc-per-node 2 tests/gpu/tp_pp_nccl_check.py
 
@@ -8,6 +8,8 @@
    loss and gradients are compared with the reference. Done for transxssm and transformer, then transxssm
    with sequence parallelism.
 3. PP=2 through megatron's 1F1B schedule: loss and gradients (tied embedding: sum of the two stage copies).
+4. CP=2 (each rank one half of the sequence, all-to-alls inside the mixers): logits and loss gathered over the
+   sequence, gradients summed over the two ranks (as DDP's reduction does), for every case.
 Prints the max relative errors and exits non-zero on a mismatch (rank 0 decides; tolerance TOL).
 Without CUDA it runs the same logic over gloo with the test-only CPU shim (to check the script itself).
 """
@@ -57,16 +59,17 @@ def batch(n_micro=1):
     return ids[..., :-1], ids[..., 1:]
 
 
-def init(tp, pp):
+def init(tp, pp, cp=1):
     parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             context_parallel_size=cp)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
 
 
-def make(case, weights, tp=1, pp=1, **overrides):
+def make(case, weights, tp=1, pp=1, cp=1, **overrides):
     cfg = cfg_for(case)
     torch.manual_seed(0)
-    tc = build_transformer_config(cfg, tp=tp, pp=pp, use_cpu_initialization=True, batch_p2p_sync=CUDA,
+    tc = build_transformer_config(cfg, tp=tp, pp=pp, cp=cp, use_cpu_initialization=True, batch_p2p_sync=CUDA,
                                   **overrides)
     model = build_model(cfg, tc).cuda()
     if weights is not None:
@@ -80,6 +83,26 @@ def direct(model):
     loss = model(ids[0], None, labels=labels[0])
     loss.mean().backward()
     return dict(logits=logits.detach().float().cpu(), loss=loss.detach().float().cpu(), grads=full_grads(model))
+
+
+def direct_cp(model):
+    """direct() with this CP rank's block of the sequence: outputs gathered along it, gradients summed over CP."""
+    group = parallel_state.get_context_parallel_group()
+    cp, r = group.size(), group.rank()
+    ids, labels = batch()
+    block = slice(r * L // cp, (r + 1) * L // cp)
+    logits = model(ids[0][:, block], None, runtime_gather_output=True)
+    loss = model(ids[0][:, block], None, labels=labels[0][:, block])
+    (loss.sum() / (B * L)).backward()                                   # the whole sequence's mean
+    for p in model.parameters():
+        dist.all_reduce(p.grad, group=group)
+
+    def gathered(t):
+        parts = [torch.empty_like(t) for _ in range(cp)]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        return torch.cat(parts, dim=1).detach().float().cpu()
+
+    return dict(logits=gathered(logits), loss=gathered(loss), grads=full_grads(model))
 
 
 def scheduled(model):
@@ -141,6 +164,10 @@ def main():
                 merged["grads"][k] = merged["grads"][k] + g if k in merged["grads"] else g
         compare("pp2-transxssm", merged, refs["pp"], report)
 
+    init(1, 1, cp=2)
+    for arch in CASES:
+        compare(f"cp2-{arch}", direct_cp(make(arch, weights[arch], cp=2)), refs[arch], report)
+
     ok = True
     if rank == 0:
         for label, errors in report.items():
@@ -148,7 +175,7 @@ def main():
             ok &= not bad
             print(f"{'OK  ' if not bad else 'FAIL'} {label}: " +
                   ", ".join(f"max rel err {k} {v:.2e}" for k, v in errors.items()), flush=True)
-        print(f"tp/pp NCCL check: {'PASSED' if ok else 'FAILED'} (tolerance {TOL})", flush=True)
+        print(f"tp/pp/cp NCCL check: {'PASSED' if ok else 'FAILED'} (tolerance {TOL})", flush=True)
     flag = torch.tensor([int(ok)], device="cuda" if CUDA else "cpu")
     dist.broadcast(flag, 0)
     parallel_state.destroy_model_parallel()

@@ -7,6 +7,11 @@
 `TransXSSMModel` is megatron's HybridModel (embedding, tied LM head, pipeline-segment selection, checkpoint
 sharding all inherited) with our decoder stack spec and a short forward of its own that computes the Unified
 RoPE tables once per call and hands them to the stack (stack.py), which passes them to every layer.
+
+With context parallelism (cp > 1) every input (input_ids, labels, loss_mask, position_ids) is this CP rank's
+contiguous block of l/cp positions; the RoPE tables are built for the whole sequence (positions 0..l-1, or the
+CP-gathered position_ids), since the mixers rotate only after their all-to-all to the full sequence
+(context_parallel.py). The losses returned are those of this rank's tokens.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.utils import init_method_normal
 
 from ..config import ModelConfig
+from .context_parallel import cp_group_of, gather_sequence
 from .fused_ops import fusion_enabled
 from .lm_loss import linear_cross_entropy
 from .rope import UnifiedRope
@@ -29,15 +35,15 @@ from .specs import hybrid_layer_pattern, transxssm_stack_spec
 
 
 def build_transformer_config(model_cfg: ModelConfig, *, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
-                             params_dtype: torch.dtype = torch.float32, bf16: bool = False,
+                             cp: int = 1, params_dtype: torch.dtype = torch.float32, bf16: bool = False,
                              sequence_parallel: bool = False, **megatron_overrides) -> TransformerConfig:
-    """Megatron's TransformerConfig for `model_cfg` on a (tp, pp[, vpp]) layout; validates model_cfg first.
+    """Megatron's TransformerConfig for `model_cfg` on a (tp, pp[, vpp], cp) layout; validates model_cfg first.
 
     `num_layers` counts HybridStack sub-layers (2 per decoder layer). Init is N(0, init_std) everywhere; with
     `depth_scaled_init` the output projections use init_std / sqrt(2 * decoder layers) (Megatron's scaling).
     Keyword overrides go straight to TransformerConfig (e.g. batch_p2p_sync=False for gloo pipelines,
     recompute_granularity="full")."""
-    model_cfg.validate(tp=tp, pp=pp, vpp=vpp)
+    model_cfg.validate(tp=tp, pp=pp, vpp=vpp, cp=cp)
     std = model_cfg.init_std
     out_std = std / math.sqrt(2 * model_cfg.num_layers) if model_cfg.depth_scaled_init else std
     kwargs = dict(
@@ -51,6 +57,7 @@ def build_transformer_config(model_cfg: ModelConfig, *, tp: int = 1, pp: int = 1
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
         sequence_parallel=sequence_parallel and tp > 1,  # meaningless without TP (megatron would refuse it)
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
@@ -99,14 +106,14 @@ class TransXSSMModel(HybridModel):
         self.rope = UnifiedRope(model_cfg.head_dim, model_cfg.state_size if model_cfg.ss_uses_rope else None,
                                 model_cfg.rope_base)
 
-    def _sequence_length(self, input_ids, position_ids, decoder_input) -> tuple[int, torch.device]:
-        if position_ids is not None:
-            return position_ids.shape[1], position_ids.device
+    def _sequence_length(self, input_ids, decoder_input, cp: int) -> tuple[int, torch.device]:
+        """The whole sequence's length (over CP ranks) and the device."""
         if input_ids is not None:
-            return input_ids.shape[1], input_ids.device
+            return input_ids.shape[1] * cp, input_ids.device
         hidden = decoder_input if decoder_input is not None else self.decoder.input_tensor
-        local = hidden.shape[0]  # (l, b, d), sequence-parallel shards hold l / tp positions
-        return local * (self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1), hidden.device
+        local = hidden.shape[0]  # (l, b, d), sequence-parallel shards hold l / (cp * tp) positions
+        tp = self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
+        return local * tp * cp, hidden.device
 
     def forward(self, input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, decoder_input: Optional[torch.Tensor] = None,
@@ -118,11 +125,18 @@ class TransXSSMModel(HybridModel):
         Returns, on the last pipeline stage: with labels and loss_mask, the masked loss sum (fp32 scalar; the
         training path, see `masked_loss_sum`); with labels only, the per-token loss (b, l) fp32; else logits
         (b, l, padded_vocab / tp) (all of the vocabulary with runtime_gather_output=True). On other stages the
-        hidden states (l, b, d). position_ids None means 0..l-1 for every row."""
+        hidden states (l, b, d). position_ids None means 0..l-1 for every row. With context parallelism all of these
+        are this CP rank's block of the sequence (l = l_total / cp), and so is the returned loss or logits."""
         if decoder_input is None and self.pre_process:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=None)  # (l, b, d)
-        seq_len, device = self._sequence_length(input_ids, position_ids, decoder_input)
-        rope = self.rope(position_ids, seq_len, device)
+        cp_group = cp_group_of(self.pg_collection)
+        cp = cp_group.size() if cp_group is not None else 1
+        if position_ids is not None:
+            position_ids = gather_sequence(position_ids, cp_group, dim=1)          # (b, l_total)
+            seq_len, device = position_ids.shape[1], position_ids.device
+        else:
+            seq_len, device = self._sequence_length(input_ids, decoder_input, cp)
+        rope = self.rope(position_ids, seq_len, device)                            # for the whole sequence
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rope)
         if not self.post_process:
             return hidden

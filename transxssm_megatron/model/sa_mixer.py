@@ -8,7 +8,12 @@ TP-independent weight (num_query_groups % tp == 0):
 
 Attention kernel: PyTorch SDPA (flash / cuDNN / efficient backends) on CUDA; on CPU an explicit softmax path
 (fp32 scores), which doubles as the readable reference. Softmax scale 1/sqrt(head_dim). No dropout.
-Shapes: hidden_states (l, b, d) in and out (megatron's sequence-first layout).
+Context parallelism (docs/training.md): with the sequence split over cp ranks, the QKV projection of this rank's
+block goes through one all-to-all (`context_parallel.seq_to_heads`) to the whole sequence of 1/cp of this TP
+shard's KV groups (whole groups, so num_query_groups % (tp * cp) == 0), RoPE and causal attention run there with
+positions 0..l-1, and the output goes back to sequence blocks before linear_proj.
+
+Shapes: hidden_states (l, b, d) in and out (megatron's sequence-first layout; l is this CP rank's block).
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from megatron.core.transformer.module import MegatronModule
 
 from ..config import ModelConfig
 from .fused_ops import rotate_qkv
-from .rope import RopeTables
+from .context_parallel import cp_group_of, heads_to_seq, seq_to_heads
 from .groups import tp_group_of
+from .rope import RopeTables
 
 
 def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -44,9 +50,11 @@ class SelfAttentionMixer(MegatronModule):
         self.layer_number = layer_number
         self.tp_group = tp_group_of(pg_collection)
         tp = self.tp_group.size()
+        self.cp_group = cp_group_of(pg_collection)
+        cp = self.cp_group.size() if self.cp_group is not None else 1
         self.head_dim = m.head_dim
-        self.heads_local = m.num_attention_heads // tp
-        self.groups_local = m.num_query_groups // tp
+        self.heads_local = m.num_attention_heads // (tp * cp)      # the heads this rank attends with
+        self.groups_local = m.num_query_groups // (tp * cp)
         self.heads_per_group = m.num_attention_heads // m.num_query_groups
 
         self.linear_qkv = tensor_parallel.ColumnParallelLinear(
@@ -60,7 +68,8 @@ class SelfAttentionMixer(MegatronModule):
     def forward(self, hidden_states: torch.Tensor, rope: RopeTables | None = None) -> torch.Tensor:
         if rope is None:
             raise ValueError("SelfAttentionMixer needs the model's RopeTables (rope.attention)")
-        qkv, _ = self.linear_qkv(hidden_states)                                    # (l, b, groups_loc * ...)
+        qkv, _ = self.linear_qkv(hidden_states)                                    # (l/cp, b, groups_tp * ...)
+        qkv = seq_to_heads(qkv, self.cp_group)                                     # (l, b, groups_loc * ...)
         l, b = qkv.shape[:2]
         qkv = qkv.view(l, b, self.groups_local, self.heads_per_group + 2, self.head_dim)
         q, k, v = rotate_qkv(qkv, *rope.attention, self.heads_per_group)           # (b, heads, l, D)
@@ -72,5 +81,6 @@ class SelfAttentionMixer(MegatronModule):
                 v = v.repeat_interleave(self.heads_per_group, dim=1)
             out = causal_attention_reference(q, k, v)
         out = out.permute(2, 0, 1, 3).reshape(l, b, self.heads_local * self.head_dim)  # (l, b, heads * D)
+        out = heads_to_seq(out, self.cp_group)                                     # (l/cp, b, heads_tp * D)
         out, _ = self.linear_proj(out)
         return out

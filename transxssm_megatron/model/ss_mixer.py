@@ -15,11 +15,20 @@ projection ran on cuBLAS's unaligned fallback kernels at a third of the speed of
 The per-head parameters (A_log, dt_bias, D), the conv1d channels (x|B|C per group) and the gated-norm weight
 follow the same group order and are split along dim 0 (`sharded_state_dict` says so to dist_checkpointing).
 
+Context parallelism (cp > 1, docs/training.md) shards the sequence outside the mixer. After the projections, one
+all-to-all per tensor (`context_parallel.seq_to_heads`) turns this rank's (l/cp, b, all of its TP shard's groups)
+into (l, b, 1/cp of those groups): the groups are contiguous in in_proj's rows and the heads in dt_proj's, so the
+split falls on whole B/C groups and their heads (G % (tp * cp) == 0). Everything from the projection split on (the
+causal conv1d of the baselines included) then sees the whole sequence, positions 0..l-1, for its own groups, and
+uses the matching rows of the per-head parameters; y goes back to sequence shards before out_proj. The per-head
+parameters stay whole on every CP rank (they are not CP-sharded: their gradients are summed over the CP ranks with
+the data-parallel reduction, as for every other parameter).
+
 Parameters with `no_weight_decay = True` (A_log, dt_bias, D, gate_norm_weight) must be excluded from weight
 decay by the optimizer (docs/model.md §7).
 
 Shapes: hidden_states (l, b, d) in, (l, b, d) out (megatron's sequence-first layout; with sequence parallelism
-l is the local shard and in_proj/out_proj gather/scatter it).
+l is the local shard and in_proj/out_proj gather/scatter it; with context parallelism l is this CP rank's block).
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from transxssm_kernels.rope_ssd import ROPE_SSD_IMPORT_ERROR, rope_ssd, ssd_chun
 
 from ..config import ModelConfig
 from .fused_ops import gate_norm, split_projection
+from .context_parallel import cp_group_of, heads_to_seq, seq_to_heads
 from .groups import tp_group_of
 from .norms import param_device
 from .rope import RopeTables
@@ -93,11 +103,14 @@ class SSMixer(MegatronModule):
         self.tp_group = tp_group_of(pg_collection)
         tp = self.tp_group.size()
         rank = self.tp_group.rank()
+        self.cp_group = cp_group_of(pg_collection)
+        self.cp = self.cp_group.size() if self.cp_group is not None else 1
+        self.cp_rank = self.cp_group.rank() if self.cp > 1 else 0
 
         self.H, self.P, self.N, self.G = m.num_attention_heads, m.head_dim, m.state_size, m.ss_groups
         self.heads_per_group = self.H // self.G
-        self.groups_local = self.G // tp
-        self.heads_local = self.H // tp
+        self.groups_local = self.G // (tp * self.cp)                     # groups and heads the scan sees
+        self.heads_local = self.H // (tp * self.cp)
         self.x_width = self.heads_per_group * self.P                      # x (and z) channels per group
         self.z_width = self.x_width if m.ss_z_gate else 0
         self.conv_width = self.x_width + 2 * self.N                       # x|B|C channels per group
@@ -141,13 +154,23 @@ class SSMixer(MegatronModule):
             self.conv1d_bias = local(torch.empty(channels).uniform_(-bound, bound), no_weight_decay=True)
         self.gate_norm_weight = local(torch.ones(self.H * self.P), no_weight_decay=True) if m.ss_z_gate else None
 
+    def _cp_rows(self, p: torch.Tensor | None) -> torch.Tensor | None:
+        """This CP rank's rows of a per-head / per-group parameter (its TP shard, split once more by CP)."""
+        if p is None or self.cp == 1:
+            return p
+        rows = p.shape[0] // self.cp
+        return p[self.cp_rank * rows:(self.cp_rank + 1) * rows]
+
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, hidden_states: torch.Tensor, rope: RopeTables | None = None) -> torch.Tensor:
-        proj, _ = self.in_proj(hidden_states)                                       # (l, b, G_loc * width)
-        dt, _ = self.dt_proj(hidden_states)                                         # (l, b, H_loc)
+        proj, _ = self.in_proj(hidden_states)                                       # (l, b, G_tp * width)
+        dt, _ = self.dt_proj(hidden_states)                                         # (l, b, H_tp)
+        # CP: sequence blocks of all groups -> the whole sequence of this rank's groups (no-ops at cp = 1)
+        proj, dt = seq_to_heads(proj, self.cp_group), seq_to_heads(dt, self.cp_group)  # G_loc, H_loc = 1/cp
         l, b = proj.shape[:2]
         widths = (self.z_width, self.x_width, self.N, self.N)
-        z, x, B, C = split_projection(proj, self.groups_local, widths, self.conv1d_weight, self.conv1d_bias)
+        z, x, B, C = split_projection(proj, self.groups_local, widths, self._cp_rows(self.conv1d_weight),
+                                      self._cp_rows(self.conv1d_bias))
         x = x.view(l, b, self.heads_local, self.P)                                  # B, C: (l, b, G_loc, N)
 
         cos = sin = None
@@ -155,19 +178,22 @@ class SSMixer(MegatronModule):
             if rope is None or rope.state is None:
                 raise ValueError("SSMixer with ss_positional='rope' needs the model's RopeTables (rope.state)")
             cos, sin = rope.state
-        A = -torch.exp(self.A_log.float())                                          # (H_loc,) negative, fp32
+        A = -torch.exp(self._cp_rows(self.A_log).float())                           # (H_loc,) negative, fp32
         ssd = select_ssd(x, self.N, self.model_cfg.ss_chunk_size)
         # The SSD takes (b, l, ...) tensors of any strides and returns y in x's memory layout: sequence-first
         # views in, a sequence-first y out, no copies on the way.
         bl = lambda t: t.transpose(0, 1)
-        y = bl(ssd(bl(x), bl(dt), A, bl(B), bl(C), chunk_size=self.model_cfg.ss_chunk_size, dt_bias=self.dt_bias,
-                   dt_softplus=True, rope_cos=cos, rope_sin=sin))                   # (l, b, H_loc, P)
+        y = bl(ssd(bl(x), bl(dt), A, bl(B), bl(C), chunk_size=self.model_cfg.ss_chunk_size,  # (l, b, H_loc, P)
+                   dt_bias=self._cp_rows(self.dt_bias), dt_softplus=True, rope_cos=cos, rope_sin=sin))
+        D = self._cp_rows(self.D)
         if self.gate_norm_weight is not None:  # y = RMSNorm((y + D x) * silu(z)), normalised per B/C group
-            y = gate_norm(y, x, self.D, z.view_as(x), self.gate_norm_weight, self.model_cfg.norm_eps, self.x_width)
+            y = gate_norm(y, x, D, z.view_as(x), self._cp_rows(self.gate_norm_weight), self.model_cfg.norm_eps,
+                          self.x_width)
         else:
-            if self.D is not None:
-                y = y + (self.D.float()[:, None] * x.float()).to(y.dtype)
+            if D is not None:
+                y = y + (D.float()[:, None] * x.float()).to(y.dtype)
             y = y.reshape(l, b, self.heads_local * self.P)
+        y = heads_to_seq(y, self.cp_group)                                          # CP: back to sequence blocks
         out, _ = self.out_proj(y)                                                   # (l, b, d)
         return out
 

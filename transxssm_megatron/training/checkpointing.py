@@ -198,12 +198,15 @@ def current_layout() -> dict:
 
     if not (_dist_ready() and ps.model_parallel_is_initialized()):
         return {"tp": 1, "pp": 1, "dp": 1, "world_size": _world_size()}
-    return {
+    layout = {
         "tp": ps.get_tensor_model_parallel_world_size(),
         "pp": ps.get_pipeline_model_parallel_world_size(),
         "dp": ps.get_data_parallel_world_size(),
         "world_size": _world_size(),
     }
+    if ps.get_context_parallel_world_size() > 1:  # only then, so that earlier checkpoints' layouts still match
+        layout["cp"] = ps.get_context_parallel_world_size()
+    return layout
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -459,8 +462,10 @@ class CheckpointManager:
         from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
         strategy = TorchDistSaveShardedStrategy()
-        if _dist_ready() and ps.model_parallel_is_initialized() and ps.get_data_parallel_world_size() > 1:
-            # Data-parallel replicas hold identical shards; spread the writing over them instead of DP rank 0.
+        if (_dist_ready() and ps.model_parallel_is_initialized()
+                and ps.get_data_parallel_world_size(with_context_parallel=True) > 1):
+            # Data- and context-parallel replicas hold identical shards; spread the writing over them instead of
+            # DP rank 0.
             dp_group = ps.get_data_parallel_group(with_context_parallel=True)
             strategy = FullyParallelSaveStrategyWrapper(strategy, dp_group)
         return strategy
@@ -566,7 +571,8 @@ class CheckpointManager:
 def _layout_text(layout: Optional[dict]) -> str:
     if not layout:
         return "an unrecorded layout"
-    return "tp={tp} pp={pp} dp={dp}".format(**{k: layout.get(k, "?") for k in ("tp", "pp", "dp")})
+    text = "tp={tp} pp={pp} dp={dp}".format(**{k: layout.get(k, "?") for k in ("tp", "pp", "dp")})
+    return text + (f" cp={layout['cp']}" if "cp" in layout else "")
 
 
 def _failures(err: BaseException) -> list[tuple[str, BaseException]]:

@@ -165,18 +165,32 @@ def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def context_parallel_block(batch: dict[str, torch.Tensor], cp_rank: int, cp: int) -> dict[str, torch.Tensor]:
+    """This CP rank's contiguous block of every (b, l) tensor: positions [cp_rank * l/cp, (cp_rank + 1) * l/cp).
+    No load balancing is needed: attention and the SS scan see the whole sequence after the mixers' all-to-all."""
+    if cp == 1:
+        return batch
+    out = {}
+    for key, t in batch.items():
+        block = t.shape[1] // cp
+        out[key] = t[:, cp_rank * block:(cp_rank + 1) * block].contiguous()
+    return out
+
+
 def train_batches(dataset, consumed_samples: int, cfg, world) -> Iterator[dict[str, torch.Tensor]]:
     """Micro-batches for this DP rank from global sample `consumed_samples` on, forever (wraps the dataset).
 
     Each group of m * DP consecutive global samples is one micro-batch of every DP rank; rank r takes its
-    r-th block of m."""
+    r-th block of m. The CP ranks of a DP rank read the same samples and each keeps its block of the sequence."""
     from megatron.core import parallel_state
 
     m = cfg.train.micro_batch_size
     first = consumed_samples + parallel_state.get_data_parallel_rank() * m
+    cp_rank = parallel_state.get_context_parallel_rank() if world.cp > 1 else 0
     n = len(dataset)
     while True:
-        yield _collate([dataset[i % n] for i in range(first, first + m)])
+        batch = _collate([dataset[i % n] for i in range(first, first + m)])
+        yield context_parallel_block(batch, cp_rank, world.cp)
         first += m * world.dp
 
 

@@ -48,7 +48,7 @@ def build_model_chunks(cfg: RunConfig, world: parallel.World, bf16: bool) -> lis
     from transxssm_megatron.model.builder import build_model, build_transformer_config
 
     tconfig = build_transformer_config(
-        cfg.model, tp=world.tp, pp=world.pp, vpp=world.vpp,
+        cfg.model, tp=world.tp, pp=world.pp, vpp=world.vpp, cp=world.cp,
         params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
         sequence_parallel=cfg.parallel.sequence_parallel,
         use_cpu_initialization=not world.on_gpu,
@@ -75,8 +75,8 @@ def build_model_chunks(cfg: RunConfig, world: parallel.World, bf16: bool) -> lis
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         # Gradient reduce-scatter / all-reduce of each bucket as soon as its gradients are ready, overlapping the
-        # rest of the backward (data parallel only).
-        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce and world.dp > 1,
+        # rest of the backward (over the data-parallel x context-parallel ranks; nothing to overlap without them).
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce and world.dp * world.cp > 1,
         use_distributed_optimizer=world.on_gpu and cfg.parallel.use_distributed_optimizer,
         check_for_nan_in_grad=False,  # we detect NaN/inf ourselves and skip the step instead of crashing
     )
@@ -133,14 +133,24 @@ def release_cuda_graphs(wrapper) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- steps
-def _loss_func(loss_mask: torch.Tensor, loss_sum: torch.Tensor):
-    """The model's masked loss sum; megatron divides it by the token count and the micro-batch count."""
+def _loss_func(loss_mask: torch.Tensor, cp_group, loss_sum: torch.Tensor):
+    """The model's masked loss sum; megatron divides it by the token count and the micro-batch count.
+
+    With context parallelism each rank holds its block's sum and tokens; the report keeps them (the world
+    all-reduce of the report adds the blocks). For the gradient the divisor is the whole micro-batch's token
+    count (summed over the CP ranks), and the loss is scaled by cp because DDP averages gradients over the
+    data-parallel x context-parallel ranks: the CP ranks' gradients then add up to that of the whole sequence's
+    token mean, exactly as at cp = 1, however unevenly loss_mask spreads over the blocks."""
     tokens = loss_mask.sum()
     report = torch.stack([loss_sum.detach().float(), tokens.detach().float()])
+    if cp_group is not None and cp_group.size() > 1:
+        tokens = tokens.detach().clone()
+        torch.distributed.all_reduce(tokens, group=cp_group)
+        loss_sum = loss_sum * cp_group.size()
     return loss_sum, tokens.to(torch.int), {"lm loss": report}
 
 
-def make_forward_step(device: torch.device):
+def make_forward_step(device: torch.device, cp_group=None):
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         tokens = batch["tokens"].to(device, non_blocking=True)
@@ -149,7 +159,7 @@ def make_forward_step(device: torch.device):
         # Positions restart only with reset_position_ids, which the data never sets: 0..l-1 for every row (None)
         # lets the model build one shared RoPE table instead of one per row.
         output = model(tokens, None, None, labels=labels, loss_mask=loss_mask)
-        return output, partial(_loss_func, loss_mask)
+        return output, partial(_loss_func, loss_mask, cp_group)
 
     return forward_step
 
@@ -165,7 +175,8 @@ def _global_mean_loss(pair: Optional[torch.Tensor], world: parallel.World) -> fl
     """Token-weighted mean loss of the whole global batch, identical on every rank.
 
     Only last-stage ranks hold [loss_sum, tokens]; others add zeros. TP ranks of a stage hold the same pair,
-    which scales sum and count alike, so one world all-reduce gives the exact mean everywhere (and a NaN
+    which scales sum and count alike, and CP ranks each their block's, which add up to the sample's, so one world
+    all-reduce gives the exact mean everywhere (and a NaN
     anywhere reaches every rank, so all take the same skip decision)."""
     t = pair.clone() if pair is not None else torch.zeros(2)
     if world.on_gpu:
@@ -212,7 +223,8 @@ class Trainer:
         w = self.world
         self.is_logger = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
                           and parallel_state.get_tensor_model_parallel_rank() == 0
-                          and parallel_state.get_data_parallel_rank() == 0)
+                          and parallel_state.get_data_parallel_rank() == 0
+                          and parallel_state.get_context_parallel_rank() == 0)
         self._print = print_fn
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and w.on_gpu)
         self.num_microbatches = cfg.num_microbatches(w.world_size)
@@ -251,7 +263,8 @@ class Trainer:
 
             # Step 1 runs eagerly (compiles, allocates), step 2 is captured, later steps replay the graph.
             self.train_forward_backward = FullCudaGraphWrapper(self.forward_backward, cuda_graph_warmup_steps=1)
-        self.forward_step = make_forward_step(w.device)
+        self.forward_step = make_forward_step(
+            w.device, parallel_state.get_context_parallel_group() if w.cp > 1 else None)
 
         self.step = 0
         self.consumed_samples = 0
@@ -395,7 +408,8 @@ class Trainer:
         """Train from the current step to `train.steps` (or exit_after_steps / time limit / preemption)."""
         cfg, w, t = self.cfg, self.world, self.cfg.train
         self.print(f"[train] {cfg.model.architecture} {self.num_params / 1e6:.1f}M params | world {w.world_size} "
-                   f"(tp {w.tp}, pp {w.pp}{f', vpp {w.vpp}' if w.vpp else ''}, dp {w.dp}) on {w.device.type} | "
+                   f"(tp {w.tp}, pp {w.pp}{f', vpp {w.vpp}' if w.vpp else ''}{f', cp {w.cp}' if w.cp > 1 else ''}, dp {w.dp}) "
+                   f"on {w.device.type} | "
                    f"{'bf16' if self.bf16 else 'fp32'} | global batch {t.global_batch_size} x {t.seq_length} tokens "
                    f"= {self.num_microbatches} micro-batches of {t.micro_batch_size} per DP rank | "
                    f"steps {self.step} -> {t.steps} | run dir {cfg.run_dir}")

@@ -33,6 +33,7 @@ class World:
     pp: int
     vpp: int | None
     dp: int
+    cp: int = 1                   # context parallel: ranks that share one sample, each a block of its sequence
 
     @property
     def is_main(self) -> bool:
@@ -110,13 +111,14 @@ def setup(cfg) -> World:
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp,
+        context_parallel_size=p.cp,
     )
     seed_everything(cfg.train.seed, graph_safe=cfg.train.cuda_graph and device.type == "cuda")
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable GEMMs
         torch.use_deterministic_algorithms(True, warn_only=True)
     return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
-                 tp=p.tp, pp=p.pp, vpp=p.vpp, dp=dp)
+                 tp=p.tp, pp=p.pp, vpp=p.vpp, dp=dp, cp=p.cp)
 
 
 def seed_everything(seed: int, graph_safe: bool = False) -> None:

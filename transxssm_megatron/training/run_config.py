@@ -28,6 +28,8 @@ class ParallelConfig:
     pp: int = 1                          # pipeline parallel size
     vpp: Optional[int] = None            # virtual pipeline stages per rank (interleaved schedule); None = off
     sequence_parallel: bool = False      # megatron sequence parallelism (needs tp > 1)
+    cp: int = 1                          # context parallel size: the sequence split over cp ranks, all-to-alls
+                                         # to head shards around attention and the SS scan (docs/training.md)
     use_distributed_optimizer: bool = True  # shard optimizer state over DP (GPU only; CPU uses the plain one)
     overlap_grad_reduce: bool = False    # reduce each gradient bucket over DP while the backward goes on
 
@@ -305,13 +307,23 @@ class RunConfig:
                               f"(or vpp: null)")
         if p.sequence_parallel and p.tp == 1:
             raise ConfigError("parallel.sequence_parallel: needs parallel.tp > 1")
-        self.model.validate(tp=p.tp, pp=p.pp, vpp=p.vpp)
+        if p.cp < 1:
+            raise ConfigError(f"parallel.cp: {p.cp}; the context parallel size must be >= 1")
+        blocks = p.cp * (p.tp if p.sequence_parallel else 1)
+        if t.seq_length % blocks:
+            raise ConfigError(f"train.seq_length: {t.seq_length} is not divisible by "
+                              + (f"parallel.cp = {p.cp}" if blocks == p.cp else
+                                 f"parallel.cp * parallel.tp = {p.cp} * {p.tp} (context and sequence parallel "
+                                 f"blocks)") + "; every rank takes an equal contiguous block of the sequence")
+        self.model.validate(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp)
 
     def data_parallel_size(self, world_size: int) -> int:
-        """DP = world / (TP * PP); raises ConfigError when the world does not factor."""
-        mp_size = self.parallel.tp * self.parallel.pp
+        """DP = world / (TP * PP * CP); raises ConfigError when the world does not factor."""
+        p = self.parallel
+        mp_size = p.tp * p.pp * p.cp
         if world_size % mp_size:
-            raise ConfigError(f"parallel: tp*pp = {mp_size} does not divide the world size {world_size}")
+            raise ConfigError(f"parallel: tp*pp{'*cp' if p.cp > 1 else ''} = {mp_size} does not divide the world "
+                              f"size {world_size}")
         return world_size // mp_size
 
     def num_microbatches(self, world_size: int) -> int:
