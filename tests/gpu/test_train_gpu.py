@@ -9,7 +9,6 @@
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,11 +28,7 @@ SMALL = ["data.mode=mock", "model.num_layers=4", "model.attention_period=2", "mo
 def train(run_dir: Path, *overrides: str) -> list[dict]:
     cmd = [sys.executable, "-m", "transxssm_megatron.cli", "train", "--config", "configs/320m.yaml", *SMALL,
            f"logging.run_dir={run_dir}", *overrides]
-    # A lone process (no torchrun variables): it picks a free port itself. Another GPU test module may have set
-    # MASTER_PORT for its own in-process group, which this child would otherwise try to take.
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
-                                                            "LOCAL_RANK")}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "loss" in r]
