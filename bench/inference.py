@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import logging
 import statistics
@@ -119,12 +118,11 @@ def tensors_of(obj, depth: int = 3):
 
 
 def case(model, new_cache, context: int, batch: int, args, check: bool) -> dict:
-    from transxssm_megatron.hf.generate import DecodeGraph
+    from transxssm_megatron.hf.generate import DecodeGraph, cache_argument
 
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    # The cache argument under the name this transformers version gives it (`past_key_values` before 5.2x).
-    key = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    key = cache_argument(model)
     g = torch.Generator(device=device).manual_seed(context + batch)
     prompt = torch.randint(0, model.config.vocab_size, (batch, context), generator=g, device=device)
     static = args.decode != "eager"

@@ -52,6 +52,12 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, te
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+def cache_argument(model) -> str:
+    """The name under which `model.forward` takes its cache: `cache` from transformers 5.2x, `past_key_values`
+    before."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 class DecodeGraph:
     """Greedy single-token decode steps of `model` over a static cache, replayed as a CUDA graph.
 
@@ -77,9 +83,7 @@ class DecodeGraph:
         if self.graph and device.type != "cuda":
             raise ValueError(f"DecodeGraph(graph=True): CUDA graphs need a CUDA model, this one is on {device}")
         self.model, self.cache, self.warmup = model, cache, warmup
-        # The cache argument under the name this model's forward uses (`past_key_values` before transformers 5.2x).
-        self.cache_key = "cache" if "cache" in inspect.signature(type(model).forward).parameters \
-            else "past_key_values"
+        self.cache_key = cache_argument(model)
         self.tokens = torch.zeros((batch_size, 1), dtype=torch.long, device=device)   # the step's input
         self.logits: Optional[torch.Tensor] = None
         self.calls = 0

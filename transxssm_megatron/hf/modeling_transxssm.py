@@ -192,13 +192,16 @@ class TransXSSMCache(Cache):
     def __init__(self, config: TransXSSMConfig):
         # Cache.__init__ is not called: its signature changed across transformers versions and none of its
         # per-layer machinery applies to recurrent state.
+        self._empty_stores(config)
+        self.seen_tokens = 0
+
+    def _empty_stores(self, config: TransXSSMConfig) -> None:
         n = config.num_hidden_layers
         self.mixer_types = list(config.mixer_types)
         self.key_cache: list = [None] * n
         self.value_cache: list = [None] * n
         self.ssm_states: list = [None] * n
         self.conv_states: list = [None] * n
-        self.seen_tokens = 0
         self.layers = []
 
     def __repr__(self) -> str:
@@ -275,17 +278,11 @@ class TransXSSMStaticCache(TransXSSMCache):
         if max_length < 1:
             raise ValueError(f"TransXSSMStaticCache: max_length {max_length}: give the prompt length plus the "
                              "tokens to generate")
-        n = config.num_hidden_layers
+        self._empty_stores(config)   # no seen_tokens attribute: here it is read from `position`
         self.config = config
         self.max_length = max_length
-        self.mixer_types = list(config.mixer_types)
-        self.key_cache: list = [None] * n
-        self.value_cache: list = [None] * n
-        self.ssm_states: list = [None] * n
-        self.conv_states: list = [None] * n
         self.position: torch.Tensor | None = None
         self._batch_size: int | None = None
-        self.layers = []
         if batch_size is not None:
             self.allocate(batch_size, device or "cpu", dtype or torch.get_default_dtype())
 
@@ -633,10 +630,8 @@ class TransXSSMModel(TransXSSMPreTrainedModel):
         if position_ids is None:
             if attention_mask is not None:  # left padding: positions count real tokens only
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            elif static:  # past may be the device position tensor
+            else:  # past: an int, or (static cache, one token) the device position tensor
                 position_ids = torch.arange(l, device=h.device) + past
-            else:
-                position_ids = torch.arange(past, past + l, device=h.device)
         c = self.config
         rope_attention = rope_table(position_ids, c.head_dim, c.rope_theta)
         rope_state = None
