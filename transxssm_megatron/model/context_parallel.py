@@ -46,26 +46,17 @@ def _heads_to_seq(t: torch.Tensor, group) -> torch.Tensor:
     return recv.permute(1, 2, 0, 3).reshape(l // c, b, c * w)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """`forward` moves t one way (seq_to_heads or heads_to_seq), `backward` moves its gradient the other way."""
+
     @staticmethod
-    def forward(ctx, t, group):
-        ctx.group = group
-        return _seq_to_heads(t, group)
+    def forward(ctx, t, group, forward_fn, backward_fn):
+        ctx.group, ctx.backward_fn = group, backward_fn
+        return forward_fn(t, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_seq(grad, ctx.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t, group):
-        ctx.group = group
-        return _heads_to_seq(t, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad, ctx.group), None
+        return ctx.backward_fn(grad, ctx.group), None, None, None
 
 
 def seq_to_heads(t: torch.Tensor, group) -> torch.Tensor:
@@ -75,7 +66,7 @@ def seq_to_heads(t: torch.Tensor, group) -> torch.Tensor:
     if t.dim() != 3 or t.shape[-1] % group.size():
         raise ValueError(f"seq_to_heads: expected (l, b, channels) with channels divisible by cp={group.size()}, "
                          f"got {tuple(t.shape)}")
-    return _SeqToHeads.apply(t, group)
+    return _AllToAll.apply(t, group, _seq_to_heads, _heads_to_seq)
 
 
 def heads_to_seq(t: torch.Tensor, group) -> torch.Tensor:
@@ -85,7 +76,7 @@ def heads_to_seq(t: torch.Tensor, group) -> torch.Tensor:
     if t.dim() != 3 or t.shape[0] % group.size():
         raise ValueError(f"heads_to_seq: expected (l, b, channels) with l divisible by cp={group.size()}, "
                          f"got {tuple(t.shape)}")
-    return _HeadsToSeq.apply(t, group)
+    return _AllToAll.apply(t, group, _heads_to_seq, _seq_to_heads)
 
 
 def gather_sequence(t: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
