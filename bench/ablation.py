@@ -4,7 +4,8 @@ positional mechanism, and attention only, trained alike and compared by validati
     python bench/ablation.py --data DIR --valid DIR --out OUT [--configs all|NAME,NAME] [--seeds 0,1,2]
                              [--steps 300] [--seq-length 8192] [--layers 8] [--hidden 256] [--heads 4]
                              [--micro-batch 4] [--global-batch 8] [--eval-interval N] [--eval-iters 8] [--lr 1e-3]
-                             [--time-limit-per-run 60] [--work DIR]
+                             [--time-limit-per-run 150] [--work DIR] [--rerun]
+    python bench/ablation.py --out OUT --report
 
 --data and --valid are what `bench/package_corpus.py --out DIR` writes: a folder holding train.bin/.idx (resp.
 valid.bin/.idx), or a prefix. --valid defaults to the --data folder. --work (default OUT/data) holds the dataset
@@ -59,16 +60,16 @@ curves, one colour per configuration, seeds as thin lines, their mean thick), OU
 metrics.jsonl, train.log), and prints the table. Absolute perplexities are not comparable with the paper's (another
 corpus, far fewer tokens): the order of the configurations and their gaps are what to compare.
 
-Expected time on one H200 (defaults: 300 steps x 8 x 8192 = 19.7M tokens per run). Training FLOPs per token
-(transxssm_megatron/training/metrics.py) at d = 256, l = 8192: 132M (SS-only), 143M (hybrid), 219M (attention-only),
-against 2,029M for 320m at l = 4096, which ran 127K tokens/s on the default path with 8 micro-batches per step (26%
-MFU, bench/results/train-profile-320m-2026-12-02.json; 187K with the CUDA graph, train-speed-2026-12-02.json). At
-that MFU the d = 256 models would run ~1.9M tokens/s; with their narrow matmuls, the 50,304-row LM head and its
-cross-entropy (58% of the SS-only forward FLOPs), the SSD kernels and the memory-bound elementwise work, the
-estimate is 10-15% MFU: ~0.7-1.1M tokens/s (SS-only, hybrid), ~0.5-0.8M (attention-only, whose 8 attention layers
-at l = 8192 are 100M of its 219M), i.e. 20-40 s of training per run, plus ~20 s of process start, data indices and
-compilation (the loss-curve runs of train-speed-2026-12-02.json), plus ~3 s of validation: ~45-65 s per run,
-~5.5-7.5 min for the seven runs of one seed; the time limit bounds each run's loop at 60 s.
+Time on one H200 (defaults: 300 steps x 8 x 8192 = 19.7M tokens per run; bench/results/ablation-2026-12-02.json):
+0.54-0.79M tokens/s (8-18% MFU: narrow matmuls, the 50,304-row LM head, the SSD kernels), 44-67 s per run
+with process start, data indices and validation, 7 minutes for the seven runs of one seed. The first run on a
+fresh machine also compiles every kernel (88 s there), which is why the default time limit (150 s) is well above a
+run's own time: it only guards against a run that hangs.
+
+Runs cut short compare on equal terms at the last validation step every run reached (`common_step`: the same
+tokens, and the same learning rate so far, since the schedule depends only on the step); the table gives the mean
+perplexity there beside the final one, and the order at both. --report recomputes the summary, table and plot of
+OUT/ablation.json without running anything (for a copy brought back from another machine).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from run_record import environment  # noqa: E402
+from run_record import commit, environment  # noqa: E402
 from transxssm_megatron.config import ModelConfig  # noqa: E402
 from transxssm_megatron.training.metrics import read_metrics, train_flops_per_token  # noqa: E402
 
@@ -252,15 +253,26 @@ def plan(configs: list[str], seeds: list[int], extra: list[str]) -> list[tuple[s
 
 
 # ---------------------------------------------------------------------------------------------------- report
+def common_step(runs: list[dict]) -> int | None:
+    """The last validation step every run reached: where runs cut short compare with the others on equal terms
+    (the same tokens, and the same learning rate so far, as the schedule depends only on the step)."""
+    reached = [{p["step"] for p in r["val_curve"] if p["val_ppl"] is not None} for r in runs]
+    shared = set.intersection(*reached) if reached else set()
+    return max(shared) if shared else None
+
+
 def summarize(runs: list[dict]) -> list[dict]:
-    """Per configuration (paper order): mean, spread and per-seed final validation perplexity."""
+    """Per configuration (paper order): mean, spread and per-seed final validation perplexity, and the mean
+    perplexity at common_step(runs)."""
     out = []
+    step = common_step(runs)
     for name, (architecture, positional, paper) in CONFIGS.items():
         mine = sorted((r for r in runs if r["config"] == name), key=lambda r: r["seed"])
         if not mine:
             continue
         ppl = [r["final_val_ppl"] for r in mine if r["final_val_ppl"] is not None]
         speeds = [r["tokens_per_s"] for r in mine if r["tokens_per_s"]]
+        at_step = [p["val_ppl"] for r in mine for p in r["val_curve"] if p["step"] == step]
         out.append({
             "config": name, "architecture": architecture, "ss_positional": positional, "paper_ppl": paper,
             "seeds": [r["seed"] for r in mine], "final_val_ppl": [r["final_val_ppl"] for r in mine],
@@ -271,24 +283,28 @@ def summarize(runs: list[dict]) -> list[dict]:
             "mean_val_loss": statistics.mean(math.log(p) for p in ppl) if ppl else None,
             "tokens_per_s": statistics.mean(speeds) if speeds else None,
             "tokens_seen": max(r["tokens_seen"] for r in mine),
+            "common_step": step, "mean_ppl_at_common_step": statistics.mean(at_step) if at_step else None,
         })
     return out
 
 
 def table(summary: list[dict]) -> str:
     fmt = lambda x, f: f.format(x) if x is not None else "-"
+    step = summary[0]["common_step"] if summary else None
     lines = [f"{'config':<17}{'paper':>7}{'ours':>11}{'± std':>9}{'seeds':>7}{'val loss':>10}{'tokens':>9}"
-             f"{'tok/s':>12}  note"]
+             f"{'tok/s':>12}{f'at step {step}':>15}  note"]
     for s in summary:
         note = "" if s["all_finished"] else "not every run finished its schedule (see status)"
         lines.append(f"{s['config']:<17}{s['paper_ppl']:>7.2f}{fmt(s['mean_ppl'], '{:.3f}'):>11}"
                      f"{fmt(s['std_ppl'], '{:.3f}'):>9}{len(s['seeds']):>7}{fmt(s['mean_val_loss'], '{:.4f}'):>10}"
-                     f"{s['tokens_seen'] / 1e6:>8.1f}M{fmt(s['tokens_per_s'], '{:,.0f}'):>12}  {note}")
-    ranked = [s for s in summary if s["mean_ppl"] is not None]
-    if len(ranked) > 1:
-        ours = " < ".join(s["config"] for s in sorted(ranked, key=lambda s: s["mean_ppl"]))
-        paper = " < ".join(s["config"] for s in sorted(ranked, key=lambda s: s["paper_ppl"]))
-        lines += [f"order, ours:  {ours}", f"order, paper: {paper}"]
+                     f"{s['tokens_seen'] / 1e6:>8.1f}M{fmt(s['tokens_per_s'], '{:,.0f}'):>12}"
+                     f"{fmt(s['mean_ppl_at_common_step'], '{:.3f}'):>15}  {note}")
+    order = lambda key: " < ".join(s["config"] for s in sorted((s for s in summary if s[key] is not None),
+                                                                 key=lambda s: s[key]))
+    if len(summary) > 1:
+        lines += [f"order, ours (final):        {order('mean_ppl')}",
+                  f"order, ours (at step {step}): {order('mean_ppl_at_common_step')}",
+                  f"order, paper:               {order('paper_ppl')}"]
     return "\n".join(lines)
 
 
@@ -316,12 +332,13 @@ def plot(result: dict, path: Path) -> None:
         curves.plot([x / 1e6 for x in xs], [statistics.mean(by_step[x]) for x in xs], color=colors[name],
                     linewidth=2, linestyle=styles[s["ss_positional"]],
                     label=f"{name} ({len(runs)} seed{'s' if len(runs) != 1 else ''})")
-        ppl = [p for p in s["final_val_ppl"] if p is not None]
+        # the right panel compares at the step every run reached, so a run cut short is not ranked on fewer tokens
+        ppl = [p["val_ppl"] for r in runs for p in r["val_curve"] if p["step"] == s["common_step"]]
         final.scatter([s["paper_ppl"]] * len(ppl), ppl, color=colors[name], s=18, alpha=0.6)
-        if s["mean_ppl"] is not None:
-            final.scatter([s["paper_ppl"]], [s["mean_ppl"]], color=colors[name], marker="D", s=50)
-            final.annotate(name, (s["paper_ppl"], s["mean_ppl"]), textcoords="offset points", xytext=(6, 4),
-                           fontsize=8, color=colors[name])
+        if s["mean_ppl_at_common_step"] is not None:
+            final.scatter([s["paper_ppl"]], [s["mean_ppl_at_common_step"]], color=colors[name], marker="D", s=50)
+            final.annotate(name, (s["paper_ppl"], s["mean_ppl_at_common_step"]), textcoords="offset points",
+                           xytext=(6, 4), fontsize=8, color=colors[name])
     curves.set_yscale("log")
     curves.set_xlabel("tokens seen (M)")
     curves.set_ylabel("validation perplexity")
@@ -331,8 +348,9 @@ def plot(result: dict, path: Path) -> None:
     curves.set_title(f"d={st['hidden']}, {st['layers']} layers, l={st['seq_length']}, {st['steps']} steps x "
                      f"{st['global_batch']} sequences", fontsize=10)
     final.set_xlabel("paper's perplexity (Table 2)")
-    final.set_ylabel("ours: final validation perplexity")
-    final.set_title("final perplexity: seeds (dots) and mean (diamond)", fontsize=10)
+    step = result["summary"][0]["common_step"] if result["summary"] else None
+    final.set_ylabel(f"ours: validation perplexity at step {step}")
+    final.set_title(f"at step {step}, which every run reached: seeds (dots), mean (diamond)", fontsize=10)
     final.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -342,9 +360,11 @@ def plot(result: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="folder with train.bin/.idx, or a prefix")
+    p.add_argument("--data", type=Path, help="folder with train.bin/.idx, or a prefix (needed unless --report)")
     p.add_argument("--valid", type=Path, help="folder with valid.bin/.idx, or a prefix (default: the --data folder)")
     p.add_argument("--out", type=Path, required=True, help="writes OUT/ablation.json, OUT/ablation.png, OUT/runs/")
+    p.add_argument("--report", action="store_true", help="run nothing: recompute the summary, table and plot of "
+                   "OUT/ablation.json (e.g. a copy brought back from the GPU machine)")
     p.add_argument("--work", type=Path, help="for the dataset index cache (default OUT/data)")
     p.add_argument("--configs", default="all", help=f"all, or comma-separated from: {', '.join(CONFIGS)}")
     p.add_argument("--seeds", default="0", help="comma-separated; the first for every config, the others for "
@@ -364,11 +384,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-iters", type=int, default=8, help="validation global batches per evaluation")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--log-interval", type=int, default=None, help="train log line every N steps (default steps / 20)")
-    p.add_argument("--time-limit-per-run", type=float, default=60, help="seconds of training loop per run "
-                   "(train.time_limit_minutes); 0: none")
+    p.add_argument("--time-limit-per-run", type=float, default=150, help="seconds of training loop per run "
+                   "(train.time_limit_minutes), compilation included; 0: none")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--rerun", action="store_true", help="run again the runs OUT/ablation.json already holds")
     args = p.parse_args(argv)
+    if args.data is None and not args.report:
+        p.error("--data is needed to run (or give --report to summarise OUT/ablation.json)")
     args.out = args.out.resolve()
     args.work = (args.work or args.out / "data").resolve()
     configs = list(CONFIGS) if args.configs == "all" else [c for c in args.configs.split(",") if c]
@@ -404,8 +426,26 @@ def settings(args, sources: dict) -> dict:
             "eval_iters": args.eval_iters, "lr": args.lr, "device": args.device, "data": sources}
 
 
+def report(out: Path) -> int:
+    """--report: the summary, table and plot of an existing OUT/ablation.json, nothing run."""
+    path = out / "ablation.json"
+    if not path.is_file():
+        print(f"error: --report: no {path}; run the ablation first, or give the folder that holds it", file=sys.stderr)
+        return 2
+    result = json.loads(path.read_text())
+    result["summary"] = summarize(result["runs"])
+    result["report"] = {"commit": commit(), "command": "python3 " + " ".join(sys.argv)}
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out / "ablation.png")
+    print(table(result["summary"]))
+    print(f"\n[ablation] {path}, {out / 'ablation.png'}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report:
+        return report(args.out)
     try:
         args.train_prefix = resolve_prefix(args.data, "train", "--data")
         args.valid_prefix = resolve_prefix(args.valid or (args.data if args.data.is_dir() else args.data.parent),

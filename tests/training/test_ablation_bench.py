@@ -110,3 +110,38 @@ def test_ablation_second_invocation_adds_seeds(corpus, tmp_path):
     summary = {s["config"]: s for s in result["summary"]}
     assert summary["hybrid-rope"]["seeds"] == [0, 1, 2] and summary["hybrid-rope"]["std_ppl"] > 0
     assert len(result["invocations"]) == 2
+
+
+def _run(config: str, seed: int, losses: list[float], status: str) -> dict:
+    curve = [{"step": 10 * (i + 1), "tokens": 10 * (i + 1) * 128, "val_loss": v, "val_ppl": math.exp(v)}
+             for i, v in enumerate(losses)]
+    return {"config": config, "seed": seed, "status": status, "exit_code": 0, "val_curve": curve,
+            "final_val_ppl": curve[-1]["val_ppl"], "tokens_per_s": 1000.0, "tokens_seen": curve[-1]["tokens"]}
+
+
+def test_ablation_report_compares_runs_cut_short_at_the_step_all_reached(tmp_path):
+    """--report on a record where one run stopped early (time limit): the summary keeps each final perplexity and
+    adds the mean at the last validation step every run reached, so the early run is ranked on equal tokens."""
+    runs = [_run("hybrid-rope", 0, [5.0, 4.0], "time_limit"),
+            _run("ss-none", 0, [5.2, 4.2, 3.5], "finished"), _run("ss-none", 1, [5.1, 4.4, 3.6], "finished")]
+    record = {"settings": {"hidden": 64, "layers": 8, "seq_length": 64, "steps": 30, "global_batch": 2},
+              "runs": runs, "summary": []}
+    (tmp_path / "ablation.json").write_text(json.dumps(record))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "ablation.py"), "--out", str(tmp_path), "--report"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = {s["config"]: s for s in json.loads((tmp_path / "ablation.json").read_text())["summary"]}
+    assert summary["ss-none"]["common_step"] == 20 and summary["hybrid-rope"]["common_step"] == 20
+    assert summary["ss-none"]["mean_ppl"] == pytest.approx((math.exp(3.5) + math.exp(3.6)) / 2)
+    assert summary["ss-none"]["mean_ppl_at_common_step"] == pytest.approx((math.exp(4.2) + math.exp(4.4)) / 2)
+    assert summary["hybrid-rope"]["mean_ppl_at_common_step"] == pytest.approx(math.exp(4.0))
+    assert not summary["hybrid-rope"]["all_finished"] and summary["ss-none"]["all_finished"]
+    # finally ss-none looks better; at step 20, on the same tokens, hybrid-rope is
+    assert "order, ours (final):        ss-none < hybrid-rope" in proc.stdout
+    assert "order, ours (at step 20): hybrid-rope < ss-none" in proc.stdout
+    assert (tmp_path / "ablation.png").stat().st_size > 10_000
+
+    missing = subprocess.run([sys.executable, str(REPO / "bench" / "ablation.py"), "--out", str(tmp_path / "none"),
+                              "--report"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: --report: no ")
+    assert len(missing.stderr.strip().splitlines()) == 1
