@@ -1,9 +1,11 @@
 """`transxssm train` on one CUDA GPU (mock data, a 4-layer 320m-shaped model, 2 micro-batches per step):
-- a step replayed as a CUDA graph gives the losses and gradient norms of the eager step (relative 2e-3: the same
-  kernels, except that the SSD backward sums a few values with atomics, in any order, and bf16 training amplifies
-  that over steps; bench/results/train-speed-2026-12-02.json shows 4e-4 after 7 steps of the 320m model);
+- a step replayed as a CUDA graph gives the losses (relative 2e-3) and gradient norms (1e-2) of the eager step:
+  the same kernels, except that the SSD backward sums a few values with atomics, in any order, and bf16 training
+  at lr 1e-3 amplifies that over steps. Measured on an H200 (bench/results/gpu-suite-2026-12-02.txt): losses
+  within 1e-4, gradient norms within 3.2e-3 at step 6 of 8; a graph replaying stale buffers or skipping a
+  micro-batch is off by far more;
 - a run resumed from its step-4 checkpoint (fused AdamW state, distributed optimizer) continues with the losses
-  and gradient norms of the uninterrupted run (same tolerance).
+  and gradient norms of the uninterrupted run (the same tolerances).
 
     python -m pytest tests/gpu/test_train_gpu.py -q
 """
@@ -34,10 +36,13 @@ def train(run_dir: Path, *overrides: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if "loss" in r]
 
 
-def assert_same_steps(a: list[dict], b: list[dict], tol: float = 2e-3) -> None:
+TOLERANCE = {"loss": 2e-3, "grad_norm": 1e-2}   # relative; see the module docstring
+
+
+def assert_same_steps(a: list[dict], b: list[dict]) -> None:
     assert [r["step"] for r in a] == [r["step"] for r in b] and a
     for ra, rb in zip(a, b):
-        for key in ("loss", "grad_norm"):
+        for key, tol in TOLERANCE.items():
             err = abs(ra[key] - rb[key]) / abs(rb[key])
             assert err < tol, f"step {ra['step']} {key}: {ra[key]} vs {rb[key]}"
 
