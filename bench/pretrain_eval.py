@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "In this tutorial we will learn how to")
 
 from run_record import environment  # noqa: E402
+from transxssm_megatron.hf.niah import NiahError, default_haystack_files  # noqa: E402
 from transxssm_megatron.training.metrics import read_metrics  # noqa: E402
 
 
@@ -79,6 +80,15 @@ def main() -> int:
     if "train" in stages and (args.data is None or not Path(args.data + ".idx").is_file()):
         parser.error(f"--data {args.data}: no {args.data}.idx; make one with bench/package_corpus.py or "
                      "transxssm-preprocess run")
+    # what the later stages read, checked before minutes of training are spent
+    if "eval" in stages and not (REPO / ".assets" / "eval").is_dir():
+        parser.error(f"no {REPO / '.assets' / 'eval'} for the eval stage: run `bash scripts/setup.sh` (or leave "
+                     "eval out of --stages)")
+    if "niah" in stages:
+        try:
+            default_haystack_files()
+        except NiahError as err:
+            parser.error(f"the niah stage: {err}")
     record = args.work / "pretrain-eval.json"   # survives between invocations with --stages
     if "train" in stages:
         shutil.rmtree(args.work, ignore_errors=True)
@@ -115,7 +125,9 @@ def main() -> int:
             metrics = run_dir / "metrics.jsonl"
             records, _ = read_metrics(metrics) if metrics.is_file() else ([], 0)
             losses = [r for r in records if "loss" in r]
-            steps = losses[-1]["step"] if losses else 0
+            checkpoints = sorted((run_dir / "checkpoints").glob("iter_*"))
+            # the step the checkpoint holds (the time limit can stop the run between two logged steps)
+            steps = int(checkpoints[-1].name.split("_")[1]) if checkpoints else (losses[-1]["step"] if losses else 0)
             results["train"] = {"steps": steps, "tokens": steps * args.global_batch * args.seq_length,
                                 "loss": [(r["step"], round(r["loss"], 4)) for r in losses],
                                 "tokens_per_s": [r.get("tokens_per_s") for r in losses][-1:]}
