@@ -4,7 +4,7 @@ positional mechanism, and attention only, trained alike and compared by validati
     python bench/ablation.py --data DIR --valid DIR --out OUT [--configs all|NAME,NAME] [--seeds 0,1,2]
                              [--steps 300] [--seq-length 8192] [--layers 8] [--hidden 256] [--heads 4]
                              [--micro-batch 4] [--global-batch 8] [--eval-interval N] [--eval-iters 8] [--lr 1e-3]
-                             [--time-limit-per-run 150] [--work DIR] [--rerun]
+                             [--time-limit-per-run 150] [--parallel N] [--work DIR] [--rerun]
     python bench/ablation.py --out OUT --report
 
 --data and --valid are what `bench/package_corpus.py --out DIR` writes: a folder holding train.bin/.idx (resp.
@@ -44,14 +44,17 @@ every evaluation and for every configuration of a seed (the seed also sets the d
 samples are drawn, as `train.seed` seeds the datasets too).
 
 Runs. Each configuration x seed is a fresh `transxssm train` process (bf16 on GPU, the default fused path) with the
-same tokens, steps, schedule (warmup 10%, cosine to 10%) and seed; validation every --eval-interval steps and at
-the end. --time-limit-per-run passes train.time_limit_minutes (the loop stops after that long, compilation
-included; such a run has no final validation and an unfinished schedule, and is marked in the table); the process
-is killed --time-limit-per-run + 180 s after its start in any case. Order: the full set of seven with the first
-seed (most important first), then the further seeds for --extra-seed-configs (default hybrid-rope,
-hybrid-conv1d_d, attention-only), so a cut-off invocation still holds one full set. OUT/ablation.json and
-OUT/ablation.png are rewritten after every run; runs already in OUT/ablation.json with the same settings are kept
-and not run again (--rerun runs them again), so a second invocation with more seeds adds to the same table.
+same tokens, steps, schedule (warmup 10%, cosine to 10%) and seed; validation every --eval-interval steps and at the
+end. --time-limit-per-run passes train.time_limit_minutes (the loop stops after that long, compilation included;
+such a run has no final validation and an unfinished schedule, and is marked in the table); the process is killed
+--time-limit-per-run + 180 s after its start in any case. Order: the full set of seven with the first seed (most
+important first), then the further seeds for --extra-seed-configs (default hybrid-rope, hybrid-conv1d_d,
+attention-only), so a cut-off invocation still holds one full set. --parallel N runs N at a time on the same device
+(each run its own dataset index cache under --work): a d = 256 run uses 4 GiB and a fraction of an H200, so several
+fit at once; each run's tokens/s then shares the GPU (recorded with `parallel`), its perplexities do not change (on
+CPU, in fp32, they are bitwise those of one-at-a-time runs). OUT/ablation.json and OUT/ablation.png are rewritten
+after every run; runs already in OUT/ablation.json with the same settings are kept and not run again (--rerun runs
+them again), so a second invocation with more seeds adds to the same table.
 
 Writes OUT/ablation.json (date, commit, GPU, versions, the settings, per run: the command, exit code, status, wall
 time, steps, tokens seen, tokens/s, MFU, the validation loss / perplexity curve and the final validation perplexity;
@@ -176,34 +179,56 @@ def train_command(name: str, seed: int, args, run_dir: Path) -> list[str]:
             "optim.clip_grad=1.0",
             "data.mode=gpt", f"data.prefixes=[{args.train_prefix}]", f"data.valid_prefixes=[{args.valid_prefix}]",
             "data.weights=null",
-            f"data.cache_dir={args.work / 'cache'}",
+            f"data.cache_dir={args.work / 'cache' / f'{name}-seed{seed}'}",   # one per run: runs may be concurrent
             "checkpoint.interval=0", "checkpoint.save_at_end=false", "checkpoint.resume=none",
             f"logging.run_dir={run_dir}", f"logging.interval={args.log_interval}", "logging.tensorboard=false",
             "logging.wandb=false"]
 
 
-def run_one(name: str, seed: int, args) -> dict:
-    """One `transxssm train` in a fresh process; its metrics read back from metrics.jsonl."""
+def start_run(name: str, seed: int, args) -> dict:
+    """One `transxssm train` in a fresh process, started; finish_run reads it back."""
     run_dir = args.out / "runs" / f"{name}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     cmd = train_command(name, seed, args, run_dir)
+    log = open(run_dir / "train.log", "w")
+    log.write(" ".join(cmd) + "\n\n")
+    log.flush()
+    # own session: on a timeout or Ctrl-C the whole group (the trainer and its compile workers) is killed
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return {"name": name, "seed": seed, "run_dir": run_dir, "cmd": cmd, "log": log, "proc": proc,
+            "started": time.monotonic()}
+
+
+def run_all(todo: list[tuple[str, int]], args, on_done) -> None:
+    """The runs, --parallel at a time (on one GPU too: a d = 256 run uses a few GiB and a fraction of the GPU);
+    on_done(record) as each ends. A run past its time limit + KILL_MARGIN_S is killed."""
     timeout = args.time_limit_per_run + KILL_MARGIN_S if args.time_limit_per_run else None
-    started = time.monotonic()
-    with open(run_dir / "train.log", "w") as log:
-        log.write(" ".join(cmd) + "\n\n")
-        log.flush()
-        # own session: on a timeout the whole group (the trainer and its compile workers) is killed
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = "timeout"
-        except BaseException:  # Ctrl-C reaches only this process: the trainer must not go on holding the GPU
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
+    pending, running = list(todo), []
+    try:
+        while pending or running:
+            while pending and len(running) < args.parallel:
+                running.append(start_run(*pending.pop(0), args))
+            time.sleep(0.2)
+            for run in list(running):
+                rc = run["proc"].poll()
+                if rc is None and timeout and time.monotonic() - run["started"] > timeout:
+                    os.killpg(run["proc"].pid, signal.SIGKILL)
+                    run["proc"].wait()
+                    rc = "timeout"
+                if rc is not None:
+                    running.remove(run)
+                    run["log"].close()
+                    on_done(finish_run(run, rc, args))
+    except BaseException:  # Ctrl-C reaches only this process: the trainers must not go on holding the GPU
+        for run in running:
+            os.killpg(run["proc"].pid, signal.SIGKILL)
+        raise
+
+
+def finish_run(run: dict, rc, args) -> dict:
+    """The record of an ended run: status, speed and the validation curve, from its log and metrics.jsonl."""
+    name, seed, run_dir, cmd, started = (run[k] for k in ("name", "seed", "run_dir", "cmd", "started"))
     wall = time.monotonic() - started
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a time-limited run saves one; nothing reads it
     text = (run_dir / "train.log").read_text(errors="replace")
@@ -227,7 +252,8 @@ def run_one(name: str, seed: int, args) -> dict:
     return {
         "config": name, "seed": seed, "command": " ".join(cmd), "exit_code": rc, "status": status,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": round(wall, 1), "steps": steps_done, "tokens_seen": steps_done * args.tokens_per_step,
+        "wall_s": round(wall, 1), "parallel": args.parallel, "steps": steps_done,
+        "tokens_seen": steps_done * args.tokens_per_step,
         "params_m": float(params.group(1)) if params else None,
         "tokens_per_s": med("tokens_per_s"), "mfu": med("mfu"), "tflops_per_device": med("tflops_per_device"),
         "mem_peak_gib": max((r["mem_peak_gib"] for r in records if "mem_peak_gib" in r), default=None),
@@ -386,6 +412,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-interval", type=int, default=None, help="train log line every N steps (default steps / 20)")
     p.add_argument("--time-limit-per-run", type=float, default=150, help="seconds of training loop per run "
                    "(train.time_limit_minutes), compilation included; 0: none")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time, on the same device (tokens/s then "
+                   "shares it; perplexities do not depend on it)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--rerun", action="store_true", help="run again the runs OUT/ablation.json already holds")
     args = p.parse_args(argv)
@@ -409,6 +437,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("steps", "seq_length", "layers", "hidden", "heads", "micro_batch", "global_batch"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
+    if args.parallel < 1:
+        p.error("--parallel must be >= 1")
     if args.global_batch % args.micro_batch:
         p.error(f"--global-batch {args.global_batch} is not a multiple of --micro-batch {args.micro_batch}")
     args.configs, args.seed_list, args.extra = configs, seeds, extra
@@ -487,20 +517,24 @@ def main(argv=None) -> int:
           f"{', '.join(f'{c}/seed{s}' for c, s in todo)}; {args.steps} steps x {args.global_batch} x "
           f"{args.seq_length} = {args.steps * args.tokens_per_step / 1e6:.1f}M tokens each; "
           f"train on {args.train_prefix}, validate on {args.valid_prefix}", flush=True)
-    started = time.monotonic()
-    for i, (name, seed) in enumerate(todo):
-        run = run_one(name, seed, args)
-        result["runs"] = [r for r in result["runs"] if (r["config"], r["seed"]) != (name, seed)] + [run]
+    started, finished = time.monotonic(), 0
+
+    def record(run: dict) -> None:   # after every run: a run cut short keeps what it finished
+        nonlocal finished
+        finished += 1
+        key = (run["config"], run["seed"])
+        result["runs"] = [r for r in result["runs"] if (r["config"], r["seed"]) != key] + [run]
         result["summary"] = summarize(result["runs"])
         path.write_text(json.dumps(result, indent=1) + "\n")
         plot(result, args.out / "ablation.png")
         elapsed = time.monotonic() - started
-        left = elapsed / (i + 1) * (len(todo) - i - 1)
         ppl = run["final_val_ppl"]
-        print(f"[ablation] {name} seed {seed}: {run['status']} (exit {run['exit_code']}) in {run['wall_s']:.0f} s, "
-              f"step {run['steps']}, val ppl {f'{ppl:.3f}' if ppl is not None else '-'} at step "
-              f"{run['final_val_step']}, {run['tokens_per_s'] or 0:,.0f} tok/s | {elapsed:.0f} s so far, "
-              f"~{left:.0f} s to go", flush=True)
+        print(f"[ablation] {run['config']} seed {run['seed']}: {run['status']} (exit {run['exit_code']}) in "
+              f"{run['wall_s']:.0f} s, step {run['steps']}, val ppl {f'{ppl:.3f}' if ppl is not None else '-'} at "
+              f"step {run['final_val_step']}, {run['tokens_per_s'] or 0:,.0f} tok/s | {elapsed:.0f} s so far, "
+              f"~{elapsed / finished * (len(todo) - finished):.0f} s to go", flush=True)
+
+    run_all(todo, args, record)
     result["summary"] = summarize(result["runs"])
     path.write_text(json.dumps(result, indent=1) + "\n")
     if result["runs"]:

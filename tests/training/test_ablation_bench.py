@@ -60,8 +60,14 @@ def _check_runs(result: dict, expected: list[tuple[str, int]]) -> None:
         assert r["tokens_per_s"] > 0 and f"train.seed={r['seed']}" in r["command"]
 
 
-def test_ablation_trains_each_config_on_held_out_validation(corpus, tmp_path):
-    result = _ablation(corpus, tmp_path, "--configs", "ss-conv1d_d,hybrid-rope")
+@pytest.fixture(scope="module")
+def two_configs(corpus, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("two_configs")
+    return out, _ablation(corpus, out, "--configs", "ss-conv1d_d,hybrid-rope")
+
+
+def test_ablation_trains_each_config_on_held_out_validation(corpus, two_configs):
+    tmp_path, result = two_configs
     # The first seed's set runs the headline comparison first.
     _check_runs(result, [("hybrid-rope", 0), ("ss-conv1d_d", 0)])
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
@@ -93,6 +99,19 @@ def test_ablation_trains_each_config_on_held_out_validation(corpus, tmp_path):
         assert {k: v for k, v in ss.items() if k != "architecture"} == \
             {k: v for k, v in hybrid.items() if k != "architecture"}
     assert configs["attention-only"]["layer_kinds"] == ["sa"] * 8
+
+
+def test_ablation_parallel_runs_give_the_same_perplexities(corpus, two_configs, tmp_path):
+    """--parallel 2: both runs at once, each with its own index cache; on CPU (fp32, deterministic) every validation
+    loss equals the one-at-a-time runs' exactly."""
+    _, one_at_a_time = two_configs
+    result = _ablation(corpus, tmp_path, "--configs", "ss-conv1d_d,hybrid-rope", "--parallel", "2")
+    assert sorted((r["config"], r["seed"], r["parallel"]) for r in result["runs"]) == \
+        [("hybrid-rope", 0, 2), ("ss-conv1d_d", 0, 2)]
+    before = {r["config"]: r["val_curve"] for r in one_at_a_time["runs"]}
+    for r in result["runs"]:
+        assert r["status"] == "finished" and r["val_curve"] == before[r["config"]]
+    assert sorted(p.name for p in (tmp_path / "data" / "cache").iterdir()) == ["hybrid-rope-seed0", "ss-conv1d_d-seed0"]
 
 
 @pytest.mark.slow
