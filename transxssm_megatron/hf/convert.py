@@ -137,11 +137,10 @@ def _tokenizer_files(tokenizer: Path, out: Path, max_length: int, rows: int) -> 
 
 def _readme(cfg: ModelConfig, kind: str, why: str, checkpoint: Path, marker: dict, config_path: Optional[Path],
             params: int) -> str:
+    from transxssm_megatron.training.checkpointing import layout_text
+
     run_config = config_path.read_text() if config_path is not None else "(not found)"
     remote = "" if kind == "llama" else ", trust_remote_code=True"
-    layout = marker.get("layout") or {}
-    saved_at = " ".join(f"{k}={layout.get(k, '?')}" for k in ("tp", "pp", "dp"))
-    saved_at += f" cp={layout['cp']}" if "cp" in layout else ""
     return f"""---
 library_name: transformers
 tags: [transxssm, {cfg.architecture}, hybrid-ssm]
@@ -149,7 +148,7 @@ tags: [transxssm, {cfg.architecture}, hybrid-ssm]
 # {cfg.architecture} ({params / 1e6:.1f}M parameters)
 
 Exported by `transxssm convert --to hf` from `{checkpoint}` (step {marker.get("step", "?")}, saved at
-{saved_at}).
+{layout_text(marker.get('layout'))}).
 TransXSSM: hybrid Transformer / state-space language model with Unified RoPE (arXiv 2506.09507).
 
 - Format: {"LlamaForCausalLM" if kind == "llama" else "TransXSSMForCausalLM (trust_remote_code)"}: {why}.

@@ -531,8 +531,8 @@ class CheckpointManager:
             else:
                 hint = (" Its files carry no recorded checksums, so damage cannot be ruled out: choose another "
                         f"checkpoint (transxssm checkpoint list {path.parent}).")
-            raise CheckpointError(f"{path}: loading failed at {_layout_text(layout)} (saved at "
-                                  f"{_layout_text(saved_layout)}), {_files_involved(err, path)}: "
+            raise CheckpointError(f"{path}: loading failed at {layout_text(layout)} (saved at "
+                                  f"{layout_text(saved_layout)}), {_files_involved(err, path)}: "
                                   f"{_describe_failure(err).rstrip('.')}.{hint}") from err
 
         try:
@@ -568,7 +568,8 @@ class CheckpointManager:
         return self.load(path, model_chunks, optimizer, scheduler, verify=False, **kwargs)
 
 
-def _layout_text(layout: Optional[dict]) -> str:
+def layout_text(layout: Optional[dict]) -> str:
+    """A recorded layout as `tp=2 pp=2 dp=4` (and ` cp=2` when it used context parallelism)."""
     if not layout:
         return "an unrecorded layout"
     text = "tp={tp} pp={pp} dp={dp}".format(**{k: layout.get(k, "?") for k in ("tp", "pp", "dp")})
