@@ -456,6 +456,14 @@ def settings(args, sources: dict) -> dict:
             "eval_iters": args.eval_iters, "lr": args.lr, "device": args.device, "data": sources}
 
 
+def save(result: dict, out: Path) -> None:
+    """The summary recomputed from the runs, OUT/ablation.json and (with any run) OUT/ablation.png rewritten."""
+    result["summary"] = summarize(result["runs"])
+    (out / "ablation.json").write_text(json.dumps(result, indent=1) + "\n")
+    if result["runs"]:
+        plot(result, out / "ablation.png")
+
+
 def report(out: Path) -> int:
     """--report: the summary, table and plot of an existing OUT/ablation.json, nothing run."""
     path = out / "ablation.json"
@@ -463,10 +471,8 @@ def report(out: Path) -> int:
         print(f"error: --report: no {path}; run the ablation first, or give the folder that holds it", file=sys.stderr)
         return 2
     result = json.loads(path.read_text())
-    result["summary"] = summarize(result["runs"])
     result["report"] = {"commit": commit(), "command": "python3 " + " ".join(sys.argv)}
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, out / "ablation.png")
+    save(result, out)
     print(table(result["summary"]))
     print(f"\n[ablation] {path}, {out / 'ablation.png'}")
     return 0
@@ -524,9 +530,7 @@ def main(argv=None) -> int:
         finished += 1
         key = (run["config"], run["seed"])
         result["runs"] = [r for r in result["runs"] if (r["config"], r["seed"]) != key] + [run]
-        result["summary"] = summarize(result["runs"])
-        path.write_text(json.dumps(result, indent=1) + "\n")
-        plot(result, args.out / "ablation.png")
+        save(result, args.out)
         elapsed = time.monotonic() - started
         ppl = run["final_val_ppl"]
         print(f"[ablation] {run['config']} seed {run['seed']}: {run['status']} (exit {run['exit_code']}) in "
@@ -535,10 +539,7 @@ def main(argv=None) -> int:
               f"~{elapsed / finished * (len(todo) - finished):.0f} s to go", flush=True)
 
     run_all(todo, args, record)
-    result["summary"] = summarize(result["runs"])
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    if result["runs"]:
-        plot(result, args.out / "ablation.png")
+    save(result, args.out)
     print("\n" + table(result["summary"]))
     print(f"\n[ablation] {path}, {args.out / 'ablation.png'}")
     failed = [r for r in result["runs"] if r["exit_code"] != 0]
