@@ -6,7 +6,8 @@
 
 Runs, each as the CLI command a user would type (fresh processes, in order; a failed train or convert stops the rest):
   train     `transxssm train` on PREFIX (e.g. the train split of bench/package_corpus.py) for --steps steps of
-            --global-batch x --seq-length tokens, CUDA graph on (on a GPU), time limit --minutes (the run saves and stops there);
+            --global-batch x --seq-length tokens, CUDA graph on (on a GPU), time limit --minutes (the run saves
+            and stops there);
   convert   `transxssm convert --to hf` of the last checkpoint;
   eval      `transxssm eval` on the paper's tasks, offline from .assets/eval, at most --limit items per task
             (MMLU: per subject), batch 64, TriviaQA answers capped at 16 tokens;
@@ -37,7 +38,15 @@ PROMPTS = ("The capital of France is", "def fibonacci(n):", "In this tutorial we
 
 from run_record import environment  # noqa: E402
 from transxssm_megatron.hf.niah import NiahError, default_haystack_files  # noqa: E402
+from transxssm_megatron.training.checkpoint_integrity import marked_folders  # noqa: E402
+from transxssm_megatron.training.checkpointing import CheckpointManager  # noqa: E402
 from transxssm_megatron.training.metrics import read_metrics  # noqa: E402
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The run's newest complete checkpoint (COMPLETE marker), or None."""
+    complete = marked_folders(run_dir / "checkpoints")
+    return complete[-1] if complete else None
 
 
 def stage(name: str, cmd: list[str], log, timeout_s: float, results: dict) -> subprocess.CompletedProcess | None:
@@ -125,18 +134,18 @@ def main() -> int:
             metrics = run_dir / "metrics.jsonl"
             records, _ = read_metrics(metrics) if metrics.is_file() else ([], 0)
             losses = [r for r in records if "loss" in r]
-            checkpoints = sorted((run_dir / "checkpoints").glob("iter_*"))
+            checkpoint = last_checkpoint(run_dir)
             # the step the checkpoint holds (the time limit can stop the run between two logged steps)
-            steps = int(checkpoints[-1].name.split("_")[1]) if checkpoints else (losses[-1]["step"] if losses else 0)
+            steps = CheckpointManager.step_of(checkpoint) if checkpoint else (losses[-1]["step"] if losses else 0)
             results["train"] = {"steps": steps, "tokens": steps * args.global_batch * args.seq_length,
                                 "loss": [(r["step"], round(r["loss"], 4)) for r in losses],
                                 "tokens_per_s": [r.get("tokens_per_s") for r in losses][-1:]}
             save()
         if ok and "convert" in stages:
-            checkpoints = sorted((run_dir / "checkpoints").glob("iter_*"))
-            ok = bool(checkpoints) and stage("convert", cli + ["convert", "--to", "hf", "--quiet",
-                                                               str(checkpoints[-1]), str(export)],
-                                             log, 300, results) is not None
+            checkpoint = last_checkpoint(run_dir)
+            ok = checkpoint is not None and stage("convert", cli + ["convert", "--to", "hf", "--quiet",
+                                                                    str(checkpoint), str(export)],
+                                                  log, 300, results) is not None
             save()
         if ok and "eval" in stages:
             eval_out = args.work / "eval"
