@@ -39,9 +39,9 @@ none). Parameters differ slightly: conv1d_d adds the conv weights, its bias and 
 attention mixer (4d^2) is smaller than an SS mixer (6d^2 + dH), so attention-only has ~1.1M fewer of ~21M.
 
 Held-out validation. The runs train on all of train.bin (`data.prefixes`) and validate on valid.bin
-(`data.valid_prefixes`): files never trained on, as package_corpus splits by file. Validation takes --eval-iters global batches of the valid split, the same samples at
-every evaluation and for every configuration of a seed (the seed also sets the data order and which validation
-samples are drawn, as `train.seed` seeds the datasets too).
+(`data.valid_prefixes`): files never trained on, as package_corpus splits by file. Validation takes --eval-iters
+global batches of the valid split, the same samples at every evaluation and for every configuration of a seed (the
+seed also sets the data order and which validation samples are drawn, as `train.seed` seeds the datasets too).
 
 Runs. Each configuration x seed is a fresh `transxssm train` process (bf16 on GPU, the default fused path) with the
 same tokens, steps, schedule (warmup 10%, cosine to 10%) and seed; validation every --eval-interval steps and at the

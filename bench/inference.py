@@ -24,12 +24,13 @@ and batch b, on random prompts:
             weights included, not the other's).
 `ssd_path` is the SSD path the SS layers announce for the prefill (fused Triton kernels when transxssm_kernels
 imports on CUDA); a decode step always runs the recurrent step. A case that runs out of memory is recorded as
-{"error": "out of memory"} and the run goes on. --check compares, in each model's first case, the loop's tokens
-with the argmax of one full forward over prompt + generated tokens (`check_ok`; `check_agreement`, the fraction
-of tokens that agree, and at the first that does not, the full forward's margin between its best token and the
-loop's, beside the spread of its logits: with random weights the logits are nearly flat, and in bf16 a near-tie can
-go either way). --tiny shrinks both models to 8 layers of width 64 (the same layer pattern) for a CPU smoke run. Both models stay resident and the cases alternate
-between them, the JSON rewritten after each, so a run cut short still pairs every case it finished.
+{"error": "out of memory"} and the run goes on. --check compares, in each model's first case, the loop's tokens with
+the argmax of one full forward over prompt + generated tokens (`check_ok`; `check_agreement`, the fraction of tokens
+that agree, and at the first that does not, the full forward's margin between its best token and the loop's, beside
+the spread of its logits: with random weights the logits are nearly flat, and in bf16 a near-tie can go either way).
+--tiny shrinks both models to 8 layers of width 64 (the same layer pattern) for a CPU smoke run. Both models stay
+resident and the cases alternate between them, the JSON rewritten after each, so a run cut short still pairs every
+case it finished.
 
 Writes OUT/inference-speed.json: `rows` (model, size, context, batch, decode, prefill_tokens_per_s,
 decode_tokens_per_s, decode_ms_per_step, cache_bytes_per_sequence, peak_mem_gib, ssd_path, check_ok,
@@ -266,7 +267,8 @@ def main() -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "inference-speed.json"
-    result = {"benchmark": "inference-speed", **environment("triton", "transformers"), "dtype": str(dtype).split(".")[-1],
+    result = {"benchmark": "inference-speed", **environment("triton", "transformers"),
+              "dtype": str(dtype).split(".")[-1],
               "decode_tokens": args.decode_tokens, "repeats": args.repeats, "rows": [], "ratios": []}
     # Both models resident, cases interleaved: a run cut short still pairs every case it finished.
     models = {name: build(name, args.size, args.tiny, args.device, dtype) for name in MODELS}

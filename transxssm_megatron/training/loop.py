@@ -176,8 +176,8 @@ def _global_mean_loss(pair: Optional[torch.Tensor], world: parallel.World) -> fl
 
     Only last-stage ranks hold [loss_sum, tokens]; others add zeros. TP ranks of a stage hold the same pair,
     which scales sum and count alike, and CP ranks each their block's, which add up to the sample's, so one world
-    all-reduce gives the exact mean everywhere (and a NaN
-    anywhere reaches every rank, so all take the same skip decision)."""
+    all-reduce gives the exact mean everywhere (and a NaN anywhere reaches every rank, so all take the same skip
+    decision)."""
     t = pair.clone() if pair is not None else torch.zeros(2)
     if world.on_gpu:
         t = t.to(world.device)
@@ -408,8 +408,8 @@ class Trainer:
         """Train from the current step to `train.steps` (or exit_after_steps / time limit / preemption)."""
         cfg, w, t = self.cfg, self.world, self.cfg.train
         self.print(f"[train] {cfg.model.architecture} {self.num_params / 1e6:.1f}M params | world {w.world_size} "
-                   f"(tp {w.tp}, pp {w.pp}{f', vpp {w.vpp}' if w.vpp else ''}{f', cp {w.cp}' if w.cp > 1 else ''}, dp {w.dp}) "
-                   f"on {w.device.type} | "
+                   f"(tp {w.tp}, pp {w.pp}{f', vpp {w.vpp}' if w.vpp else ''}{f', cp {w.cp}' if w.cp > 1 else ''}, "
+                   f"dp {w.dp}) on {w.device.type} | "
                    f"{'bf16' if self.bf16 else 'fp32'} | global batch {t.global_batch_size} x {t.seq_length} tokens "
                    f"= {self.num_microbatches} micro-batches of {t.micro_batch_size} per DP rank | "
                    f"steps {self.step} -> {t.steps} | run dir {cfg.run_dir}")
