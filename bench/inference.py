@@ -202,7 +202,8 @@ def measure(name: str, model, new_cache, context: int, batch: int, args, check: 
     """One row; out of memory is recorded, not raised. Peak memory counts this model's weights, not the other's."""
     row = {"model": name, "size": "tiny" if args.tiny else args.size, "context": context, "batch": batch,
            "decode": None, "prefill_tokens_per_s": None, "decode_tokens_per_s": None, "decode_ms_per_step": None,
-           "cache_bytes_per_sequence": None, "peak_mem_gib": None, "ssd_path": None, "check_ok": None, "error": None}
+           "cache_bytes_per_sequence": None, "peak_mem_gib": None, "ssd_path": None, "check_ok": None,
+           "check_agreement": None, "check_first_mismatch": None, "error": None}
     cuda = args.device == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -257,8 +258,14 @@ def main() -> int:
     if args.decode is None:
         args.decode = "graph" if args.device == "cuda" else "eager"
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    contexts = [int(c) for c in args.contexts.split(",")]
-    batches = [int(b) for b in args.batches.split(",")]
+    try:
+        contexts = [int(c) for c in args.contexts.split(",")]
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        parser.error(f"--contexts {args.contexts} --batches {args.batches}: give comma-separated integers, "
+                     "e.g. --contexts 4096,16384 --batches 1,32")
+    if min(contexts + batches) < 1:
+        parser.error("--contexts and --batches: every value must be >= 1")
     from transxssm_megatron.hf import modeling_transxssm
 
     announced = SSDPath()

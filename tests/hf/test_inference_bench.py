@@ -27,7 +27,7 @@ def test_inference_bench_measures_every_case_and_decodes_greedily(tmp_path):
     assert all(r["ssd_path"] for r in rows if r["model"] == "transxssm")
     # The first case of each model is checked: the loop's tokens are the argmax of a full forward.
     assert [r["check_ok"] for r in rows] == [True, True, None, None]
-    assert [r.get("check_agreement") for r in rows] == [1.0, 1.0, None, None]
+    assert [r["check_agreement"] for r in rows] == [1.0, 1.0, None, None]
     # An SS layer's state does not grow with the context; the transformer's KV does: per sequence, less cache.
     by_model = {r["model"]: r["cache_bytes_per_sequence"] for r in rows if r["batch"] == 1}
     assert by_model["transxssm"] < by_model["transformer"]

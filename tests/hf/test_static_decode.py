@@ -184,4 +184,4 @@ def test_inference_bench_runs_the_static_decode_loop(tmp_path):
     assert [(r["model"], r["batch"], r["decode"], r["error"]) for r in rows] == [
         (m, b, "static", None) for b in (1, 2) for m in ("transxssm", "transformer")]
     assert [r["check_ok"] for r in rows] == [True, True, None, None]
-    assert [r.get("check_agreement") for r in rows] == [1.0, 1.0, None, None]
+    assert [r["check_agreement"] for r in rows] == [1.0, 1.0, None, None]
