@@ -11,11 +11,13 @@ share), variants being:
   graph      fused + train.cuda_graph=true (forward+backward replayed as one CUDA graph)
   recompute  fused + train.recompute=true (activations recomputed in backward: long contexts)
   reference  train.fused=false: the eager path the fused one is checked against
+  graph-no-wgrad-fusion  graph, weight gradients formed in bf16 and added to the fp32 buffer by a separate kernel
 and, with --anchor, the baseline script (a ~150-line PyTorch model of the same architecture with torch.compile per
 block and our SSD kernel) with the same shapes. tokens/s is the median over the logged intervals after the
 first (which holds compilation and warm-up); each run does about --micro-batches micro-batches. --profile adds,
-per row and named variant, a torch.profiler breakdown of a step's GPU time by kind of work (matmuls, SSD kernels,
-attention, compiled elementwise, eager elementwise, optimizer, ...).
+per row and named variant (VARIANT/accN: N micro-batches per step, default 1), a torch.profiler breakdown of a
+step's GPU time by kind of work (matmuls, SSD kernels, attention, compiled elementwise, eager elementwise,
+optimizer, ...).
 --loss-curve DATA_DIR trains 320m fused and reference side by side on real preprocessed data (same seed, data order
 and schedule) and compares the two loss curves step by step.
 
@@ -55,7 +57,8 @@ ROWS = {
     "1.3b_32k": ("1.3b", "hybrid", "1.3b", 32768, 1),
 }
 VARIANTS = {"fused": [], "graph": ["train.cuda_graph=true"], "recompute": ["train.recompute=true"],
-            "reference": ["train.fused=false"]}
+            "reference": ["train.fused=false"],
+            "graph-no-wgrad-fusion": ["train.cuda_graph=true", "train.wgrad_fusion=false"]}
 
 # Kernel name fragments -> kind of work, first match wins (names from PyTorch 2.11 / Triton 3.6 on an H200).
 KINDS = [
@@ -137,8 +140,10 @@ def profile(row: str, variant: str, args) -> dict:
     from transxssm_megatron.training.loop import Trainer
     from transxssm_megatron.training.run_config import RunConfig
 
-    config, overrides = run_config_overrides(row, 100, 100, 1, Path(args.work) / f"{row}-{variant}-profile")
-    trainer = Trainer(RunConfig.load(str(REPO / config), overrides + VARIANTS[variant]))
+    name, _, acc = variant.partition("/acc")
+    config, overrides = run_config_overrides(row, 100, 100, int(acc or 1),
+                                             Path(args.work) / f"{row}-{name}-acc{acc or 1}-profile")
+    trainer = Trainer(RunConfig.load(str(REPO / config), overrides + VARIANTS[name]))
     try:
         batches = trainer._data_iterators(lambda: data_lib.train_batches(trainer.datasets.train, 0, trainer.cfg,
                                                                          trainer.world))
@@ -165,10 +170,11 @@ def profile(row: str, variant: str, args) -> dict:
         kinds[kind]["kernels"] += 1 / steps
         top[event.name[:90]] = top.get(event.name[:90], 0.0) + us / 1e3 / steps
     gpu_ms = sum(k["ms"] for k in kinds.values())
-    return {"row": row, "variant": variant, "wall_ms_per_step": round(wall_ms, 2), "gpu_ms_per_step": round(gpu_ms, 2),
+    return {"row": row, "variant": variant, "micro_batches_per_step": int(acc or 1),
+            "wall_ms_per_step": round(wall_ms, 2), "gpu_ms_per_step": round(gpu_ms, 2),
             "kinds": {n: {"ms": round(k["ms"], 2), "share": round(k["ms"] / gpu_ms, 3), "kernels": round(k["kernels"])}
                       for n, k in kinds.items()},
-            "top_kernels_ms": dict(sorted(((k, round(v, 3)) for k, v in top.items()), key=lambda kv: -kv[1])[:25])}
+            "top_kernels_ms": dict(sorted(((k, round(v, 3)) for k, v in top.items()), key=lambda kv: -kv[1])[:40])}
 
 
 def loss_curves(args, log) -> dict:
@@ -228,7 +234,8 @@ def main() -> int:
         variant, _, acc = item.partition("/acc")
         runs += [(variant, int(acc))] if acc else [(variant, int(a)) for a in args.accumulation.split(",")]
     unknown = [r for r in rows if r not in ROWS] + \
-        [v for v in [v for v, _ in runs] + args.profile.split(",") if v and v not in VARIANTS]
+        [v for v in [v for v, _ in runs] + [p.partition("/acc")[0] for p in args.profile.split(",")]
+         if v and v not in VARIANTS]
     if unknown:
         parser.error(f"unknown row or variant: {', '.join(unknown)}")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,9 @@ Tolerances, as relative norms ||fused - ref|| / ||ref||:
   bf16 result by one unit in the last place at most);
 - the chunked LM head + cross-entropy against full logits through F.cross_entropy: loss 1e-5, gradients 1e-2
   (the bf16 gradient of the logits is rounded once, before its matmuls, in both);
+- weight gradients added into an fp32 buffer by the matmul (training/wgrad_accumulation.py), two micro-batches,
+  against float64: 1e-5 (fp32 sums of bf16 products), and at least 10x closer than the bf16 gradient added
+  afterwards (megatron's path without apex, rounded to bf16 per micro-batch: ~2e-3);
 - whole models, bf16 parameters, fused against `set_fusion(False)` on the same weights and tokens: loss 2e-3, every
   parameter's gradient 5e-2 (bf16 activations rounded at different points along 4 layers).
 
@@ -112,6 +115,22 @@ def test_linear_cross_entropy_matches_full_logits_bf16():
 
 
 @pytest.mark.parametrize("architecture", ["transxssm", "jamba", "transformer"])
+def test_wgrad_accumulation_matches_float64():
+    from transxssm_megatron.training import wgrad_accumulation
+
+    assert wgrad_accumulation.supported()
+    torch.manual_seed(0)
+    main_grad = torch.randn(384, 256, device="cuda")
+    fused, separate, exact = main_grad.clone(), main_grad.clone(), main_grad.double()
+    for _ in range(2):   # two micro-batches into the same buffer
+        x, g = rand(2048, 256), rand(2048, 384)
+        wgrad_accumulation.accumulate_fp32(x, g, fused)
+        separate.add_(g.t() @ x)
+        exact += g.double().t() @ x.double()
+    assert rel(fused, exact) < 1e-5
+    assert rel(fused, exact) * 10 < rel(separate, exact)
+
+
 def test_model_fused_matches_reference(architecture):
     """320m-shaped, 4 layers (attention every 2nd), bf16: loss and every gradient, fused against the eager path."""
     from gpu_helpers import build

@@ -4,6 +4,9 @@
   at lr 1e-3 amplifies that over steps. Measured on an H200 (bench/results/gpu-suite-2026-12-02.txt): losses
   within 1e-4, gradient norms within 3.2e-3 at step 6 of 8; a graph replaying stale buffers or skipping a
   micro-batch is off by far more;
+- weight gradients added into the fp32 buffer by the matmuls (the default) give the losses and gradient norms of
+  bf16 weight gradients added afterwards (`train.wgrad_fusion=false`; the same tolerances): a gradient counted
+  twice or dropped moves the gradient norm by far more;
 - a run resumed from its step-4 checkpoint (fused AdamW state, distributed optimizer) continues with the losses
   and gradient norms of the uninterrupted run (the same tolerances).
 
@@ -52,6 +55,13 @@ def test_cuda_graph_matches_eager(tmp_path):
     graph = train(tmp_path / "graph", "checkpoint.interval=0", "train.cuda_graph=true")
     assert len({r["loss"] for r in eager}) > 1, "losses do not move: the comparison would prove nothing"
     assert_same_steps(graph, eager)
+
+
+def test_wgrad_fusion_matches_separate_add(tmp_path):
+    separate = train(tmp_path / "separate", "checkpoint.interval=0", "train.wgrad_fusion=false")
+    fused = train(tmp_path / "fused", "checkpoint.interval=0")
+    assert len({r["loss"] for r in separate}) > 1, "losses do not move: the comparison would prove nothing"
+    assert_same_steps(fused, separate)
 
 
 def test_resume_continues_the_run(tmp_path):

@@ -29,6 +29,7 @@ from transxssm_megatron.training import fast_optimizer
 from transxssm_megatron.training import metrics as metrics_lib
 from transxssm_megatron.training import optim as optim_lib
 from transxssm_megatron.training import parallel
+from transxssm_megatron.training import wgrad_accumulation
 from transxssm_megatron.training.checkpointing import CheckpointManager
 from transxssm_megatron.training.preemption import PreemptionHandler
 from transxssm_megatron.training.run_config import RunConfig
@@ -60,6 +61,7 @@ def build_model_chunks(cfg: RunConfig, world: parallel.World, bf16: bool) -> lis
         # for interleaved schedules).
         batch_p2p_sync=world.on_gpu and not world.vpp,
         batch_p2p_comm=world.on_gpu and not world.vpp,
+        gradient_accumulation_fusion=uses_wgrad_fusion(cfg, world) and wgrad_accumulation.install(),
         **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
            if cfg.train.recompute else {}),
     )
@@ -110,12 +112,19 @@ def count_parameters(chunks) -> int:
     return int(total.item())
 
 
+def uses_wgrad_fusion(cfg: RunConfig, world: parallel.World) -> bool:
+    """Whether the linear layers add weight gradients into the fp32 buffer inside their matmuls."""
+    return world.on_gpu and cfg.train.fused and cfg.train.wgrad_fusion and wgrad_accumulation.supported()
+
+
 def describe_speed_paths(cfg: RunConfig, world: parallel.World) -> str:
     """One log line: which of the fused paths this run uses, and why not where it does not."""
     if not cfg.train.fused:
         ops = "eager reference path (train.fused=false)"
     elif world.on_gpu:
         ops = "elementwise ops fused by torch.compile, chunked LM head + cross-entropy"
+        if uses_wgrad_fusion(cfg, world):
+            ops += ", weight gradients accumulated in fp32 by the matmuls"
     else:
         ops = "elementwise ops eager on CPU (fusion needs CUDA), chunked LM head + cross-entropy"
     graph = ", forward+backward replayed as a CUDA graph" if cfg.train.cuda_graph else ""
