@@ -2,6 +2,7 @@
 
     python bench/train_speed.py --out DIR [--rows 320m_4k,1.3b_4k] [--variants fused,graph,reference]
                                 [--accumulation 1,8] [--anchor PATH] [--profile fused,reference]
+                                [--override KEY=VALUE ...]
 
 For every row (model, sequence length, micro-batch) it runs `transxssm train` on mock data in a fresh process, once
 per variant and per number of micro-batches accumulated into each optimizer step (1: the baseline script's step;
@@ -18,6 +19,7 @@ first (which holds compilation and warm-up); each run does about --micro-batches
 per row and named variant (VARIANT/accN: N micro-batches per step, default 1), a torch.profiler breakdown of a
 step's GPU time by kind of work (matmuls, SSD kernels, attention, compiled elementwise, eager elementwise,
 optimizer, ...).
+--override passes a config override to every run of ours (recorded in the JSON), e.g. model.ss_chunk_size=128.
 --loss-curve DATA_DIR trains 320m fused and reference side by side on real preprocessed data (same seed, data order
 and schedule) and compares the two loss curves step by step.
 
@@ -100,7 +102,7 @@ def ours(row: str, variant: str, accumulation: int, args, log) -> dict:
     steps = max(7, args.micro_batches // accumulation)
     config, overrides = run_config_overrides(row, steps, max(1, steps // 6), accumulation, run_dir)
     cmd = [sys.executable, "-m", "transxssm_megatron.cli", "train", "--config", config, *overrides,
-           *VARIANTS[variant]]
+           *VARIANTS[variant], *args.override]
     rc, wall = run(cmd, log, args.timeout)
     records, _ = read_metrics(run_dir / "metrics.jsonl")
     steady = [r for r in records if "tokens_per_s" in r][1:]
@@ -143,7 +145,7 @@ def profile(row: str, variant: str, args) -> dict:
     name, _, acc = variant.partition("/acc")
     config, overrides = run_config_overrides(row, 100, 100, int(acc or 1),
                                              Path(args.work) / f"{row}-{name}-acc{acc or 1}-profile")
-    trainer = Trainer(RunConfig.load(str(REPO / config), overrides + VARIANTS[name]))
+    trainer = Trainer(RunConfig.load(str(REPO / config), overrides + VARIANTS[name] + args.override))
     try:
         batches = trainer._data_iterators(lambda: data_lib.train_batches(trainer.datasets.train, 0, trainer.cfg,
                                                                          trainer.world))
@@ -216,6 +218,8 @@ def main() -> int:
     parser.add_argument("--anchor", help="the baseline script (anchor_compiled.py); omitted: no baseline runs")
     parser.add_argument("--accumulation", default="1", help="micro-batches per optimizer step, comma-separated")
     parser.add_argument("--micro-batches", type=int, default=60, help="micro-batches per run of ours")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run of ours (repeatable), e.g. model.ss_chunk_size=128")
     parser.add_argument("--anchor-steps", type=int, default=20)
     parser.add_argument("--timeout", type=float, default=420, help="seconds per run")
     parser.add_argument("--profile", default="", help="variants to profile (one step each) per row, e.g. fused")
@@ -243,7 +247,8 @@ def main() -> int:
     if args.anchor:
         args.anchor = str(Path(args.anchor).resolve())
     path = args.out / "train-speed.json"
-    result = {"benchmark": "train-speed", **environment("triton", "megatron.core"), "rows": [], "profiles": []}
+    result = {"benchmark": "train-speed", **environment("triton", "megatron.core"), "overrides": args.override,
+              "rows": [], "profiles": []}
     with open(args.out / "train-speed.log", "a") as log:
         for row in rows:
             config, arch, size, seq, mbs = ROWS[row]
@@ -270,7 +275,7 @@ def main() -> int:
             if args.profile:
                 for variant in args.profile.split(","):
                     cmd = [sys.executable, __file__, "--out", str(args.out), "--profile-only", row, variant,
-                           "--work", args.work]
+                           "--work", args.work, *(f"--override={o}" for o in args.override)]
                     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
                     log.write(proc.stdout[-5000:] + proc.stderr[-5000:])
                     line = next((x for x in proc.stdout.splitlines() if x.startswith("PROFILE ")), None)
