@@ -90,11 +90,24 @@ def skip_add_norm(h: torch.Tensor, skip_weight: torch.Tensor | None, update: tor
 
 
 # ------------------------------------------------------------------------------------------------------ FFN
-@fusible
-def swiglu(h: torch.Tensor) -> torch.Tensor:
+def _swiglu(h: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for h = [gate | up] along the last dim (megatron's gated-linear-unit order); fp32 math."""
     gate, up = h.float().chunk(2, dim=-1)
     return (F.silu(gate) * up).to(h.dtype)
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """`_swiglu`; on CUDA with fusion on, the Triton kernels of transxssm_kernels.swiglu, whose backward reads
+    gate, up and the gradient once (Inductor's reads them twice: see that module)."""
+    _announce(h.device.type)
+    if _enabled and h.is_cuda:
+        from transxssm_kernels.swiglu import swiglu as swiglu_kernels
+
+        return swiglu_kernels(h)
+    return _swiglu(h)
+
+
+swiglu.reference = _swiglu
 
 
 # ------------------------------------------------------------------------------------------------ attention
@@ -126,19 +139,20 @@ def rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_pe
 @fusible
 def split_projection(proj: torch.Tensor, groups: int, widths: tuple[int, int, int, int],
                      conv_weight: torch.Tensor | None, conv_bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """The SS mixer's in_proj output, laid out per group as [z | x B C], into the SSD's contiguous inputs.
+    """The SS mixer's in_proj output, laid out per group as [z | x B C], into the SSD's inputs.
 
     proj (l, b, groups * sum(widths)), widths = (z, x, N, N) channels per group -> z (l, b, groups, z) or None,
     x (l, b, groups, x), B, C (l, b, groups, N). With conv_weight (C, 1, w) and conv_bias (C,) over the x|B|C
-    channels, those pass through the causal conv + SiLU first (`causal_conv_silu`). Compiled, this is one read of
-    proj forward and one write of its gradient backward, straight from the pieces' gradients."""
+    channels, those pass through the causal conv + SiLU first (`causal_conv_silu`). x, B and C are strided views
+    (of proj, or of the conv's output): the SSD kernels read any strides, so nothing is copied forward; backward
+    is one write of proj's gradient from the pieces' gradients."""
     l, b = proj.shape[:2]
     z_w, x_w, n, _ = widths
     z, xbc = proj.view(l, b, groups, -1).split([z_w, x_w + 2 * n], dim=-1)
     if conv_weight is not None:
         xbc = causal_conv_silu(xbc.reshape(l, b, -1), conv_weight, conv_bias).view(l, b, groups, -1)
     x, B, C = xbc.split([x_w, n, n], dim=-1)
-    return (z.contiguous() if z_w else None), x.contiguous(), B.contiguous(), C.contiguous()
+    return (z if z_w else None), x, B, C
 
 
 def causal_conv_silu(xbc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

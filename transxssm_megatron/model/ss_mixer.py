@@ -171,7 +171,8 @@ class SSMixer(MegatronModule):
         widths = (self.z_width, self.x_width, self.N, self.N)
         z, x, B, C = split_projection(proj, self.groups_local, widths, self._cp_rows(self.conv1d_weight),
                                       self._cp_rows(self.conv1d_bias))
-        x = x.view(l, b, self.heads_local, self.P)                                  # B, C: (l, b, G_loc, N)
+        # (l, b, H_loc, P): a view of proj when G = H or G = 1, a copy when a group holds some of several heads
+        x = x.reshape(l, b, self.heads_local, self.P)                               # B, C: (l, b, G_loc, N)
 
         cos = sin = None
         if self.use_rope:
@@ -187,7 +188,7 @@ class SSMixer(MegatronModule):
                    dt_bias=self._cp_rows(self.dt_bias), dt_softplus=True, rope_cos=cos, rope_sin=sin))
         D = self._cp_rows(self.D)
         if self.gate_norm_weight is not None:  # y = RMSNorm((y + D x) * silu(z)), normalised per B/C group
-            y = gate_norm(y, x, D, z.view_as(x), self._cp_rows(self.gate_norm_weight), self.model_cfg.norm_eps,
+            y = gate_norm(y, x, D, z.reshape(x.shape), self._cp_rows(self.gate_norm_weight), self.model_cfg.norm_eps,
                           self.x_width)
         else:
             if D is not None:
