@@ -1,9 +1,9 @@
 """The fused training paths on one CUDA GPU against their eager references: forward and backward, random inputs.
 
 Tolerances, as relative norms ||fused - ref|| / ||ref||:
-- each compiled elementwise op (model/fused_ops.py) against the same function run eagerly: 1e-5 for fp32 results,
-  1e-2 for bf16 ones (both compute in fp32 inside and round once; the compiled one may reorder sums, which moves a
-  bf16 result by one unit in the last place at most);
+- each compiled elementwise op (model/fused_ops.py; SwiGLU: its Triton kernels) against the same function run
+  eagerly: 1e-5 for fp32 results, 1e-2 for bf16 ones (both compute in fp32 inside and round once; the compiled one
+  may reorder sums, which moves a bf16 result by one unit in the last place at most);
 - the chunked LM head + cross-entropy against full logits through F.cross_entropy: loss 1e-5, gradients 1e-2
   (the bf16 gradient of the logits is rounded once, before its matmuls, in both);
 - weight gradients added into an fp32 buffer by the matmul (training/wgrad_accumulation.py), two micro-batches,
