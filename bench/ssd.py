@@ -126,11 +126,12 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def layer_inputs(H, N, l, P=64, seed=None, device="cuda"):
-    """Random bf16 inputs of one SS layer (G = H) at 32K tokens, the output gradient and fp32 RoPE tables over N.
+def layer_inputs(H, N, l, P=64, seed=None, device="cuda", batch=None):
+    """Random bf16 inputs of one SS layer (G = H) at `batch` sequences (default: 32K tokens), the output gradient and
+    fp32 RoPE tables over N.
 
     Returns x, dt, A, B, C (leaves needing grad), dy, cos, sin."""
-    b = TOKENS // l
+    b = batch or TOKENS // l
     g = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     r = lambda *s: torch.randn(*s, generator=g, device=device)
     x = r(b, l, H, P).to(DT).requires_grad_()
@@ -230,6 +231,16 @@ VARIANTS = {
     "states fp32": dict(states_in_input_dtype=False),
     "states+dstates fp32": dict(states_in_input_dtype=False, dstates_in_input_dtype=False),
     "320M layer": dict(shape=(12, 128, 4096)),   # the default settings at the 320M layer's shape (for --profile)
+    # the state recurrence walked or chunk-parallel (scan_mode) at the batch sizes of the training runs
+    # (shape (H, N, l, b)): the 1.3B layer at 2 x 4K, 1 x 32K and 8 x 4K tokens, the 320M one at 4 x 4K and 1 x 16K
+    **{f"scan {mode} {name}": dict(shape=shape, scan_mode=mode) for mode in ("walk", "chunks")
+       for name, shape in {"1.3B b2": (32, 128, 4096, 2), "1.3B b1 l32K": (32, 128, 32768, 1),
+                           "1.3B b8": (32, 128, 4096, 8), "320M b4": (12, 128, 4096, 4),
+                           "320M b1 l16K": (12, 128, 16384, 1)}.items()},
+    **{f"scan chunks 1.3B b2 {name}": dict(shape=(32, 128, 4096, 2), scan_mode="chunks", **v) for name, v in {
+        "pass512": dict(pass_block=512), "pass2048": dict(pass_block=2048), "pass stages1": {"state_pass.num_stages": 1},
+        "sums stages1": {"chunk_sums.num_stages": 1}, "sums stages3": {"chunk_sums.num_stages": 3},
+        "sums w8": {"chunk_sums.num_warps": 8}, "sums rows32": dict(block_scan_fwd=32, block_scan_bwd=32)}.items()},
     **{f"N64 half-tiles{w} H{H} l{l}": dict(shape=(H, 64, l), half_tile_min=w)
        for H in (32, 12) for l in (4096, 16384) for w in (64, 32)},
 }
@@ -264,6 +275,11 @@ def load_baseline(path):
     return importlib.import_module("baseline_kernels.rope_ssd").rope_ssd
 
 
+def variant_inputs(shape, P):
+    """layer_inputs of a variant's shape: (H, N, l) at 32K tokens or (H, N, l, b)."""
+    return layer_inputs(*shape[:3], P, batch=shape[3] if len(shape) > 3 else None)
+
+
 def time_variants(P=64, baseline=None, matching="", rounds=1):
     """ms of fused fwd / fwd+bwd for each of VARIANTS (and the baseline kernels) at its shape (the 1.3B layer unless
     the variant names one), those whose name contains one of the '|'-separated texts of `matching`, `rounds` times
@@ -278,7 +294,7 @@ def time_variants(P=64, baseline=None, matching="", rounds=1):
     for name, overrides, fn in runs:
         shape = overrides.get("shape", (32, 128, 4096))
         if shape not in inputs:
-            inputs[shape] = layer_inputs(*shape, P)
+            inputs[shape] = variant_inputs(shape, P)
         x, dt, A, B, C, dy, cos, sin = inputs[shape]
         Q = overrides.get("chunk", 256)
         f = lambda: fn(x, dt, A, B, C, chunk_size=Q, dt_softplus=True, rope_cos=cos, rope_sin=sin)
@@ -296,7 +312,7 @@ def profile_fused(P=64, steps_only=False, variant="default"):
     chunk, after warm-up."""
     overrides = VARIANTS[variant]
     launch = launch_of(overrides)
-    x, dt, A, B, C, dy, cos, sin = layer_inputs(*overrides.get("shape", (32, 128, 4096)), P)
+    x, dt, A, B, C, dy, cos, sin = variant_inputs(overrides.get("shape", (32, 128, 4096)), P)
     Q = overrides.get("chunk", 256)
     def step():
         x.grad = dt.grad = A.grad = B.grad = C.grad = None   # no gradient-accumulation kernels in the profile

@@ -27,10 +27,11 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from transxssm_kernels.rope_ssd import DEFAULT_LAUNCH, _bwd, _fwd
+from transxssm_kernels.rope_ssd import DEFAULT_LAUNCH, _bwd, _fwd, _states
 
-BF16_POINTERS = {"x_ptr", "b_ptr", "c_ptr", "g_ptr", "y_ptr", "dx_ptr", "db_ptr", "dc_ptr", "cos_ptr", "sin_ptr"}
-UNIT_STRIDES = {"s_xp", "s_bn", "s_cn", "s_gp", "s_yp", "s_dxp", "s_dn"}   # last-dim strides: 1 in every launch
+BF16_POINTERS = {"x_ptr", "b_ptr", "c_ptr", "g_ptr", "y_ptr", "dx_ptr", "db_ptr", "dc_ptr", "cos_ptr", "sin_ptr",
+                 "v_ptr", "m_ptr", "states_ptr", "dstates_ptr"}
+UNIT_STRIDES = {"s_xp", "s_bn", "s_cn", "s_gp", "s_yp", "s_dxp", "s_dn", "s_vp", "s_mn"}   # last-dim strides: 1 in every launch
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
@@ -141,6 +142,20 @@ def main() -> None:
                1),
         "dxdb": (_bwd.dxdb_kernel, dict(common, BT=bt, BI=inner(args.inner_dxdb), TF32=args.fp32, EVEN=even),
                  args.warps, 1),
+        # the chunk-parallel state recurrence (LaunchConfig.scan_mode "chunks")
+        "chunk_sums_fwd": (_states.chunk_sums_kernel, dict(common, BNH=args.scan_cols, MODE=0,
+                                                          BS=min(args.scan_fwd, args.chunk)),
+                           DEFAULT_LAUNCH.chunk_sums.num_warps, DEFAULT_LAUNCH.chunk_sums.num_stages),
+        "chunk_sums_bwd": (_states.chunk_sums_kernel, dict(common, BNH=args.scan_cols, MODE=1,
+                                                          BS=min(args.scan_bwd, args.chunk)),
+                           DEFAULT_LAUNCH.chunk_sums.num_warps, DEFAULT_LAUNCH.chunk_sums.num_stages),
+        "states_pass": (_states.states_from_sums_kernel, dict(Q=args.chunk, BLOCK=DEFAULT_LAUNCH.pass_block,
+                                                              HAS_SEQ=args.seq, HAS_INIT=False, DOT=common["DOT"]),
+                        DEFAULT_LAUNCH.state_pass.num_warps, DEFAULT_LAUNCH.state_pass.num_stages),
+        "dstates_pass": (_states.dstates_from_sums_kernel, dict(Q=args.chunk, BLOCK=DEFAULT_LAUNCH.pass_block,
+                                                                HAS_SEQ=args.seq, HAS_DFINAL=False,
+                                                                DOT=common["DOT"]),
+                         DEFAULT_LAUNCH.state_pass.num_warps, DEFAULT_LAUNCH.state_pass.num_stages),
     }
     table = {}
     for name, (k, c, w, stages) in cases.items():

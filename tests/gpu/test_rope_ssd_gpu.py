@@ -82,17 +82,44 @@ def check_repeatable(tensors, kw, launch=None):
         assert torch.equal(a, b), f"{name} differs between two identical calls"
 
 
-def test_repeatable():
-    """Same inputs, same output and gradients bit for bit (no race or atomic order between blocks)."""
-    check_repeatable(*make_case(4, 4096, 32, 64, 32, 128, dtype=torch.bfloat16, seed=11))
+def scan(mode):
+    from transxssm_kernels.rope_ssd import LaunchConfig
+    return LaunchConfig(scan_mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["walk", "chunks"])
+def test_repeatable(mode):
+    """Same inputs, same output and gradients bit for bit (no race or atomic order between blocks), with the state
+    recurrence walked or chunk-parallel (LaunchConfig.scan_mode)."""
+    check_repeatable(*make_case(4, 4096, 32, 64, 32, 128, dtype=torch.bfloat16, seed=11), launch=scan(mode))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("N", [128, 64])
-def test_model_layer(dtype, N):
-    """The 1.3B SS layer: H = G = 32, P = 64, chunk 256, l = 4096 (b = 2), RoPE, softplus(dt)."""
+@pytest.mark.parametrize("mode", ["walk", "chunks"])
+def test_model_layer(dtype, N, mode):
+    """The 1.3B SS layer: H = G = 32, P = 64, chunk 256, l = 4096 (b = 2), RoPE, softplus(dt); both ways of running
+    the state recurrence."""
     t, kw = make_case(2, 4096, 32, 64, 32, N, dtype=dtype, seed=N)
-    check(t, kw, dtype=dtype)
+    check(t, kw, dtype=dtype, launch=scan(mode))
+
+
+def test_scan_modes_agree():
+    """Every option (documents inside and on chunk edges, initial state, G = 4, chunk 128) in fp32 with each way of
+    running the state recurrence, against the reference; and the two ways against each other: the same sums in
+    another order (1e-4, where the reference tolerance is 2e-3)."""
+    from transxssm_kernels.rope_ssd import rope_ssd
+    seq = torch.zeros(1, 1500, dtype=torch.int32, device="cuda")
+    seq[0, 300:] += 1
+    seq[0, 640:] += 1
+    t, kw = make_case(1, 1500, 8, 64, 4, 128, dtype=torch.float32, seed=23, options=True, seq_idx=seq, init=True)
+    for mode in ("walk", "chunks"):
+        check(t, kw, dtype=torch.float32, chunk_size=128, launch=scan(mode))
+    a = run(functools.partial(rope_ssd, launch=scan("walk")), t, kw, chunk_size=128)
+    b = run(functools.partial(rope_ssd, launch=scan("chunks")), t, kw, chunk_size=128)
+    errs = {k: ((a[k] - b[k]).norm() / b[k].norm()).item() for k in a}
+    print("walk vs chunks", {k: f"{e:.1e}" for k, e in errs.items()})
+    assert all(e < 1e-4 for e in errs.values()), errs
 
 
 def test_groups_fp16_odd_length():

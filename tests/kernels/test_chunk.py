@@ -6,6 +6,7 @@ on a GPU they are tf32, ~3e-4), bf16/fp16 inputs 2e-2 (operands of every dot rou
 The bf16 reference sees the same bf16-rounded inputs, upcast to float64.
 """
 
+import dataclasses
 import functools
 import importlib
 import os
@@ -25,17 +26,24 @@ F64 = torch.float64
 TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
-@pytest.fixture(scope="module")
-def rope_ssd():
-    """The Triton function, with its kernels built in interpreter mode (reloaded if imported before the env var)."""
+@pytest.fixture(scope="module", params=["walk", "chunks"])
+def rope_ssd(request):
+    """The Triton function, with its kernels built in interpreter mode (reloaded if imported before the env var),
+    its state recurrence run by the walking scans or by the chunk-parallel kernels (LaunchConfig.scan_mode); every
+    test runs with both."""
     names = ["transxssm_kernels.rope_ssd._triton_common", "transxssm_kernels.rope_ssd._fwd",
-             "transxssm_kernels.rope_ssd._bwd", "transxssm_kernels.rope_ssd._delta", "transxssm_kernels.rope_ssd.chunk"]
+             "transxssm_kernels.rope_ssd._bwd", "transxssm_kernels.rope_ssd._states",
+             "transxssm_kernels.rope_ssd._delta", "transxssm_kernels.rope_ssd.chunk"]
     from triton.runtime.interpreter import InterpretedFunction
     fwd = importlib.import_module(names[1])
     if not isinstance(fwd.chunk_output_kernel, InterpretedFunction):
         for n in names:
             importlib.reload(sys.modules[n]) if n in sys.modules else importlib.import_module(n)
-    return importlib.import_module(names[-1]).rope_ssd
+    fn = importlib.import_module(names[-1]).rope_ssd
+
+    def with_scan_mode(*args, launch=LaunchConfig(), **kwargs):
+        return fn(*args, launch=dataclasses.replace(launch, scan_mode=request.param), **kwargs)
+    return with_scan_mode
 
 
 def tables(positions, N):
@@ -194,3 +202,36 @@ def test_sequence_first_views(rope_ssd):
     assert y_ref.abs().sum() > 0 and torch.equal(y, y_ref)
     assert torch.equal(bl(packed.grad), torch.cat([leaves[k].grad for k in ("x", "B", "C")], dim=-1))
     assert torch.equal(bl(dt_lb.grad), leaves["dt"].grad)
+
+
+@pytest.mark.parametrize("heads_per_group", [1, 2])
+def test_split_views_get_gradients_without_copy(rope_ssd, heads_per_group):
+    """The SS mixer's split (fused_ops.split_last_dim) of a sequence-first projection into x, B, C: with G = H the
+    kernels write the three gradients as views of one tensor and the split hands that tensor on as the
+    projection's gradient (no concatenation); with G < H (dB, dC summed over heads) it concatenates. Either way
+    the projection's gradient equals the contiguous call's."""
+    from transxssm_megatron.model.fused_ops import split_last_dim
+
+    b, l, G, P, N = 2, 40, 2, 16, 32
+    H = G * heads_per_group
+    t, kw = make_case(b, l, H, P, G, N, dtype=torch.float32, seed=12)
+    per_group = torch.cat([t["x"].reshape(b, l, G, heads_per_group * P), t["B"], t["C"]], dim=-1)
+    packed = per_group.transpose(0, 1).reshape(l, b, -1).contiguous().requires_grad_(True)
+    proj = packed * 1.0                                        # a non-leaf, as in_proj's output is
+    seen = {}
+    proj.register_hook(lambda g: seen.setdefault("proj", g))
+    x, B, C = split_last_dim(proj.view(l, b, G, -1), (heads_per_group * P, N, N))
+    x.register_hook(lambda g: seen.setdefault("x", g))
+    bl = lambda v: v.transpose(0, 1)
+    y = rope_ssd(bl(x.reshape(l, b, H, P)), t["dt"], t["A"], bl(B), bl(C), chunk_size=16, **kw)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(13))
+    (y * dy).sum().backward()
+
+    leaves = {k: t[k].detach().clone().requires_grad_(True) for k in ("x", "B", "C")}
+    y_ref = rope_ssd(leaves["x"], t["dt"], t["A"], leaves["B"], leaves["C"], chunk_size=16, **kw)
+    (y_ref * dy).sum().backward()
+    expected = torch.cat([leaves["x"].grad.reshape(b, l, G, -1), leaves["B"].grad, leaves["C"].grad], dim=-1)
+    assert y_ref.abs().sum() > 0 and torch.equal(y, y_ref)
+    assert torch.equal(packed.grad, bl(expected).reshape(l, b, -1))
+    shared = seen["x"]._base is not None and seen["proj"].data_ptr() == seen["x"]._base.data_ptr()
+    assert shared == (heads_per_group == 1), "the projection's gradient should be the kernels' own buffer iff G = H"

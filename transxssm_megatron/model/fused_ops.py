@@ -136,7 +136,6 @@ def rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_pe
 
 
 # ------------------------------------------------------------------------------------------------ SS mixer
-@fusible
 def split_projection(proj: torch.Tensor, groups: int, widths: tuple[int, int, int, int],
                      conv_weight: torch.Tensor | None, conv_bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """The SS mixer's in_proj output, laid out per group as [z | x B C], into the SSD's inputs.
@@ -144,8 +143,55 @@ def split_projection(proj: torch.Tensor, groups: int, widths: tuple[int, int, in
     proj (l, b, groups * sum(widths)), widths = (z, x, N, N) channels per group -> z (l, b, groups, z) or None,
     x (l, b, groups, x), B, C (l, b, groups, N). With conv_weight (C, 1, w) and conv_bias (C,) over the x|B|C
     channels, those pass through the causal conv + SiLU first (`causal_conv_silu`). x, B and C are strided views
-    (of proj, or of the conv's output): the SSD kernels read any strides, so nothing is copied forward; backward
-    is one write of proj's gradient from the pieces' gradients."""
+    (of proj, or of the conv's output): the SSD kernels read any strides, so nothing is copied forward.
+    Backward: without z and conv (TransXSSM's mixer) the SSD kernels write the gradients of x, B, C as views of one
+    tensor laid out like proj, which `split_last_dim` passes on as proj's gradient, no copy; otherwise one compiled
+    write of proj's gradient from the pieces'."""
+    if widths[0] == 0 and conv_weight is None:
+        l, b = proj.shape[:2]
+        return (None, *split_last_dim(proj.view(l, b, groups, -1), widths[1:]))
+    return _split_projection(proj, groups, widths, conv_weight, conv_bias)
+
+
+class _SplitLastDim(torch.autograd.Function):
+    """t.split(widths, dim=-1) whose backward passes the pieces' gradients on without a copy when they are views
+    of one tensor laid out as the pieces are in t (the SSD kernels return them so), and concatenates them
+    otherwise."""
+
+    @staticmethod
+    def forward(ctx, t, widths):
+        pieces = t.split(list(widths), dim=-1)
+        ctx.shape = t.shape
+        ctx.layout = [(p.shape, p.stride(), p.storage_offset() - t.storage_offset()) for p in pieces]
+        ctx.contiguous = t.is_contiguous()
+        return pieces
+
+    @staticmethod
+    def backward(ctx, *grads):
+        whole = grads[0]._base if grads[0] is not None else None
+        if (ctx.contiguous and whole is not None and whole.is_contiguous() and whole.numel() == ctx.shape.numel()
+                and all(g is not None and g._base is whole
+                        and (g.shape, g.stride(), g.storage_offset() - whole.storage_offset()) == layout
+                        for g, layout in zip(grads, ctx.layout))):
+            return whole.view(ctx.shape), None
+        ref = next(g for g in grads if g is not None)
+        grads = [torch.zeros(layout[0], dtype=ref.dtype, device=ref.device) if g is None else g
+                 for g, layout in zip(grads, ctx.layout)]
+        return torch.cat(grads, dim=-1), None
+
+
+split_projection.reference = lambda *args: _split_projection.reference(*args)
+
+
+def split_last_dim(t: torch.Tensor, widths) -> tuple[torch.Tensor, ...]:
+    """t.split(widths, dim=-1), views of t; see _SplitLastDim for the backward."""
+    return _SplitLastDim.apply(t, tuple(widths))
+
+
+@fusible
+def _split_projection(proj: torch.Tensor, groups: int, widths: tuple[int, int, int, int],
+                      conv_weight: torch.Tensor | None, conv_bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """split_projection with z or the causal conv: one compiled kernel forward (with the conv) and backward."""
     l, b = proj.shape[:2]
     z_w, x_w, n, _ = widths
     z, xbc = proj.view(l, b, groups, -1).split([z_w, x_w + 2 * n], dim=-1)

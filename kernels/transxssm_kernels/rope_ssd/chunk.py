@@ -16,7 +16,8 @@
     chunk_size: a power of two >= 16 (256 default; 64, 128 selectable); any l (the last chunk is masked).
     Inputs may have any strides with a contiguous last dim (views of one projection, sequence-first layouts); y
     and the input gradients take the memory layout of their inputs (y that of x), so a caller working in (l, b)
-    order passes transposed views and gets transposed views back, with no copy either way.
+    order passes transposed views and gets transposed views back, with no copy either way. When x, B, C are views
+    tiling one tensor (G = H), their gradients are the same views of one new tensor (_input_grads).
 
 Every argument is differentiable (x, dt, A, B, C, D, z, dt_bias, initial_state); the RoPE tables and seq_idx are not.
 All options run in the Triton kernels or in exact PyTorch glue around them; there is no fallback to the reference.
@@ -50,6 +51,7 @@ import triton.language as tl
 from ._bwd import dc_kernel, dxdb_kernel, state_scan_bwd_kernel
 from ._delta import delta_kernel, dt_grad_kernel
 from ._fwd import chunk_output_kernel, state_scan_fwd_kernel
+from ._states import chunk_sums_kernel, dstates_from_sums_kernel, states_from_sums_kernel
 from .launch import DEFAULT_LAUNCH, LaunchConfig
 from .naive import check_ssd_inputs
 
@@ -144,6 +146,64 @@ def _scan_launch(kernel_options, columns, b, H, N, device):
     return (b * H, triton.cdiv(N // 2, cols)), dict(kernel_options.as_kwargs(), BNH=cols)
 
 
+def _scan_mode(launch, b, H, device):
+    """"walk" or "chunks": how the state recurrence runs (launch.py, scan_mode). Chosen per call: the walk while
+    its b*H programs cover the SMs twice over, else the chunk-parallel steps of _states.py."""
+    if launch.scan_mode is not None:
+        if launch.scan_mode not in ("walk", "chunks"):
+            raise ValueError(f"LaunchConfig.scan_mode must be 'walk', 'chunks' or None, got {launch.scan_mode!r}")
+        return launch.scan_mode
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return "walk" if b * H >= 2 * sms else "chunks"
+
+
+def _chunk_sums(mode, v, m, tables, delta_p, cs, seq_t, l, H, nc, meta, flags, launch):
+    """Every chunk's own sum (b, H, chunks, P, N) fp32: S_c from (x, B) with mode 0, T_c from (g, C) with mode 1."""
+    b, _, _, P = v.shape
+    G, N = m.shape[2], m.shape[3]
+    cos_t, sin_t, s_tb, s_tl = tables
+    cols = max(16, min(64, triton.next_power_of_2(N // 2)))
+    sums = torch.empty((b, H, nc, P, N), device=v.device, dtype=torch.float32)
+    chunk_sums_kernel[(b * H, triton.cdiv(N // 2, cols), nc)](
+        v, *_strides4(v), m, *_strides4(m), cos_t, sin_t, s_tb, s_tl, delta_p, cs, seq_t, sums,
+        l, delta_p.shape[-1], H, H // G, P, nc, N_HALF=N // 2, Q=meta["Q"],
+        BS=min(launch.block_scan_fwd if mode == 0 else launch.block_scan_bwd, meta["Q"]), BLOCK_P=meta["BLOCK_P"],
+        BNH=cols, MODE=mode, DOT=meta["DOT"], **flags, **launch.chunk_sums.as_kwargs())
+    return sums
+
+
+def _tile_one_tensor(parts):
+    """The tensor of which `parts` are disjoint views covering it whole, side by side along the last dim with the
+    same outer shape and strides (the SS mixer's x, B, C split from its projection); None otherwise."""
+    root = parts[0]._base
+    if root is None or not root.is_contiguous() or any(t._base is not root or t.stride(-1) != 1 for t in parts):
+        return None
+    first = parts[0]
+    if any(t.shape[:-1] != first.shape[:-1] or t.stride()[:-1] != first.stride()[:-1] for t in parts):
+        return None
+    spans = sorted((t.storage_offset() - root.storage_offset(), t.shape[-1]) for t in parts)
+    side_by_side = spans[0][0] == 0 and all(a + w == b for (a, w), (b, _) in zip(spans, spans[1:]))
+    row = spans[-1][0] + spans[-1][1]
+    if side_by_side and row == min(first.stride()[:-1]) and sum(t.numel() for t in parts) == root.numel():
+        return root
+    return None
+
+
+def _input_grads(*inputs):
+    """Empty gradients for the inputs (torch.empty_like each). When the inputs are views tiling one tensor, the
+    gradients are the same views of one new tensor: a split's backward (the SS mixer's) then passes that tensor on
+    whole instead of concatenating the pieces."""
+    root = _tile_one_tensor(inputs)
+    if root is None:
+        return tuple(torch.empty_like(t) for t in inputs)
+    whole = torch.empty_like(root)
+    return tuple(whole.as_strided(t.shape, t.stride(), t.storage_offset() - root.storage_offset()) for t in inputs)
+
+
+def _pass_grid(b, H, P, N, launch):
+    return b * H, triton.cdiv(P * N, launch.pass_block)
+
+
 class _RopeSSDCore(torch.autograd.Function):
     """(x, dt, A, dt_bias, B, C, tables, seq, initial_state) -> (y, final_state); delta and its within-chunk cumulative
     sums come from delta_kernel, the gradients of dt, A, dt_bias from dt_grad_kernel (_delta.py)."""
@@ -169,11 +229,18 @@ class _RopeSSDCore(torch.autograd.Function):
         states = torch.empty((b, H, nc, P, N), device=x.device, dtype=_state_dtype(x, launch.states_in_input_dtype))
         final = torch.empty((b, H, P, N), device=x.device, dtype=torch.float32)
         init = initial_state.to(torch.float32).contiguous() if initial_state is not None else final
-        scan_grid, scan_opts = _scan_launch(launch.scan_fwd, launch.scan_columns, b, H, N, x.device)
-        _state_fwd[scan_grid](
-            x, *_strides4(x), B, *_strides4(B), cos_t, sin_t, s_tb, s_tl, delta_p, cs, seq_t, init, states, final,
-            l, Lp, H, H // G, P, nc, BS=min(launch.block_scan_fwd, Q), HAS_INIT=initial_state is not None, **flags,
-            **meta, **scan_opts)
+        if _scan_mode(launch, b, H, x.device) == "walk":
+            scan_grid, scan_opts = _scan_launch(launch.scan_fwd, launch.scan_columns, b, H, N, x.device)
+            _state_fwd[scan_grid](
+                x, *_strides4(x), B, *_strides4(B), cos_t, sin_t, s_tb, s_tl, delta_p, cs, seq_t, init, states,
+                final, l, Lp, H, H // G, P, nc, BS=min(launch.block_scan_fwd, Q), HAS_INIT=initial_state is not None,
+                **flags, **meta, **scan_opts)
+        else:
+            sums = _chunk_sums(0, x, B, (cos_t, sin_t, s_tb, s_tl), delta_p, cs, seq_t, l, H, nc, meta, flags, launch)
+            states_from_sums_kernel[_pass_grid(b, H, P, N, launch)](
+                sums, cs, seq_t, init, states, final, l, Lp, H, P * N, nc, Q=Q, BLOCK=launch.pass_block,
+                HAS_SEQ=has_seq, HAS_INIT=initial_state is not None, **launch.state_pass.as_kwargs())
+            del sums
         y = torch.empty_like(x, dtype=y_dtype)  # x's memory layout: sequence-first views give a sequence-first y
         _chunk_output[(nc * (Q // BT), b * H)](
             x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
@@ -214,21 +281,31 @@ class _RopeSSDCore(torch.autograd.Function):
         dinit = torch.empty((b, H, P, N), device=dev, dtype=torch.float32)
         kdec = torch.zeros((b, H, nc), device=dev, dtype=torch.float32)
         dfin = dfinal.to(torch.float32).contiguous() if dfinal is not None else dinit
-        scan_grid, scan_opts = _scan_launch(launch.scan_bwd, launch.scan_columns, b, H, N, dev)
-        _state_bwd[scan_grid](
-            g, *_strides4(g), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl, cs, seq_t, states, dfin, dstates, dinit,
-            kdec, l, Lp, H, H // G, P, nc, BS=min(launch.block_scan_bwd, Q), HAS_DFINAL=dfinal is not None,
-            **flags, **meta, **scan_opts)
+        if _scan_mode(launch, b, H, dev) == "walk":
+            scan_grid, scan_opts = _scan_launch(launch.scan_bwd, launch.scan_columns, b, H, N, dev)
+            _state_bwd[scan_grid](
+                g, *_strides4(g), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl, cs, seq_t, states, dfin, dstates,
+                dinit, kdec, l, Lp, H, H // G, P, nc, BS=min(launch.block_scan_bwd, Q), HAS_DFINAL=dfinal is not None,
+                **flags, **meta, **scan_opts)
+        else:
+            sums = _chunk_sums(1, g, C, (cos_t, sin_t, s_tb, s_tl), cs, cs, seq_t, l, H, nc, meta, flags, launch)
+            grid = _pass_grid(b, H, P, N, launch)
+            kparts = torch.empty((b, H, nc, grid[1]), device=dev, dtype=torch.float32)
+            dstates_from_sums_kernel[grid](
+                sums, cs, seq_t, states, dfin, dstates, dinit, kparts, l, Lp, H, P * N, nc, Q=Q,
+                BLOCK=launch.pass_block, HAS_SEQ=has_seq, HAS_DFINAL=dfinal is not None,
+                **launch.state_pass.as_kwargs())
+            del sums
+            torch.sum(kparts, -1, out=kdec)
 
         # per-token gradients; with G < H the per-head dB, dC are summed over each group's heads
-        # (gradients take their input's memory layout, so that views of one projection come back as such)
         if G == H:
-            dB_h, dC_h = torch.empty_like(B), torch.empty_like(C)
+            dx, dB_h, dC_h = _input_grads(x, B, C)
         else:
+            dx = torch.empty_like(x)
             dB_h = torch.empty((b, l, H, N), device=dev, dtype=torch.float32)
             dC_h = torch.empty((b, l, H, N), device=dev, dtype=torch.float32)
         e, k, ddelta, v = torch.empty((4, b, H, Lp), device=dev, dtype=torch.float32)
-        dx = torch.empty_like(x)
         grid = (nc * (Q // BT), b * H)
         _dc[grid](
             g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,

@@ -43,6 +43,12 @@ class LaunchConfig:
     # Half-columns of the state per scan program; None: chosen per call (all N/2 up to 64 while b * H programs still
     # cover every SM, fewer for few batch rows).
     scan_columns: int | None = None
+    # How the state recurrence over chunks runs: "walk" (the scans above: one program per batch row, head and column
+    # block walks the sequence), "chunks" (every chunk's own sum in parallel, then an elementwise pass over the
+    # chunks; _states.py), or None: chosen per call (chunk.py, _scan_mode).
+    scan_mode: str | None = None
+    # Elements of the (P x N) state per program of the chunk-parallel pass.
+    pass_block: int = 1024
     # Narrowest half-column tile: 32 keeps N = 64 unpadded (11-16% faster at the 1.3B-sized N = 64 layer,
     # docs/kernels.md); 64 pads it to N = 128's tiles. tests/gpu: test_narrow_half_tiles.
     half_tile_min: int = 32
@@ -58,6 +64,8 @@ class LaunchConfig:
     # with one stage (2 stages measured 0.10-0.21 ms slower per kernel on the H200, docs/kernels.md).
     scan_fwd: KernelOptions = field(default_factory=lambda: KernelOptions(num_warps=4, num_stages=3))
     scan_bwd: KernelOptions = field(default_factory=lambda: KernelOptions(num_warps=4, num_stages=3))
+    chunk_sums: KernelOptions = field(default_factory=lambda: KernelOptions(num_warps=4, num_stages=2))
+    state_pass: KernelOptions = field(default_factory=lambda: KernelOptions(num_warps=4, num_stages=3))
     output: KernelOptions = field(default_factory=KernelOptions)
     dc: KernelOptions = field(default_factory=KernelOptions)
     dxdb: KernelOptions = field(default_factory=KernelOptions)
