@@ -240,7 +240,11 @@ VARIANTS = {
     **{f"scan chunks 1.3B b2 {name}": dict(shape=(32, 128, 4096, 2), scan_mode="chunks", **v) for name, v in {
         "pass512": dict(pass_block=512), "pass2048": dict(pass_block=2048), "pass stages1": {"state_pass.num_stages": 1},
         "sums stages1": {"chunk_sums.num_stages": 1}, "sums stages3": {"chunk_sums.num_stages": 3},
-        "sums w8": {"chunk_sums.num_warps": 8}, "sums rows32": dict(block_scan_fwd=32, block_scan_bwd=32)}.items()},
+        "sums w8": {"chunk_sums.num_warps": 8}, "sums rows32": dict(block_scan_fwd=32, block_scan_bwd=32),
+        "sums stages3 pass512": {"chunk_sums.num_stages": 3, "pass_block": 512}}.items()},
+    **{f"scan chunks {name} sums stages{k}": dict(shape=shape, scan_mode="chunks", **{"chunk_sums.num_stages": k})
+       for name, shape in {"1.3B b8": (32, 128, 4096, 8), "1.3B b1 l32K": (32, 128, 32768, 1),
+                           "320M b4": (12, 128, 4096, 4)}.items() for k in (1, 3)},
     **{f"N64 half-tiles{w} H{H} l{l}": dict(shape=(H, 64, l), half_tile_min=w)
        for H in (32, 12) for l in (4096, 16384) for w in (64, 32)},
 }
@@ -329,6 +333,11 @@ def profile_fused(P=64, steps_only=False, variant="default"):
         torch.cuda.synchronize()
     print(f"profile of layout {variant!r}, 5 steps:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    per_step = {e.key: getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 5e3
+                for e in prof.key_averages()}
+    kernels = {k: round(v, 4) for k, v in sorted(per_step.items(), key=lambda kv: -kv[1]) if v > 0}
+    return {"gpu_ms_per_fwdbwd": round(sum(v for k, v in kernels.items() if not k.startswith("aten::")), 4),
+            "kernels_ms": kernels}
 
 
 def git_commit():
@@ -371,9 +380,13 @@ def main():
     if args.ncu_step:
         profile_fused(steps_only=True)
         return
+    profiles = {}
     if args.profile is not None:
         for name in args.profile or ["default"]:
-            profile_fused(variant=name)
+            profiles[name] = profile_fused(variant=name)
+        print("GPU ms per forward+backward (kernels only, torch.profiler):")
+        for name, p in profiles.items():
+            print(f"  {p['gpu_ms_per_fwdbwd']:7.3f}  {name}")
     if args.fast:
         TIMING.update(warmup=5, rep=30)
     baseline = load_baseline(args.baseline_kernels) if args.baseline_kernels else None
@@ -384,7 +397,7 @@ def main():
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
         "triton": triton.__version__, "command": " ".join([sys.executable] + sys.argv),
-        "ceilings": ceilings(), "shapes": [], "variants_1p3b_n128_l4096": variants,
+        "ceilings": ceilings(), "shapes": [], "variants_1p3b_n128_l4096": variants, "profiles": profiles or None,
         "timing_ms": dict(TIMING),
     }
     # the 1.3B target shape first, then the rest: each shape is saved as soon as it is measured
