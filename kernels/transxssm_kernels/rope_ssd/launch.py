@@ -45,10 +45,11 @@ class LaunchConfig:
     scan_columns: int | None = None
     # How the state recurrence over chunks runs: "walk" (the scans above: one program per batch row, head and column
     # block walks the sequence), "chunks" (every chunk's own sum in parallel, then an elementwise pass over the
-    # chunks; _states.py), or None: chosen per call (chunk.py, _scan_mode).
+    # chunks; _states.py), or None: chosen per call (chunk.py, _scan_mode: the walk from b*H >= SMs on).
     scan_mode: str | None = None
-    # Elements of the (P x N) state per program of the chunk-parallel pass.
-    pass_block: int = 1024
+    # Elements of the (P x N) state per program of the chunk-parallel pass (512: 0.003 ms less than 1024 per 1.3B
+    # layer at b = 2).
+    pass_block: int = 512
     # Narrowest half-column tile: 32 keeps N = 64 unpadded (11-16% faster at the 1.3B-sized N = 64 layer,
     # docs/kernels.md); 64 pads it to N = 128's tiles. tests/gpu: test_narrow_half_tiles.
     half_tile_min: int = 32
@@ -64,7 +65,8 @@ class LaunchConfig:
     # with one stage (2 stages measured 0.10-0.21 ms slower per kernel on the H200, docs/kernels.md).
     scan_fwd: KernelOptions = field(default_factory=lambda: KernelOptions(num_warps=4, num_stages=3))
     scan_bwd: KernelOptions = field(default_factory=lambda: KernelOptions(num_warps=4, num_stages=3))
-    chunk_sums: KernelOptions = field(default_factory=lambda: KernelOptions(num_warps=4, num_stages=2))
+    # The chunk sums pipeline their loop over a chunk's row blocks (3 stages: 9-14% faster than 2 on the H200)
+    chunk_sums: KernelOptions = field(default_factory=lambda: KernelOptions(num_warps=4, num_stages=3))
     state_pass: KernelOptions = field(default_factory=lambda: KernelOptions(num_warps=4, num_stages=3))
     output: KernelOptions = field(default_factory=KernelOptions)
     dc: KernelOptions = field(default_factory=KernelOptions)
