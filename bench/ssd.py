@@ -23,7 +23,6 @@ import functools
 import importlib
 import json
 import os
-import subprocess
 import sys
 import time
 import types
@@ -34,6 +33,8 @@ import triton
 from triton.testing import do_bench
 
 from transxssm_kernels.rope_ssd import rope_ssd
+
+from run_record import commit  # noqa: E402  (bench/ is the script's folder)
 
 TOKENS = 32768
 DT = torch.bfloat16
@@ -340,17 +341,6 @@ def profile_fused(P=64, steps_only=False, variant="default"):
             "kernels_ms": kernels}
 
 
-def git_commit():
-    """GIT_COMMIT if set (a copy of the tree without its git history), else the checkout's HEAD."""
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL,
-                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
-    except Exception:
-        return "unknown"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -395,7 +385,7 @@ def main():
 
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "git_commit": commit(), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
         "triton": triton.__version__, "command": " ".join([sys.executable] + sys.argv),
         "ceilings": ceilings(), "shapes": [], "variants_1p3b_n128_l4096": variants, "profiles": profiles or None,
         "timing_ms": dict(TIMING),

@@ -28,6 +28,8 @@ How it works (per batch row and head; Q = chunk_size, cs = within-chunk cumulati
                  with the fp32 state in registers; stores the state entering each chunk)
             y_t = exp(cs_t) C~_t H_c^T + sum_{s<=t} exp(cs_t - cs_s) (C~_t.B~_s) delta_s x_s   (chunk_output_kernel)
   B~, C~ are rotated inside the kernels as B and C are loaded; the rotated tensors never touch memory.
+  With few batch rows x heads the two scans run chunk-parallel instead (_states.py: each chunk's own sum in
+  parallel, then an elementwise pass over the chunks; LaunchConfig.scan_mode, _scan_mode).
   backward  state_scan_bwd_kernel (reverse walk), dc_kernel (dC), dxdb_kernel (dx, dB); see _bwd.py. The gradient
   through the rotation is the inverse rotation, applied before storing dB, dC. d(delta*A) comes from C~.dC~ and
   B~.dB~ row sums in fp32 (their diagonal twins cancel in fp32, not after bf16 rounding; see _bwd.py).
