@@ -181,6 +181,14 @@ def test_bad_arguments(rope_ssd):
         rope_ssd(t["x"], t["dt"], t["A"], t["B"][..., :20], t["C"][..., :20], chunk_size=16)
 
 
+def test_unknown_scan_mode_is_refused(rope_ssd):
+    """LaunchConfig.scan_mode takes "walk", "chunks" or None; anything else is a one-line error naming the field."""
+    fn = importlib.import_module("transxssm_kernels.rope_ssd.chunk").rope_ssd
+    t, kw = make_case(1, 8, 2, 16, 2, 32, dtype=torch.float32, seed=6)
+    with pytest.raises(ValueError, match="scan_mode must be 'walk', 'chunks' or None"):
+        fn(**t, **kw, chunk_size=16, launch=LaunchConfig(scan_mode="diagonal"))
+
+
 def test_sequence_first_views(rope_ssd):
     """The SS mixer's call: x, B, C views of one sequence-first (l, b, H, P + 2N) tensor and dt a view of an (l, b, H)
     one, all transposed to (b, l, ...). y and every gradient equal the contiguous call's bit for bit, and y comes back

@@ -105,7 +105,8 @@ def _tables(cos, sin, ref, launch):
 
 
 # TRANSXSSM_SSD_AUTOTUNE=1: Triton's autotuner chooses warps, stages and scan columns per shape key over the configs
-# below (kernels with atomic accumulators name them in reset_to_zero) instead of the LaunchConfig's.
+# below (kernels with atomic accumulators name them in reset_to_zero) instead of the LaunchConfig's; the
+# chunk-parallel state kernels (_states.py) keep the LaunchConfig's options.
 AUTOTUNE = os.environ.get("TRANSXSSM_SSD_AUTOTUNE", "0") == "1" and os.environ.get("TRITON_INTERPRET") != "1"
 _KEY = ["P", "N_HALF", "Q", "H", "L", "HAS_ROPE", "HAS_SEQ", "BT"]
 _TILE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
