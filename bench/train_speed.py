@@ -13,6 +13,7 @@ share), variants being:
   recompute  fused + train.recompute=true (activations recomputed in backward: long contexts)
   reference  train.fused=false: the eager path the fused one is checked against
   graph-no-wgrad-fusion  graph, weight gradients formed in bf16 and added to the fp32 buffer by a separate kernel
+  no-wgrad-fusion        fused, weight gradients formed in bf16 and added by a separate kernel
 and, with --anchor, the baseline script (a ~150-line PyTorch model of the same architecture with torch.compile per
 block and our SSD kernel) with the same shapes. tokens/s is the median over the logged intervals after the
 first (which holds compilation and warm-up); each run does about --micro-batches micro-batches. --profile adds,
@@ -21,7 +22,8 @@ step's GPU time by kind of work (matmuls, SSD kernels, attention, compiled eleme
 optimizer, ...).
 --override passes a config override to every run of ours (recorded in the JSON), e.g. model.ss_chunk_size=128.
 --loss-curve DATA_DIR trains 320m fused and reference side by side on real preprocessed data (same seed, data order
-and schedule) and compares the two loss curves step by step.
+and schedule) and compares the loss curves step by step; --curve-variants trains others too (e.g.
+fused,reference,no-wgrad-fusion), each compared with the first.
 
 Writes OUT/train-speed.json: `rows` (one object per row: model, seq_length, micro_batch_size, ours_tokens_per_s,
 anchor_tokens_per_s, ours_mfu, mem_gib, and per-variant details), the date, commit, GPU and versions, and every
@@ -60,7 +62,8 @@ ROWS = {
 }
 VARIANTS = {"fused": [], "graph": ["train.cuda_graph=true"], "recompute": ["train.recompute=true"],
             "reference": ["train.fused=false"],
-            "graph-no-wgrad-fusion": ["train.cuda_graph=true", "train.wgrad_fusion=false"]}
+            "graph-no-wgrad-fusion": ["train.cuda_graph=true", "train.wgrad_fusion=false"],
+            "no-wgrad-fusion": ["train.wgrad_fusion=false"]}
 
 # Kernel name fragments -> kind of work, first match wins (names from PyTorch 2.11 / Triton 3.6 on an H200).
 KINDS = [
@@ -180,7 +183,8 @@ def profile(row: str, variant: str, args) -> dict:
 
 
 def loss_curves(args, log) -> dict:
-    """The fused path and the eager reference trained side by side: same data, seed and schedule, 320m at l=4096."""
+    """Variants (the fused path and the eager reference by default) trained side by side: same data, seed and
+    schedule, 320m at l=4096; differences are taken against the first variant."""
     found = sorted(Path(args.loss_curve).resolve().glob("*.idx"))
     prefixes = "[" + ",".join(str(p.with_suffix("")) for p in found) + "]"
     common = ["train.seq_length=4096", "model.max_seq_length=4096", "train.micro_batch_size=4",
@@ -189,7 +193,8 @@ def loss_curves(args, log) -> dict:
               "checkpoint.save_at_end=false", "checkpoint.resume=none", f"data.prefixes={prefixes}",
               "data.split=100,0,0"]
     curves = {}
-    for variant in ("fused", "reference"):
+    variants = args.curve_variants.split(",")
+    for variant in variants:
         run_dir = Path(args.work) / f"curve-{variant}"
         cmd = [sys.executable, "-m", "transxssm_megatron.cli", "train", "--config", "configs/320m.yaml", *common,
                f"logging.run_dir={run_dir}", *VARIANTS[variant]]
@@ -197,15 +202,14 @@ def loss_curves(args, log) -> dict:
         records, _ = read_metrics(run_dir / "metrics.jsonl")
         curves[variant] = {"command": " ".join(cmd), "exit_code": rc, "wall_s": round(wall, 1),
                            "loss": [r["loss"] for r in records if "loss" in r]}
-    a, b = curves["fused"]["loss"], curves["reference"]["loss"]
-    n = min(len(a), len(b))
-    diffs = [abs(x - y) for x, y in zip(a, b)]
+    n = min(len(c["loss"]) for c in curves.values())
     tail = slice(max(0, n - 50), n)
-    return {"data": prefixes, "steps": n, **curves,
-            "max_abs_diff": max(diffs, default=None),
-            "mean_abs_diff_last_50": statistics.mean(diffs[tail]) if n else None,
-            "mean_loss_last_50": {"fused": statistics.mean(a[tail]) if n else None,
-                                  "reference": statistics.mean(b[tail]) if n else None}}
+    first = curves[variants[0]]["loss"]
+    diffs = {v: [abs(x - y) for x, y in zip(first, curves[v]["loss"])] for v in variants[1:]}
+    return {"data": prefixes, "steps": n, **curves, "against": variants[0],
+            "max_abs_diff": {v: max(d, default=None) for v, d in diffs.items()},
+            "mean_abs_diff_last_50": {v: statistics.mean(d[tail]) if n else None for v, d in diffs.items()},
+            "mean_loss_last_50": {v: statistics.mean(c["loss"][tail]) if n else None for v, c in curves.items()}}
 
 
 def main() -> int:
@@ -227,6 +231,8 @@ def main() -> int:
     parser.add_argument("--loss-curve", metavar="DATA_DIR", help="folder of preprocessed prefixes (*.bin/.idx): also "
                         "train 320m fused and reference side by side on them and compare the loss curves")
     parser.add_argument("--curve-steps", type=int, default=200)
+    parser.add_argument("--curve-variants", default="fused,reference",
+                        help="variants trained for --loss-curve, compared with the first (names as for --variants)")
     parser.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/transxssm_speed"))
     args = parser.parse_args()
     if args.profile_only:  # child process of --profile: print the breakdown as one JSON line
@@ -237,11 +243,14 @@ def main() -> int:
     for item in args.variants.split(","):
         variant, _, acc = item.partition("/acc")
         runs += [(variant, int(acc))] if acc else [(variant, int(a)) for a in args.accumulation.split(",")]
+    curve = args.curve_variants.split(",") if args.loss_curve else []
     unknown = [r for r in rows if r not in ROWS] + \
-        [v for v in [v for v, _ in runs] + [p.partition("/acc")[0] for p in args.profile.split(",")]
+        [v for v in [v for v, _ in runs] + [p.partition("/acc")[0] for p in args.profile.split(",")] + curve
          if v and v not in VARIANTS]
     if unknown:
         parser.error(f"unknown row or variant: {', '.join(unknown)}")
+    if args.loss_curve and (len(curve) < 2 or len(set(curve)) < len(curve)):
+        parser.error(f"--curve-variants needs two or more different variants, got {args.curve_variants!r}")
     args.out.mkdir(parents=True, exist_ok=True)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     if args.anchor:
@@ -295,8 +304,8 @@ def main() -> int:
                   f"{fmt(v['mem_gib'], '{:.0f}'):>6}{fmt(a, '{:,.0f}'):>10}{ratio:>7}")
     if "loss_curve" in result:
         c = result["loss_curve"]
-        print(f"loss curves over {c['steps']} steps: max |fused - reference| {c['max_abs_diff']}, mean over the last "
-              f"50 {c['mean_abs_diff_last_50']}, mean loss {c['mean_loss_last_50']}")
+        print(f"loss curves over {c['steps']} steps against {c['against']}: max |difference| {c['max_abs_diff']}, "
+              f"mean over the last 50 {c['mean_abs_diff_last_50']}, mean loss {c['mean_loss_last_50']}")
     for p in result["profiles"]:
         if "kinds" in p:
             parts = ", ".join(f"{n.split(' (')[0]} {k['ms']:.1f}" for n, k in p["kinds"].items() if k["ms"] > 0.05)
