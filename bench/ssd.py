@@ -239,7 +239,8 @@ VARIANTS = {
                            "1.3B b8": (32, 128, 4096, 8), "320M b4": (12, 128, 4096, 4),
                            "320M b1 l16K": (12, 128, 16384, 1)}.items()},
     **{f"scan chunks 1.3B b2 {name}": dict(shape=(32, 128, 4096, 2), scan_mode="chunks", **v) for name, v in {
-        "pass512": dict(pass_block=512), "pass2048": dict(pass_block=2048), "pass stages1": {"state_pass.num_stages": 1},
+        "pass512": dict(pass_block=512), "pass2048": dict(pass_block=2048),
+        "pass stages1": {"state_pass.num_stages": 1},
         "sums stages1": {"chunk_sums.num_stages": 1}, "sums stages3": {"chunk_sums.num_stages": 3},
         "sums w8": {"chunk_sums.num_warps": 8}, "sums rows32": dict(block_scan_fwd=32, block_scan_bwd=32),
         "sums stages3 pass512": {"chunk_sums.num_stages": 3, "pass_block": 512}}.items()},

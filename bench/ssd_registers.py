@@ -31,7 +31,8 @@ from transxssm_kernels.rope_ssd import DEFAULT_LAUNCH, _bwd, _fwd, _states
 
 BF16_POINTERS = {"x_ptr", "b_ptr", "c_ptr", "g_ptr", "y_ptr", "dx_ptr", "db_ptr", "dc_ptr", "cos_ptr", "sin_ptr",
                  "v_ptr", "m_ptr", "states_ptr", "dstates_ptr"}
-UNIT_STRIDES = {"s_xp", "s_bn", "s_cn", "s_gp", "s_yp", "s_dxp", "s_dn", "s_vp", "s_mn"}   # last-dim strides: 1 in every launch
+# last-dim strides: 1 in every launch
+UNIT_STRIDES = {"s_xp", "s_bn", "s_cn", "s_gp", "s_yp", "s_dxp", "s_dn", "s_vp", "s_mn"}
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 

@@ -180,9 +180,6 @@ class _SplitLastDim(torch.autograd.Function):
         return torch.cat(grads, dim=-1), None
 
 
-split_projection.reference = lambda *args: _split_projection.reference(*args)
-
-
 def split_last_dim(t: torch.Tensor, widths) -> tuple[torch.Tensor, ...]:
     """t.split(widths, dim=-1), views of t; see _SplitLastDim for the backward."""
     return _SplitLastDim.apply(t, tuple(widths))
@@ -199,6 +196,9 @@ def _split_projection(proj: torch.Tensor, groups: int, widths: tuple[int, int, i
         xbc = causal_conv_silu(xbc.reshape(l, b, -1), conv_weight, conv_bias).view(l, b, groups, -1)
     x, B, C = xbc.split([x_w, n, n], dim=-1)
     return (z if z_w else None), x, B, C
+
+
+split_projection.reference = _split_projection.reference
 
 
 def causal_conv_silu(xbc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

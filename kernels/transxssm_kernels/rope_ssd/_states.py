@@ -49,11 +49,17 @@ def chunk_sums_kernel(
 
 
 @triton.jit
-def _pass_program(cs_ptr, seq_ptr, L, Lp, H, PN, BLOCK: tl.constexpr):
-    """(batch*H + head as int64, its cs and seq rows, this program's offsets into a (P x N) state and their mask)."""
+def _pass_program(cs_ptr, seq_ptr, start_ptr, L, Lp, H, PN, BLOCK: tl.constexpr, HAS_START: tl.constexpr):
+    """(batch*H + head as int64, its cs and seq rows, this program's offsets into a (P x N) state and their mask,
+    and its block of the (b, H, P, N) fp32 state the pass starts from: start_ptr's, or zeros without it)."""
     bh64 = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    return bh64, cs_ptr + bh64 * Lp, seq_ptr + (bh64 // H) * L, offs, offs < PN
+    mask = offs < PN
+    if HAS_START:
+        start = tl.load(start_ptr + bh64 * PN + offs, mask=mask, other=0.0)
+    else:
+        start = tl.zeros((BLOCK,), dtype=tl.float32)
+    return bh64, cs_ptr + bh64 * Lp, seq_ptr + (bh64 // H) * L, offs, mask, start
 
 
 @triton.jit
@@ -66,11 +72,7 @@ def states_from_sums_kernel(
     Q: tl.constexpr, BLOCK: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
 ):
     """H_0 = initial state (or 0); store H_c, then H_{c+1} = decay_c H_c + S_c. Grid (b*H, P*N / BLOCK)."""
-    bh64, cs_base, seq_base, offs, mask = _pass_program(cs_ptr, seq_ptr, L, Lp, H, PN, BLOCK)
-    if HAS_INIT:
-        h = tl.load(init_ptr + bh64 * PN + offs, mask=mask, other=0.0)
-    else:
-        h = tl.zeros((BLOCK,), dtype=tl.float32)
+    bh64, cs_base, seq_base, offs, mask, h = _pass_program(cs_ptr, seq_ptr, init_ptr, L, Lp, H, PN, BLOCK, HAS_INIT)
     for c in range(NC):
         at = (bh64 * NC + c) * PN + offs
         tl.store(states_ptr + at, h.to(states_ptr.dtype.element_ty), mask=mask)
@@ -93,11 +95,8 @@ def dstates_from_sums_kernel(
     """dH_NC = d final state (or 0); last chunk first: store dH_{c+1} and this block's part of
     K_c = decay_c <dH_{c+1}, H_c>, then dH_c = decay_c dH_{c+1} + T_c. Grid (b*H, P*N / BLOCK). The parts are
     stored, not added atomically, so that the caller sums them in a fixed order (bit-repeatable gradients)."""
-    bh64, cs_base, seq_base, offs, mask = _pass_program(cs_ptr, seq_ptr, L, Lp, H, PN, BLOCK)
-    if HAS_DFINAL:
-        r = tl.load(dfinal_ptr + bh64 * PN + offs, mask=mask, other=0.0)
-    else:
-        r = tl.zeros((BLOCK,), dtype=tl.float32)
+    bh64, cs_base, seq_base, offs, mask, r = _pass_program(cs_ptr, seq_ptr, dfinal_ptr, L, Lp, H, PN, BLOCK,
+                                                           HAS_DFINAL)
     for i in range(NC):
         c = NC - 1 - i
         at = (bh64 * NC + c) * PN + offs

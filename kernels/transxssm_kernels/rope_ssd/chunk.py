@@ -129,13 +129,17 @@ def _options(kernel_options):
     return {} if AUTOTUNE else kernel_options.as_kwargs()
 
 
+def _widest_columns(N):
+    """Half-columns per program when one program takes a whole state row: all N/2, within 16..64 (dot tiles)."""
+    return max(16, min(64, triton.next_power_of_2(N // 2)))
+
+
 def _scan_columns(b, H, N, device):
     """Half-columns per state-scan program. All N/2 (up to 64) reads x (or dy) once per head, 0.1 ms faster
     fwd+bwd than 32 on the H200 at the 1.3B layer (docs/kernels.md), as long as the b*H programs still cover every
     SM; fewer batch rows (long sequences) split the columns to keep the SMs busy."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    widest = max(16, min(64, triton.next_power_of_2(N // 2)))
-    cols = widest
+    cols = _widest_columns(N)
     while cols > 16 and b * H * triton.cdiv(N // 2, cols) < sms:
         cols //= 2
     return cols
@@ -167,7 +171,7 @@ def _chunk_sums(mode, v, m, tables, delta_p, cs, seq_t, l, H, nc, meta, flags, l
     b, _, _, P = v.shape
     G, N = m.shape[2], m.shape[3]
     cos_t, sin_t, s_tb, s_tl = tables
-    cols = max(16, min(64, triton.next_power_of_2(N // 2)))
+    cols = _widest_columns(N)
     sums = torch.empty((b, H, nc, P, N), device=v.device, dtype=torch.float32)
     chunk_sums_kernel[(b * H, triton.cdiv(N // 2, cols), nc)](
         v, *_strides4(v), m, *_strides4(m), cos_t, sin_t, s_tb, s_tl, delta_p, cs, seq_t, sums,
@@ -234,7 +238,8 @@ class _RopeSSDCore(torch.autograd.Function):
         states = torch.empty((b, H, nc, P, N), device=x.device, dtype=_state_dtype(x, launch.states_in_input_dtype))
         final = torch.empty((b, H, P, N), device=x.device, dtype=torch.float32)
         init = initial_state.to(torch.float32).contiguous() if initial_state is not None else final
-        if _scan_mode(launch, b, H, x.device) == "walk":
+        scan_mode = _scan_mode(launch, b, H, x.device)
+        if scan_mode == "walk":
             scan_grid, scan_opts = _scan_launch(launch.scan_fwd, launch.scan_columns, b, H, N, x.device)
             _state_fwd[scan_grid](
                 x, *_strides4(x), B, *_strides4(B), cos_t, sin_t, s_tb, s_tl, delta_p, cs, seq_t, init, states,
@@ -257,6 +262,7 @@ class _RopeSSDCore(torch.autograd.Function):
         ctx.cfg = (Q, s_tb, s_tl, has_rope, has_seq, initial_state is not None, dt_bias is not None, softplus)
         ctx.a_dtype = A.dtype
         ctx.launch = launch
+        ctx.scan_mode = scan_mode
         ctx.set_materialize_grads(False)
         return y, final
 
@@ -284,9 +290,9 @@ class _RopeSSDCore(torch.autograd.Function):
         # gradient of the state leaving each chunk (reverse scan) and the chunk-decay part of d a
         dstates = torch.empty((b, H, nc, P, N), device=dev, dtype=_state_dtype(x, launch.dstates_in_input_dtype))
         dinit = torch.empty((b, H, P, N), device=dev, dtype=torch.float32)
-        kdec = torch.zeros((b, H, nc), device=dev, dtype=torch.float32)
         dfin = dfinal.to(torch.float32).contiguous() if dfinal is not None else dinit
-        if _scan_mode(launch, b, H, dev) == "walk":
+        if ctx.scan_mode == "walk":
+            kdec = torch.zeros((b, H, nc), device=dev, dtype=torch.float32)
             scan_grid, scan_opts = _scan_launch(launch.scan_bwd, launch.scan_columns, b, H, N, dev)
             _state_bwd[scan_grid](
                 g, *_strides4(g), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl, cs, seq_t, states, dfin, dstates,
@@ -301,7 +307,7 @@ class _RopeSSDCore(torch.autograd.Function):
                 BLOCK=launch.pass_block, HAS_SEQ=has_seq, HAS_DFINAL=dfinal is not None,
                 **launch.state_pass.as_kwargs())
             del sums
-            torch.sum(kparts, -1, out=kdec)
+            kdec = kparts.sum(-1)
 
         # per-token gradients; with G < H the per-head dB, dC are summed over each group's heads
         if G == H:
