@@ -33,6 +33,58 @@ def test_matches_full_logits_float64():
         assert err < 1e-12, f"{name}: relative error {err:.2e}"
 
 
+def test_weight_gradient_buffer_is_written_whole_by_the_first_chunk(monkeypatch):
+    """The fp32 weight-gradient buffer is allocated uninitialised (no zero fill); the first chunk overwrites it: with
+    torch.empty handing out NaN-filled memory the gradients still equal the unchunked ones (float64, 1e-12)."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(21, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    labels, mask = torch.randint(0, 30, (21,), generator=g), torch.ones(21, dtype=torch.float64)
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    linear_cross_entropy(hidden, weight, labels, mask, chunk_tokens=8).backward()
+    monkeypatch.undo()
+    got = weight.grad.clone()
+    weight.grad = None
+    (F.cross_entropy(hidden @ weight.t(), labels, reduction="none") * mask).sum().backward()
+    assert torch.isfinite(got).all()
+    assert ((got - weight.grad).norm() / weight.grad.norm()).item() < 1e-12
+
+
+@pytest.mark.parametrize("tied_on_this_stage", [True, False], ids=["tied", "own-weight"])
+def test_main_grad_receives_the_weight_gradient(tied_on_this_stage):
+    """With main_grad (megatron's fp32 buffer under gradient accumulation fusion) the weight gradient, scaled by the
+    incoming gradient, is added to what the buffer held (two micro-batches, float64 inputs, relative 1e-12), and
+    backward returns what megatron's linear layers return: nothing for a weight tied to the embedding on this stage
+    (`zero_out_wgrad`), else a stand-in that megatron's hook is told not to add (`grad_added_to_main_grad`)."""
+    g = torch.Generator().manual_seed(2)
+    weight = torch.nn.Parameter(torch.randn(30, 8, generator=g, dtype=torch.float64))
+    if tied_on_this_stage:
+        weight.zero_out_wgrad = True
+    weight.grad_added_to_main_grad = False
+    main_grad = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    expected = main_grad.clone()
+    for scale in (0.37, 1.5):   # two micro-batches into the same buffer
+        hidden = torch.randn(21, 8, generator=g, dtype=torch.float64)
+        labels, mask = torch.randint(0, 30, (21,), generator=g), (torch.rand(21, generator=g) > 0.3).double()
+        (linear_cross_entropy(hidden, weight, labels, mask, chunk_tokens=8, main_grad=main_grad) * scale).backward()
+        w = weight.detach().requires_grad_()
+        ((F.cross_entropy(hidden @ w.t(), labels, reduction="none") * mask).sum() * scale).backward()
+        expected += w.grad
+        if tied_on_this_stage:
+            assert weight.grad is None and not weight.grad_added_to_main_grad
+        else:
+            assert weight.grad is not None and weight.grad_added_to_main_grad
+        weight.grad = None
+    assert ((main_grad - expected).norm() / expected.norm()).item() < 1e-12
+
+
+def test_rejects_a_main_grad_of_another_shape():
+    with pytest.raises(ValueError, match="main_grad"):
+        linear_cross_entropy(torch.zeros(4, 8), torch.zeros(10, 8), torch.zeros(4, dtype=torch.long), torch.ones(4),
+                             main_grad=torch.zeros(8, 10))
+
+
 def test_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="labels and loss_mask"):
         linear_cross_entropy(torch.zeros(4, 8), torch.zeros(10, 8), torch.zeros(5, dtype=torch.long), torch.ones(4))

@@ -1,11 +1,13 @@
 """Megatron's gradient accumulation fusion without apex (training/wgrad_accumulation.py) on CPU: megatron's linear
 layer calling the stand-in with the arguments in the order it expects and marking the gradient as added (fp32,
-against float64, relative 1e-6), and install() leaving megatron alone where the fp32-output matmul is missing. That
-matmul is CUDA-only: tests/gpu/test_fused_gpu.py checks it against float64 and tests/gpu/test_train_gpu.py trains
-with it against megatron's separate add."""
+against float64, relative 1e-6), install() leaving megatron alone where the fp32-output matmul is missing, and a
+whole training step (linear layers and the chunked LM head adding into main_grad, at PP = 1 and 2) giving every
+parameter the main_grad of megatron's separate add. The fp32-output matmul is CUDA-only: tests/gpu/test_fused_gpu.py
+checks it against float64 and tests/gpu/test_train_gpu.py trains with it against megatron's separate add."""
 
 import types
 
+import pytest
 import torch
 from megatron.core.tensor_parallel import layers
 
@@ -51,3 +53,56 @@ def test_apex_module_is_kept(monkeypatch):
     monkeypatch.setattr(layers, "fused_weight_gradient_mlp_cuda", apex_like, raising=False)
     assert wgrad_accumulation.install() is True
     assert layers.fused_weight_gradient_mlp_cuda is apex_like
+
+
+def _main_grads_after_one_step(run_dir: str, fusion: bool):
+    """In a gloo rank (tests/distributed.py): one step of the tiny model (2 micro-batches), with the linear layers
+    and the LM head adding weight gradients into main_grad themselves (the CPU stand-in above) or not; every
+    parameter's main_grad by name."""
+    from pathlib import Path
+
+    from transxssm_megatron.training import data as data_lib, loop
+    from transxssm_megatron.training.loop import Trainer
+    from transxssm_megatron.training.run_config import RunConfig
+
+    if fusion:
+        loop.uses_wgrad_fusion = lambda cfg, world: True
+        layers.fused_weight_gradient_mlp_cuda = types.SimpleNamespace(
+            wgrad_gemm_accum_fp32=wgrad_accumulation.accumulate_same_dtype)
+        layers._grad_accum_fusion_available = True
+        torch.cuda.current_device = lambda: "cpu"   # megatron allocates its stand-in gradients there
+    world = torch.distributed.get_world_size()
+    cfg = RunConfig.from_dict({
+        "model": {"preset": "tiny", "num_layers": 8},
+        "train": {"steps": 2, "seq_length": 32, "micro_batch_size": 2, "global_batch_size": 4, "eval_interval": 0,
+                  "eval_iters": 0},
+        "parallel": {"pp": world},
+        "optim": {"lr": 1e-3, "clip_grad": 0.0},
+        "data": {"mode": "mock"},
+        "checkpoint": {"resume": "none", "interval": 0, "save_at_end": False},
+        "logging": {"run_dir": run_dir, "tensorboard": False}})
+    trainer = Trainer(cfg)
+    assert trainer.model[0].config.gradient_accumulation_fusion is fusion
+    batches = trainer._data_iterators(lambda: data_lib.train_batches(trainer.datasets.train, 0, cfg, trainer.world))
+    trainer.train_step(batches)
+    grads = {name: p.main_grad.clone() for chunk in trainer.model for name, p in chunk.named_parameters()}
+    trainer.close()
+    return grads
+
+
+@pytest.mark.parametrize("pp", [1, 2], ids=["tied-lm-head", "pp2-own-lm-head-copy"])
+def test_every_main_grad_matches_the_separate_add(tmp_path, pp):
+    """A whole step with gradient accumulation fusion (linear layers and the chunked LM head adding into main_grad)
+    gives every parameter the main_grad of the separate add: fp32 on CPU, relative 1e-5. PP = 1 ties the LM head
+    to the embedding on one stage (both add into one buffer); at PP = 2 the last stage has its own copy of the
+    weight, whose gradient reaches megatron's hook as a stand-in that must not be added."""
+    from distributed import run_distributed
+
+    separate = run_distributed(_main_grads_after_one_step, pp, str(tmp_path / "separate"), False, pp=pp)
+    fused = run_distributed(_main_grads_after_one_step, pp, str(tmp_path / "fused"), True, pp=pp)
+    for rank in range(pp):
+        assert separate[rank].keys() == fused[rank].keys() and separate[rank]
+        for name, expected in separate[rank].items():
+            assert expected.abs().sum() > 0, name
+            err = ((fused[rank][name] - expected).norm() / expected.norm()).item()
+            assert err < 1e-5, f"rank {rank} {name}: relative error {err:.2e}"

@@ -171,8 +171,10 @@ class TransXSSMModel(HybridModel):
         weight = self._output_weight()
         weight = self.output_layer.weight if weight is None else weight
         flat = lambda t: t.transpose(0, 1).reshape(-1)                              # (b, l) -> l-major, as hidden
+        # Where the linear layers add weight gradients into main_grad themselves, the LM head does too.
+        main_grad = getattr(weight, "main_grad", None) if self.config.gradient_accumulation_fusion else None
         return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, flat(labels),
-                                    flat(loss_mask), tp_group if tp_group.size() > 1 else None)
+                                    flat(loss_mask), tp_group if tp_group.size() > 1 else None, main_grad=main_grad)
 
 
 def build_model(model_cfg: ModelConfig, transformer_config: TransformerConfig, *,

@@ -13,6 +13,11 @@ and at once the gradient (softmax - onehot) * mask, multiplied straight into d h
 accumulation). Backward only scales those by the incoming scalar. On CUDA the per-chunk elementwise work is one
 compiled reduction and one pointwise kernel (`fused_ops`).
 
+Where megatron's linear layers add their weight gradients into the fp32 `param.main_grad` themselves (gradient
+accumulation fusion, training/wgrad_accumulation.py), pass that buffer as `main_grad`: backward then adds the LM
+head's weight gradient to it (one fp32 kernel) instead of returning it in bf16 for megatron's hook to add, and
+follows megatron's linears in what it returns (`_weight_grad_stand_in`).
+
 Vocab-parallel (TP > 1): the log-sum-exp and the target's logit are combined over the TP ranks with one
 all-gather per chunk; d hidden is this rank's share, summed over ranks by the caller's region function (megatron's
 copy-to / gather-from tensor-parallel region, exactly as around its own output layer).
@@ -60,24 +65,39 @@ def _combine_over_ranks(lse: torch.Tensor, picked: torch.Tensor, group) -> tuple
     return torch.logsumexp(stacked[:, 0], dim=0), stacked[:, 1].sum(0)
 
 
-def _accumulate_wgrad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
-    """acc (V, d) += grad_logits^T @ hidden; bf16/fp16 operands accumulate in fp32 inside the matmul on CUDA."""
+def _accumulate_wgrad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor, first: bool) -> None:
+    """acc (V, d) += grad_logits^T @ hidden (acc = ... for the first chunk: acc may be uninitialised); bf16/fp16
+    operands accumulate in fp32 inside the matmul on CUDA."""
     if acc.is_cuda and grad_logits.dtype != acc.dtype:
-        torch.addmm(acc, grad_logits.t(), hidden, out_dtype=acc.dtype, out=acc)
+        torch.addmm(acc, grad_logits.t(), hidden, beta=0.0 if first else 1.0, out_dtype=acc.dtype, out=acc)
+    elif first:
+        acc.copy_(grad_logits.t() @ hidden)
     else:
         acc.add_((grad_logits.t() @ hidden).to(acc.dtype))
 
 
+def _weight_grad_stand_in(weight: torch.Tensor) -> torch.Tensor | None:
+    """What backward returns for a weight whose gradient it has added to main_grad, as megatron's linear layers do:
+    None when the weight is tied to the embedding on this pipeline stage (megatron marks it `zero_out_wgrad`: the
+    embedding's gradient reaches the hook, which adds it), else an uninitialised tensor marked as already added, so
+    that megatron's DDP hook still runs for it (it starts the bucket's reduction when overlapping) and adds nothing."""
+    if getattr(weight, "zero_out_wgrad", False):
+        return None
+    weight.grad_added_to_main_grad = True
+    return torch.empty_like(weight)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, loss_mask, tp_group, chunk_tokens, with_grads):
+    def forward(ctx, hidden, weight, labels, loss_mask, tp_group, chunk_tokens, with_grads, main_grad):
         tp = tp_group.size() if tp_group is not None else 1
         vocab_local = weight.shape[0]
         first = (tp_group.rank() if tp > 1 else 0) * vocab_local
         want_dh, want_dw = with_grads and ctx.needs_input_grad[0], with_grads and ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_dh else None
         acc = _math_dtype(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_dw else None
+        new = torch.empty if hidden.shape[0] else torch.zeros   # the first chunk writes it whole
+        grad_weight = new(weight.shape, dtype=acc, device=weight.device) if want_dw else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
@@ -95,28 +115,38 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if want_dh:
                     torch.mm(grad_logits, weight, out=grad_hidden[rows])
                 if want_dw:
-                    _accumulate_wgrad(grad_weight, grad_logits, h)
+                    _accumulate_wgrad(grad_weight, grad_logits, h, first=start == 0)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight, ctx.main_grad = weight, main_grad
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
         dh = grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None
-        dw = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
-        return dh, dw, None, None, None, None, None
+        dw = None
+        if grad_weight is not None and ctx.main_grad is not None:
+            ctx.main_grad.addcmul_(grad_weight, grad_total.to(grad_weight.dtype))
+            dw = _weight_grad_stand_in(ctx.weight)
+        elif grad_weight is not None:
+            dw = (grad_weight * grad_total).to(ctx.weight.dtype)
+        return dh, dw, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
-                         tp_group=None, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
-    """sum_t loss_mask_t * CE(hidden_t @ weight^T, labels_t), chunked; see the module docstring for shapes."""
+                         tp_group=None, chunk_tokens: int = CHUNK_TOKENS,
+                         main_grad: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_t loss_mask_t * CE(hidden_t @ weight^T, labels_t), chunked; see the module docstring for shapes and for
+    `main_grad` (weight's fp32 gradient buffer, added to in backward)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden (T, d) and weight (V, d) expected, got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
     if labels.shape != hidden.shape[:1] or loss_mask.shape != hidden.shape[:1]:
         raise ValueError(f"labels and loss_mask must have shape ({hidden.shape[0]},), got {tuple(labels.shape)} "
                          f"and {tuple(loss_mask.shape)}")
+    if main_grad is not None and (main_grad.shape != weight.shape or not main_grad.is_floating_point()):
+        raise ValueError(f"main_grad must be a floating-point buffer of weight's shape {tuple(weight.shape)}, got "
+                         f"{tuple(main_grad.shape)} {main_grad.dtype}")
     # Under no_grad (validation) the gradients are not formed: autograd.Function cannot tell from inside.
     return _LinearCrossEntropy.apply(hidden, weight, labels, loss_mask, tp_group, chunk_tokens,
-                                     torch.is_grad_enabled())
+                                     torch.is_grad_enabled(), main_grad)
