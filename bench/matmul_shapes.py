@@ -5,8 +5,9 @@
 For every linear layer of the model (SS in_proj and dt_proj, out_proj, attention QKV and output, SwiGLU fc1 and
 fc2, the LM head; and in_proj with dt_proj's rows inside it, not counted in the sums) it times, on random bf16
 operands, the forward matmul, the input gradient and the weight gradient added into an fp32 buffer (the training
-default, `training/wgrad_accumulation.py`) or formed in bf16, and sums them over the model's layers. Compare the sum with the matmul time of a profiled step (`bench/train_speed.py
---profile`). Writes OUT/matmul-shapes.json and prints one line per layer.
+default, `training/wgrad_accumulation.py`) or formed in bf16, and sums them over the model's layers. Compare the
+sum with the matmul time of a profiled step (`bench/train_speed.py --profile`). Writes OUT/matmul-shapes.json and
+prints one line per layer.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Megatron's gradient accumulation fusion without apex (training/wgrad_accumulation.py) on CPU: megatron's linear
 layer calling the stand-in with the arguments in the order it expects and marking the gradient as added (fp32,
 against float64, relative 1e-6), install() leaving megatron alone where the fp32-output matmul is missing, and a
-whole training step (linear layers and the chunked LM head adding into main_grad, at PP = 1 and 2) giving every
-parameter the main_grad of megatron's separate add. The fp32-output matmul is CUDA-only: tests/gpu/test_fused_gpu.py
-checks it against float64 and tests/gpu/test_train_gpu.py trains with it against megatron's separate add."""
+whole training step (linear layers and the chunked LM head adding into main_grad; PP = 1, PP = 2, TP = 2 with
+sequence parallelism) giving every parameter the main_grad of megatron's separate add. The fp32-output matmul is
+CUDA-only: tests/gpu/test_fused_gpu.py checks it against float64 and tests/gpu/test_train_gpu.py trains with it
+against megatron's separate add."""
 
 import types
 
@@ -55,7 +56,7 @@ def test_apex_module_is_kept(monkeypatch):
     assert layers.fused_weight_gradient_mlp_cuda is apex_like
 
 
-def _main_grads_after_one_step(run_dir: str, fusion: bool):
+def _main_grads_after_one_step(run_dir: str, fusion: bool, tp: int, pp: int):
     """In a gloo rank (tests/distributed.py): one step of the tiny model (2 micro-batches), with the linear layers
     and the LM head adding weight gradients into main_grad themselves (the CPU stand-in above) or not; every
     parameter's main_grad by name."""
@@ -71,12 +72,11 @@ def _main_grads_after_one_step(run_dir: str, fusion: bool):
             wgrad_gemm_accum_fp32=wgrad_accumulation.accumulate_same_dtype)
         layers._grad_accum_fusion_available = True
         torch.cuda.current_device = lambda: "cpu"   # megatron allocates its stand-in gradients there
-    world = torch.distributed.get_world_size()
     cfg = RunConfig.from_dict({
         "model": {"preset": "tiny", "num_layers": 8},
         "train": {"steps": 2, "seq_length": 32, "micro_batch_size": 2, "global_batch_size": 4, "eval_interval": 0,
                   "eval_iters": 0},
-        "parallel": {"pp": world},
+        "parallel": {"tp": tp, "pp": pp, "sequence_parallel": tp > 1},
         "optim": {"lr": 1e-3, "clip_grad": 0.0},
         "data": {"mode": "mock"},
         "checkpoint": {"resume": "none", "interval": 0, "save_at_end": False},
@@ -90,17 +90,21 @@ def _main_grads_after_one_step(run_dir: str, fusion: bool):
     return grads
 
 
-@pytest.mark.parametrize("pp", [1, 2], ids=["tied-lm-head", "pp2-own-lm-head-copy"])
-def test_every_main_grad_matches_the_separate_add(tmp_path, pp):
+@pytest.mark.parametrize("tp, pp", [(1, 1), (1, 2), (2, 1)],
+                         ids=["tied-lm-head", "pp2-own-lm-head-copy", "tp2-sequence-parallel"])
+def test_every_main_grad_matches_the_separate_add(tmp_path, tp, pp):
     """A whole step with gradient accumulation fusion (linear layers and the chunked LM head adding into main_grad)
     gives every parameter the main_grad of the separate add: fp32 on CPU, relative 1e-5. PP = 1 ties the LM head
     to the embedding on one stage (both add into one buffer); at PP = 2 the last stage has its own copy of the
-    weight, whose gradient reaches megatron's hook as a stand-in that must not be added."""
+    weight, whose gradient reaches megatron's hook as a stand-in that must not be added; TP = 2 with sequence
+    parallelism splits the vocabulary and every linear layer over two ranks."""
     from distributed import run_distributed
 
-    separate = run_distributed(_main_grads_after_one_step, pp, str(tmp_path / "separate"), False, pp=pp)
-    fused = run_distributed(_main_grads_after_one_step, pp, str(tmp_path / "fused"), True, pp=pp)
-    for rank in range(pp):
+    world = tp * pp
+    separate = run_distributed(_main_grads_after_one_step, world, str(tmp_path / "separate"), False, tp, pp,
+                               tp=tp, pp=pp)
+    fused = run_distributed(_main_grads_after_one_step, world, str(tmp_path / "fused"), True, tp, pp, tp=tp, pp=pp)
+    for rank in range(world):
         assert separate[rank].keys() == fused[rank].keys() and separate[rank]
         for name, expected in separate[rank].items():
             assert expected.abs().sum() > 0, name
