@@ -129,6 +129,11 @@ def _options(kernel_options):
     return {} if AUTOTUNE else kernel_options.as_kwargs()
 
 
+def _sm_count(device):
+    """Streaming multiprocessors of a CUDA device (1 elsewhere: the CPU interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _widest_columns(N):
     """Half-columns per program when one program takes a whole state row: all N/2, within 16..64 (dot tiles)."""
     return max(16, min(64, triton.next_power_of_2(N // 2)))
@@ -138,7 +143,7 @@ def _scan_columns(b, H, N, device):
     """Half-columns per state-scan program. All N/2 (up to 64) reads x (or dy) once per head, 0.1 ms faster
     fwd+bwd than 32 on the H200 at the 1.3B layer (docs/kernels.md), as long as the b*H programs still cover every
     SM; fewer batch rows (long sequences) split the columns to keep the SMs busy."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = _sm_count(device)
     cols = _widest_columns(N)
     while cols > 16 and b * H * triton.cdiv(N // 2, cols) < sms:
         cols //= 2
@@ -162,7 +167,7 @@ def _scan_mode(launch, b, H, device):
         if launch.scan_mode not in ("walk", "chunks"):
             raise ValueError(f"LaunchConfig.scan_mode must be 'walk', 'chunks' or None, got {launch.scan_mode!r}")
         return launch.scan_mode
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = _sm_count(device)
     return "walk" if b * H >= sms else "chunks"
 
 
