@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_record import environment  # noqa: E402
 
-from transxssm_megatron.config import ModelConfig  # noqa: E402
+from transxssm_megatron.config import PRESETS, ModelConfig  # noqa: E402
 from transxssm_megatron.training.wgrad_accumulation import accumulate_fp32  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def gpu_ms(fn, reps: int = 20) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--preset", default="1.3b")
+    parser.add_argument("--preset", default="1.3b", choices=list(PRESETS))
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per micro-batch (1.3b: 2 x 4096)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
