@@ -446,7 +446,8 @@ class Trainer:
                 last_saved, last_saved_step = self.save_checkpoint("interval"), step
                 self.throughput.reset()  # keep checkpoint time out of tokens/s
             # one collective for both: ranks' clocks and signals can disagree, the decision must not
-            preempted, out_of_time = self.preemption.poll(deadline is not None and time.monotonic() > deadline)
+            preempted, out_of_time = self.preemption.poll(deadline is not None and time.monotonic() > deadline,
+                                                          group=self.world.host_group)
             if out_of_time:
                 self.print(f"[train] train.time_limit_minutes={t.time_limit_minutes} reached at step {step}")
                 status = "time_limit"

@@ -34,6 +34,8 @@ class World:
     vpp: int | None
     dp: int
     cp: int = 1                   # context parallel: ranks that share one sample, each a block of its sequence
+    host_group: object = None     # gloo group of all ranks where the default one is NCCL (else None): the loop's
+                                  # per-step agreements then leave the GPU's queue alone instead of waiting for it
 
     @property
     def is_main(self) -> bool:
@@ -113,12 +115,13 @@ def setup(cfg) -> World:
         virtual_pipeline_model_parallel_size=p.vpp,
         context_parallel_size=p.cp,
     )
+    host_group = torch.distributed.new_group(backend="gloo") if backend == "nccl" and world_size > 1 else None
     seed_everything(cfg.train.seed, graph_safe=cfg.train.cuda_graph and device.type == "cuda")
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable GEMMs
         torch.use_deterministic_algorithms(True, warn_only=True)
     return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
-                 tp=p.tp, pp=p.pp, vpp=p.vpp, dp=dp, cp=p.cp)
+                 tp=p.tp, pp=p.pp, vpp=p.vpp, dp=dp, cp=p.cp, host_group=host_group)
 
 
 def seed_everything(seed: int, graph_safe: bool = False) -> None:

@@ -66,9 +66,11 @@ class PreemptionHandler:
 
     def poll(self, *flags: bool, group=None) -> tuple[bool, ...]:
         """(a signal reached any rank, then each of `flags` is true on any rank): one all-reduce for the loop's
-        per-step stop checks (the training loop adds its time limit). Collective when distributed."""
+        per-step stop checks (the training loop adds its time limit). Collective when distributed over more than
+        one rank; over NCCL it waits for the GPU's queue, so the loop passes a gloo group where it has one."""
         local = [self.requested, *flags]
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+                torch.distributed.get_world_size(group) == 1:
             return tuple(bool(f) for f in local)
         backend = torch.distributed.get_backend(group)
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
