@@ -2,8 +2,8 @@
 
     python bench/matmul_shapes.py --out OUT [--preset 1.3b] [--tokens 8192]
 
-For every linear layer of the model (SS in_proj with dt's rows, out_proj, attention QKV and output, SwiGLU fc1
-and fc2, the LM head) it times, on random bf16
+For every linear layer of the model (SS in_proj and dt_proj, out_proj, attention QKV and output, SwiGLU fc1 and
+fc2, the LM head; and in_proj with dt_proj's rows inside it, not counted in the sums) it times, on random bf16
 operands, the forward matmul, the input gradient and the weight gradient added into an fp32 buffer (the training
 default, `training/wgrad_accumulation.py`) or formed in bf16, and sums them over the model's layers. Compare the
 sum with the matmul time of a profiled step (`bench/train_speed.py --profile`). Writes OUT/matmul-shapes.json and
@@ -27,15 +27,17 @@ from transxssm_megatron.training.wgrad_accumulation import accumulate_fp32  # no
 
 
 def layers(cfg: ModelConfig) -> list[tuple[str, int, int, int]]:
-    """(name, in features, out features, count) of every linear layer in a TransXSSM model (one TP rank at TP = 1)."""
+    """(name, in features, out features, count) of every linear layer in a TransXSSM model, and with count 0 (timed,
+    not summed) in_proj with dt_proj's rows inside it: what one projection would cost in place of the two."""
     kinds = cfg.layer_kinds()
     ss, sa = kinds.count("ss"), kinds.count("sa")
     d, P = cfg.hidden_size, cfg.head_dim
     groups = cfg.ss_groups or cfg.num_attention_heads
-    in_proj = cfg.num_attention_heads * P + 2 * groups * cfg.state_size + cfg.num_attention_heads
-    in_proj = -(-in_proj // 8) * 8                                      # zero rows to a multiple of 8 (ss_mixer.py)
+    in_proj = cfg.num_attention_heads * P + 2 * groups * cfg.state_size
     qkv = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * P
-    return [("ss in_proj", d, in_proj, ss), ("ss out_proj", d, d, ss),
+    merged = -(-(in_proj + cfg.num_attention_heads) // 64) * 64     # dt's rows inside in_proj, padded to 64
+    return [("ss in_proj", d, in_proj, ss), ("ss dt_proj", d, cfg.num_attention_heads, ss),
+            ("ss in_proj+dt", d, merged, 0), ("ss out_proj", d, d, ss),
             ("sa qkv", d, qkv, sa), ("sa out", d, d, sa), ("ffn fc1", d, 2 * cfg.ffn_hidden_size, len(kinds)),
             ("ffn fc2", cfg.ffn_hidden_size, d, len(kinds)), ("lm head", d, cfg.padded_vocab_size, 1)]
 

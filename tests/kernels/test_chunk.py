@@ -213,48 +213,33 @@ def test_sequence_first_views(rope_ssd):
 
 
 @pytest.mark.parametrize("heads_per_group", [1, 2])
-def test_projection_views_get_gradients_without_copy(rope_ssd, heads_per_group):
-    """The SS mixer's split (fused_ops.split_projection) of a sequence-first projection laid out as the mixer's
-    in_proj output, [group 0 | group 1 | dt | 3 unused columns] with group = [x | B | C], into x, B, C, dt: with
-    G = H the kernels write the four gradients as views of one tensor, zero in the unused columns, and the split
-    hands that tensor on as the projection's gradient (no copy); with G < H (dB, dC summed over heads) the split
-    writes the pieces into a new one. Either way the projection's gradient equals the contiguous call's."""
-    from transxssm_megatron.model.fused_ops import split_projection
+def test_split_views_get_gradients_without_copy(rope_ssd, heads_per_group):
+    """The SS mixer's split (fused_ops.split_last_dim) of a sequence-first projection into x, B, C: with G = H the
+    kernels write the three gradients as views of one tensor and the split hands that tensor on as the
+    projection's gradient (no concatenation); with G < H (dB, dC summed over heads) it concatenates. Either way
+    the projection's gradient equals the contiguous call's."""
+    from transxssm_megatron.model.fused_ops import split_last_dim
 
     b, l, G, P, N = 2, 40, 2, 16, 32
     H = G * heads_per_group
     t, kw = make_case(b, l, H, P, G, N, dtype=torch.float32, seed=12)
-    per_group = torch.cat([t["x"].reshape(b, l, G, heads_per_group * P), t["B"], t["C"]], dim=-1).reshape(b, l, -1)
-    unused = torch.randn(b, l, 3)
-    packed = torch.cat([per_group, t["dt"], unused], dim=-1).transpose(0, 1).contiguous().requires_grad_(True)
+    per_group = torch.cat([t["x"].reshape(b, l, G, heads_per_group * P), t["B"], t["C"]], dim=-1)
+    packed = per_group.transpose(0, 1).reshape(l, b, -1).contiguous().requires_grad_(True)
     proj = packed * 1.0                                        # a non-leaf, as in_proj's output is
     seen = {}
     proj.register_hook(lambda g: seen.setdefault("proj", g))
-    z, x, B, C, dt = split_projection(proj, G, (0, heads_per_group * P, N, N), H, None, None)
-    assert z is None and all(v._base is not None for v in (x, B, C, dt)), "the pieces should be views"
+    x, B, C = split_last_dim(proj.view(l, b, G, -1), (heads_per_group * P, N, N))
     x.register_hook(lambda g: seen.setdefault("x", g))
     bl = lambda v: v.transpose(0, 1)
-    y = rope_ssd(bl(x.reshape(l, b, H, P)), bl(dt), t["A"], bl(B), bl(C), chunk_size=16, **kw)
+    y = rope_ssd(bl(x.reshape(l, b, H, P)), t["dt"], t["A"], bl(B), bl(C), chunk_size=16, **kw)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(13))
     (y * dy).sum().backward()
 
-    leaves = {k: t[k].detach().clone().requires_grad_(True) for k in ("x", "dt", "B", "C")}
-    y_ref = rope_ssd(leaves["x"], leaves["dt"], t["A"], leaves["B"], leaves["C"], chunk_size=16, **kw)
+    leaves = {k: t[k].detach().clone().requires_grad_(True) for k in ("x", "B", "C")}
+    y_ref = rope_ssd(leaves["x"], t["dt"], t["A"], leaves["B"], leaves["C"], chunk_size=16, **kw)
     (y_ref * dy).sum().backward()
-    groups = torch.cat([leaves["x"].grad.reshape(b, l, G, -1), leaves["B"].grad, leaves["C"].grad], dim=-1)
-    expected = torch.cat([groups.reshape(b, l, -1), leaves["dt"].grad, torch.zeros(b, l, 3)], dim=-1)
-    assert y_ref.abs().sum() > 0 and torch.equal(y, y_ref) and leaves["dt"].grad.abs().sum() > 0
-    assert torch.equal(packed.grad, bl(expected))
+    expected = torch.cat([leaves["x"].grad.reshape(b, l, G, -1), leaves["B"].grad, leaves["C"].grad], dim=-1)
+    assert y_ref.abs().sum() > 0 and torch.equal(y, y_ref)
+    assert torch.equal(packed.grad, bl(expected).reshape(l, b, -1))
     shared = seen["x"]._base is not None and seen["proj"].data_ptr() == seen["x"]._base.data_ptr()
     assert shared == (heads_per_group == 1), "the projection's gradient should be the kernels' own buffer iff G = H"
-
-
-def test_shared_rows_refuses_overlapping_views():
-    """Views that read a column twice, or that do not share their token rows, get gradients of their own."""
-    chunk = importlib.import_module("transxssm_kernels.rope_ssd.chunk")
-    proj = torch.randn(5, 2, 12)
-    a, b_, c = proj[..., 0:6], proj[..., 4:8], proj[..., 8:12]
-    assert chunk._shared_rows((a, b_)) is None                               # columns 4, 5 twice
-    root, width, gaps = chunk._shared_rows((a, c))
-    assert root is proj and width == 12 and gaps == ((6, 8),)
-    assert chunk._shared_rows((a, proj[1:, :, 6:8])) is None                 # other token rows

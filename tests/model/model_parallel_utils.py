@@ -1,8 +1,6 @@
 """Helpers for the parallel-equivalence tests: a small model config and batch, and moving full (TP=1, PP=1)
 weights into a sharded model and gathering sharded gradients back, using only megatron's own parameter attributes
-(tensor_model_parallel, partition_dim, partition_stride) and layer numbers, and for the SS mixer's in_proj its
-`row_blocks` (ss_mixer.py: each rank holds its rows of every block, then zero rows; the full tensor is the blocks
-one after the other, without zero rows). Also used by tests/gpu/tp_pp_nccl_check.py.
+(tensor_model_parallel, partition_dim, partition_stride) and layer numbers. Also used by tests/gpu/tp_pp_nccl_check.py.
 """
 
 from __future__ import annotations
@@ -38,8 +36,7 @@ def tp_model_with(cfg: ModelConfig, full_weights: dict | None, sequence_parallel
     tp = parallel_state.get_tensor_model_parallel_world_size()
     model = build_model(cfg, build_transformer_config(cfg, tp=tp, sequence_parallel=sequence_parallel))
     if full_weights is None:
-        group = parallel_state.get_tensor_model_parallel_group()
-        full_weights = {k: gather_full(v.detach(), v, group).clone() for k, v in model.named_parameters()}
+        full_weights = {k: v.detach().clone() for k, v in model.named_parameters()}
     else:
         load_full_weights(model, full_weights)
     return model, full_weights
@@ -51,12 +48,7 @@ def is_tp_sharded(param: torch.Tensor) -> bool:
 
 def shard_of(full: torch.Tensor, param: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     """This TP rank's part of `full` for `param` (megatron layout: full split into size*stride chunks along
-    partition_dim, rank r keeps chunks r, r+size, ...; with row_blocks, rank r's rows of each block, then zero rows)."""
-    blocks = getattr(param, "row_blocks", None)
-    if blocks is not None:
-        full = full[:sum(blocks) * size]                                 # a TP = 1 model's own zero rows, if any
-        own = torch.cat([part.chunk(size)[rank] for part in full.split([n * size for n in blocks])])
-        return torch.cat([own, own.new_zeros(param.shape[0] - own.shape[0], *own.shape[1:])])
+    partition_dim, rank r keeps chunks r, r+size, ...)."""
     if not is_tp_sharded(param) or size == 1:
         return full
     dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
@@ -67,13 +59,6 @@ def shard_of(full: torch.Tensor, param: torch.Tensor, rank: int, size: int) -> t
 def gather_full(local: torch.Tensor, param: torch.Tensor, group) -> torch.Tensor:
     """Inverse of shard_of over the TP group: every rank gets the full tensor."""
     size = torch.distributed.get_world_size(group)
-    blocks = getattr(param, "row_blocks", None)
-    if blocks is not None:
-        own = local.split([*blocks, local.shape[0] - sum(blocks)])[:-1]
-        gathered = [[torch.empty_like(part) for _ in range(size)] for part in own]
-        for parts, part in zip(gathered, own):
-            torch.distributed.all_gather(parts, part.contiguous(), group=group)
-        return torch.cat([torch.cat(parts) for parts in gathered])
     if not is_tp_sharded(param) or size == 1:
         return local
     dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)

@@ -108,16 +108,13 @@ def _mixers_vs_reference(overrides):
     with torch.no_grad():
         got_ss, got_sa = ss(x, rope=tables), sa(x, rope=tables)
 
-        # SS: in_proj rows group by group = [x (h_g P) | B (N) | C (N)], then one dt row per head (then zero rows
-        # to a multiple of 8), then SSD(softplus(dt), A=-exp(A_log))
+        # SS: in_proj rows group by group = [x (h_g P) | B (N) | C (N)], dt_proj one row per head, then
+        # SSD(softplus(dt), A=-exp(A_log))
         H, P, N, G = cfg.num_attention_heads, cfg.head_dim, cfg.state_size, cfg.ss_groups
         hg = H // G
-        body = G * (hg * P + 2 * N)
-        w_groups, w_dt, w_zero = ss.in_proj.weight.double().split([body, H, -(body + H) % 8])
-        assert not w_zero.any() and w_dt.abs().sum() > 0
-        u = (x.transpose(0, 1).double() @ w_groups.T).reshape(B, L, G, hg * P + 2 * N)
+        u = (x.transpose(0, 1).double() @ ss.in_proj.weight.double().T).reshape(B, L, G, hg * P + 2 * N)
         xs, Bm, Cm = u.split([hg * P, N, N], dim=-1)
-        dt = x.transpose(0, 1).double() @ w_dt.T
+        dt = x.transpose(0, 1).double() @ ss.dt_proj.weight.double().T
         cos, sin = tables.state
         y = ssd_naive(xs.reshape(B, L, H, P), dt.reshape(B, L, H), -torch.exp(ss.A_log.double()), Bm, Cm,
                       dt_softplus=True, rope_cos=cos.double(), rope_sin=sin.double())

@@ -136,74 +136,53 @@ def rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_pe
 
 
 # ------------------------------------------------------------------------------------------------ SS mixer
-def split_projection(proj: torch.Tensor, groups: int, widths: tuple[int, int, int, int], dt_width: int,
+def split_projection(proj: torch.Tensor, groups: int, widths: tuple[int, int, int, int],
                      conv_weight: torch.Tensor | None, conv_bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """The SS mixer's in_proj output into the SSD's inputs.
+    """The SS mixer's in_proj output, laid out per group as [z | x B C], into the SSD's inputs.
 
-    proj (l, b, groups * sum(widths) + dt_width [+ unused columns]), laid out [group 0 | ... | dt | unused] with
-    group = [z | x | B | C] of widths = (z, x, N, N) channels -> z (l, b, groups, z) or None, x (l, b, groups, x),
-    B, C (l, b, groups, N), dt (l, b, dt_width). With conv_weight (C, 1, w) and conv_bias (C,) over the x|B|C
-    channels, those pass through the causal conv + SiLU first (`causal_conv_silu`). x, B, C and dt are strided
-    views (of proj, or of the conv's output): the SSD kernels read any strides, so nothing is copied forward.
-    Backward: without z and conv (TransXSSM's mixer) the SSD kernels write the gradients of x, B, C and dt as views
-    of one tensor laid out like proj (unused columns zero), which `_Views` passes on as proj's gradient, no copy;
-    otherwise one compiled write of the groups' gradient from the pieces', and one concatenation with dt's."""
-    if not proj.is_contiguous():
-        proj = proj.contiguous()
-    l, b, total = proj.shape
-    body = groups * sum(widths)
+    proj (l, b, groups * sum(widths)), widths = (z, x, N, N) channels per group -> z (l, b, groups, z) or None,
+    x (l, b, groups, x), B, C (l, b, groups, N). With conv_weight (C, 1, w) and conv_bias (C,) over the x|B|C
+    channels, those pass through the causal conv + SiLU first (`causal_conv_silu`). x, B and C are strided views
+    (of proj, or of the conv's output): the SSD kernels read any strides, so nothing is copied forward.
+    Backward: without z and conv (TransXSSM's mixer) the SSD kernels write the gradients of x, B, C as views of one
+    tensor laid out like proj, which `split_last_dim` passes on as proj's gradient, no copy; otherwise one compiled
+    write of proj's gradient from the pieces'."""
     if widths[0] == 0 and conv_weight is None:
-        row = proj.stride(1)
-        pieces, start = [], 0
-        for width in widths[1:]:
-            pieces.append(((l, b, groups, width), (proj.stride(0), row, sum(widths), 1), start))
-            start += width
-        pieces.append(((l, b, dt_width), (proj.stride(0), row, 1), body))
-        return (None, *_Views.apply(proj, tuple(pieces), None))
-    groups_part, dt = split_last_dim(proj, (body, dt_width, total - body - dt_width))[:2]
-    return (*_split_projection(groups_part, groups, widths, conv_weight, conv_bias), dt)
+        l, b = proj.shape[:2]
+        return (None, *split_last_dim(proj.view(l, b, groups, -1), widths[1:]))
+    return _split_projection(proj, groups, widths, conv_weight, conv_bias)
 
 
-class _Views(torch.autograd.Function):
-    """Strided views of t (pieces: (shape, stride, offset from t's start), t contiguous) whose backward passes the
-    pieces' gradients on without a copy when they are the same views of one tensor shaped like t (the SSD kernels
-    return them so, with the columns no piece reads zeroed), and otherwise writes them into a new tensor: by
-    concatenation along the last dim when `widths` says the pieces are t.split(widths, -1), else into zeros."""
+class _SplitLastDim(torch.autograd.Function):
+    """t.split(widths, dim=-1) whose backward passes the pieces' gradients on without a copy when they are views
+    of one tensor laid out as the pieces are in t (the SSD kernels return them so), and concatenates them
+    otherwise."""
 
     @staticmethod
-    def forward(ctx, t, pieces, widths):
-        ctx.shape, ctx.pieces, ctx.widths = t.shape, pieces, widths
-        return tuple(t.as_strided(shape, stride, t.storage_offset() + offset) for shape, stride, offset in pieces)
+    def forward(ctx, t, widths):
+        pieces = t.split(list(widths), dim=-1)
+        ctx.shape = t.shape
+        ctx.layout = [(p.shape, p.stride(), p.storage_offset() - t.storage_offset()) for p in pieces]
+        ctx.contiguous = t.is_contiguous()
+        return pieces
 
     @staticmethod
     def backward(ctx, *grads):
         whole = grads[0]._base if grads[0] is not None else None
-        if (whole is not None and whole.is_contiguous() and whole.numel() == ctx.shape.numel()
+        if (ctx.contiguous and whole is not None and whole.is_contiguous() and whole.numel() == ctx.shape.numel()
                 and all(g is not None and g._base is whole
-                        and (g.shape, g.stride(), g.storage_offset() - whole.storage_offset()) == piece
-                        for g, piece in zip(grads, ctx.pieces))):
-            return whole.view(ctx.shape), None, None
+                        and (g.shape, g.stride(), g.storage_offset() - whole.storage_offset()) == layout
+                        for g, layout in zip(grads, ctx.layout))):
+            return whole.view(ctx.shape), None
         ref = next(g for g in grads if g is not None)
-        if ctx.widths is not None:
-            grads = [torch.zeros(piece[0], dtype=ref.dtype, device=ref.device) if g is None else g
-                     for g, piece in zip(grads, ctx.pieces)]
-            return torch.cat(grads, dim=-1), None, None
-        out = torch.zeros(ctx.shape, dtype=ref.dtype, device=ref.device)
-        for g, (shape, stride, offset) in zip(grads, ctx.pieces):
-            if g is not None:
-                out.as_strided(shape, stride, offset).copy_(g)
-        return out, None, None
+        grads = [torch.zeros(layout[0], dtype=ref.dtype, device=ref.device) if g is None else g
+                 for g, layout in zip(grads, ctx.layout)]
+        return torch.cat(grads, dim=-1), None
 
 
 def split_last_dim(t: torch.Tensor, widths) -> tuple[torch.Tensor, ...]:
-    """t.split(widths, dim=-1), views of t (contiguous); see _Views for the backward."""
-    if not t.is_contiguous():
-        t = t.contiguous()
-    pieces, start = [], 0
-    for width in widths:
-        pieces.append(((*t.shape[:-1], width), t.stride(), start))
-        start += width
-    return _Views.apply(t, tuple(pieces), tuple(widths))
+    """t.split(widths, dim=-1), views of t; see _SplitLastDim for the backward."""
+    return _SplitLastDim.apply(t, tuple(widths))
 
 
 @fusible
@@ -219,13 +198,7 @@ def _split_projection(proj: torch.Tensor, groups: int, widths: tuple[int, int, i
     return (z if z_w else None), x, B, C
 
 
-def _split_projection_eager(proj, groups, widths, dt_width, conv_weight, conv_bias):
-    body = groups * sum(widths)
-    return (*_split_projection.reference(proj[..., :body], groups, widths, conv_weight, conv_bias),
-            proj[..., body:body + dt_width])
-
-
-split_projection.reference = _split_projection_eager
+split_projection.reference = _split_projection.reference
 
 
 def causal_conv_silu(xbc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -1,27 +1,23 @@
-"""The state-space (SS) mixer of TransXSSM (docs/model.md §2): in_proj (x, B, C, dt) -> [conv1d] -> RoPE(B, C) -> SSD
--> out_proj.
+"""The state-space (SS) mixer of TransXSSM (docs/model.md §2): in_proj, dt_proj -> [conv1d] -> RoPE(B, C) -> SSD ->
+out_proj.
 
-Tensor parallelism splits whole B/C groups (and so whole heads): G % tp == 0. One column-parallel projection,
-`in_proj`, gives every input of the scan; each TP rank's rows are
+Tensor parallelism splits whole B/C groups (and so whole heads): G % tp == 0. To make every TP shard a
+contiguous slice of one TP-independent weight, `in_proj`'s output rows are laid out group by group,
 
-    in_proj rows (rank r) = [group g0 | ... | group g1 | dt of their heads | zero rows],
-    group g = [z (h_g P) | x (h_g P) | B (N) | C (N)]
+    in_proj rows = [group 0 | group 1 | ... | group G-1],   group g = [z (h_g P) | x (h_g P) | B (N) | C (N)]
+    dt_proj rows = [head 0 | head 1 | ... | head H-1]
 
-(z only with the z-gate; h_g = H / G heads per group; rank r holds groups g0..g1 = r*G/tp .. (r+1)*G/tp - 1).
-The zero rows round each rank's width up to a multiple of 8: with 321 rows per group (dt inside each group) the
-320m model's 3,852-wide projection ran on cuBLAS's unaligned fallback kernels at a third of the speed of its
-aligned ones on an H200. They are never read, get a zero gradient and stay zero, and are not saved. dt shares the
-projection rather than having its own 2,048 -> 32 matmul: three such thin matmuls per layer ran at 35-48 TFLOP/s
-(1.6 ms per 1.3b micro-batch), and autograd added their input gradient to in_proj's. Checkpoints keep the
-TP-independent layout, `in_proj.weight` (G * group rows, group by group) and `dt_proj.weight` (H rows, head by
-head), so they reshard between TP sizes by plain slicing (`sharded_state_dict`).
-
+(z only with the z-gate; h_g = H / G heads per group). Rank r of a column-parallel split then holds groups
+r*G/tp .. (r+1)*G/tp - 1 and their heads' dt rows, and checkpoints reshard between TP sizes by plain slicing.
+dt has its own projection (the same function as more rows of in_proj) so that in_proj's width stays a multiple of
+64: with one dt row per head inside it (321 rows per group at P = 64, N = 128), the 320m model's 3,852-wide
+projection ran on cuBLAS's unaligned fallback kernels at a third of the speed of its aligned ones on an H200.
 The per-head parameters (A_log, dt_bias, D), the conv1d channels (x|B|C per group) and the gated-norm weight
 follow the same group order and are split along dim 0 (`sharded_state_dict` says so to dist_checkpointing).
 
-Context parallelism (cp > 1, docs/training.md) shards the sequence outside the mixer. After the projection, one
-all-to-all for the groups and one for dt (`context_parallel.seq_to_heads`) turn this rank's (l/cp, b, all of its TP shard's groups)
-into (l, b, 1/cp of those groups): the groups and the heads' dt are each contiguous in in_proj's rows, so the
+Context parallelism (cp > 1, docs/training.md) shards the sequence outside the mixer. After the projections, one
+all-to-all per tensor (`context_parallel.seq_to_heads`) turns this rank's (l/cp, b, all of its TP shard's groups)
+into (l, b, 1/cp of those groups): the groups are contiguous in in_proj's rows and the heads in dt_proj's, so the
 split falls on whole B/C groups and their heads (G % (tp * cp) == 0). Everything from the projection split on (the
 causal conv1d of the baselines included) then sees the whole sequence, positions 0..l-1, for its own groups, and
 uses the matching rows of the per-head parameters; y goes back to sequence shards before out_proj. The per-head
@@ -40,11 +36,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import replace
 
 import torch
 from megatron.core import tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import (
     ensure_metadata_has_dp_cp_group,
@@ -55,7 +49,7 @@ from megatron.core.transformer.utils import (
 from transxssm_kernels.rope_ssd import ROPE_SSD_IMPORT_ERROR, rope_ssd, ssd_chunked_reference
 
 from ..config import ModelConfig
-from .fused_ops import gate_norm, split_last_dim, split_projection
+from .fused_ops import gate_norm, split_projection
 from .context_parallel import cp_group_of, heads_to_seq, seq_to_heads
 from .groups import tp_group_of
 from .norms import param_device
@@ -123,16 +117,12 @@ class SSMixer(MegatronModule):
         self.group_width = self.z_width + self.conv_width
         self.use_rope = m.ss_positional == "rope"
 
-        # this TP rank's in_proj rows: [its groups | its heads' dt | zero rows to a multiple of 8]
-        self.proj_widths = (self.G // tp * self.group_width, self.H // tp)
-        self.proj_rows = -(-sum(self.proj_widths) // 8) * 8
         self.in_proj = tensor_parallel.ColumnParallelLinear(
-            m.hidden_size, tp * self.proj_rows, config=config, init_method=_drawn_later, bias=False,
-            gather_output=False, tp_group=self.tp_group)
-        self.in_proj.weight.row_blocks = self.proj_widths   # for tools that split or gather it by TP rank
-        self.register_load_state_dict_pre_hook(self._in_proj_from_checkpoint_form)
-        if config.perform_initialization:
-            self._init_in_proj(config, tp, rank)
+            m.hidden_size, self.G * self.group_width, config=config, init_method=config.init_method,
+            bias=False, gather_output=False, tp_group=self.tp_group)
+        self.dt_proj = tensor_parallel.ColumnParallelLinear(
+            m.hidden_size, self.H, config=config, init_method=config.init_method, bias=False, gather_output=False,
+            tp_group=self.tp_group)
         self.out_proj = tensor_parallel.RowParallelLinear(
             self.H * self.P, m.hidden_size, config=config, init_method=config.output_layer_init_method,
             bias=False, input_is_parallel=True, skip_bias_add=True, tp_group=self.tp_group)
@@ -164,44 +154,6 @@ class SSMixer(MegatronModule):
             self.conv1d_bias = local(torch.empty(channels).uniform_(-bound, bound), no_weight_decay=True)
         self.gate_norm_weight = local(torch.ones(self.H * self.P), no_weight_decay=True) if m.ss_z_gate else None
 
-    @torch.no_grad()
-    def _init_in_proj(self, config, tp: int, rank: int) -> None:
-        """The values two separate projections (in_proj, then dt_proj) would start from, whatever the TP size on
-        CPU initialisation, as megatron draws them: the whole matrix from the default generator, this rank's rows
-        kept; on the GPU each rank's rows from the model-parallel generator."""
-        weight = self.in_proj.weight
-        d = weight.shape[1]
-        parts = []
-        if config.use_cpu_initialization:
-            for rows in (self.G * self.group_width, self.H):
-                full = torch.empty(rows, d, dtype=torch.float32)
-                config.init_method(full)
-                parts.append(full.to(weight.dtype).chunk(tp)[rank])
-        else:
-            with tensor_parallel.get_cuda_rng_tracker().fork():
-                for rows in self.proj_widths:
-                    parts.append(torch.empty(rows, d, dtype=weight.dtype, device=weight.device))
-                    config.init_method(parts[-1])
-        body, dt = self.proj_widths
-        weight[:body].copy_(parts[0])
-        weight[body:body + dt].copy_(parts[1])
-        weight[body + dt:].zero_()
-
-    def _in_proj_from_checkpoint_form(self, module, state_dict, prefix, *unused) -> None:
-        """A plain state dict may hold in_proj as checkpoints and the Hugging Face converter do: `in_proj.weight`
-        (the groups) and `dt_proj.weight`, whole. Put this rank's rows of each into in_proj's layout; a shape that
-        does not fit is left for load_state_dict to report."""
-        dt = state_dict.pop(f"{prefix}dt_proj.weight", None)
-        key = f"{prefix}in_proj.weight"
-        if dt is None or key not in state_dict:
-            return
-        tp, rank = self.tp_group.size(), self.tp_group.rank()
-        groups, (body, heads) = state_dict[key], self.proj_widths
-        if groups.shape[0] == body * tp and dt.shape[0] == heads * tp:
-            own = [groups.chunk(tp)[rank], dt.chunk(tp)[rank]]
-            pad = self.proj_rows - body - heads
-            state_dict[key] = torch.cat([*own, groups.new_zeros(pad, *groups.shape[1:])])
-
     def _cp_rows(self, p: torch.Tensor | None) -> torch.Tensor | None:
         """This CP rank's rows of a per-head / per-group parameter (its TP shard, split once more by CP)."""
         if p is None or self.cp == 1:
@@ -211,14 +163,14 @@ class SSMixer(MegatronModule):
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, hidden_states: torch.Tensor, rope: RopeTables | None = None) -> torch.Tensor:
-        proj, _ = self.in_proj(hidden_states)                           # (l, b, [G_tp groups | H_tp dt | 0])
-        if self.cp > 1:  # sequence blocks of all groups -> the whole sequence of this rank's 1/cp of them
-            body, dt = split_last_dim(proj, (*self.proj_widths, self.proj_rows - sum(self.proj_widths)))[:2]
-            proj = torch.cat([seq_to_heads(body, self.cp_group), seq_to_heads(dt, self.cp_group)], dim=-1)
+        proj, _ = self.in_proj(hidden_states)                                       # (l, b, G_tp * width)
+        dt, _ = self.dt_proj(hidden_states)                                         # (l, b, H_tp)
+        # CP: sequence blocks of all groups -> the whole sequence of this rank's groups (no-ops at cp = 1)
+        proj, dt = seq_to_heads(proj, self.cp_group), seq_to_heads(dt, self.cp_group)  # G_loc, H_loc = 1/cp
         l, b = proj.shape[:2]
         widths = (self.z_width, self.x_width, self.N, self.N)
-        z, x, B, C, dt = split_projection(proj, self.groups_local, widths, self.heads_local,
-                                          self._cp_rows(self.conv1d_weight), self._cp_rows(self.conv1d_bias))
+        z, x, B, C = split_projection(proj, self.groups_local, widths, self._cp_rows(self.conv1d_weight),
+                                      self._cp_rows(self.conv1d_bias))
         # (l, b, H_loc, P): a view of proj when G = H or G = 1, a copy when a group holds some of several heads
         x = x.reshape(l, b, self.heads_local, self.P)                               # B, C: (l, b, G_loc, N)
 
@@ -248,8 +200,7 @@ class SSMixer(MegatronModule):
 
     # ------------------------------------------------------------------------------------------ checkpointing
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        """Own parameters are TP-split along dim 0; out_proj describes itself, in_proj as the two TP-independent
-        tensors `in_proj.weight` and `dt_proj.weight` (its zero rows are not saved)."""
+        """Own parameters are TP-split along dim 0; in_proj/out_proj describe themselves."""
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         own = {}
         self._save_to_state_dict(own, "", keep_vars=True)
@@ -259,36 +210,4 @@ class SSMixer(MegatronModule):
         for name, module in self.named_children():
             result.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
                                                      tp_group=self.tp_group))
-        key = f"{prefix}in_proj.weight"
-        result[key] = _in_proj_factory(result[key], self.proj_widths)
         return result
-
-
-def _drawn_later(weight: torch.Tensor) -> None:
-    """in_proj's init_method: SSMixer._init_in_proj draws its values, part by part."""
-
-
-def _in_proj_factory(whole, widths: tuple[int, int]) -> ShardedTensorFactory:
-    """in_proj's local rows [groups | dt | zero rows] as the checkpoint tensors `...in_proj.weight` (the groups)
-    and `...dt_proj.weight` (the dt rows), each TP-sharded along dim 0; loading puts them back with zero rows."""
-    template = whole.without_data()
-    body, dt = widths
-    pad = template.local_shape[0] - body - dt
-
-    @torch.no_grad()
-    def build(key, tensor, replica_id, flattened_range):
-        if flattened_range is not None:
-            raise ValueError(f"{key}: flattened (distributed-optimizer) shards of in_proj are not supported")
-        if not key.endswith("in_proj.weight"):
-            raise ValueError(f"unexpected key {key!r} for the SS mixer's in_proj")
-        own = replace(template, key=key, data=tensor, dtype=tensor.dtype, replica_id=replica_id)
-        groups, = own.narrow(0, 0, body)
-        heads, = own.narrow(0, body, dt)
-        heads.key = key[:-len("in_proj.weight")] + "dt_proj.weight"
-        return [groups, heads]
-
-    def merge(parts):
-        groups, heads = parts
-        return torch.cat([groups, heads, groups.new_zeros(pad, *groups.shape[1:])])
-
-    return ShardedTensorFactory(whole.key, whole.data, build, merge, whole.replica_id)

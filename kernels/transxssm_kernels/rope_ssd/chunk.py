@@ -17,8 +17,7 @@
     Inputs may have any strides with a contiguous last dim (views of one projection, sequence-first layouts); y
     and the input gradients take the memory layout of their inputs (y that of x), so a caller working in (l, b)
     order passes transposed views and gets transposed views back, with no copy either way. When x, B, C are views
-    of the same token rows of one tensor (G = H; the SS mixer's projection), so are the gradients of x, B, C and dt, of
-    one new tensor with the columns no input reads set to zero (_input_grads).
+    tiling one tensor (G = H), their gradients are the same views of one new tensor (_input_grads).
 
 Every argument is differentiable (x, dt, A, B, C, D, z, dt_bias, initial_state); the RoPE tables and seq_idx are not.
 All options run in the Triton kernels or in exact PyTorch glue around them; there is no fallback to the reference.
@@ -44,7 +43,6 @@ Speed (H200, 1.3B layer H=G=32, P=64, N=128, l=4096, 32K tokens, bf16): 0.68 ms 
 (chunk 128: 0.57 / 1.91); PyTorch SDPA with the same heads 4.71; docs/kernels.md has the grid and what limits it.
 """
 
-import functools
 import os
 
 import torch
@@ -188,67 +186,31 @@ def _chunk_sums(mode, v, m, tables, delta_p, cs, seq_t, l, H, nc, meta, flags, l
     return sums
 
 
-@functools.lru_cache(maxsize=64)
-def _column_gaps(width, parts):
-    """The column ranges (start, stop) of a row of `width` that none of `parts` reads, or None when two parts read
-    one column or a part reads outside the row. parts: ((offset in the row, trailing shape, trailing strides), ...)."""
-    hits = torch.zeros(width, dtype=torch.int64)
-    for offset, shape, strides in parts:
-        cols = torch.tensor(offset)
-        for n, s in zip(shape, strides):
-            cols = cols[..., None] + torch.arange(n) * s
-        cols = cols.reshape(-1)
-        if cols.numel() and (cols.min() < 0 or cols.max() >= width):
-            return None
-        hits.index_add_(0, cols, torch.ones_like(cols))
-    if (hits > 1).any():
-        return None
-    gaps, start = [], None
-    for col, free in enumerate((hits == 0).tolist() + [False]):
-        if free and start is None:
-            start = col
-        elif not free and start is not None:
-            gaps.append((start, col))
-            start = None
-    return tuple(gaps)
-
-
-def _shared_rows(parts):
-    """(root, row width, gaps) when `parts` are disjoint views of one contiguous tensor that read the same token
-    rows of it: (b, l) first with the same strides, the rest within a row (the SS mixer's x, B, C and dt, views of
-    its projection); gaps are the columns of a row that no part reads. None otherwise."""
+def _tile_one_tensor(parts):
+    """The tensor of which `parts` are disjoint views covering it whole, side by side along the last dim with the
+    same outer shape and strides (the SS mixer's x, B, C split from its projection); None otherwise."""
     root = parts[0]._base
     if root is None or not root.is_contiguous() or any(t._base is not root or t.stride(-1) != 1 for t in parts):
         return None
-    lead_shape, lead_strides = parts[0].shape[:2], parts[0].stride()[:2]
-    if any(t.shape[:2] != lead_shape or t.stride()[:2] != lead_strides for t in parts):
+    first = parts[0]
+    if any(t.shape[:-1] != first.shape[:-1] or t.stride()[:-1] != first.stride()[:-1] for t in parts):
         return None
-    dims = sorted((s, n) for s, n in zip(lead_strides, lead_shape) if n > 1)    # (stride, size), inner first
-    width = dims[0][0] if dims else root.numel()
-    rows = 1
-    for s, n in dims:
-        if s != width * rows:
-            return None
-        rows *= n
-    if rows * width != root.numel():
-        return None
-    gaps = _column_gaps(width, tuple((t.storage_offset() - root.storage_offset(), tuple(t.shape[2:]),
-                                      tuple(t.stride()[2:])) for t in parts))
-    return None if gaps is None else (root, width, gaps)
+    spans = sorted((t.storage_offset() - root.storage_offset(), t.shape[-1]) for t in parts)
+    side_by_side = spans[0][0] == 0 and all(a + w == b for (a, w), (b, _) in zip(spans, spans[1:]))
+    row = spans[-1][0] + spans[-1][1]
+    if side_by_side and row == min(first.stride()[:-1]) and sum(t.numel() for t in parts) == root.numel():
+        return root
+    return None
 
 
 def _input_grads(*inputs):
-    """Empty gradients for the inputs (torch.empty_like each). When the inputs are disjoint views of the same token
-    rows of one tensor (_shared_rows), the gradients are the same views of one new tensor whose other columns are
-    zero: a split's backward (the SS mixer's) then passes that tensor on whole as the projection's gradient
-    instead of assembling it from the pieces."""
-    shared = _shared_rows(inputs)
-    if shared is None:
+    """Empty gradients for the inputs (torch.empty_like each). When the inputs are views tiling one tensor, the
+    gradients are the same views of one new tensor: a split's backward (the SS mixer's) then passes that tensor on
+    whole instead of concatenating the pieces."""
+    root = _tile_one_tensor(inputs)
+    if root is None:
         return tuple(torch.empty_like(t) for t in inputs)
-    root, width, gaps = shared
     whole = torch.empty_like(root)
-    for start, stop in gaps:
-        whole.view(-1, width)[:, start:stop].zero_()
     return tuple(whole.as_strided(t.shape, t.stride(), t.storage_offset() - root.storage_offset()) for t in inputs)
 
 
@@ -354,11 +316,9 @@ class _RopeSSDCore(torch.autograd.Function):
 
         # per-token gradients; with G < H the per-head dB, dC are summed over each group's heads
         if G == H:
-            together = dt._base is x._base                     # dt read from the same projection as x, B, C
-            dx, dB_h, dC_h, ddt = _input_grads(x, B, C, dt) if together else (*_input_grads(x, B, C),
-                                                                             torch.empty_like(dt))
+            dx, dB_h, dC_h = _input_grads(x, B, C)
         else:
-            dx, ddt = torch.empty_like(x), torch.empty_like(dt)
+            dx = torch.empty_like(x)
             dB_h = torch.empty((b, l, H, N), device=dev, dtype=torch.float32)
             dC_h = torch.empty((b, l, H, N), device=dev, dtype=torch.float32)
         e, k, ddelta, v = torch.empty((4, b, H, Lp), device=dev, dtype=torch.float32)
@@ -379,6 +339,7 @@ class _RopeSSDCore(torch.autograd.Function):
             dB = dB_h.view(b, l, G, H // G, N).sum(3).to(B.dtype)
             dC = dC_h.view(b, l, G, H // G, N).sum(3).to(C.dtype)
         # d a_j = sum_{t >= j} (E_t - K_t) + sum_{s < j} V_s + K_c (see _bwd.py), then dt, A, dt_bias (_delta.py)
+        ddt = torch.empty_like(dt)
         part_a, part_bias = torch.empty((2, b, H, nc), device=dev, dtype=torch.float32)
         dt_grad_kernel[(nc, b * H)](e, k, v, ddelta, kdec, delta_p, dt, *dt.stride(), bias, A32, ddt, *ddt.stride(),
                                     part_a, part_bias, l, Lp, H, nc, Q=Q, HAS_BIAS=has_bias, SOFTPLUS=softplus)
