@@ -1,8 +1,8 @@
 """Megatron's gradient accumulation fusion without apex (training/wgrad_accumulation.py) on CPU: megatron's linear
 layer calling the stand-in with the arguments in the order it expects and marking the gradient as added (fp32,
 against float64, relative 1e-6), install() leaving megatron alone where the fp32-output matmul is missing, and a
-whole training step (linear layers and the chunked LM head adding into main_grad; PP = 1, PP = 2, TP = 2 with
-sequence parallelism) giving every parameter the main_grad of megatron's separate add. The fp32-output matmul is
+whole training step (linear layers, the chunked LM head and, at TP = 1, the embedding adding into main_grad; PP = 1,
+PP = 2, TP = 2 with sequence parallelism) giving every parameter the main_grad of megatron's separate add. The fp32-output matmul is
 CUDA-only: tests/gpu/test_fused_gpu.py checks it against float64 and tests/gpu/test_train_gpu.py trains with it
 against megatron's separate add."""
 
@@ -93,11 +93,12 @@ def _main_grads_after_one_step(run_dir: str, fusion: bool, tp: int, pp: int):
 @pytest.mark.parametrize("tp, pp", [(1, 1), (1, 2), (2, 1)],
                          ids=["tied-lm-head", "pp2-own-lm-head-copy", "tp2-sequence-parallel"])
 def test_every_main_grad_matches_the_separate_add(tmp_path, tp, pp):
-    """A whole step with gradient accumulation fusion (linear layers and the chunked LM head adding into main_grad)
-    gives every parameter the main_grad of the separate add: fp32 on CPU, relative 1e-5. PP = 1 ties the LM head
-    to the embedding on one stage (both add into one buffer); at PP = 2 the last stage has its own copy of the
-    weight, whose gradient reaches megatron's hook as a stand-in that must not be added; TP = 2 with sequence
-    parallelism splits the vocabulary and every linear layer over two ranks."""
+    """A whole step with gradient accumulation fusion (linear layers, the chunked LM head and the embedding lookup
+    adding into main_grad) gives every parameter the main_grad of the separate add: fp32 on CPU, relative 1e-5.
+    PP = 1 ties the LM head to the embedding on one stage (both add into one buffer, and the hook must add
+    neither's stand-in); at PP = 2 the last stage has its own copy of the weight, whose gradient reaches megatron's
+    hook as a stand-in that must not be added; TP = 2 with sequence parallelism splits the vocabulary and every
+    linear layer over two ranks (megatron's lookup there)."""
     from distributed import run_distributed
 
     world = tp * pp

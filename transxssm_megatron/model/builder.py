@@ -28,6 +28,7 @@ from megatron.core.utils import init_method_normal
 
 from ..config import ModelConfig
 from .context_parallel import cp_group_of, gather_sequence
+from .embedding import embed_into_main_grad
 from .fused_ops import fusion_enabled
 from .lm_loss import linear_cross_entropy
 from .rope import UnifiedRope
@@ -103,6 +104,9 @@ class TransXSSMModel(HybridModel):
             pg_collection=pg_collection,
         )
         self.model_cfg = model_cfg
+        # megatron marks the embedding weight when the LM head shares it on this stage (its hook then adds
+        # whatever gradient arrives); the fast lookup below clears the mark for the steps it runs.
+        self._tied_on_this_stage = pre_process and bool(getattr(self._output_weight(), "zero_out_wgrad", False))
         self.rope = UnifiedRope(model_cfg.head_dim, model_cfg.state_size if model_cfg.ss_uses_rope else None,
                                 model_cfg.rope_base)
 
@@ -128,7 +132,7 @@ class TransXSSMModel(HybridModel):
         hidden states (l, b, d). position_ids None means 0..l-1 for every row. With context parallelism all of these
         are this CP rank's block of the sequence (l = l_total / cp), and so is the returned loss or logits."""
         if decoder_input is None and self.pre_process:
-            decoder_input = self.embedding(input_ids=input_ids, position_ids=None)  # (l, b, d)
+            decoder_input = self._embed(input_ids)                                # (l, b, d)
         cp_group = cp_group_of(self.pg_collection)
         cp = cp_group.size() if cp_group is not None else 1
         if position_ids is not None:
@@ -147,6 +151,22 @@ class TransXSSMModel(HybridModel):
         logits, _ = self.output_layer(hidden, weight=self._output_weight(),
                                       runtime_gather_output=runtime_gather_output)
         return logits.transpose(0, 1).contiguous()
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """megatron's embedding (b, l) -> (l, b, d); with fusion on and weight gradients accumulated by the layers
+        themselves, at TP = 1, the same lookup with its gradient added into main_grad (embedding.py)."""
+        emb, config = self.embedding, self.config
+        weight = emb.word_embeddings.weight
+        main_grad = getattr(weight, "main_grad", None) if config.gradient_accumulation_fusion else None
+        fast = (main_grad is not None and fusion_enabled() and torch.is_grad_enabled()
+                and not config.deterministic_mode and emb.word_embeddings.tp_group.size() == 1
+                and not emb.add_position_embedding and emb.num_tokentypes == 0 and config.hidden_dropout == 0.0
+                and not config.fp32_residual_connection and not getattr(config, "use_mup", False))
+        if self._tied_on_this_stage:   # both users add into main_grad: the LM head hands the hook its stand-in
+            weight.zero_out_wgrad = not fast
+        if not fast:
+            return emb(input_ids=input_ids, position_ids=None)
+        return embed_into_main_grad(input_ids.t(), weight, main_grad, give_grad=not self._tied_on_this_stage)
 
     def _output_weight(self) -> Optional[torch.Tensor]:
         return self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
