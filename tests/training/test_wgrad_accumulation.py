@@ -1,10 +1,10 @@
 """Megatron's gradient accumulation fusion without apex (training/wgrad_accumulation.py) on CPU: megatron's linear
 layer calling the stand-in with the arguments in the order it expects and marking the gradient as added (fp32,
 against float64, relative 1e-6), install() leaving megatron alone where the fp32-output matmul is missing, and a
-whole training step (linear layers, the chunked LM head and, at TP = 1, the embedding adding into main_grad; PP = 1,
-PP = 2, TP = 2 with sequence parallelism) giving every parameter the main_grad of megatron's separate add. The fp32-output matmul is
-CUDA-only: tests/gpu/test_fused_gpu.py checks it against float64 and tests/gpu/test_train_gpu.py trains with it
-against megatron's separate add."""
+whole training step (linear layers, the chunked LM head and the embedding's lookup adding into main_grad; PP = 1,
+PP = 2, TP = 2 with sequence parallelism) giving every parameter the main_grad of megatron's separate add. The
+fp32-output matmul is CUDA-only: tests/gpu/test_fused_gpu.py checks it against float64 and
+tests/gpu/test_train_gpu.py trains with it against megatron's separate add."""
 
 import types
 
@@ -57,9 +57,9 @@ def test_apex_module_is_kept(monkeypatch):
 
 
 def _main_grads_after_one_step(run_dir: str, fusion: bool, tp: int, pp: int):
-    """In a gloo rank (tests/distributed.py): one step of the tiny model (2 micro-batches), with the linear layers
-    and the LM head adding weight gradients into main_grad themselves (the CPU stand-in above) or not; every
-    parameter's main_grad by name."""
+    """In a gloo rank (tests/distributed.py): one step of the tiny model (2 micro-batches), with the linear layers,
+    the LM head and the embedding's lookup adding weight gradients into main_grad themselves (the CPU stand-in
+    above) or not (megatron's dense gradients, added by its hook); every parameter's main_grad by name."""
     from pathlib import Path
 
     from transxssm_megatron.training import data as data_lib, loop
@@ -98,7 +98,7 @@ def test_every_main_grad_matches_the_separate_add(tmp_path, tp, pp):
     PP = 1 ties the LM head to the embedding on one stage (both add into one buffer, and the hook must add
     neither's stand-in); at PP = 2 the last stage has its own copy of the weight, whose gradient reaches megatron's
     hook as a stand-in that must not be added; TP = 2 with sequence parallelism splits the vocabulary and every
-    linear layer over two ranks (megatron's lookup there)."""
+    linear layer over two ranks (the lookup masks the other rank's ids and reduce-scatters over the sequence)."""
     from distributed import run_distributed
 
     world = tp * pp

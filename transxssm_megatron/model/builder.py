@@ -28,7 +28,7 @@ from megatron.core.utils import init_method_normal
 
 from ..config import ModelConfig
 from .context_parallel import cp_group_of, gather_sequence
-from .embedding import embed_into_main_grad
+from .embedding import embed_into_main_grad, reproduces_megatron
 from .fused_ops import fusion_enabled
 from .lm_loss import linear_cross_entropy
 from .rope import UnifiedRope
@@ -104,8 +104,9 @@ class TransXSSMModel(HybridModel):
             pg_collection=pg_collection,
         )
         self.model_cfg = model_cfg
-        # megatron marks the embedding weight when the LM head shares it on this stage (its hook then adds
-        # whatever gradient arrives); the fast lookup below clears the mark for the steps it runs.
+        # With PP = 1 megatron marks the one weight that the embedding and the LM head share `zero_out_wgrad`
+        # (LanguageModule.setup_embeddings_and_output_layer): its hook then adds whatever gradient arrives, the
+        # lookup's dense one. `_embed` clears the mark for the steps whose lookup adds into main_grad itself.
         self._tied_on_this_stage = pre_process and bool(getattr(self._output_weight(), "zero_out_wgrad", False))
         self.rope = UnifiedRope(model_cfg.head_dim, model_cfg.state_size if model_cfg.ss_uses_rope else None,
                                 model_cfg.rope_base)
@@ -153,20 +154,20 @@ class TransXSSMModel(HybridModel):
         return logits.transpose(0, 1).contiguous()
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """megatron's embedding (b, l) -> (l, b, d); with fusion on and weight gradients accumulated by the layers
-        themselves, at TP = 1, the same lookup with its gradient added into main_grad (embedding.py)."""
+        """megatron's embedding: (b, l) -> (l, b, d), (l / tp, b, d) with sequence parallelism. With fusion on and
+        the weight gradients added into main_grad by the layers themselves, the same lookup adding its gradient
+        there too (embedding.py)."""
         emb, config = self.embedding, self.config
         weight = emb.word_embeddings.weight
         main_grad = getattr(weight, "main_grad", None) if config.gradient_accumulation_fusion else None
-        fast = (main_grad is not None and fusion_enabled() and torch.is_grad_enabled()
-                and not config.deterministic_mode and emb.word_embeddings.tp_group.size() == 1
-                and not emb.add_position_embedding and emb.num_tokentypes == 0 and config.hidden_dropout == 0.0
-                and not config.fp32_residual_connection and not getattr(config, "use_mup", False))
-        if self._tied_on_this_stage:   # both users add into main_grad: the LM head hands the hook its stand-in
+        fast = main_grad is not None and fusion_enabled() and torch.is_grad_enabled() and reproduces_megatron(emb)
+        if self._tied_on_this_stage:
+            # Both users add into main_grad: the hook must add neither's stand-in. The LM head hands it one (marked
+            # as added, so the hook still runs once), the lookup nothing.
             weight.zero_out_wgrad = not fast
         if not fast:
             return emb(input_ids=input_ids, position_ids=None)
-        return embed_into_main_grad(input_ids.t(), weight, main_grad, give_grad=not self._tied_on_this_stage)
+        return embed_into_main_grad(emb, input_ids, main_grad, give_grad=not self._tied_on_this_stage)
 
     def _output_weight(self) -> Optional[torch.Tensor]:
         return self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None

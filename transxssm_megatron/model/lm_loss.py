@@ -16,7 +16,7 @@ compiled reduction and one pointwise kernel (`fused_ops`).
 Where megatron's linear layers add their weight gradients into the fp32 `param.main_grad` themselves (gradient
 accumulation fusion, training/wgrad_accumulation.py), pass that buffer as `main_grad`: backward then adds the LM
 head's weight gradient to it (one fp32 kernel) instead of returning it in bf16 for megatron's hook to add, and
-follows megatron's linears in what it returns (`_weight_grad_stand_in`).
+follows megatron's linears in what it returns (`weight_grad_stand_in`, shared with the embedding's lookup).
 
 Vocab-parallel (TP > 1): the log-sum-exp and the target's logit are combined over the TP ranks with one
 all-gather per chunk; d hidden is this rank's share, summed over ranks by the caller's region function (megatron's
@@ -76,11 +76,12 @@ def _accumulate_wgrad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torc
         acc.add_((grad_logits.t() @ hidden).to(acc.dtype))
 
 
-def _weight_grad_stand_in(weight: torch.Tensor) -> torch.Tensor | None:
-    """What backward returns for a weight whose gradient it has added to main_grad, as megatron's linear layers do:
-    None when the weight is tied to the embedding on this pipeline stage (megatron marks it `zero_out_wgrad`: the
-    embedding's gradient reaches the hook, which adds it), else an uninitialised tensor marked as already added, so
-    that megatron's DDP hook still runs for it (it starts the bucket's reduction when overlapping) and adds nothing."""
+def weight_grad_stand_in(weight: torch.Tensor) -> torch.Tensor | None:
+    """What backward returns for a weight whose gradient it has added to main_grad, as megatron's linear layers do
+    (here and in embedding.py): None when megatron marks the weight `zero_out_wgrad` (the embedding and the LM head
+    share it on this pipeline stage: the hook adds whatever gradient arrives, the other user's), else an
+    uninitialised tensor marked as already added, so that megatron's DDP hook still runs for it (it starts the
+    bucket's reduction when overlapping) and adds nothing."""
     if getattr(weight, "zero_out_wgrad", False):
         return None
     weight.grad_added_to_main_grad = True
@@ -127,7 +128,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dw = None
         if grad_weight is not None and ctx.main_grad is not None:
             ctx.main_grad.addcmul_(grad_weight, grad_total.to(grad_weight.dtype))
-            dw = _weight_grad_stand_in(ctx.weight)
+            dw = weight_grad_stand_in(ctx.weight)
         elif grad_weight is not None:
             dw = (grad_weight * grad_total).to(ctx.weight.dtype)
         return dh, dw, None, None, None, None, None, None
