@@ -66,23 +66,29 @@ def test_grad_accumulation_equals_one_big_micro_batch(tmp_path):
     torch.testing.assert_close(grads1, grads4, rtol=1e-4, atol=1e-6)
 
 
+def _poisonable(trainer: Trainer) -> dict:
+    """Make the trainer's micro-batches give a NaN loss (poison["mode"] = "loss") or a finite loss with
+    non-finite gradients ("grad") while poison["mode"] is set."""
+    clean_step, poison = trainer.forward_step, {"mode": None}
+
+    def forward_step(data_iterator, model):
+        output, loss_fn = clean_step(data_iterator, model)
+        if poison["mode"] == "loss":
+            output = output * float("nan")
+        elif poison["mode"] == "grad":
+            output.register_hook(lambda g: g * float("inf"))
+        return output, loss_fn
+
+    trainer.forward_step = forward_step
+    return poison
+
+
 def test_nan_loss_or_grad_skips_the_step_and_stops_after_k_in_a_row(tmp_path):
     cfg = _mock_config(tmp_path / "nan", max_consecutive_skips=3)
     trainer = Trainer(cfg)
     try:
         batches = data_lib.train_batches(trainer.datasets.train, 0, cfg, trainer.world)
-        clean_step = trainer.forward_step
-        poison = {"mode": None}
-
-        def forward_step(data_iterator, model):
-            output, loss_fn = clean_step(data_iterator, model)
-            if poison["mode"] == "loss":
-                output = output * float("nan")
-            elif poison["mode"] == "grad":  # finite loss, non-finite gradients
-                output.register_hook(lambda g: g * float("inf"))
-            return output, loss_fn
-
-        trainer.forward_step = forward_step
+        poison = _poisonable(trainer)
         assert not trainer.train_step(batches)["skipped"]
         for mode in ("loss", "grad"):
             before, lr_steps = _params(trainer), trainer.scheduler.num_steps
@@ -108,6 +114,69 @@ def test_nan_loss_or_grad_skips_the_step_and_stops_after_k_in_a_row(tmp_path):
     finally:
         trainer.close()
         parallel.teardown()
+
+
+def _steps_with_a_skip(run_dir: Path, wait: bool, clip_grad: float = 0.0, steps: int = 5, skip_at: int = 2):
+    """`steps` steps of the mock model, the one at index skip_at with a NaN loss, each settled at once (wait) or
+    during the next one; the parameters, the steps' metrics, the schedule's step count, the skip count and the
+    learning rate after them."""
+    cfg = _mock_config(run_dir)
+    cfg.optim.clip_grad = clip_grad
+    trainer = Trainer(cfg)
+    try:
+        batches = data_lib.train_batches(trainer.datasets.train, 0, cfg, trainer.world)
+        poison, results = _poisonable(trainer), []
+        for step in range(steps):
+            poison["mode"] = "loss" if step == skip_at else None
+            results.append(trainer.train_step(batches, wait=wait))
+        results.append(trainer.settle())
+        return (_params(trainer), [r for r in results if r is not None], trainer.scheduler.num_steps,
+                trainer.skipped_total, trainer.optimizer.param_groups[0]["lr"])
+    finally:
+        trainer.close()
+        parallel.teardown()
+
+
+def test_settling_a_step_during_the_next_changes_nothing(tmp_path):
+    """The run loop settles each step (skip count, schedule) during the next one, after that one's
+    forward/backward and before its update: the same parameters (bitwise), losses, learning rate and skips as
+    settling every step at once, with a skipped step among them. The skip itself is decided on the device (the
+    optimizer is torch's fused AdamW, given the flag)."""
+    waited = _steps_with_a_skip(tmp_path / "wait", wait=True)
+    deferred = _steps_with_a_skip(tmp_path / "deferred", wait=False)
+    assert torch.equal(waited[0], deferred[0])
+    losses = [torch.tensor([r["loss"] for r in run[1]]) for run in (waited, deferred)]
+    torch.testing.assert_close(*losses, rtol=0, atol=0, equal_nan=True)
+    assert [r["skipped"] for r in deferred[1]] == [False, False, True, False, False]
+    assert [r["step"] for r in deferred[1]] == [1, 2, 3, 4, 5]
+    assert waited[2:] == deferred[2:] and deferred[2] == 4 and deferred[3] == 1
+
+
+def test_update_equals_megatrons_own_step(tmp_path, monkeypatch):
+    """With clipping active (clip_grad 0.05, well below the gradient norm): three steps, the second skipped, with
+    the clip factor and the skip decided on the device give the parameters of megatron's optimizer.step() (the
+    norm read back, the gradients clipped by a Python float, AdamW) up to rounding: fp32, relative 1e-6. (Over
+    more updates rounding differences reach the loss and grow: Adam's near-sign update flips where a gradient is
+    near zero.)"""
+    from transxssm_megatron.training import fast_optimizer
+
+    ours = _steps_with_a_skip(tmp_path / "ours", wait=False, clip_grad=0.05, steps=3, skip_at=1)
+
+    def megatron_step(optimizer, loss):
+        if not torch.isfinite(loss):
+            return torch.tensor(float("nan")), torch.tensor(1.0)
+        optimizer.prepare_grads()
+        norm = float(optimizer.get_grad_norm())
+        assert norm > 0.05 * 5            # clipping changes the update
+        optimizer.step()                  # prepares the gradients again, computes the norm again, clips, steps
+        return torch.tensor(norm), torch.tensor(0.0)
+
+    monkeypatch.setattr(fast_optimizer, "update_unless_nonfinite", megatron_step)
+    reference = _steps_with_a_skip(tmp_path / "megatron", wait=True, clip_grad=0.05, steps=3, skip_at=1)
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-6, atol=1e-8)
+    assert [r["skipped"] for r in ours[1]] == [False, True, False] and ours[2:] == reference[2:]
+    unclipped = _steps_with_a_skip(tmp_path / "unclipped", wait=True, steps=3, skip_at=1)
+    assert (unclipped[0] - reference[0]).abs().max() > 1e-4
 
 
 @pytest.fixture(scope="module")

@@ -181,7 +181,9 @@ def train_batches(dataset, consumed_samples: int, cfg, world) -> Iterator[dict[s
     """Micro-batches for this DP rank from global sample `consumed_samples` on, forever (wraps the dataset).
 
     Each group of m * DP consecutive global samples is one micro-batch of every DP rank; rank r takes its
-    r-th block of m. The CP ranks of a DP rank read the same samples and each keeps its block of the sequence."""
+    r-th block of m. The CP ranks of a DP rank read the same samples and each keeps its block of the sequence.
+    On a GPU the tensors are in pinned memory: their copies to the device queue behind the running step instead
+    of waiting for it."""
     from megatron.core import parallel_state
 
     m = cfg.train.micro_batch_size
@@ -189,8 +191,8 @@ def train_batches(dataset, consumed_samples: int, cfg, world) -> Iterator[dict[s
     cp_rank = parallel_state.get_context_parallel_rank() if world.cp > 1 else 0
     n = len(dataset)
     while True:
-        batch = _collate([dataset[i % n] for i in range(first, first + m)])
-        yield context_parallel_block(batch, cp_rank, world.cp)
+        batch = context_parallel_block(_collate([dataset[i % n] for i in range(first, first + m)]), cp_rank, world.cp)
+        yield {key: t.pin_memory() for key, t in batch.items()} if world.on_gpu else batch
         first += m * world.dp
 
 

@@ -7,11 +7,15 @@ per tensor, and AdamW runs torch's multi-kernel `foreach` path. Here, in one pla
 
 - `install_multi_tensor_ops()` swaps megatron's fallbacks for torch's foreach kernels: one norm launch for all
   gradients with no host sync, one scaling launch. Only megatron's own fallbacks are replaced; TE's or apex's
-  kernels, when installed, are kept.
+  kernels, when installed, are kept. It also gives megatron a scaling by a device tensor, with which megatron
+  leaves the gradient norm on the device instead of reading it back (`get_grad_norm_fp32`).
 - `use_fused_adamw(optimizer)` switches the AdamW megatron built (torch.optim.AdamW) to torch's single fused
   kernel (`fused=True`), including after a checkpoint load.
-- `clip_and_step(optimizer, grad_norm)` clips with a norm the caller already computed and steps: megatron's
-  `step()` would prepare the gradients and compute the norm a second time.
+- `update_unless_nonfinite(optimizer, loss)` prepares the gradients, computes their norm once, clips and steps,
+  and skips the update where the loss or the norm is NaN/inf, all decided on the device: torch's fused AdamW
+  takes a `found_inf` flag and leaves parameters, moments and step count alone where it is 1. The host never
+  waits for the GPU, so the next step's kernels queue up behind this one's (megatron's `step()` reads the norm
+  back, and a skip decided on the host leaves the GPU idle while the host reads, decides and launches).
 """
 
 from __future__ import annotations
@@ -41,14 +45,30 @@ def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
         torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
 
 
+def _foreach_scale_by_tensor(chunk_size, noop_flag, tensor_lists, scale: torch.Tensor):
+    """Drop-in for TE's multi_tensor_scale_tensor: dst = src * scale, scale a one-element device tensor."""
+    src, dst = tensor_lists
+    if not src:
+        return
+    scale = scale.reshape(())
+    if all(s is d for s, d in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
 def install_multi_tensor_ops() -> bool:
-    """Replace megatron's local multi-tensor fallbacks with foreach versions; True if anything was replaced."""
+    """Replace megatron's local multi-tensor fallbacks with foreach versions, and give it a scaling by a tensor
+    where it has none; True if anything was replaced."""
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads, optimizer
 
     replaced = False
     if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
         clip_grads.l2_norm_impl = _foreach_l2_norm
+        replaced = True
+    if clip_grads.multi_tensor_scale_tensor_impl is None:
+        clip_grads.multi_tensor_scale_tensor_impl = _foreach_scale_by_tensor
         replaced = True
     for module in (clip_grads, optimizer):
         if module.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
@@ -62,8 +82,8 @@ def _inner_optimizers(optimizer) -> list:
 
 
 def use_fused_adamw(optimizer) -> bool:
-    """Turn on torch's fused AdamW for every CUDA parameter group megatron built with torch.optim.AdamW/Adam;
-    returns whether any group uses it. Existing step counters move to the parameters' device (fused wants them
+    """Turn on torch's fused AdamW (CUDA and CPU kernels) for every fp32 parameter group megatron built with
+    torch.optim.AdamW/Adam; returns whether any group uses it. Existing step counters move to the parameters' device (fused wants them
     there, as fp32)."""
     fused_any = False
     for megatron_opt in _inner_optimizers(optimizer):
@@ -71,7 +91,7 @@ def use_fused_adamw(optimizer) -> bool:
         if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             continue
         for group in inner.param_groups:
-            if not group["params"] or not all(p.is_cuda and p.dtype == torch.float32 for p in group["params"]):
+            if not group["params"] or not all(p.device.type in ("cuda", "cpu") and p.dtype == torch.float32 for p in group["params"]):
                 continue
             group["fused"], group["foreach"] = True, False
             fused_any = True
@@ -85,14 +105,36 @@ def use_fused_adamw(optimizer) -> bool:
 
 
 @torch.no_grad()
-def clip_and_step(optimizer, grad_norm: float) -> bool:
-    """Clip every gradient by the global norm `grad_norm` (to `config.clip_grad`) and step; returns success.
-    Call after `optimizer.prepare_grads()` and `optimizer.get_grad_norm()`."""
-    from megatron.core.optimizer import clip_grads
-
-    for megatron_opt in _inner_optimizers(optimizer):
+def update_unless_nonfinite(optimizer, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip every gradient by the global norm (to `config.clip_grad`) and step, unless `loss` (a device scalar)
+    or that norm is NaN/inf. Returns (grad_norm, skipped) as fp32 device scalars, skipped 1.0 where the update was
+    left out; nothing waits for the device where every inner optimizer is torch's fused AdamW."""
+    found_inf = optimizer.prepare_grads()   # True only with an fp16 loss scaler that saw inf
+    norm = torch.as_tensor(optimizer.get_grad_norm(), dtype=torch.float32, device=loss.device).reshape(())
+    skipped = (torch.isfinite(loss).logical_not() | torch.isfinite(norm).logical_not() | found_inf).float()
+    inner = _inner_optimizers(optimizer)
+    for megatron_opt in inner:
         clip = megatron_opt.config.clip_grad
-        params = megatron_opt.get_parameters()
-        if clip > 0.0 and params:
-            clip_grads.clip_grad_by_total_norm_fp32(params, clip, grad_norm)
-    return optimizer.step_with_ready_grads()
+        grads = [p.grad for p in megatron_opt.get_parameters() if p.grad is not None]
+        if clip > 0.0 and grads:   # a factor of exactly 1 below the limit: the gradients stay bit-identical
+            torch._foreach_mul_(grads, (clip / (norm + 1.0e-6)).clamp(max=1.0))
+    fused = all(_fused_adam(megatron_opt) for megatron_opt in inner)
+    if fused:
+        for megatron_opt in inner:
+            megatron_opt.optimizer.found_inf = skipped   # read by torch's Adam.step, honoured by the fused kernel
+    try:
+        if fused or not skipped.item():
+            optimizer.step_with_ready_grads()
+    finally:
+        for megatron_opt in inner:
+            if hasattr(getattr(megatron_opt, "optimizer", None), "found_inf"):
+                del megatron_opt.optimizer.found_inf
+    return norm, skipped
+
+
+def _fused_adam(megatron_opt) -> bool:
+    inner = getattr(megatron_opt, "optimizer", None)
+    if inner is None:   # a stub (a rank without parameters in this group): nothing to update
+        return True
+    return isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) and all(
+        group.get("fused") for group in inner.param_groups if group["params"])

@@ -4,7 +4,12 @@
 
     set up ranks -> build model chunks (TP/PP/VPP) -> DDP -> optimizer + scheduler -> resume -> data
     repeat: micro-batches through megatron's forward_backward_func (grad accumulation to the global batch)
-            -> NaN/inf check -> clip + AdamW step -> schedule -> log / validate / checkpoint / preemption
+            -> clip + AdamW step, skipped on the device where the loss or gradient norm is NaN/inf
+            -> (one step later) skip count, schedule, log -> validate / checkpoint / preemption
+
+The host never waits for the GPU inside a step: the loss, the gradient norm and the skip decision stay on the
+device and reach the host one step later (`Trainer.settle`), so the next step's kernels queue up behind the
+update instead of the GPU idling while the host reads them back.
 
 Everything parallel is megatron-core's: parallel_state, DistributedDataParallel, get_megatron_optimizer
 (distributed optimizer on GPU), OptimizerParamScheduler, the pipeline schedules, finalize_model_grads.
@@ -15,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -174,24 +180,32 @@ def make_forward_step(device: torch.device, cp_group=None):
 
 
 def _sum_reports(reports: list[dict]) -> Optional[torch.Tensor]:
-    """[loss_sum, tokens] summed over micro-batches (only the last pipeline stage has any)."""
+    """[loss_sum, tokens] summed over micro-batches, on the device (only the last pipeline stage has any)."""
     if not reports:
         return None
-    return torch.stack([r["lm loss"].float().cpu() for r in reports]).sum(0)
+    return torch.stack([r["lm loss"].float() for r in reports]).sum(0)
 
 
-def _global_mean_loss(pair: Optional[torch.Tensor], world: parallel.World) -> float:
-    """Token-weighted mean loss of the whole global batch, identical on every rank.
+def _global_mean_loss(pair: Optional[torch.Tensor], world: parallel.World) -> torch.Tensor:
+    """Token-weighted mean loss of the whole global batch, identical on every rank: a scalar on the device.
 
     Only last-stage ranks hold [loss_sum, tokens]; others add zeros. TP ranks of a stage hold the same pair,
     which scales sum and count alike, and CP ranks each their block's, which add up to the sample's, so one world
     all-reduce gives the exact mean everywhere (and a NaN anywhere reaches every rank, so all take the same skip
     decision)."""
-    t = pair.clone() if pair is not None else torch.zeros(2)
-    if world.on_gpu:
-        t = t.to(world.device)
+    t = pair.clone() if pair is not None else torch.zeros(2, device=world.device)
     torch.distributed.all_reduce(t)
-    return float(t[0] / t[1].clamp(min=1))
+    return t[0] / t[1].clamp(min=1)
+
+
+@dataclass
+class _LaunchedStep:
+    """A step whose update is queued on the device; its [loss, grad_norm, skipped] reach `values` (pinned host
+    memory on CUDA) once `ready` has passed."""
+    step: int
+    consumed_samples: int
+    values: torch.Tensor
+    ready: Optional[torch.cuda.Event]
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -253,8 +267,7 @@ class Trainer:
         self.print(f"[train] {describe_speed_paths(cfg, w)}")
         self.model = build_model_chunks(cfg, w, self.bf16)
         self.num_params = count_parameters(self.model)
-        if w.on_gpu:
-            fast_optimizer.install_multi_tensor_ops()
+        fast_optimizer.install_multi_tensor_ops()
         self.optimizer = optim_lib.build_optimizer(cfg, self.model, w, self.bf16)
         self.scheduler = optim_lib.build_scheduler(cfg, self.optimizer)
 
@@ -279,13 +292,15 @@ class Trainer:
         self.consumed_samples = 0
         self.skipped_total = 0
         self.consecutive_skips = 0
+        self._launched: Optional[_LaunchedStep] = None   # the step whose update the device may still be running
+        self._window: list[float] = []                   # losses of the settled steps since the last log record
+        self._log_at: Optional[int] = None                # a step logged whatever the interval (the run's last)
         self.history: list[dict] = []     # (step, loss) per logged interval, for the summary
         self.val_history: list[dict] = []
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
         self.preemption = PreemptionHandler()  # SIGTERM / SIGUSR1 -> checkpoint at the next step, exit cleanly
         self.resumed_from = self._maybe_resume()
-        if w.on_gpu:
-            fast_optimizer.use_fused_adamw(self.optimizer)
+        fast_optimizer.use_fused_adamw(self.optimizer)   # its found_inf lets the device decide a skip
 
         total_samples = cfg.train.steps * cfg.train.global_batch_size
         valid_samples = cfg.train.eval_iters * cfg.train.global_batch_size  # the same set at any TP/PP/DP
@@ -345,6 +360,7 @@ class Trainer:
                 "history": self.history, "val_history": self.val_history}
 
     def save_checkpoint(self, reason: str) -> Path:
+        self.settle()   # the schedule, skip count and history must include the last step
         t0 = time.perf_counter()
         path = self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, self.train_state())
         self.print(f"[train] checkpoint ({reason}) at step {self.step} -> {path} "
@@ -356,8 +372,13 @@ class Trainer:
         return [batches_fn() for _ in range(n)] if n > 1 else batches_fn()
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, data_iterator) -> dict:
-        """Forward/backward over all micro-batches, then a skip-or-step decision. Returns step metrics."""
+    def train_step(self, data_iterator, wait: bool = True) -> Optional[dict]:
+        """One optimizer step: forward/backward over all micro-batches, then clip + AdamW, skipped on the device
+        where the loss or the gradient norm is NaN/inf. The previous step is settled between this one's
+        forward/backward and its update (the schedule must advance before the update reads the learning rate),
+        by which time its numbers have long been computed. Returns the metrics of the step settled last: with
+        wait this one, settled at once; without, the previous one (None if none was waiting), and this one is
+        settled by the next train_step or by `settle()`."""
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -366,33 +387,46 @@ class Trainer:
             forward_step_func=self.forward_step, data_iterator=data_iterator, model=self.model,
             num_microbatches=self.num_microbatches, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
             forward_only=False)
+        previous = self.settle()
         loss = _global_mean_loss(_sum_reports(reports), self.world)
-        bad = not math.isfinite(loss)
-        grad_norm = float("nan")
-        if not bad:
-            # Megatron's step() would clip NaN gradients and apply them; check the global norm first, then clip
-            # with that same norm and update.
-            found_inf = self.optimizer.prepare_grads()
-            grad_norm = float(self.optimizer.get_grad_norm())
-            bad = found_inf or not math.isfinite(grad_norm)
-        if not bad:
-            bad = not fast_optimizer.clip_and_step(self.optimizer, grad_norm)
+        grad_norm, skipped = fast_optimizer.update_unless_nonfinite(self.optimizer, loss)
+        self.step += 1
+        self.consumed_samples += t.global_batch_size
+        values, ready = torch.stack([loss.float(), grad_norm, skipped]), None
+        if values.is_cuda:   # to pinned memory: the copy queues behind the update instead of waiting for it
+            values, ready = torch.empty(3, pin_memory=True).copy_(values, non_blocking=True), torch.cuda.Event()
+            ready.record()
+        self._launched = _LaunchedStep(self.step, self.consumed_samples, values, ready)
+        return self.settle() if wait else previous
+
+    def settle(self) -> Optional[dict]:
+        """The launched step's bookkeeping, if one is waiting: count a skip (TrainingError after
+        train.max_consecutive_skips in a row) or advance the schedule, and log at the logging interval. Waits for
+        the step's numbers; returns its metrics."""
+        launched, self._launched = self._launched, None
+        if launched is None:
+            return None
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        loss, grad_norm, skipped = launched.values.tolist()
+        t, step, bad = self.cfg.train, launched.step, skipped != 0.0
         if bad:
             self.skipped_total += 1
             self.consecutive_skips += 1
-            self.print(f"[train] step {self.step + 1}: non-finite loss ({loss:.4g}) or grad norm ({grad_norm:.4g}); "
+            self.print(f"[train] step {step}: non-finite loss ({loss:.4g}) or grad norm ({grad_norm:.4g}); "
                        f"update skipped ({self.consecutive_skips} in a row, {self.skipped_total} total)")
             if self.consecutive_skips >= t.max_consecutive_skips:
                 raise TrainingError(
                     f"{self.consecutive_skips} consecutive steps had a NaN/inf loss or gradient norm (last at step "
-                    f"{self.step + 1}); training diverged. Lower optim.lr (now {self.cfg.optim.lr}), check the data, "
+                    f"{step}); training diverged. Lower optim.lr (now {self.cfg.optim.lr}), check the data, "
                     f"or resume from an earlier checkpoint in {self.cfg.checkpoint_dir}")
         else:
             self.scheduler.step(increment=1)  # the schedule advances with successful updates only
             self.consecutive_skips = 0
-        self.step += 1
-        self.consumed_samples += t.global_batch_size
-        return {"loss": loss, "grad_norm": grad_norm, "skipped": bad}
+            self._window.append(loss)
+        if step % self.cfg.logging.interval == 0 or step == self._log_at:
+            self._log(step, launched.consumed_samples, grad_norm)
+        return {"step": step, "loss": loss, "grad_norm": grad_norm, "skipped": bad}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -410,7 +444,7 @@ class Trainer:
             forward_only=True)
         for chunk in self.model:
             chunk.train()
-        return _global_mean_loss(_sum_reports(reports), self.world)
+        return float(_global_mean_loss(_sum_reports(reports), self.world))
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
@@ -427,19 +461,14 @@ class Trainer:
         stop_at = min(t.steps, t.exit_after_steps) if t.exit_after_steps else t.steps
         deadline = time.monotonic() + 60 * t.time_limit_minutes if t.time_limit_minutes else None
         status, last_saved, last_saved_step = "finished", None, None
-        window: list[float] = []  # losses since the last log line
+        self._log_at = stop_at
         if t.eval_at_start:
             self._validate(self.step)
         self.throughput.reset()
         while self.step < stop_at:
-            result = self.train_step(batches)
+            self.train_step(batches, wait=False)
             self.throughput.step()
-            if not result["skipped"]:
-                window.append(result["loss"])
             step = self.step
-            if step % cfg.logging.interval == 0 or step == stop_at:
-                self._log(step, window, result["grad_norm"])
-                window = []
             if (t.eval_interval and step % t.eval_interval == 0) or step == t.steps:
                 self._validate(step)
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < stop_at:
@@ -456,6 +485,7 @@ class Trainer:
                 self.print(f"[train] preemption signal received: saving at step {step} and exiting")
                 status = "preempted"
                 break
+        self.settle()
         if status == "finished" and self.step < t.steps:
             status = "paused"  # exit_after_steps reached
         if (cfg.checkpoint.save_at_end or status != "finished") and last_saved_step != self.step:
@@ -468,16 +498,19 @@ class Trainer:
                 "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                 "num_params": self.num_params}
 
-    def _log(self, step: int, losses: list[float], grad_norm: float) -> None:
+    def _log(self, step: int, consumed_samples: int, grad_norm: float) -> None:
+        """One metrics record: the mean loss of the settled steps since the last one."""
+        losses, self._window = self._window, []
         record = {"step": step, "loss": float(np.mean(losses)) if losses else float("nan"),
                   "lr": optim_lib.current_lr(self.optimizer), "grad_norm": grad_norm,
-                  "consumed_samples": self.consumed_samples, "skipped_total": self.skipped_total,
+                  "consumed_samples": consumed_samples, "skipped_total": self.skipped_total,
                   **self.throughput.read(), **metrics_lib.memory_stats(self.world.device)}
         if self.is_logger:
             self.metrics.write(record)
         self.history.append({"step": step, "loss": record["loss"]})
 
     def _validate(self, step: int) -> None:
+        self.settle()   # its log line first
         val = self.evaluate()
         if self.is_logger and math.isfinite(val):
             self.metrics.write({"step": step, "val_loss": val})
