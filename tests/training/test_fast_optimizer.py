@@ -40,12 +40,12 @@ def test_scale_in_place_copy_and_scaled_copy_match_fallback():
 def test_scale_by_a_device_tensor_matches_fallback():
     scale = torch.tensor([0.37])
     src, dst, ref = tensors(3), [torch.empty_like(t) for t in tensors(3)], [torch.empty_like(t) for t in tensors(3)]
-    fast_optimizer._foreach_scale_by_tensor(0, None, [src, dst], scale)
+    fast_optimizer._foreach_scale(0, None, [src, dst], scale)
     utils.local_multi_tensor_scale(0, None, [src, ref], 0.37)
     for a, b in zip(dst, ref):
         assert torch.equal(a, b)
     same, expected = tensors(4), [t * 0.37 for t in tensors(4)]
-    fast_optimizer._foreach_scale_by_tensor(0, None, [same, same], scale)
+    fast_optimizer._foreach_scale(0, None, [same, same], scale)
     for a, b in zip(same, expected):
         assert torch.equal(a, b)
 
@@ -80,5 +80,5 @@ def test_install_replaces_only_megatron_fallbacks(monkeypatch):
     assert fast_optimizer.install_multi_tensor_ops()
     assert clip_grads.l2_norm_impl is fast_optimizer._foreach_l2_norm
     assert clip_grads.multi_tensor_scale_impl is fast_optimizer._foreach_scale
-    assert clip_grads.multi_tensor_scale_tensor_impl is fast_optimizer._foreach_scale_by_tensor
+    assert clip_grads.multi_tensor_scale_tensor_impl is fast_optimizer._foreach_scale
     assert optimizer.multi_tensor_scale_impl is sentinel

@@ -33,26 +33,17 @@ def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
 
 
 def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
-    """Drop-in for amp_C.multi_tensor_scale: dst = src * scale for every pair (a copy when scale is 1)."""
+    """Drop-in for amp_C.multi_tensor_scale (scale a float) and TE's multi_tensor_scale_tensor (scale a one-element
+    device tensor, never read back): dst = src * scale for every pair (a copy when a float scale is 1)."""
     src, dst = tensor_lists
     if not src:
         return
+    if torch.is_tensor(scale):
+        scale = scale.reshape(())
     if all(s is d for s, d in zip(src, dst)):
         torch._foreach_mul_(dst, scale)
-    elif scale == 1.0:
+    elif not torch.is_tensor(scale) and scale == 1.0:
         torch._foreach_copy_(dst, src)
-    else:
-        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
-
-
-def _foreach_scale_by_tensor(chunk_size, noop_flag, tensor_lists, scale: torch.Tensor):
-    """Drop-in for TE's multi_tensor_scale_tensor: dst = src * scale, scale a one-element device tensor."""
-    src, dst = tensor_lists
-    if not src:
-        return
-    scale = scale.reshape(())
-    if all(s is d for s, d in zip(src, dst)):
-        torch._foreach_mul_(dst, scale)
     else:
         torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
 
@@ -68,7 +59,7 @@ def install_multi_tensor_ops() -> bool:
         clip_grads.l2_norm_impl = _foreach_l2_norm
         replaced = True
     if clip_grads.multi_tensor_scale_tensor_impl is None:
-        clip_grads.multi_tensor_scale_tensor_impl = _foreach_scale_by_tensor
+        clip_grads.multi_tensor_scale_tensor_impl = _foreach_scale
         replaced = True
     for module in (clip_grads, optimizer):
         if module.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
@@ -83,15 +74,15 @@ def _inner_optimizers(optimizer) -> list:
 
 def use_fused_adamw(optimizer) -> bool:
     """Turn on torch's fused AdamW (CUDA and CPU kernels) for every fp32 parameter group megatron built with
-    torch.optim.AdamW/Adam; returns whether any group uses it. Existing step counters move to the parameters' device (fused wants them
-    there, as fp32)."""
+    torch.optim.AdamW/Adam; returns whether any group uses it. Existing step counters move to the parameters'
+    device (fused wants them there, as fp32)."""
     fused_any = False
     for megatron_opt in _inner_optimizers(optimizer):
         inner = getattr(megatron_opt, "optimizer", None)
         if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             continue
         for group in inner.param_groups:
-            if not group["params"] or not all(p.device.type in ("cuda", "cpu") and p.dtype == torch.float32 for p in group["params"]):
+            if not group["params"] or not all(p.dtype == torch.float32 for p in group["params"]):
                 continue
             group["fused"], group["foreach"] = True, False
             fused_any = True
