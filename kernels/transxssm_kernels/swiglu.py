@@ -49,7 +49,7 @@ def swiglu_bwd_kernel(h_ptr, dout_ptr, dh_ptr, rows, width, stride_h, stride_dou
     tl.store(dh_ptr + r * stride_dh + width + c, dup.to(dh_ptr.dtype.element_ty), mask=m)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
+def as_rows(t: torch.Tensor) -> torch.Tensor:
     """t (..., C) as (rows, C) with a contiguous last dim (a view when the strides allow)."""
     t = t.reshape(-1, t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -62,7 +62,7 @@ def _grid(rows: int, width: int) -> tuple[int, int]:
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor) -> torch.Tensor:
-        h2 = _rows(h)
+        h2 = as_rows(h)
         rows, width = h2.shape[0], h2.shape[1] // 2
         out = torch.empty((rows, width), device=h.device, dtype=h.dtype)
         swiglu_fwd_kernel[_grid(rows, width)](h2, out, rows, width, h2.stride(0), out.stride(0),
@@ -75,7 +75,7 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, dout: torch.Tensor) -> torch.Tensor:
         (h2,) = ctx.saved_tensors
         rows, width = h2.shape[0], h2.shape[1] // 2
-        dout2 = _rows(dout)
+        dout2 = as_rows(dout)
         dh = torch.empty_like(h2)
         swiglu_bwd_kernel[_grid(rows, width)](h2, dout2, dh, rows, width, h2.stride(0), dout2.stride(0),
                                               dh.stride(0), BR=BLOCK_ROWS, BC=BLOCK_COLS)

@@ -81,12 +81,63 @@ skip_add.__doc__ = "h' = w ⊙ h + update (h + update when w is None): the resid
 
 
 @fusible
-def skip_add_norm(h: torch.Tensor, skip_weight: torch.Tensor | None, update: torch.Tensor,
-                  norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h', RMSNorm(h')) with h' = w ⊙ h + update: one sub-layer's residual and the next one's pre-norm in one
-    pass (h' is read once instead of being written, read back and normalised separately)."""
+def _skip_add_norm(h: torch.Tensor, skip_weight: torch.Tensor | None, update: torch.Tensor,
+                   norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     out = _skip_add(h, skip_weight, update)
     return out, rms_norm.reference(out, norm_weight, eps)
+
+
+class _SkipAddNorm(torch.autograd.Function):
+    """`forward` (the compiled or the eager function) forward; backward the Triton kernels of
+    transxssm_kernels.residual_norm, adding the weights' gradients into their `main_grad` where asked."""
+
+    @staticmethod
+    def forward(ctx, h, skip_weight, update, norm_weight, eps, forward, into_main_grad):
+        out, normed = forward(h, skip_weight, update, norm_weight, eps)
+        ctx.set_materialize_grads(False)   # h' unused (the last sub-layer before the final norm): no zeros read
+        ctx.save_for_backward(h if skip_weight is not None else None, out, skip_weight, norm_weight)
+        ctx.eps, ctx.into_main_grad = eps, into_main_grad
+        return out, normed
+
+    @staticmethod
+    def backward(ctx, dout, dnormed):
+        from transxssm_kernels.residual_norm import skip_add_norm_backward
+
+        from .lm_loss import weight_grad_stand_in
+
+        h, out, w, v = ctx.saved_tensors
+        dnormed = torch.zeros_like(out) if dnormed is None else dnormed
+        into = [getattr(p, "main_grad", None) if ctx.into_main_grad and p is not None else None for p in (w, v)]
+        dh, du, dw, dv = skip_add_norm_backward(dout, dnormed, h, out, w, v, ctx.eps, *into)
+        dw = weight_grad_stand_in(w) if into[0] is not None else dw
+        dv = weight_grad_stand_in(v) if into[1] is not None else dv
+        return dh, dw, du, dv, None, None, None
+
+
+def skip_add_norm(h: torch.Tensor, skip_weight: torch.Tensor | None, update: torch.Tensor,
+                  norm_weight: torch.Tensor, eps: float, into_main_grad: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h', RMSNorm(h')) with h' = w ⊙ h + update: one sub-layer's residual and the next one's pre-norm in one
+    pass (h' is read once instead of being written, read back and normalised separately).
+
+    On CUDA with fusion on: compiled forward, and a Triton backward (transxssm_kernels.residual_norm) that forms
+    both weights' gradients in the same pass over the rows; with `into_main_grad` it adds them into the weights'
+    fp32 `main_grad` where they have one (megatron's gradient accumulation fusion, as its linear layers do)."""
+    _announce(h.device.type)
+    if _enabled and h.is_cuda:
+        return _SkipAddNorm.apply(h, skip_weight, update, norm_weight, eps, _skip_add_norm, into_main_grad)
+    return _skip_add_norm.reference(h, skip_weight, update, norm_weight, eps)
+
+
+skip_add_norm.reference = _skip_add_norm.reference
+
+
+def _skip_add_norm_kernels(h, skip_weight, update, norm_weight, eps, into_main_grad=False):
+    """skip_add_norm's Triton backward after the eager forward, on any device (CPU: the Triton interpreter)."""
+    return _SkipAddNorm.apply(h, skip_weight, update, norm_weight, eps, _skip_add_norm.reference, into_main_grad)
+
+
+skip_add_norm.with_kernels = _skip_add_norm_kernels
 
 
 # ------------------------------------------------------------------------------------------------------ FFN

@@ -75,4 +75,5 @@ class ResidualLayer(MegatronModule):
         update = self.mixer(normed, rope=rope)
         if next_norm is None:
             return skip_add(hidden_states, self.skip_weight, update), None
-        return skip_add_norm(hidden_states, self.skip_weight, update, next_norm.weight, next_norm.eps)
+        return skip_add_norm(hidden_states, self.skip_weight, update, next_norm.weight, next_norm.eps,
+                             into_main_grad=self.config.gradient_accumulation_fusion)
