@@ -70,6 +70,8 @@ def test_compiled_elementwise_ops_match_eager():
     compare_op(fused_ops.skip_add, [h, w, update])
     compare_op(fused_ops.skip_add_norm, [h, w, update, rand(d, scale=0.1) + 1, 1e-6])
     compare_op(fused_ops.skip_add_norm, [h, None, update, w, 1e-6])
+    wide = [rand(l, b, 2048), rand(2048, scale=0.1) + 1, rand(l, b, 2048), rand(2048, scale=0.1) + 1, 1e-5]
+    compare_op(fused_ops.skip_add_norm, wide)                   # the 1.3b width: two rows per program
     compare_op(fused_ops.swiglu, [rand(l, b, 2 * 1024)])
     cos, sin = torch.randn(2, l, 32, device="cuda").unbind(0)
     compare_op(fused_ops.rotate_qkv, [rand(l, b, 4, 3, 64), cos, sin, 1])
@@ -82,6 +84,32 @@ def test_compiled_elementwise_ops_match_eager():
                                      rand(l, b, 4, 64), rand(256) + 1, 1e-6, 128])
 
 
+def test_norm_weight_gradients_into_main_grad_match_float64():
+    """skip_add_norm's backward adding both weights' gradients into fp32 main_grad buffers (two micro-batches)
+    against float64 autograd: 1e-5 (fp32 sums of bf16 products, as the linear layers' accumulation)."""
+    from transxssm_megatron.model import fused_ops
+
+    torch.manual_seed(2)
+    l, b, d = 1024, 2, 2048
+    w = (rand(d, scale=0.1) + 1).requires_grad_(True)
+    v = (rand(d, scale=0.1) + 1).requires_grad_(True)
+    w.main_grad, v.main_grad = torch.zeros(d, device="cuda"), torch.zeros(d, device="cuda")
+    want = [torch.zeros(d, dtype=torch.float64, device="cuda") for _ in range(2)]
+    for _ in range(2):
+        h, update, dout, dnormed = (rand(l, b, d) for _ in range(4))
+        out, normed = fused_ops.skip_add_norm(h, w, update, v, 1e-5, into_main_grad=True)
+        torch.autograd.backward([out, normed], [dout, dnormed])
+        assert w.grad_added_to_main_grad and v.grad_added_to_main_grad
+        w64, v64 = (t.detach().double().requires_grad_(True) for t in (w, v))
+        out64 = h.double() * w64 + update.double()
+        x = out64 + (out.double() - out64).detach()   # the norm reads h' as stored (bf16), as the eager one does
+        normed64 = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * v64
+        torch.autograd.backward([out64, normed64], [dout.double(), dnormed.double()])
+        want[0] += w64.grad
+        want[1] += v64.grad
+    assert rel(w.main_grad, want[0]) < 1e-5 and rel(v.main_grad, want[1]) < 1e-5
+
+
 def test_cross_entropy_pieces_match_eager():
     from transxssm_megatron.model.lm_loss import cross_entropy_grad, logsumexp_and_target
 
@@ -92,6 +120,13 @@ def test_cross_entropy_pieces_match_eager():
     compare_op(logsumexp_and_target, [logits, target, valid])
     lse = torch.logsumexp(logits.float(), -1)
     compare_op(cross_entropy_grad, [logits, lse, target, valid, mask])
+
+    from transxssm_kernels.cross_entropy import cross_entropy_rows   # the one-kernel path at TP = 1
+
+    got_lse, got_picked, got_grad = cross_entropy_rows(logits, target, valid, mask)
+    want_lse, want_picked = logsumexp_and_target.reference(logits, target, valid)
+    assert rel(got_lse, want_lse) < 1e-6 and rel(got_picked, want_picked) < 1e-6
+    assert rel(got_grad, cross_entropy_grad.reference(logits, want_lse, target, valid, mask)) < 1e-2
 
 
 def test_linear_cross_entropy_matches_full_logits_bf16():

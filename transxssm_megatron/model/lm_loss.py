@@ -11,7 +11,8 @@ a 50,304-token vocabulary that is 1.6 GB of bf16 logits and 3.3 GB per fp32 copy
 times. Here tokens go through in chunks: per chunk the logits (in hidden's dtype), their log-sum-exp and the loss,
 and at once the gradient (softmax - onehot) * mask, multiplied straight into d hidden and d weight (fp32
 accumulation). Backward only scales those by the incoming scalar. On CUDA the per-chunk elementwise work is one
-compiled reduction and one pointwise kernel (`fused_ops`).
+Triton kernel (`transxssm_kernels.cross_entropy`: the logits read from memory once); vocab-parallel, where the
+log-sum-exp must be combined over ranks before the gradient, one compiled reduction and one pointwise kernel.
 
 Where megatron's linear layers add their weight gradients into the fp32 `param.main_grad` themselves (gradient
 accumulation fusion, training/wgrad_accumulation.py), pass that buffer as `main_grad`: backward then adds the LM
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .fused_ops import fusible
+from .fused_ops import fusible, fusion_enabled
 
 CHUNK_TOKENS = 4096  # logits of one chunk: 4096 x 50,304 bf16 = 412 MB
 
@@ -65,15 +66,15 @@ def _combine_over_ranks(lse: torch.Tensor, picked: torch.Tensor, group) -> tuple
     return torch.logsumexp(stacked[:, 0], dim=0), stacked[:, 1].sum(0)
 
 
-def _accumulate_wgrad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor, first: bool) -> None:
-    """acc (V, d) += grad_logits^T @ hidden (acc = ... for the first chunk: acc may be uninitialised); bf16/fp16
-    operands accumulate in fp32 inside the matmul on CUDA."""
-    if acc.is_cuda and grad_logits.dtype != acc.dtype:
-        torch.addmm(acc, grad_logits.t(), hidden, beta=0.0 if first else 1.0, out_dtype=acc.dtype, out=acc)
+def accumulate_wgrad(acc: torch.Tensor, grad_out: torch.Tensor, inputs: torch.Tensor, first: bool = False) -> None:
+    """acc (out, in) += grad_out (T, out)^T @ inputs (T, in) (acc = ... when `first`: acc may be uninitialised);
+    bf16/fp16 operands accumulate in fp32 inside the matmul on CUDA. Here for the LM head's chunks and dt_proj."""
+    if acc.is_cuda and grad_out.dtype != acc.dtype:
+        torch.addmm(acc, grad_out.t(), inputs, beta=0.0 if first else 1.0, out_dtype=acc.dtype, out=acc)
     elif first:
-        acc.copy_(grad_logits.t() @ hidden)
+        acc.copy_(grad_out.t() @ inputs)
     else:
-        acc.add_((grad_logits.t() @ hidden).to(acc.dtype))
+        acc.add_((grad_out.t() @ inputs).to(acc.dtype))
 
 
 def weight_grad_stand_in(weight: torch.Tensor) -> torch.Tensor | None:
@@ -100,23 +101,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
         new = torch.empty if hidden.shape[0] else torch.zeros   # the first chunk writes it whole
         grad_weight = new(weight.shape, dtype=acc, device=weight.device) if want_dw else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
+        one_kernel = tp == 1 and hidden.is_cuda and fusion_enabled() and hidden.dtype != torch.float64
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             h, mask = hidden[rows], loss_mask[rows].to(acc)
             target = labels[rows] - first
             valid = (target >= 0) & (target < vocab_local)
             logits = h @ weight.t()                                            # (c, V_local)
-            lse, picked = logsumexp_and_target(logits, target, valid)
+            grad_logits = None
+            if one_kernel:   # the whole vocabulary here: log-sum-exp and gradient in one pass over the logits
+                from transxssm_kernels.cross_entropy import cross_entropy_rows
+
+                lse, picked, grad_logits = cross_entropy_rows(logits, target, valid,
+                                                              mask if want_dh or want_dw else None)
+            else:
+                lse, picked = logsumexp_and_target(logits, target, valid)
             if tp > 1:
                 lse, picked = _combine_over_ranks(lse, picked, tp_group)
             total += ((lse - picked) * mask).sum()
             if want_dh or want_dw:
-                grad_logits = cross_entropy_grad(logits, lse, target, valid, mask)
+                if grad_logits is None:
+                    grad_logits = cross_entropy_grad(logits, lse, target, valid, mask)
                 del logits
                 if want_dh:
                     torch.mm(grad_logits, weight, out=grad_hidden[rows])
                 if want_dw:
-                    _accumulate_wgrad(grad_weight, grad_logits, h, first=start == 0)
+                    accumulate_wgrad(grad_weight, grad_logits, h, first=start == 0)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight, ctx.main_grad = weight, main_grad
         return total
