@@ -49,7 +49,8 @@ from megatron.core.transformer.utils import (
 from transxssm_kernels.rope_ssd import ROPE_SSD_IMPORT_ERROR, rope_ssd, ssd_chunked_reference
 
 from ..config import ModelConfig
-from .fused_ops import gate_norm, split_projection
+from .dt_projection import project_dt
+from .fused_ops import fusion_enabled, gate_norm, split_projection
 from .context_parallel import cp_group_of, heads_to_seq, seq_to_heads
 from .groups import tp_group_of
 from .norms import param_device
@@ -163,8 +164,14 @@ class SSMixer(MegatronModule):
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, hidden_states: torch.Tensor, rope: RopeTables | None = None) -> torch.Tensor:
-        proj, _ = self.in_proj(hidden_states)                                       # (l, b, G_tp * width)
-        dt, _ = self.dt_proj(hidden_states)                                         # (l, b, H_tp)
+        if self.tp_group.size() == 1 and self.cp == 1 and fusion_enabled():
+            # dt_proj's input gradient added into in_proj's in place (dt_projection.py), its weight gradient
+            # into main_grad as megatron's linears do
+            x_in, dt = project_dt(hidden_states, self.dt_proj.weight, self.config.gradient_accumulation_fusion)
+            proj, _ = self.in_proj(x_in)                                            # (l, b, G * width)
+        else:
+            proj, _ = self.in_proj(hidden_states)                                   # (l, b, G_tp * width)
+            dt, _ = self.dt_proj(hidden_states)                                     # (l, b, H_tp)
         # CP: sequence blocks of all groups -> the whole sequence of this rank's groups (no-ops at cp = 1)
         proj, dt = seq_to_heads(proj, self.cp_group), seq_to_heads(dt, self.cp_group)  # G_loc, H_loc = 1/cp
         l, b = proj.shape[:2]

@@ -1,0 +1,44 @@
+"""dt_proj with its input gradient added into in_proj's in place (model/dt_projection.py) against plain autograd
+through both projections: d x, d W_in, d W_dt in float64 (1e-12), the weight gradient added into a pre-filled
+main_grad, and a join that would drop the gradient raising instead."""
+
+import pytest
+import torch
+
+from transxssm_megatron.model.dt_projection import project_dt
+
+
+def _grads(use_join: bool, into_main_grad: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(7, 3, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w_in = torch.randn(40, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w_dt = torch.randn(4, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    prior = torch.randn(4, 16, generator=g, dtype=torch.float64)
+    if into_main_grad:
+        w_dt.main_grad = prior.clone()
+    if use_join:
+        x_in, dt = project_dt(x, w_dt, into_main_grad)
+    else:
+        x_in, dt = x, x @ w_dt.t()
+    proj = x_in @ w_in.t()
+    loss = (proj * torch.randn(proj.shape, generator=g, dtype=torch.float64)).sum() \
+        + (dt.transpose(0, 1) ** 2).sum()          # dt's gradient reaches the projection through a transpose
+    loss.backward()
+    dw_dt = w_dt.main_grad - prior if into_main_grad else w_dt.grad
+    return x.grad, w_in.grad, dw_dt, w_dt
+
+
+@pytest.mark.parametrize("into_main_grad", [False, True])
+def test_joined_input_gradient_matches_autograd(into_main_grad):
+    *got, w_dt = _grads(True, into_main_grad)
+    *want, _ = _grads(False, False)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert getattr(w_dt, "grad_added_to_main_grad", False) == into_main_grad
+
+
+def test_join_without_dt_gradient_raises():
+    x = torch.randn(5, 2, 8, requires_grad=True)
+    x_in, dt = project_dt(x, torch.randn(3, 8, requires_grad=True), False)
+    with pytest.raises(RuntimeError, match="before dt_proj's"):
+        x_in.sum().backward()      # dt unused: its gradient never comes, the join must not pass on a partial one
