@@ -50,9 +50,10 @@ class TrainConfig:
     deterministic: bool = False          # torch deterministic algorithms (bitwise-repeatable runs)
     fused: bool = True                   # torch.compile the elementwise work between matmuls (CUDA) and run the LM
                                          # head + cross-entropy chunked; false: the eager reference path
-    wgrad_fusion: bool = True            # with `fused` on CUDA: linear layers add their weight gradients into the
-                                         # fp32 gradient buffer inside the matmul (megatron's gradient accumulation
-                                         # fusion); false: bf16 weight gradients added by a separate kernel
+    wgrad_fusion: bool = True            # with `fused` on CUDA: linear layers (and the norms' backward kernel)
+                                         # add their weight gradients into the fp32 gradient buffer (megatron's
+                                         # gradient accumulation fusion); false: bf16 weight gradients added by a
+                                         # separate kernel
     cuda_graph: bool = False             # replay each step's forward+backward as one captured CUDA graph: takes
                                          # the CPU's kernel launches out of the step (GPU only)
     recompute: bool = False              # recompute each sub-layer's activations in backward: far less activation
