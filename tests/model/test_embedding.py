@@ -52,7 +52,7 @@ def test_lookup_adds_its_gradient_into_main_grad(dtype, masked):
 @pytest.mark.parametrize("zero_out_wgrad, give_grad", [(False, True), (True, True), (False, False)],
                          ids=["own-weight", "marked-zero-out-wgrad", "give-grad-false"])
 def test_what_backward_returns_for_the_weight(zero_out_wgrad, give_grad):
-    """megatron's contract (lm_loss.weight_grad_stand_in): a stand-in marked as already added, so that the DDP hook
+    """megatron's contract (main_grad.weight_grad_stand_in): a stand-in marked as already added, so that the DDP hook
     runs and adds nothing; nothing for a weight megatron marks zero_out_wgrad; nothing with give_grad False. The
     gradient goes into main_grad in every case."""
     weight = torch.nn.Parameter(torch.randn(10, 4))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .lm_loss import accumulate_wgrad, weight_grad_stand_in
+from .main_grad import accumulate_wgrad, weight_grad_stand_in
 
 
 class _Pending:

@@ -8,7 +8,7 @@ accumulation fusion, training/wgrad_accumulation.py), the embedding is the one w
 long way: F.embedding's backward builds a dense (V, d) gradient in bf16 (a fill, a sort and a scatter over every
 row) and megatron's DDP hook adds it to the fp32 buffer. Here backward adds the looked-up rows' gradients into
 main_grad with one index_add_, in fp32, and returns what the LM head returns after adding its own
-(lm_loss.weight_grad_stand_in), or nothing with give_grad False: where the two share the weight on one pipeline
+(main_grad.weight_grad_stand_in), or nothing with give_grad False: where the two share the weight on one pipeline
 stage, the LM head alone hands megatron's hook the stand-in (builder.py).
 
 The forward is megatron's LanguageModelEmbedding over its VocabParallelEmbedding, for the modules
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 
-from .lm_loss import weight_grad_stand_in
+from .main_grad import weight_grad_stand_in
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .main_grad import weight_grad_stand_in
+
 log = logging.getLogger(__name__)
 _enabled = True
 _announced = False
@@ -102,8 +104,6 @@ class _SkipAddNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dnormed):
         from transxssm_kernels.residual_norm import skip_add_norm_backward
-
-        from .lm_loss import weight_grad_stand_in
 
         h, out, w, v = ctx.saved_tensors
         dnormed = torch.zeros_like(out) if dnormed is None else dnormed

@@ -17,7 +17,7 @@ log-sum-exp must be combined over ranks before the gradient, one compiled reduct
 Where megatron's linear layers add their weight gradients into the fp32 `param.main_grad` themselves (gradient
 accumulation fusion, training/wgrad_accumulation.py), pass that buffer as `main_grad`: backward then adds the LM
 head's weight gradient to it (one fp32 kernel) instead of returning it in bf16 for megatron's hook to add, and
-follows megatron's linears in what it returns (`weight_grad_stand_in`, shared with the embedding's lookup).
+follows megatron's linears in what it returns (`main_grad.weight_grad_stand_in`).
 
 Vocab-parallel (TP > 1): the log-sum-exp and the target's logit are combined over the TP ranks with one
 all-gather per chunk; d hidden is this rank's share, summed over ranks by the caller's region function (megatron's
@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from .fused_ops import fusible, fusion_enabled
+from .main_grad import accumulate_wgrad, weight_grad_stand_in
 
 CHUNK_TOKENS = 4096  # logits of one chunk: 4096 x 50,304 bf16 = 412 MB
 
@@ -64,29 +65,6 @@ def _combine_over_ranks(lse: torch.Tensor, picked: torch.Tensor, group) -> tuple
     torch.distributed.all_gather(parts, torch.stack([lse, picked]), group=group)
     stacked = torch.stack(parts)                                               # (tp, 2, c)
     return torch.logsumexp(stacked[:, 0], dim=0), stacked[:, 1].sum(0)
-
-
-def accumulate_wgrad(acc: torch.Tensor, grad_out: torch.Tensor, inputs: torch.Tensor, first: bool = False) -> None:
-    """acc (out, in) += grad_out (T, out)^T @ inputs (T, in) (acc = ... when `first`: acc may be uninitialised);
-    bf16/fp16 operands accumulate in fp32 inside the matmul on CUDA. Here for the LM head's chunks and dt_proj."""
-    if acc.is_cuda and grad_out.dtype != acc.dtype:
-        torch.addmm(acc, grad_out.t(), inputs, beta=0.0 if first else 1.0, out_dtype=acc.dtype, out=acc)
-    elif first:
-        acc.copy_(grad_out.t() @ inputs)
-    else:
-        acc.add_((grad_out.t() @ inputs).to(acc.dtype))
-
-
-def weight_grad_stand_in(weight: torch.Tensor) -> torch.Tensor | None:
-    """What backward returns for a weight whose gradient it has added to main_grad, as megatron's linear layers do
-    (here and in embedding.py): None when megatron marks the weight `zero_out_wgrad` (the embedding and the LM head
-    share it on this pipeline stage: the hook adds whatever gradient arrives, the other user's), else an
-    uninitialised tensor marked as already added, so that megatron's DDP hook still runs for it (it starts the
-    bucket's reduction when overlapping) and adds nothing."""
-    if getattr(weight, "zero_out_wgrad", False):
-        return None
-    weight.grad_added_to_main_grad = True
-    return torch.empty_like(weight)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
