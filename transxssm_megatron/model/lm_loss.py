@@ -80,6 +80,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = new(weight.shape, dtype=acc, device=weight.device) if want_dw else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
         one_kernel = tp == 1 and hidden.is_cuda and fusion_enabled() and hidden.dtype != torch.float64
+        if one_kernel:   # the whole vocabulary here: log-sum-exp and gradient in one pass over the logits
+            from transxssm_kernels.cross_entropy import cross_entropy_rows
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             h, mask = hidden[rows], loss_mask[rows].to(acc)
@@ -87,9 +89,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             valid = (target >= 0) & (target < vocab_local)
             logits = h @ weight.t()                                            # (c, V_local)
             grad_logits = None
-            if one_kernel:   # the whole vocabulary here: log-sum-exp and gradient in one pass over the logits
-                from transxssm_kernels.cross_entropy import cross_entropy_rows
-
+            if one_kernel:
                 lse, picked, grad_logits = cross_entropy_rows(logits, target, valid,
                                                               mask if want_dh or want_dw else None)
             else:
