@@ -13,7 +13,8 @@ per tensor, and AdamW runs torch's multi-kernel `foreach` path. Here, in one pla
   kernel (`fused=True`), including after a checkpoint load.
 - `update_unless_nonfinite(optimizer, loss)` prepares the gradients, computes their norm once, clips and steps,
   and skips the update where the loss or the norm is NaN/inf, all decided on the device: torch's fused AdamW
-  takes a `found_inf` flag and leaves parameters, moments and step count alone where it is 1. The host never
+  takes a `found_inf` flag and leaves parameters, moments and step count alone where it is 1, and a `grad_scale`
+  tensor that it divides each gradient by as it reads it (the clipping, without a pass of its own). The host never
   waits for the GPU, so the next step's kernels queue up behind this one's (megatron's `step()` reads the norm
   back, and a skip decided on the host leaves the GPU idle while the host reads, decides and launches).
 """
@@ -104,12 +105,18 @@ def update_unless_nonfinite(optimizer, loss: torch.Tensor) -> tuple[torch.Tensor
     norm = torch.as_tensor(optimizer.get_grad_norm(), dtype=torch.float32, device=loss.device).reshape(())
     skipped = (torch.isfinite(loss).logical_not() | torch.isfinite(norm).logical_not() | found_inf).float()
     inner = _inner_optimizers(optimizer)
+    fused = all(_fused_adam(megatron_opt) for megatron_opt in inner)
     for megatron_opt in inner:
         clip = megatron_opt.config.clip_grad
         grads = [p.grad for p in megatron_opt.get_parameters() if p.grad is not None]
-        if clip > 0.0 and grads:   # a factor of exactly 1 below the limit: the gradients stay bit-identical
-            torch._foreach_mul_(grads, (clip / (norm + 1.0e-6)).clamp(max=1.0))
-    fused = all(_fused_adam(megatron_opt) for megatron_opt in inner)
+        if clip <= 0.0 or not grads:
+            continue
+        # exactly 1 below the limit: the gradients stay bit-identical
+        divisor = ((norm + 1.0e-6) / clip).clamp(min=1.0)
+        if fused:   # the fused kernel divides each gradient as it reads it: no pass of its own over them
+            megatron_opt.optimizer.grad_scale = divisor
+        else:
+            torch._foreach_div_(grads, divisor)
     if fused:
         for megatron_opt in inner:
             megatron_opt.optimizer.found_inf = skipped   # read by torch's Adam.step, honoured by the fused kernel
@@ -118,8 +125,9 @@ def update_unless_nonfinite(optimizer, loss: torch.Tensor) -> tuple[torch.Tensor
             optimizer.step_with_ready_grads()
     finally:
         for megatron_opt in inner:
-            if hasattr(getattr(megatron_opt, "optimizer", None), "found_inf"):
-                del megatron_opt.optimizer.found_inf
+            for name in ("found_inf", "grad_scale"):
+                if hasattr(getattr(megatron_opt, "optimizer", None), name):
+                    delattr(megatron_opt.optimizer, name)
     return norm, skipped
 
 
