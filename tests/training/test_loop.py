@@ -152,6 +152,19 @@ def test_settling_a_step_during_the_next_changes_nothing(tmp_path):
     assert waited[2:] == deferred[2:] and deferred[2] == 4 and deferred[3] == 1
 
 
+def _megatron_step(optimizer, loss):
+    """megatron's own update in place of update_unless_nonfinite: the skip and the norm read back on the host, the
+    gradients clipped by a Python float inside optimizer.step() (which prepares them again, computes the norm again,
+    clips and steps)."""
+    if not torch.isfinite(loss):
+        return torch.tensor(float("nan")), torch.tensor(1.0)
+    optimizer.prepare_grads()
+    norm = float(optimizer.get_grad_norm())
+    assert norm > 0.05 * 5            # the tests' clip_grad of 0.05 changes the update
+    optimizer.step()
+    return torch.tensor(norm), torch.tensor(0.0)
+
+
 def test_update_equals_megatrons_own_step(tmp_path, monkeypatch):
     """With clipping active (clip_grad 0.05, well below the gradient norm): three steps, the second skipped, with
     the clip factor and the skip decided on the device give the parameters of megatron's optimizer.step() (the
@@ -161,22 +174,26 @@ def test_update_equals_megatrons_own_step(tmp_path, monkeypatch):
     from transxssm_megatron.training import fast_optimizer
 
     ours = _steps_with_a_skip(tmp_path / "ours", wait=False, clip_grad=0.05, steps=3, skip_at=1)
-
-    def megatron_step(optimizer, loss):
-        if not torch.isfinite(loss):
-            return torch.tensor(float("nan")), torch.tensor(1.0)
-        optimizer.prepare_grads()
-        norm = float(optimizer.get_grad_norm())
-        assert norm > 0.05 * 5            # clipping changes the update
-        optimizer.step()                  # prepares the gradients again, computes the norm again, clips, steps
-        return torch.tensor(norm), torch.tensor(0.0)
-
-    monkeypatch.setattr(fast_optimizer, "update_unless_nonfinite", megatron_step)
+    monkeypatch.setattr(fast_optimizer, "update_unless_nonfinite", _megatron_step)
     reference = _steps_with_a_skip(tmp_path / "megatron", wait=True, clip_grad=0.05, steps=3, skip_at=1)
     torch.testing.assert_close(ours[0], reference[0], rtol=1e-6, atol=1e-8)
     assert [r["skipped"] for r in ours[1]] == [False, True, False] and ours[2:] == reference[2:]
     unclipped = _steps_with_a_skip(tmp_path / "unclipped", wait=True, steps=3, skip_at=1)
     assert (unclipped[0] - reference[0]).abs().max() > 1e-4
+
+
+def test_update_without_the_fused_kernel_equals_megatrons_own_step(tmp_path, monkeypatch):
+    """Where AdamW is not torch's fused kernel (no grad_scale, no found_inf), the clipping divides the gradients
+    itself and the skip is decided on the host: the same parameters as megatron's optimizer.step() (fp32, relative
+    1e-6), with clipping active and a skipped step among three."""
+    from transxssm_megatron.training import fast_optimizer
+
+    monkeypatch.setattr(fast_optimizer, "use_fused_adamw", lambda optimizer: False)
+    ours = _steps_with_a_skip(tmp_path / "ours", wait=True, clip_grad=0.05, steps=3, skip_at=1)
+    monkeypatch.setattr(fast_optimizer, "update_unless_nonfinite", _megatron_step)
+    reference = _steps_with_a_skip(tmp_path / "megatron", wait=True, clip_grad=0.05, steps=3, skip_at=1)
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-6, atol=1e-8)
+    assert [r["skipped"] for r in ours[1]] == [False, True, False] and ours[2:] == reference[2:]
 
 
 @pytest.fixture(scope="module")
