@@ -171,22 +171,39 @@ def _check_job(job: tuple[str, str]) -> Checked:
 
 def checked_in_order(candidates: list[Candidate], roots: list[tuple[str, str]], workers: int) -> Iterator[Checked]:
     """check_file of every candidate, in candidate order, computed by ``workers`` processes two batches ahead of
-    the consumer (which may stop early: close the iterator to stop the workers)."""
+    the consumer (which may stop early: close the iterator to stop the workers).
+
+    A consumer that stops early lets the batches in flight finish, then the pool closes: Pool.terminate() with
+    tasks in flight can hang for good (CPython's pool races its own task handler), and they take a moment."""
     jobs = ((os.path.join(roots[c.root][0], c.rel), c.rel) for c in candidates)
     if workers == 1:
         yield from map(_check_job, jobs)
         return
     batches = iter(lambda: [job for _, job in zip(range(BATCH_FILES), jobs)], [])
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers) as pool:
-        in_flight = collections.deque(pool.imap(_check_job, batch, chunksize=8) for batch in
-                                      (next(batches, []), next(batches, [])))
+    pool = ctx.Pool(workers)
+    in_flight = collections.deque()
+    try:
+        in_flight.extend(pool.imap(_check_job, batch, chunksize=8) for batch in (next(batches, []), next(batches, [])))
         while in_flight:
-            results = in_flight.popleft()
             batch = next(batches, None)
             if batch is not None:
                 in_flight.append(pool.imap(_check_job, batch, chunksize=8))
-            yield from results
+            yield from in_flight[0]
+            in_flight.popleft()
+        pool.close()
+    except GeneratorExit:
+        try:
+            for results in in_flight:
+                collections.deque(results, maxlen=0)
+        finally:
+            pool.close()
+        raise
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 def package_of(rel: str, kind: str) -> str:

@@ -3,7 +3,10 @@ and one-line errors for bad arguments."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import multiprocessing
+import multiprocessing.pool
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +198,26 @@ def test_existing_output_needs_overwrite(corpus, root, tokenizer_path):
     out, _, _ = corpus
     result = _run("--out", out, "--roots", root, "--tokenizer", tokenizer_path)
     assert result.returncode == 2 and "--overwrite" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_stopping_early_finishes_the_batches_in_flight_and_ends_the_workers(root, monkeypatch):
+    """A consumer that closes the checking iterator early (the cap) gets control back with every worker process
+    ended and the pool closed, not terminated (terminate with tasks in flight can hang for good)."""
+    spec = importlib.util.spec_from_file_location("package_corpus", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)   # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "BATCH_FILES", 2)       # several batches, most of them never consumed
+    roots = [(str(root), "given")]
+    candidates = module.find_candidates(roots)
+    assert len(candidates) >= 8
+    terminated, terminate = [], multiprocessing.pool.Pool.terminate
+    monkeypatch.setattr(multiprocessing.pool.Pool, "terminate", lambda self: terminated.append(self) or terminate(self))
+    results = module.checked_in_order(candidates, roots, workers=2)
+    first = [next(results) for _ in range(3)]
+    results.close()
+    assert [c.reason is None or isinstance(c.reason, str) for c in first] == [True] * 3
+    assert multiprocessing.active_children() == [] and terminated == []
+    full = list(module.checked_in_order(candidates, roots, workers=2))
+    assert [(c.reason, c.sha1) for c in full[:3]] == [(c.reason, c.sha1) for c in first]
+    assert multiprocessing.active_children() == [] and terminated == []
