@@ -114,8 +114,8 @@ def add_column_sums_kernel(dw_part_ptr, dv_part_ptr, dw_ptr, dv_ptr, C, PARTS: t
 
 
 def _programs(device: torch.device, blocks: int) -> int:
-    """Enough programs to fill the GPU a few times over, each then walking several row blocks: the fewer the
-    programs, the fewer partial sums to add up."""
+    """PROGRAMS_PER_SM programs per SM (never more than row blocks), each then walking several row blocks: the
+    fewer the programs, the fewer partial sums to add up."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
     return max(1, min(blocks, PROGRAMS_PER_SM * sms))
 

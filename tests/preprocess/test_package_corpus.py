@@ -217,7 +217,6 @@ def test_stopping_early_finishes_the_batches_in_flight_and_ends_the_workers(root
     results = module.checked_in_order(candidates, roots, workers=2)
     first = [next(results) for _ in range(3)]
     results.close()
-    assert [c.reason is None or isinstance(c.reason, str) for c in first] == [True] * 3
     assert set(multiprocessing.active_children()) <= earlier and terminated == []
     full = list(module.checked_in_order(candidates, roots, workers=2))
     assert [(c.reason, c.sha1) for c in full[:3]] == [(c.reason, c.sha1) for c in first]
