@@ -198,7 +198,8 @@ def run_shape(H, N, l, mamba, P=64):
 
 
 # Layouts of the fused kernel: each a LaunchConfig (overrides of DEFAULT_LAUNCH, see launch_of) plus "shape"
-# ((H, N, l); default the 1.3B layer) and "chunk" (the chunk size). The first is the shipped default; --variants
+# ((H, N, l) at 32K tokens, or (H, N, l, b); default the 1.3B layer), "chunk" (the chunk size) and "prerotated" (B, C
+# rotated before the call, no tables). The first is the shipped default; --variants
 # times them all (and the kernels of --baseline-kernels, if given).
 VARIANTS = {
     "default": {},
@@ -249,6 +250,11 @@ VARIANTS = {
                            "320M b4": (12, 128, 4096, 4)}.items() for k in (1, 3)},
     **{f"N64 half-tiles{w} H{H} l{l}": dict(shape=(H, 64, l), half_tile_min=w)
        for H in (32, 12) for l in (4096, 16384) for w in (64, 32)},
+    # B and C rotated before the call by a compiled PyTorch pass (and their gradients rotated back by its backward),
+    # the kernels run without tables: what rotating once outside would save inside the kernels, and cost (--profile)
+    **{f"prerotated {name}": dict(shape=shape, prerotated=True)
+       for name, shape in {"1.3B": (32, 128, 4096), "1.3B b2": (32, 128, 4096, 2)}.items()},
+    "default 1.3B b2": dict(shape=(32, 128, 4096, 2)),
 }
 
 
@@ -258,7 +264,7 @@ def launch_of(overrides):
 
     fields, kernels = {}, {}
     for key, value in overrides.items():
-        if key in ("chunk", "shape"):
+        if key in ("chunk", "shape", "prerotated"):
             continue
         kernel, _, option = key.partition(".")
         if option:
@@ -303,7 +309,11 @@ def time_variants(P=64, baseline=None, matching="", rounds=1):
             inputs[shape] = variant_inputs(shape, P)
         x, dt, A, B, C, dy, cos, sin = inputs[shape]
         Q = overrides.get("chunk", 256)
-        f = lambda: fn(x, dt, A, B, C, chunk_size=Q, dt_softplus=True, rope_cos=cos, rope_sin=sin)
+        if overrides.get("prerotated"):
+            f = lambda: fn(x, dt, A, rope_compiled(B, cos, sin), rope_compiled(C, cos, sin), chunk_size=Q,
+                           dt_softplus=True)
+        else:
+            f = lambda: fn(x, dt, A, B, C, chunk_size=Q, dt_softplus=True, rope_cos=cos, rope_sin=sin)
         try:
             out[name] = {"fwd": bench(f, None), "fwdbwd": bench(lambda: f().backward(dy), [x, dt, A, B, C])}
         except Exception as e:  # a layout that fails to compile or run is reported, not fatal
@@ -322,8 +332,12 @@ def profile_fused(P=64, steps_only=False, variant="default"):
     Q = overrides.get("chunk", 256)
     def step():
         x.grad = dt.grad = A.grad = B.grad = C.grad = None   # no gradient-accumulation kernels in the profile
-        rope_ssd(x, dt, A, B, C, chunk_size=Q, dt_softplus=True, rope_cos=cos, rope_sin=sin,
-                 launch=launch).backward(dy)
+        if overrides.get("prerotated"):
+            rope_ssd(x, dt, A, rope_compiled(B, cos, sin), rope_compiled(C, cos, sin), chunk_size=Q,
+                     dt_softplus=True, launch=launch).backward(dy)
+        else:
+            rope_ssd(x, dt, A, B, C, chunk_size=Q, dt_softplus=True, rope_cos=cos, rope_sin=sin,
+                     launch=launch).backward(dy)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
