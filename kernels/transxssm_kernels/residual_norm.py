@@ -32,6 +32,20 @@ def _rows_of(ptr, stride, r, c, m):
 
 
 @triton.jit
+def _block_loads(out_ptr, dnormed_ptr, h_ptr, dout_ptr, stride_out, stride_dn, stride_h, stride_dout, r, c, m,
+                 HAS_W: tl.constexpr, HAS_DOUT: tl.constexpr):
+    """A row block's inputs, loaded together: (out, d normed, h, d out); h and d out stand in as out when absent."""
+    x = _rows_of(out_ptr, stride_out, r, c, m)
+    dn = _rows_of(dnormed_ptr, stride_dn, r, c, m)
+    h, do = x, x
+    if HAS_W:
+        h = _rows_of(h_ptr, stride_h, r, c, m)
+    if HAS_DOUT:
+        do = _rows_of(dout_ptr, stride_dout, r, c, m)
+    return x, dn, h, do
+
+
+@triton.jit
 def skip_add_norm_bwd_kernel(dout_ptr, dnormed_ptr, h_ptr, out_ptr, w_ptr, v_ptr, du_ptr, dh_ptr,
                              dw_part_ptr, dv_part_ptr, rows, C, eps,
                              stride_dout, stride_dn, stride_h, stride_out, stride_du, stride_dh,
@@ -52,13 +66,8 @@ def skip_add_norm_bwd_kernel(dout_ptr, dnormed_ptr, h_ptr, out_ptr, w_ptr, v_ptr
     step = programs * BR
     r = (pid * BR + tl.arange(0, BR)).to(tl.int64)
     m = (r < rows)[:, None] & cm[None, :]
-    x_next = _rows_of(out_ptr, stride_out, r, c, m)
-    dn_next = _rows_of(dnormed_ptr, stride_dn, r, c, m)
-    h_next, do_next = x_next, x_next
-    if HAS_W:
-        h_next = _rows_of(h_ptr, stride_h, r, c, m)
-    if HAS_DOUT:
-        do_next = _rows_of(dout_ptr, stride_dout, r, c, m)
+    x_next, dn_next, h_next, do_next = _block_loads(out_ptr, dnormed_ptr, h_ptr, dout_ptr, stride_out, stride_dn,
+                                                    stride_h, stride_dout, r, c, m, HAS_W, HAS_DOUT)
     for start in range(pid * BR, rows, step):
         x, dn, h, do = x_next, dn_next, h_next, do_next
         rn = r + step
@@ -76,12 +85,8 @@ def skip_add_norm_bwd_kernel(dout_ptr, dnormed_ptr, h_ptr, out_ptr, w_ptr, v_ptr
             tl.store(dh_ptr + r[:, None] * stride_dh + c[None, :], (dx * w[None, :]).to(dh_ptr.dtype.element_ty),
                      mask=m)
             dw_acc += tl.sum(dx * h.to(tl.float32), axis=0)
-        x_next = _rows_of(out_ptr, stride_out, rn, c, mn)   # the next block's loads, all together
-        dn_next = _rows_of(dnormed_ptr, stride_dn, rn, c, mn)
-        if HAS_W:
-            h_next = _rows_of(h_ptr, stride_h, rn, c, mn)
-        if HAS_DOUT:
-            do_next = _rows_of(dout_ptr, stride_dout, rn, c, mn)
+        x_next, dn_next, h_next, do_next = _block_loads(out_ptr, dnormed_ptr, h_ptr, dout_ptr, stride_out, stride_dn,
+                                                        stride_h, stride_dout, rn, c, mn, HAS_W, HAS_DOUT)
         r, m = rn, mn
     tl.store(dv_part_ptr + pid * C + c, dv_acc, mask=cm)
     if HAS_W:
