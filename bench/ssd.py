@@ -258,6 +258,13 @@ VARIANTS = {
 }
 
 
+def layout_operands(overrides, B, C, cos, sin):
+    """(B, C, table keywords) a layout passes to rope_ssd: B and C rotated here and no tables when "prerotated"."""
+    if overrides.get("prerotated"):
+        return rope_compiled(B, cos, sin), rope_compiled(C, cos, sin), {}
+    return B, C, dict(rope_cos=cos, rope_sin=sin)
+
+
 def launch_of(overrides):
     """The LaunchConfig of a variant: DEFAULT_LAUNCH with its overrides ("kernel.option" for KernelOptions)."""
     from transxssm_kernels.rope_ssd import DEFAULT_LAUNCH
@@ -309,11 +316,9 @@ def time_variants(P=64, baseline=None, matching="", rounds=1):
             inputs[shape] = variant_inputs(shape, P)
         x, dt, A, B, C, dy, cos, sin = inputs[shape]
         Q = overrides.get("chunk", 256)
-        if overrides.get("prerotated"):
-            f = lambda: fn(x, dt, A, rope_compiled(B, cos, sin), rope_compiled(C, cos, sin), chunk_size=Q,
-                           dt_softplus=True)
-        else:
-            f = lambda: fn(x, dt, A, B, C, chunk_size=Q, dt_softplus=True, rope_cos=cos, rope_sin=sin)
+        def f():
+            Bl, Cl, tables = layout_operands(overrides, B, C, cos, sin)
+            return fn(x, dt, A, Bl, Cl, chunk_size=Q, dt_softplus=True, **tables)
         try:
             out[name] = {"fwd": bench(f, None), "fwdbwd": bench(lambda: f().backward(dy), [x, dt, A, B, C])}
         except Exception as e:  # a layout that fails to compile or run is reported, not fatal
@@ -332,12 +337,8 @@ def profile_fused(P=64, steps_only=False, variant="default"):
     Q = overrides.get("chunk", 256)
     def step():
         x.grad = dt.grad = A.grad = B.grad = C.grad = None   # no gradient-accumulation kernels in the profile
-        if overrides.get("prerotated"):
-            rope_ssd(x, dt, A, rope_compiled(B, cos, sin), rope_compiled(C, cos, sin), chunk_size=Q,
-                     dt_softplus=True, launch=launch).backward(dy)
-        else:
-            rope_ssd(x, dt, A, B, C, chunk_size=Q, dt_softplus=True, rope_cos=cos, rope_sin=sin,
-                     launch=launch).backward(dy)
+        Bl, Cl, tables = layout_operands(overrides, B, C, cos, sin)
+        rope_ssd(x, dt, A, Bl, Cl, chunk_size=Q, dt_softplus=True, launch=launch, **tables).backward(dy)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
