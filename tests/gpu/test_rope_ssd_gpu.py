@@ -182,3 +182,43 @@ def test_narrow_half_tiles():
     t, kw = make_case(1, 1500, 8, 64, 4, 64, dtype=torch.bfloat16, seed=42, options=True, seq_idx=seq, init=True)
     check(t, kw, dtype=torch.bfloat16, chunk_size=128)
     check_repeatable(*make_case(2, 4096, 32, 64, 32, 64, dtype=torch.bfloat16, seed=43))
+
+
+@pytest.mark.parametrize("layout", ["batch-first", "sequence-first"])
+def test_tma_output(layout):
+    """chunk_output with its loads through tensor descriptors (LaunchConfig.output_tma, 3 pipeline stages) at the
+    1.3B layer in bf16, with documents and an initial state, its inputs contiguous or views of one sequence-first
+    projection (the SS mixer's): against the reference (2e-2), and against chunk_output_kernel, which sums the same
+    products in another order (y within 2e-3)."""
+    import dataclasses
+    from transxssm_kernels.rope_ssd import DEFAULT_LAUNCH, KernelOptions, rope_ssd
+    from transxssm_kernels.rope_ssd import chunk
+
+    b, l, H, P, N = 2, 4096, 32, 64, 128
+    seq = torch.zeros(b, l, dtype=torch.int32, device="cuda")
+    seq[0, 1000:] += 1
+    seq[1, 2048:] += 1
+    t, kw = make_case(b, l, H, P, H, N, dtype=torch.bfloat16, seed=31, seq_idx=seq, init=True)
+    if layout == "sequence-first":
+        packed = torch.cat([t["x"], t["B"], t["C"]], dim=-1).transpose(0, 1).contiguous()
+        x, B, C = (v.transpose(0, 1) for v in packed.split([P, N, N], dim=-1))
+        t.update(x=x, B=B, C=C)
+    tma = dataclasses.replace(DEFAULT_LAUNCH, output_tma=KernelOptions(num_stages=3))
+    launches = []
+    kernel = chunk.chunk_output_tma_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+    chunk.chunk_output_tma_kernel = Counted()
+    try:
+        check(t, kw, dtype=torch.bfloat16, launch=tma)
+        y_tma = run(functools.partial(rope_ssd, launch=tma), t, kw, chunk_size=256)["y"]
+    finally:
+        chunk.chunk_output_tma_kernel = kernel
+    assert len(launches) == 2, "the descriptor kernel did not run"
+    y_plain = run(functools.partial(rope_ssd, launch=DEFAULT_LAUNCH), t, kw, chunk_size=256)["y"]
+    err = ((y_tma - y_plain).norm() / y_plain.norm()).item()
+    print(f"tma vs plain y: {err:.1e}")
+    assert err < 2e-3, err

@@ -1,6 +1,6 @@
 """Forward Triton kernels of the chunked SSD with Unified RoPE (see chunk.py for the math and the shapes).
 
-Two launches:
+Two launches (chunk_output_tma_kernel is chunk_output_kernel with its loads through tensor descriptors):
   1. `state_scan_fwd_kernel` grid (b*H, column blocks of N/2): walks the chunks in order with the state in
                             registers, storing the state entering each chunk (kept for the backward), then
                             h <- exp(cs_last) h + S_c,  S_c = sum_s delta_s exp(cs_last - cs_s) x_s B~_s^T  (P x N).
@@ -12,9 +12,9 @@ cs is the within-chunk cumulative sum of delta*A, laid out (b, H, Lp) with Lp = 
 import triton
 import triton.language as tl
 
-from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_scan_state,
-                             load_state_halves, pin, prefetch_block, scan_program, store_scan_state, tile_program,
-                             valid)
+from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_rotated_tma,
+                             load_scan_state, load_state_halves, pin, prefetch_block, scan_program, store_scan_state,
+                             tile_program, valid)
 
 
 @triton.jit
@@ -209,3 +209,63 @@ def chunk_output_kernel(
 
     yptr = y_ptr + b64 * s_yb + hi_ * s_yh + rows_t[:, None] * s_yl + offs_p[None, :] * s_yp
     tl.store(yptr, acc.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & mask_p[None, :])
+
+
+@triton.jit
+def chunk_output_tma_kernel(
+    x_desc, x_rb, x_cb, s_xh,                 # x, B, C: 2-D descriptors, (position, batch) at row position + batch
+    b_desc, b_rb, b_cb, s_bg,                 # * rb, column batch * cb (+ head * s_xh or group * s_bg)
+    c_desc, c_rb, c_cb,
+    cos_desc, sin_desc, t_rb,                 # tables (rows, N/2): row position + batch * t_rb
+    delta_desc, cs_desc, cs_ptr,              # (b*H, Lp) fp32
+    states_desc,                              # (b*H*NC*P, N): the state entering each chunk
+    seq_ptr,
+    y_ptr, s_yb, s_yl, s_yh, s_yp,            # (b, l, H, P)
+    L, Lp, H, HPG, NC,
+    N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SEQ: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """chunk_output_kernel for whole chunks with RoPE and 16-bit operands, BT-row source blocks, every block loaded
+    by the copy engine into shared memory (TMA): the loop's loads are multi-buffered by Triton's pipeliner
+    (num_stages) and the target block, its tables and the chunk's state are in flight together before it. One loop
+    over the source blocks 0..tb: the state's term starts the sum, weighted exp(pivot), and the whole sum is scaled
+    by exp(cs_t - pivot) when the loop reaches the diagonal block, so every factor stays <= 1."""
+    c, tb, b64, hi_, gi, bh64 = tile_program(H, HPG, Q, BT)
+    bi = b64.to(tl.int32)
+    bh = bh64.to(tl.int32)
+    start = c * Q
+    t0 = start + tb * BT
+    rows_t = t0 + tl.arange(0, BT)
+    b_col = bi * b_cb + gi * s_bg
+    c_lo, c_hi = load_rotated_tma(c_desc, t0 + bi * c_rb, bi * c_cb + gi * s_bg, cos_desc, sin_desc, t0 + bi * t_rb,
+                                  N_HALF)
+    c_lo = pin(c_lo.to(DOT))
+    c_hi = pin(c_hi.to(DOT))
+    cs_t = cs_desc.load([bh, t0]).reshape(BT)
+    st_row = (bh * NC + c) * BLOCK_P
+    h_lo = states_desc.load([st_row, 0]).to(DOT)
+    h_hi = states_desc.load([st_row, N_HALF]).to(DOT)
+    pivot = tl.where(tb > 0, tl.load(cs_ptr + bh64 * Lp + tl.maximum(t0 - 1, 0)), 0.0)
+    w0, seq_t = entering_state_weight(tl.full((BT,), 0.0, tl.float32) + pivot, seq_ptr + b64 * L, rows_t,
+                                      rows_t < L, start, HAS_SEQ)
+    acc = (tl.dot(c_lo, tl.trans(h_lo)) + tl.dot(c_hi, tl.trans(h_hi))) * w0[:, None]
+    for sb in range(0, tb + 1):
+        s0 = start + sb * BT
+        b_lo, b_hi = load_rotated_tma(b_desc, s0 + bi * b_rb, b_col, cos_desc, sin_desc, s0 + bi * t_rb, N_HALF)
+        xs = x_desc.load([s0 + bi * x_rb, bi * x_cb + hi_ * s_xh])
+        d_s = delta_desc.load([bh, s0]).reshape(BT)
+        cs_s = cs_desc.load([bh, s0]).reshape(BT)
+        scores = tl.dot(c_lo, tl.trans(b_lo.to(DOT))) + tl.dot(c_hi, tl.trans(b_hi.to(DOT)))
+        if HAS_SEQ:
+            seq_s = tl.load(seq_ptr + b64 * L + s0 + tl.arange(0, BT))
+            scores = tl.where(seq_t[:, None] == seq_s[None, :], scores, 0.0)
+        if sb < tb:
+            acc += tl.dot((scores * (exp_ftz(pivot - cs_s) * d_s)[None, :]).to(DOT), xs.to(DOT))
+        else:
+            keep = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
+            acc = acc * exp_ftz(cs_t - pivot)[:, None]
+            decay = diagonal_decay(cs_t[:, None], cs_s[None, :], keep)
+            acc += tl.dot((scores * decay * d_s[None, :]).to(DOT), xs.to(DOT))
+
+    yptr = y_ptr + b64 * s_yb + hi_ * s_yh + rows_t[:, None] * s_yl + tl.arange(0, BLOCK_P)[None, :] * s_yp
+    tl.store(yptr, acc.to(y_ptr.dtype.element_ty))
