@@ -258,6 +258,8 @@ VARIANTS = {
     # chunk_output through tensor descriptors (TMA), its loop multi-buffered in 1-4 pipeline stages
     **{f"out tma s{k}{name}": dict(output_tma=KernelOptions(num_stages=k), **shape) for k in (1, 2, 3, 4)
        for name, shape in {"": {}, " 1.3B b2": dict(shape=(32, 128, 4096, 2))}.items()},
+    **{f"prerotated tma s{k} 1.3B b2": dict(shape=(32, 128, 4096, 2), prerotated=True,
+                                           output_tma=KernelOptions(num_stages=k)) for k in (2, 3)},
     "rows128 w8 1.3B b2": {"shape": (32, 128, 4096, 2), "block_rows": 128, "output.num_warps": 8,
                            "dc.num_warps": 8, "dxdb.num_warps": 8},
     "rows128 w8 inner128 1.3B b2": {"shape": (32, 128, 4096, 2), "block_rows": 128, "block_inner_fwd": 128,

@@ -44,11 +44,15 @@ def load_rotated(base, rows, row_mask, stride_row, stride_n, cos_base, sin_base,
 
 
 @triton.jit
-def load_rotated_tma(desc, row, col, cos_desc, sin_desc, table_row, N_HALF: tl.constexpr):
+def load_rotated_tma(desc, row, col, cos_desc, sin_desc, table_row, N_HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
     """load_rotated through tensor descriptors (TMA): the (rows x N) tile of B or C whose first element is at (row,
-    col) of `desc`, its halves at col and col + N/2, rotated by the table rows from table_row on."""
-    return rotate(desc.load([row, col]), desc.load([row, col + N_HALF]), cos_desc.load([table_row, 0]),
-                  sin_desc.load([table_row, 0]))
+    col) of `desc`, its halves at col and col + N/2, rotated by the table rows from table_row on (as loaded, in
+    the input dtype, without RoPE)."""
+    lo = desc.load([row, col])
+    hi = desc.load([row, col + N_HALF])
+    if HAS_ROPE:
+        lo, hi = rotate(lo, hi, cos_desc.load([table_row, 0]), sin_desc.load([table_row, 0]))
+    return lo, hi
 
 
 @triton.jit

@@ -208,27 +208,25 @@ def _row_descriptor(t, block):
     return TensorDescriptor(t, [rows, s_l], [s_l, 1], block), rb, cb
 
 
-def _output_descriptors(x, B, C, cos_t, sin_t, delta_p, cs, states, has_rope, even, BT, BI, meta, launch):
-    """chunk_output_tma_kernel's descriptor arguments, or None where the call needs chunk_output_kernel (see
-    LaunchConfig.output_tma)."""
+def _output_descriptors(x, B, cos_t, sin_t, has_rope, even, BT, BI, meta, launch, states):
+    """The descriptor arguments of chunk_output_tma_kernel (x, B, tables), or None where the call needs
+    chunk_output_kernel (see LaunchConfig.output_tma)."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if (launch.output_tma is None or TensorDescriptor is None or not (has_rope and even and BT == BI)
-            or x.dtype not in (torch.bfloat16, torch.float16) or cos_t.dtype != x.dtype or states.dtype != x.dtype
+    if (launch.output_tma is None or TensorDescriptor is None or not (even and BT == BI)
+            or x.dtype not in (torch.bfloat16, torch.float16) or (has_rope and cos_t.dtype != x.dtype)
+            or states.dtype != x.dtype
             or not (interpret or (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9))):
         return None
     NH, P = meta["N_HALF"], x.shape[3]
-    views = [_row_descriptor(x, [BT, P]), _row_descriptor(B, [BT, NH]), _row_descriptor(C, [BT, NH])]
+    views = [_row_descriptor(x, [BT, P]), _row_descriptor(B, [BT, NH])]
     if any(v is None for v in views):
         return None
-    (xd, x_rb, x_cb), (bd, b_rb, b_cb), (cd, c_rb, c_cb) = views
+    (xd, x_rb, x_cb), (bd, b_rb, b_cb) = views
     table_rows = cos_t.numel() // NH
-    tables = [TensorDescriptor(t, [table_rows, NH], [NH, 1], [BT, NH]) for t in (cos_t, sin_t)]
-    rows_bh = delta_p.shape[0] * delta_p.shape[1]
-    delta_d, cs_d = (TensorDescriptor(t, [rows_bh, t.shape[-1]], [t.shape[-1], 1], [1, BT]) for t in (delta_p, cs))
-    N = 2 * NH
-    st_d = TensorDescriptor(states, [states.numel() // N, N], [N, 1], [P, NH])
-    return (xd, x_rb, x_cb, x.stride(2), bd, b_rb, b_cb, B.stride(2), cd, c_rb, c_cb, *tables,
-            x.shape[1] if cos_t.dim() == 3 else 0, delta_d, cs_d, cs, st_d)
+    tables = ([TensorDescriptor(t, [table_rows, NH], [NH, 1], [BT, NH]) for t in (cos_t, sin_t)] if has_rope
+              else [bd, bd])   # unread without RoPE
+    return (xd, x_rb, x_cb, x.stride(2), bd, b_rb, b_cb, B.stride(2), *tables,
+            x.shape[1] if has_rope and cos_t.dim() == 3 else 0)
 
 
 def _tile_one_tensor(parts):
@@ -303,12 +301,12 @@ class _RopeSSDCore(torch.autograd.Function):
             del sums
         y = torch.empty_like(x, dtype=y_dtype)  # x's memory layout: sequence-first views give a sequence-first y
         even = _even(l, P, N, Q, meta)
-        descriptors = _output_descriptors(x, B, C, cos_t, sin_t, delta_p, cs, states, has_rope, even, BT, BI, meta,
-                                          launch)
+        descriptors = _output_descriptors(x, B, cos_t, sin_t, has_rope, even, BT, BI, meta, launch, states)
         if descriptors is not None:
             chunk_output_tma_kernel[(nc * (Q // BT), b * H)](
-                *descriptors, seq_t, y, *_strides4(y), l, Lp, H, H // G, nc, N_HALF=N // 2, Q=Q, BT=BT,
-                BLOCK_P=meta["BLOCK_P"], HAS_SEQ=has_seq, DOT=meta["DOT"], **launch.output_tma.as_kwargs())
+                *descriptors, C, *_strides4(C), cos_t, sin_t, s_tb, s_tl, delta_p, cs, seq_t,
+                states, y, *_strides4(y), l, Lp, H, H // G, nc, N_HALF=N // 2, Q=Q, BT=BT, BLOCK_P=meta["BLOCK_P"],
+                HAS_ROPE=has_rope, HAS_SEQ=has_seq, DOT=meta["DOT"], **launch.output_tma.as_kwargs())
         else:
             _chunk_output[(nc * (Q // BT), b * H)](
                 x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
