@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from transxssm_kernels.rope_ssd import KernelOptions, rope_ssd
+from transxssm_kernels.rope_ssd import rope_ssd
 
 from run_record import commit  # noqa: E402  (bench/ is the script's folder)
 
@@ -255,11 +255,7 @@ VARIANTS = {
     **{f"prerotated {name}": dict(shape=shape, prerotated=True)
        for name, shape in {"1.3B": (32, 128, 4096), "1.3B b2": (32, 128, 4096, 2)}.items()},
     "default 1.3B b2": dict(shape=(32, 128, 4096, 2)),
-    # chunk_output through tensor descriptors (TMA), its loop multi-buffered in 1-4 pipeline stages
-    **{f"out tma s{k}{name}": dict(output_tma=KernelOptions(num_stages=k), **shape) for k in (1, 2, 3, 4)
-       for name, shape in {"": {}, " 1.3B b2": dict(shape=(32, 128, 4096, 2))}.items()},
-    **{f"prerotated tma s{k} 1.3B b2": dict(shape=(32, 128, 4096, 2), prerotated=True,
-                                           output_tma=KernelOptions(num_stages=k)) for k in (2, 3)},
+    # 128-row tiles with 8 warps (two warpgroups) in chunk_output, dc and dxdb: slower too (docs/kernels.md)
     "rows128 w8 1.3B b2": {"shape": (32, 128, 4096, 2), "block_rows": 128, "output.num_warps": 8,
                            "dc.num_warps": 8, "dxdb.num_warps": 8},
     "rows128 w8 inner128 1.3B b2": {"shape": (32, 128, 4096, 2), "block_rows": 128, "block_inner_fwd": 128,

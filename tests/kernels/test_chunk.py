@@ -243,37 +243,3 @@ def test_split_views_get_gradients_without_copy(rope_ssd, heads_per_group):
     assert torch.equal(packed.grad, bl(expected).reshape(l, b, -1))
     shared = seen["x"]._base is not None and seen["proj"].data_ptr() == seen["x"]._base.data_ptr()
     assert shared == (heads_per_group == 1), "the projection's gradient should be the kernels' own buffer iff G = H"
-
-
-@pytest.mark.parametrize("layout", ["batch-first", "sequence-first"])
-def test_output_through_tensor_descriptors(rope_ssd, layout):
-    """chunk_output_tma_kernel (LaunchConfig.output_tma): bf16 whole chunks with documents (inside a chunk and on a
-    chunk edge), per-sequence RoPE and an initial state, its inputs contiguous or views of one sequence-first
-    projection: against the float64 definition (2e-2), and y against chunk_output_kernel's (the same products
-    summed in another order: 2e-3). The descriptor kernel must have run."""
-    from transxssm_kernels.rope_ssd import KernelOptions
-    chunk = importlib.import_module("transxssm_kernels.rope_ssd.chunk")
-    b, l, H, P, N = 2, 128, 2, 16, 32
-    seq = docs(b, l, [[0, 64], [0, 77]])
-    t, kw = make_case(b, l, H, P, H, N, dtype=torch.bfloat16, seed=14, rope="per_batch", seq_idx=seq, init=True)
-    if layout == "sequence-first":
-        packed = torch.cat([t["x"], t["B"], t["C"]], dim=-1).transpose(0, 1).contiguous()
-        t.update(zip(("x", "B", "C"), (v.transpose(0, 1) for v in packed.split([P, N, N], dim=-1))))
-    blocks = dict(block_rows=32, block_inner_fwd=32, block_inner_dc=16, block_inner_dxdb=16)
-    tma = LaunchConfig(output_tma=KernelOptions(num_stages=2), **blocks)
-    launches = []
-    kernel = chunk.chunk_output_tma_kernel
-
-    class Counted:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return kernel[grid]
-    chunk.chunk_output_tma_kernel = Counted()
-    try:
-        check(functools.partial(rope_ssd, launch=tma), t, kw, dtype=torch.bfloat16, chunk_size=64)
-        y_tma = run(functools.partial(rope_ssd, launch=tma), t, kw, chunk_size=64)["y"]
-    finally:
-        chunk.chunk_output_tma_kernel = kernel
-    assert len(launches) == 2, "the descriptor kernel did not run"
-    y_plain = run(functools.partial(rope_ssd, launch=LaunchConfig(**blocks)), t, kw, chunk_size=64)["y"]
-    assert ((y_tma - y_plain).norm() / y_plain.norm()).item() < 2e-3

@@ -1,6 +1,6 @@
 """Forward Triton kernels of the chunked SSD with Unified RoPE (see chunk.py for the math and the shapes).
 
-Two launches (chunk_output_tma_kernel is chunk_output_kernel with its loads through tensor descriptors):
+Two launches:
   1. `state_scan_fwd_kernel` grid (b*H, column blocks of N/2): walks the chunks in order with the state in
                             registers, storing the state entering each chunk (kept for the backward), then
                             h <- exp(cs_last) h + S_c,  S_c = sum_s delta_s exp(cs_last - cs_s) x_s B~_s^T  (P x N).
@@ -12,9 +12,9 @@ cs is the within-chunk cumulative sum of delta*A, laid out (b, H, Lp) with Lp = 
 import triton
 import triton.language as tl
 
-from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_rotated_tma,
-                             load_scan_state, load_state_halves, pin, prefetch_block, scan_program, store_scan_state,
-                             tile_program, valid)
+from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_scan_state,
+                             load_state_halves, pin, prefetch_block, scan_program, store_scan_state, tile_program,
+                             valid)
 
 
 @triton.jit
@@ -209,67 +209,3 @@ def chunk_output_kernel(
 
     yptr = y_ptr + b64 * s_yb + hi_ * s_yh + rows_t[:, None] * s_yl + offs_p[None, :] * s_yp
     tl.store(yptr, acc.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & mask_p[None, :])
-
-
-@triton.jit
-def chunk_output_tma_kernel(
-    x_desc, x_rb, x_cb, s_xh,                 # x, B: 2-D descriptors, (position, batch) at row position + batch * rb,
-    b_desc, b_rb, b_cb, s_bg,                 # column batch * cb (+ head * s_xh or group * s_bg)
-    cos_desc, sin_desc, t_rb,                 # tables (rows, N/2): row position + batch * t_rb
-    c_ptr, s_cb_, s_cl_, s_cg, s_cn,          # C (b, l, G, N) for the target block's plain loads
-    cos_ptr, sin_ptr, s_tb, s_tl,
-    delta_ptr, cs_ptr, seq_ptr,
-    states_ptr,                               # (b, H, NC, P, N): state entering each chunk
-    y_ptr, s_yb, s_yl, s_yh, s_yp,            # (b, l, H, P)
-    L, Lp, H, HPG, NC,
-    N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BLOCK_P: tl.constexpr, HAS_ROPE: tl.constexpr,
-    HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
-):
-    """chunk_output_kernel for whole chunks and 16-bit operands with BT-row source blocks whose B, tables and x
-    the copy engine loads into shared memory (TMA), multi-buffered by Triton's pipeliner (num_stages); the target
-    block, its tables and the chunk's state are plain loads in flight together before the loop. One loop over the
-    source blocks 0..tb, without branches (which would keep the pipeliner off the loads used in them): the state's
-    term starts the sum, weighted exp(pivot), and the sum is scaled by exp(cs_t - pivot) at the diagonal block, so
-    every factor stays <= 1."""
-    c, tb, b64, hi_, gi, bh64 = tile_program(H, HPG, Q, BT)
-    bi = b64.to(tl.int32)
-    start = c * Q
-    t0 = start + tb * BT
-    rows_t = t0 + tl.arange(0, BT)
-    all_rows = rows_t < L
-    half = tl.arange(0, N_HALF)
-    offs_p = tl.arange(0, BLOCK_P)
-    cs_base = cs_ptr + bh64 * Lp
-    delta_base = delta_ptr + bh64 * Lp
-    cs_t = tl.load(cs_base + rows_t)
-    c_lo, c_hi = load_rotated(c_ptr + b64 * s_cb_ + gi * s_cg, rows_t, all_rows, s_cl_, s_cn, cos_ptr + b64 * s_tb,
-                              sin_ptr + b64 * s_tb, s_tl, half, half < N_HALF, N_HALF, HAS_ROPE)
-    c_lo = pin(c_lo.to(DOT))
-    c_hi = pin(c_hi.to(DOT))
-    h_lo, h_hi = load_state_halves(states_ptr + (bh64 * NC + c) * BLOCK_P * 2 * N_HALF, offs_p, offs_p < BLOCK_P,
-                                   half, half < N_HALF, N_HALF, DOT)
-    pivot = tl.where(tb > 0, tl.load(cs_base + tl.maximum(t0 - 1, 0)), 0.0)
-    w0, seq_t = entering_state_weight(tl.full((BT,), 0.0, tl.float32) + pivot, seq_ptr + b64 * L, rows_t,
-                                      all_rows, start, HAS_SEQ)
-    acc = (tl.dot(c_lo, tl.trans(h_lo)) + tl.dot(c_hi, tl.trans(h_hi))) * w0[:, None]
-    b_col = bi * b_cb + gi * s_bg
-    causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
-    for sb in range(0, tb + 1):
-        s0 = start + sb * BT
-        b_lo, b_hi = load_rotated_tma(b_desc, s0 + bi * b_rb, b_col, cos_desc, sin_desc, s0 + bi * t_rb, N_HALF,
-                                      HAS_ROPE)
-        xs = x_desc.load([s0 + bi * x_rb, bi * x_cb + hi_ * s_xh])
-        d_s = tl.load(delta_base + s0 + tl.arange(0, BT))
-        cs_s = tl.load(cs_base + s0 + tl.arange(0, BT))
-        scores = tl.dot(c_lo, tl.trans(b_lo.to(DOT))) + tl.dot(c_hi, tl.trans(b_hi.to(DOT)))
-        if HAS_SEQ:
-            seq_s = tl.load(seq_ptr + b64 * L + s0 + tl.arange(0, BT))
-            scores = tl.where(seq_t[:, None] == seq_s[None, :], scores, 0.0)
-        diagonal = sb == tb
-        decay = tl.where(diagonal, diagonal_decay(cs_t[:, None], cs_s[None, :], causal),
-                         exp_ftz(pivot - cs_s)[None, :])
-        acc = acc * tl.where(diagonal, exp_ftz(cs_t - pivot), 1.0)[:, None]
-        acc += tl.dot((scores * decay * d_s[None, :]).to(DOT), xs.to(DOT))
-
-    yptr = y_ptr + b64 * s_yb + hi_ * s_yh + rows_t[:, None] * s_yl + offs_p[None, :] * s_yp
-    tl.store(yptr, acc.to(y_ptr.dtype.element_ty))

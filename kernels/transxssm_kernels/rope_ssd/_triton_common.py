@@ -37,36 +37,18 @@ def load_rotated(base, rows, row_mask, stride_row, stride_n, cos_base, sin_base,
     b = tl.load(ptr + N_HALF * stride_n, mask=m, other=0.0)
     if HAS_ROPE:
         tab = rows[:, None] * stride_cos_row + half[None, :]
-        lo, hi = rotate(a, b, tl.load(cos_base + tab, mask=m, other=1.0), tl.load(sin_base + tab, mask=m, other=0.0))
+        cos = tl.load(cos_base + tab, mask=m, other=1.0)
+        sin = tl.load(sin_base + tab, mask=m, other=0.0)
+        if PACKED_ROTATION and a.dtype == tl.bfloat16 and cos.dtype == tl.bfloat16:
+            lo, hi = rotate_bf16x2(a, b, cos, sin)
+        else:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+            cos = cos.to(tl.float32)
+            sin = sin.to(tl.float32)
+            lo, hi = a * cos - b * sin, b * cos + a * sin
     else:
         lo, hi = a.to(tl.float32), b.to(tl.float32)
-    return lo, hi
-
-
-@triton.jit
-def load_rotated_tma(desc, row, col, cos_desc, sin_desc, table_row, N_HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
-    """load_rotated through tensor descriptors (TMA): the (rows x N) tile of B or C whose first element is at (row,
-    col) of `desc`, its halves at col and col + N/2, rotated by the table rows from table_row on (as loaded, in
-    the input dtype, without RoPE)."""
-    lo = desc.load([row, col])
-    hi = desc.load([row, col + N_HALF])
-    if HAS_ROPE:
-        lo, hi = rotate(lo, hi, cos_desc.load([table_row, 0]), sin_desc.load([table_row, 0]))
-    return lo, hi
-
-
-@triton.jit
-def rotate(a, b, cos, sin):
-    """(a cos - b sin, b cos + a sin) of the halves a, b: in packed bf16x2 arithmetic (rotate_bf16x2) for bf16
-    halves and tables, giving bf16; else in fp32, giving fp32."""
-    if PACKED_ROTATION and a.dtype == tl.bfloat16 and cos.dtype == tl.bfloat16:
-        lo, hi = rotate_bf16x2(a, b, cos, sin)
-    else:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-        cos = cos.to(tl.float32)
-        sin = sin.to(tl.float32)
-        lo, hi = a * cos - b * sin, b * cos + a * sin
     return lo, hi
 
 

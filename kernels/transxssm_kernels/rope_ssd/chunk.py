@@ -52,15 +52,10 @@ import triton.language as tl
 
 from ._bwd import dc_kernel, dxdb_kernel, state_scan_bwd_kernel
 from ._delta import delta_kernel, dt_grad_kernel
-from ._fwd import chunk_output_kernel, chunk_output_tma_kernel, state_scan_fwd_kernel
+from ._fwd import chunk_output_kernel, state_scan_fwd_kernel
 from ._states import chunk_sums_kernel, dstates_from_sums_kernel, states_from_sums_kernel
 from .launch import DEFAULT_LAUNCH, LaunchConfig
 from .naive import check_ssd_inputs
-
-try:  # host-side tensor descriptors (TMA); without them chunk_output keeps its plain loads
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:
-    TensorDescriptor = None
 
 def _strides4(t):
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
@@ -191,44 +186,6 @@ def _chunk_sums(mode, v, m, tables, delta_p, cs, seq_t, l, H, nc, meta, flags, l
     return sums
 
 
-def _row_descriptor(t, block):
-    """(descriptor, rb, cb) of a (b, l, heads, cols) tensor whose element (batch, position, ., col) sits at row
-    position + batch * rb and column batch * cb + . of a 2-D descriptor: batch-first (rb = l) and sequence-first
-    (cb = the batch stride) layouts; None for other strides or a misaligned start."""
-    b, l = t.shape[0], t.shape[1]
-    s_b, s_l = t.stride(0), t.stride(1)
-    if t.stride(3) != 1 or (s_l * t.element_size()) % 16 or t.data_ptr() % 16:
-        return None
-    if b == 1 or s_b == l * s_l:
-        rows, rb, cb = b * l, l, 0
-    elif s_l == b * s_b:
-        rows, rb, cb = l, 0, s_b
-    else:
-        return None
-    return TensorDescriptor(t, [rows, s_l], [s_l, 1], block), rb, cb
-
-
-def _output_descriptors(x, B, cos_t, sin_t, has_rope, even, BT, BI, meta, launch, states):
-    """The descriptor arguments of chunk_output_tma_kernel (x, B, tables), or None where the call needs
-    chunk_output_kernel (see LaunchConfig.output_tma)."""
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if (launch.output_tma is None or TensorDescriptor is None or not (even and BT == BI)
-            or x.dtype not in (torch.bfloat16, torch.float16) or (has_rope and cos_t.dtype != x.dtype)
-            or states.dtype != x.dtype
-            or not (interpret or (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9))):
-        return None
-    NH, P = meta["N_HALF"], x.shape[3]
-    views = [_row_descriptor(x, [BT, P]), _row_descriptor(B, [BT, NH])]
-    if any(v is None for v in views):
-        return None
-    (xd, x_rb, x_cb), (bd, b_rb, b_cb) = views
-    table_rows = cos_t.numel() // NH
-    tables = ([TensorDescriptor(t, [table_rows, NH], [NH, 1], [BT, NH]) for t in (cos_t, sin_t)] if has_rope
-              else [bd, bd])   # unread without RoPE
-    return (xd, x_rb, x_cb, x.stride(2), bd, b_rb, b_cb, B.stride(2), *tables,
-            x.shape[1] if has_rope and cos_t.dim() == 3 else 0)
-
-
 def _tile_one_tensor(parts):
     """The tensor of which `parts` are disjoint views covering it whole, side by side along the last dim with the
     same outer shape and strides (the SS mixer's x, B, C split from its projection); None otherwise."""
@@ -300,18 +257,11 @@ class _RopeSSDCore(torch.autograd.Function):
                 HAS_SEQ=has_seq, HAS_INIT=initial_state is not None, **launch.state_pass.as_kwargs())
             del sums
         y = torch.empty_like(x, dtype=y_dtype)  # x's memory layout: sequence-first views give a sequence-first y
-        even = _even(l, P, N, Q, meta)
-        descriptors = _output_descriptors(x, B, cos_t, sin_t, has_rope, even, BT, BI, meta, launch, states)
-        if descriptors is not None:
-            chunk_output_tma_kernel[(nc * (Q // BT), b * H)](
-                *descriptors, C, *_strides4(C), cos_t, sin_t, s_tb, s_tl, delta_p, cs, seq_t,
-                states, y, *_strides4(y), l, Lp, H, H // G, nc, N_HALF=N // 2, Q=Q, BT=BT, BLOCK_P=meta["BLOCK_P"],
-                HAS_ROPE=has_rope, HAS_SEQ=has_seq, DOT=meta["DOT"], **launch.output_tma.as_kwargs())
-        else:
-            _chunk_output[(nc * (Q // BT), b * H)](
-                x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
-                delta_p, cs, seq_t, states, y, *_strides4(y),
-                l, Lp, H, H // G, P, nc, BT=BT, BI=BI, EVEN=even, **flags, **meta, **_options(launch.output))
+        _chunk_output[(nc * (Q // BT), b * H)](
+            x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
+            delta_p, cs, seq_t, states, y, *_strides4(y),
+            l, Lp, H, H // G, P, nc, BT=BT, BI=BI, EVEN=_even(l, P, N, Q, meta), **flags, **meta,
+            **_options(launch.output))
 
         ctx.save_for_backward(x, dt, A32, bias, delta_p, cs, B, C, cos_t, sin_t, seq_t, states)
         ctx.cfg = (Q, s_tb, s_tl, has_rope, has_seq, initial_state is not None, dt_bias is not None, softplus)

@@ -69,10 +69,6 @@ class LaunchConfig:
     chunk_sums: KernelOptions = field(default_factory=lambda: KernelOptions(num_warps=4, num_stages=3))
     state_pass: KernelOptions = field(default_factory=lambda: KernelOptions(num_warps=4, num_stages=3))
     output: KernelOptions = field(default_factory=KernelOptions)
-    # chunk_output with every block loaded by the copy engine (TMA) and multi-buffered by Triton's pipeliner, with
-    # these options, where a call allows it (chunk.py, _output_descriptors: Hopper or newer, whole chunks, RoPE,
-    # 16-bit inputs, tables and states, block_inner_fwd == block_rows); None: chunk_output_kernel's plain loads.
-    output_tma: KernelOptions | None = None
     dc: KernelOptions = field(default_factory=KernelOptions)
     dxdb: KernelOptions = field(default_factory=KernelOptions)
 
