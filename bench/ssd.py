@@ -255,6 +255,13 @@ VARIANTS = {
     **{f"prerotated {name}": dict(shape=shape, prerotated=True)
        for name, shape in {"1.3B": (32, 128, 4096), "1.3B b2": (32, 128, 4096, 2)}.items()},
     "default 1.3B b2": dict(shape=(32, 128, 4096, 2)),
+    # B and C rotated in place by the forward's kernels (rope_ssd's rotate_bc_in_place, the SS mixer's call) at the
+    # training runs' batch shapes: the chunk-parallel state recurrence, where it applies
+    **{f"in place {name}": dict(shape=shape, in_place=True)
+       for name, shape in {"1.3B b2": (32, 128, 4096, 2), "1.3B b1 l32K": (32, 128, 32768, 1),
+                           "320M b4": (12, 128, 4096, 4)}.items()},
+    **{f"default {name}": dict(shape=shape) for name, shape in {"1.3B b1 l32K": (32, 128, 32768, 1),
+                                                                "320M b4": (12, 128, 4096, 4)}.items()},
     # 128-row tiles with 8 warps (two warpgroups) in chunk_output, dc and dxdb: slower too (docs/kernels.md)
     "rows128 w8 1.3B b2": {"shape": (32, 128, 4096, 2), "block_rows": 128, "output.num_warps": 8,
                            "dc.num_warps": 8, "dxdb.num_warps": 8},
@@ -265,10 +272,13 @@ VARIANTS = {
 
 
 def layout_operands(overrides, B, C, cos, sin):
-    """(B, C, table keywords) a layout passes to rope_ssd: B and C rotated here and no tables when "prerotated"."""
+    """(B, C, keywords) a layout passes to rope_ssd: B and C rotated here and no tables when "prerotated"; with
+    "in_place" the kernels rotate B and C in place, once more at every call (values that leave the timings as they
+    are, and no copy in them)."""
     if overrides.get("prerotated"):
         return rope_compiled(B, cos, sin), rope_compiled(C, cos, sin), {}
-    return B, C, dict(rope_cos=cos, rope_sin=sin)
+    in_place = {"rotate_bc_in_place": True} if overrides.get("in_place") else {}
+    return B, C, dict(rope_cos=cos, rope_sin=sin, **in_place)
 
 
 def launch_of(overrides):
@@ -277,7 +287,7 @@ def launch_of(overrides):
 
     fields, kernels = {}, {}
     for key, value in overrides.items():
-        if key in ("chunk", "shape", "prerotated"):
+        if key in ("chunk", "shape", "prerotated", "in_place"):
             continue
         kernel, _, option = key.partition(".")
         if option:

@@ -37,13 +37,17 @@ TARGET = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def compile_kernel(kernel, constexprs: dict, warps: int, stages: int, maxnreg=None):
+def compile_kernel(kernel, constexprs: dict, warps: int, stages: int, maxnreg=None, descriptors=None):
     """Compile as a launch would specialise it: bf16 tensors and tables (or fp32 / fp16), fp32 work buffers, int32
-    document ids; unit strides and H/G = 1 as constants, other integers and every pointer 16-divisible."""
+    document ids; unit strides and H/G = 1 as constants, other integers and every pointer 16-divisible; tensor
+    descriptors (`descriptors`: name -> block shape) of the tensors' dtype."""
     sig, consts, attrs = {}, {}, {}
+    dtype = {tl.float32: "fp32", tl.float16: "fp16"}.get(constexprs["DOT"], "bf16")
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             sig[name], consts[(i,)] = "constexpr", constexprs[name]
+        elif name in (descriptors or {}):
+            sig[name] = f"tensordesc<{dtype}[{','.join(map(str, descriptors[name]))}]>"
         elif name.endswith("_ptr"):
             data = {tl.float32: "*fp32", tl.float16: "*fp16"}.get(constexprs["DOT"], "*bf16")
             sig[name] = data if name in BF16_POINTERS else ("*i32" if name == "seq_ptr" else "*fp32")
@@ -139,16 +143,16 @@ def main() -> None:
                          args.warps, 1),
         "state_scan_bwd": (_bwd.state_scan_bwd_kernel, dict(scan, BS=min(args.scan_bwd, args.chunk),
                                                             HAS_DFINAL=False), args.scan_warps, stages_bwd),
-        "dc": (_bwd.dc_kernel, dict(common, BT=bt, BI=inner(args.inner_dc), TF32=args.fp32, EVEN=even), args.warps,
-               1),
-        "dxdb": (_bwd.dxdb_kernel, dict(common, BT=bt, BI=inner(args.inner_dxdb), TF32=args.fp32, EVEN=even),
-                 args.warps, 1),
+        "dc": (_bwd.dc_kernel, dict(common, BT=bt, BI=inner(args.inner_dc), TF32=args.fp32, EVEN=even,
+                                    UNROTATE=True), args.warps, 1),
+        "dxdb": (_bwd.dxdb_kernel, dict(common, BT=bt, BI=inner(args.inner_dxdb), TF32=args.fp32, EVEN=even,
+                                        UNROTATE=True), args.warps, 1),
         # the chunk-parallel state recurrence (LaunchConfig.scan_mode "chunks")
         "chunk_sums_fwd": (_states.chunk_sums_kernel, dict(common, BNH=args.scan_cols, MODE=0,
-                                                          BS=min(args.scan_fwd, args.chunk)),
+                                                          BS=min(args.scan_fwd, args.chunk), STORE_ROTATED=False),
                            DEFAULT_LAUNCH.chunk_sums.num_warps, DEFAULT_LAUNCH.chunk_sums.num_stages),
         "chunk_sums_bwd": (_states.chunk_sums_kernel, dict(common, BNH=args.scan_cols, MODE=1,
-                                                          BS=min(args.scan_bwd, args.chunk)),
+                                                          BS=min(args.scan_bwd, args.chunk), STORE_ROTATED=False),
                            DEFAULT_LAUNCH.chunk_sums.num_warps, DEFAULT_LAUNCH.chunk_sums.num_stages),
         "states_pass": (_states.states_from_sums_kernel, dict(Q=args.chunk, BLOCK=DEFAULT_LAUNCH.pass_block,
                                                               HAS_SEQ=args.seq, HAS_INIT=False, DOT=common["DOT"]),
@@ -158,9 +162,22 @@ def main() -> None:
                                                                 DOT=common["DOT"]),
                          DEFAULT_LAUNCH.state_pass.num_warps, DEFAULT_LAUNCH.state_pass.num_stages),
     }
+    descriptors = {}
+    if even and not args.fp32:   # B and C rotated in place (rope_ssd's rotate_bc_in_place)
+        rotated = dict(common, HAS_ROPE=False)
+        tma = {k: v for k, v in common.items() if k not in ("BLOCK_NH", "HAS_ROPE")}
+        cases.update({
+            "chunk_sums_fwd_in_place": (_states.chunk_sums_kernel, dict(cases["chunk_sums_fwd"][1], STORE_ROTATED=True),
+                                        DEFAULT_LAUNCH.chunk_sums.num_warps, DEFAULT_LAUNCH.chunk_sums.num_stages),
+            "chunk_output_tma": (_fwd.chunk_output_tma_kernel, dict(tma, BT=bt), DEFAULT_LAUNCH.output_tma.num_warps,
+                                 DEFAULT_LAUNCH.output_tma.num_stages),
+            "dc_rotated": (_bwd.dc_kernel, dict(cases["dc"][1], HAS_ROPE=False), args.warps, 1),
+            "dxdb_rotated": (_bwd.dxdb_kernel, dict(cases["dxdb"][1], HAS_ROPE=False), args.warps, 1),
+        })
+        descriptors["chunk_output_tma"] = {"x_desc": [bt, common["BLOCK_P"]], "b_desc": [bt, args.n // 2]}
     table = {}
     for name, (k, c, w, stages) in cases.items():
-        compiled = compile_kernel(k, c, w, stages, None if "scan" in name else args.maxnreg)
+        compiled = compile_kernel(k, c, w, stages, None if "scan" in name else args.maxnreg, descriptors.get(name))
         table[name] = dict(ptxas_report(compiled.asm["ptx"]), shared_bytes=compiled.metadata.shared)
         if args.sass:
             table[name]["loops"] = [dict(loop.most_common()) for loop in loop_instructions(compiled.asm["cubin"])]

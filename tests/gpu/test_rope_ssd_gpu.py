@@ -182,3 +182,48 @@ def test_narrow_half_tiles():
     t, kw = make_case(1, 1500, 8, 64, 4, 64, dtype=torch.bfloat16, seed=42, options=True, seq_idx=seq, init=True)
     check(t, kw, dtype=torch.bfloat16, chunk_size=128)
     check_repeatable(*make_case(2, 4096, 32, 64, 32, 64, dtype=torch.bfloat16, seed=43))
+
+
+def test_rotate_bc_in_place():
+    """rope_ssd(..., rotate_bc_in_place=True) at the 1.3B layer in bf16 with documents and an initial state: the
+    forward writes B~ and C~ over B and C (chunk sums, chunk_output_tma_kernel), the backward loads them without
+    tables. Against the reference (2e-2) and against the call without it: the backward's dots see the same bf16 B~
+    and C~ (gradients within 1e-3), y is summed in another order (2e-3). On views of one sequence-first projection
+    (the SS mixer's call) y and the projection's gradient equal the contiguous call's bit for bit, and its B and C
+    columns hold the rotated values afterwards."""
+    from transxssm_kernels.rope_ssd import apply_rope, rope_ssd, ssd_chunked_reference
+
+    b, l, H, P, N = 2, 4096, 32, 64, 128
+    seq = torch.zeros(b, l, dtype=torch.int32, device="cuda")
+    seq[0, 1000:] += 1
+    seq[1, 2048:] += 1
+    t, kw = make_case(b, l, H, P, H, N, dtype=torch.bfloat16, seed=31, seq_idx=seq, init=True)
+    in_place = functools.partial(rope_ssd, rotate_bc_in_place=True)
+    ours = run(in_place, t, kw, chunk_size=256)
+    plain = run(rope_ssd, t, kw, chunk_size=256)
+    ref = run(ssd_chunked_reference, t, kw, chunk_size=256, cast=F64)
+    to_ref = {k: ((ours[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref}
+    to_plain = {k: ((ours[k] - plain[k]).norm() / plain[k].norm()).item() for k in ref}
+    print("in place vs reference", {k: f"{e:.1e}" for k, e in to_ref.items()})
+    print("in place vs plain", {k: f"{e:.1e}" for k, e in to_plain.items()})
+    assert all(e < TOL[torch.bfloat16] for e in to_ref.values()), to_ref
+    assert to_plain["y"] < 2e-3 and all(e < 1e-3 for k, e in to_plain.items() if k != "y"), to_plain
+
+    packed = torch.cat([t["x"], t["B"], t["C"]], dim=-1).transpose(0, 1).contiguous().requires_grad_(True)
+    before = packed.detach().clone()
+    x, B, C = (v.transpose(0, 1) for v in packed.split([P, N, N], dim=-1))
+    rest = {k: t[k] for k in ("dt", "A", "initial_state")}
+    y = in_place(x, B=B, C=C, **rest, **kw)
+    dy = torch.randn_like(y)
+    (y.float() * dy.float()).sum().backward()
+    leaves = {k: t[k].detach().clone().requires_grad_(True) for k in ("x", "B", "C")}
+    y_ref = in_place(leaves["x"], B=leaves["B"], C=leaves["C"], **rest, **kw)
+    (y_ref.float() * dy.float()).sum().backward()
+    assert torch.equal(y, y_ref)
+    assert torch.equal(packed.grad, torch.cat([leaves[k].grad for k in ("x", "B", "C")], dim=-1).transpose(0, 1))
+    cos, sin = (v.to(torch.bfloat16).float() for v in (kw["rope_cos"], kw["rope_sin"]))
+    now, was = (p_.transpose(0, 1).split([P, N, N], dim=-1) for p_ in (packed.detach(), before))
+    assert torch.equal(now[0], was[0])
+    for k in (1, 2):
+        assert not torch.equal(now[k], was[k])
+        torch.testing.assert_close(now[k].float(), apply_rope(was[k].float(), cos, sin), rtol=1e-2, atol=1e-2)

@@ -243,3 +243,48 @@ def test_split_views_get_gradients_without_copy(rope_ssd, heads_per_group):
     assert torch.equal(packed.grad, bl(expected).reshape(l, b, -1))
     shared = seen["x"]._base is not None and seen["proj"].data_ptr() == seen["x"]._base.data_ptr()
     assert shared == (heads_per_group == 1), "the projection's gradient should be the kernels' own buffer iff G = H"
+
+
+def test_rotate_bc_in_place(rope_ssd):
+    """rotate_bc_in_place: with the chunk-parallel state recurrence, one head per group and bf16 whole chunks, the
+    forward writes B~ and C~ over B and C (the chunk sums and chunk_output_tma_kernel) and the backward loads them
+    as they are, unrotating only the gradients: every output and gradient against the float64 definition (2e-2),
+    with documents inside a chunk and on a chunk edge, per-sequence tables and an initial state. The same call on
+    views of one sequence-first projection (the SS mixer's) gives the same y and gradients bit for bit, and leaves
+    the projection's B and C columns rotated. With the walking scans, or G < H, B and C stay as they were."""
+    from transxssm_kernels.rope_ssd import apply_rope
+    fn = importlib.import_module("transxssm_kernels.rope_ssd.chunk").rope_ssd
+    b, l, H, P, N = 2, 128, 2, 16, 32
+    blocks = dict(block_rows=32, block_inner_fwd=32, block_inner_dc=16, block_inner_dxdb=16)
+    t, kw = make_case(b, l, H, P, H, N, dtype=torch.bfloat16, seed=14, rope="per_batch",
+                      seq_idx=docs(b, l, [[0, 64], [0, 77]]), init=True)
+    in_place = functools.partial(fn, rotate_bc_in_place=True, launch=LaunchConfig(scan_mode="chunks", **blocks))
+    check(in_place, t, kw, dtype=torch.bfloat16, chunk_size=64)
+
+    packed = torch.cat([t["x"], t["B"], t["C"]], dim=-1).transpose(0, 1).contiguous().requires_grad_(True)
+    x, B, C = (v.transpose(0, 1) for v in packed.split([P, N, N], dim=-1))
+    before = packed.detach().clone()
+    rest = {k: t[k] for k in ("dt", "A", "initial_state")}
+    y = in_place(x, B=B, C=C, **rest, **kw, chunk_size=64)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(15)).to(y.dtype)
+    (y.float() * dy.float()).sum().backward()
+    leaves = {k: t[k].detach().clone().requires_grad_(True) for k in ("x", "B", "C")}
+    y_ref = in_place(leaves["x"], B=leaves["B"], C=leaves["C"], **rest, **kw, chunk_size=64)
+    (y_ref.float() * dy.float()).sum().backward()
+    assert y_ref.abs().sum() > 0 and torch.equal(y, y_ref)
+    grads = torch.cat([leaves[k].grad for k in ("x", "B", "C")], dim=-1).transpose(0, 1)
+    assert torch.equal(packed.grad, grads)
+    cos, sin = (v.to(torch.bfloat16).float() for v in (kw["rope_cos"], kw["rope_sin"]))
+    rotated = packed.detach().transpose(0, 1).split([P, N, N], dim=-1)
+    originals = before.transpose(0, 1).split([P, N, N], dim=-1)
+    assert torch.equal(rotated[0], originals[0]), "x must not change"
+    for name, now, was in (("B", rotated[1], originals[1]), ("C", rotated[2], originals[2])):
+        assert not torch.equal(now, was), f"{name} was not rotated in place"
+        torch.testing.assert_close(now.float(), apply_rope(was.float(), cos, sin), rtol=1e-2, atol=1e-2)
+
+    walk = functools.partial(fn, rotate_bc_in_place=True, launch=LaunchConfig(scan_mode="walk", **blocks))
+    t2, kw2 = make_case(b, l, 4, P, 2, N, dtype=torch.bfloat16, seed=16)
+    for call, tensors, kws in ((walk, t, kw), (in_place, t2, kw2)):
+        B, C = tensors["B"].clone(), tensors["C"].clone()
+        call(**tensors, **kws, chunk_size=64)
+        assert torch.equal(tensors["B"], B) and torch.equal(tensors["C"], C)

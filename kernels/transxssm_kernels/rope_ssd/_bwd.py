@@ -14,7 +14,8 @@ a_j = delta_j A (cs is its within-chunk cumulative sum).
   loop. dxdb forms K_s from the same dot-rounded L (u.g) that dc's dots use (fp32 operands rounded to tf32 by
   to_dot), so the diagonal twins W_tt of E_t and K_t cancel to fp32 rounding. Forming d cs_t = g_t.y_t - u_t.du_t
   instead would subtract bf16-rounded outputs, whose twins no longer cancel, and lose dA.
-Rotated gradients go back through the inverse rotation as they are stored.
+Rotated gradients go back through the inverse rotation as they are stored (UNROTATE). HAS_ROPE rotates B and C as
+they are loaded; where the forward rotated them in place (chunk.py) it is off and UNROTATE on.
 """
 
 import triton
@@ -107,6 +108,7 @@ def dc_kernel(
     N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_NH: tl.constexpr,
     HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr, TF32: tl.constexpr, EVEN: tl.constexpr,
+    UNROTATE: tl.constexpr,
 ):
     c, tb, b64, hi_, gi, bh64 = tile_program(H, HPG, Q, BT)
 
@@ -173,7 +175,7 @@ def dc_kernel(
                               N_HALF, HAS_ROPE)
     e = tl.sum(to_dot(c_lo, DOT, TF32).to(tl.float32) * dc_lo + to_dot(c_hi, DOT, TF32).to(tl.float32) * dc_hi, 1)
     tl.store(e_ptr + bh64 * Lp + rows_t, e)
-    dc_lo, dc_hi = unrotate(dc_lo, dc_hi, rows_t, tmask, cos_base, sin_base, s_tl, half, mask_h, HAS_ROPE)
+    dc_lo, dc_hi = unrotate(dc_lo, dc_hi, rows_t, tmask, cos_base, sin_base, s_tl, half, mask_h, UNROTATE)
     dptr = dc_ptr + b64 * s_db + hi_ * s_dh + rows_t[:, None] * s_dl + half[None, :] * s_dn
     dmask = tmask[:, None] & mask_h[None, :]
     tl.store(dptr, dc_lo.to(dc_ptr.dtype.element_ty), mask=dmask)
@@ -220,6 +222,7 @@ def dxdb_kernel(
     N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_NH: tl.constexpr,
     HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr, TF32: tl.constexpr, EVEN: tl.constexpr,
+    UNROTATE: tl.constexpr,
 ):
     c, sb, b64, hi_, gi, bh64 = tile_program(H, HPG, Q, BT)
 
@@ -300,7 +303,7 @@ def dxdb_kernel(
              (du * d_s[:, None]).to(dx_ptr.dtype.element_ty), mask=x_mask)
     tl.store(ddelta_ptr + bh64 * Lp + rows_s, tl.sum(du * xs, axis=1))
     tl.store(k_ptr + bh64 * Lp + rows_s, k)
-    db_lo, db_hi = unrotate(db_lo, db_hi, rows_s, smask_r, cos_base, sin_base, s_tl, half, mask_h, HAS_ROPE)
+    db_lo, db_hi = unrotate(db_lo, db_hi, rows_s, smask_r, cos_base, sin_base, s_tl, half, mask_h, UNROTATE)
     dptr = db_ptr + b64 * s_db + hi_ * s_dh + rows_s[:, None] * s_dl + half[None, :] * s_dn
     dmask = smask_r[:, None] & mask_h[None, :]
     tl.store(dptr, db_lo.to(db_ptr.dtype.element_ty), mask=dmask)

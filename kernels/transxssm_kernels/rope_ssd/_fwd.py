@@ -1,6 +1,7 @@
 """Forward Triton kernels of the chunked SSD with Unified RoPE (see chunk.py for the math and the shapes).
 
-Two launches:
+Two launches (three with the chunk-parallel state recurrence, _states.py; chunk_output_tma_kernel stands in for
+chunk_output_kernel when B and C are rotated in place, chunk.py):
   1. `state_scan_fwd_kernel` grid (b*H, column blocks of N/2): walks the chunks in order with the state in
                             registers, storing the state entering each chunk (kept for the backward), then
                             h <- exp(cs_last) h + S_c,  S_c = sum_s delta_s exp(cs_last - cs_s) x_s B~_s^T  (P x N).
@@ -13,17 +14,19 @@ import triton
 import triton.language as tl
 
 from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_scan_state,
-                             load_state_halves, pin, prefetch_block, scan_program, store_scan_state, tile_program,
-                             valid)
+                             load_state_halves, pin, prefetch_block, scan_program, store_halves, store_scan_state,
+                             tile_program, valid)
 
 
 @triton.jit
 def add_block_outer(acc_lo, acc_hi, vec_base, s_vl, s_vp, mat_base, s_ml, s_mn, cos_base, sin_base, s_cl,
                     delta_base, cs_base, seq_base, start, s0, L, P, half, mask_h,
                     N_HALF: tl.constexpr, Q: tl.constexpr, BS: tl.constexpr, BLOCK_P: tl.constexpr,
-                    MODE: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr):
+                    MODE: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
+                    STORE_ROTATED: tl.constexpr = False):
     """(acc_lo, acc_hi) + one row block's part of a chunk's  sum_s w_s v_s M~_s^T  (halves, P x the columns `half`):
-    rows start + s0 .. + BS of the chunk starting at `start`.
+    rows start + s0 .. + BS of the chunk starting at `start`. STORE_ROTATED writes M~ over M's rows (the caller's
+    program is the only one to read them).
 
     MODE 0 (forward):  v = x, M = B, w_s = delta_s exp(cs_last - cs_s) [same document as the chunk's last token]
     MODE 1 (backward): v = g, M = C, w_t = exp(cs_t) [same document as the token before the chunk]
@@ -47,6 +50,8 @@ def add_block_outer(acc_lo, acc_hi, vec_base, s_vl, s_vp, mat_base, s_ml, s_mn, 
                 mask=rmask[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
     lo, hi = load_rotated(mat_base, rows, rmask, s_ml, s_mn, cos_base, sin_base, s_cl, half, mask_h,
                           N_HALF, HAS_ROPE)
+    if STORE_ROTATED:
+        store_halves(mat_base, rows, rmask, s_ml, s_mn, half, mask_h, lo, hi, N_HALF)
     vwt = tl.trans((v * w[:, None]).to(DOT))
     return tl.dot(vwt, lo.to(DOT), acc_lo), tl.dot(vwt, hi.to(DOT), acc_hi)
 
@@ -209,3 +214,70 @@ def chunk_output_kernel(
 
     yptr = y_ptr + b64 * s_yb + hi_ * s_yh + rows_t[:, None] * s_yl + offs_p[None, :] * s_yp
     tl.store(yptr, acc.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & mask_p[None, :])
+
+
+@triton.jit
+def chunk_output_tma_kernel(
+    x_desc, x_rb, x_cb, s_xh,                 # x, B~: 2-D descriptors, (position, batch) at row position + batch * rb,
+    b_desc, b_rb, b_cb, s_bg,                 # column batch * cb (+ head * s_xh or group * s_bg)
+    c_ptr, s_cb_, s_cl_, s_cg, s_cn,          # C (b, l, G, N): rotated here and written back rotated
+    cos_ptr, sin_ptr, s_tb, s_tl,
+    delta_ptr, cs_ptr, seq_ptr,
+    states_ptr,                               # (b, H, NC, P, N): state entering each chunk
+    y_ptr, s_yb, s_yl, s_yh, s_yp,            # (b, l, H, P)
+    L, Lp, H, HPG, NC,
+    N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SEQ: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """chunk_output_kernel where B already holds B~ (the chunk sums wrote it), for whole chunks and 16-bit operands
+    with BT-row source blocks. The copy engine (TMA) loads each source block of B~ and x into shared memory,
+    multi-buffered by Triton's pipeliner (num_stages), and B~ goes from there straight into the dot: with the
+    rotation in the loop each block would pass through registers and back, and the copies would gain nothing. The
+    target block is rotated here as it is loaded and written back as C~ for the backward kernels. Plain loads
+    before the loop, in flight together (a descriptor load outside a loop is waited on at once), and no branch in
+    the loop (loads used inside one stay unpipelined): the state's term starts the sum, weighted exp(pivot), and
+    the sum is scaled by exp(cs_t - pivot) at the diagonal block, so every factor stays <= 1."""
+    c, tb, b64, hi_, gi, bh64 = tile_program(H, HPG, Q, BT)
+    bi = b64.to(tl.int32)
+    start = c * Q
+    t0 = start + tb * BT
+    rows_t = t0 + tl.arange(0, BT)
+    all_rows = rows_t < L
+    half = tl.arange(0, N_HALF)
+    offs_p = tl.arange(0, BLOCK_P)
+    cs_base = cs_ptr + bh64 * Lp
+    delta_base = delta_ptr + bh64 * Lp
+    cm_base = c_ptr + b64 * s_cb_ + gi * s_cg
+    cs_t = tl.load(cs_base + rows_t)
+    c_lo, c_hi = load_rotated(cm_base, rows_t, all_rows, s_cl_, s_cn, cos_ptr + b64 * s_tb, sin_ptr + b64 * s_tb,
+                              s_tl, half, half < N_HALF, N_HALF, True)
+    h_lo, h_hi = load_state_halves(states_ptr + (bh64 * NC + c) * BLOCK_P * 2 * N_HALF, offs_p, offs_p < BLOCK_P,
+                                   half, half < N_HALF, N_HALF, DOT)
+    pivot = tl.where(tb > 0, tl.load(cs_base + tl.maximum(t0 - 1, 0)), 0.0)
+    store_halves(cm_base, rows_t, all_rows, s_cl_, s_cn, half, half < N_HALF, c_lo, c_hi, N_HALF)
+    c_lo = pin(c_lo.to(DOT))
+    c_hi = pin(c_hi.to(DOT))
+    w0, seq_t = entering_state_weight(tl.full((BT,), 0.0, tl.float32) + pivot, seq_ptr + b64 * L, rows_t,
+                                      all_rows, start, HAS_SEQ)
+    acc = (tl.dot(c_lo, tl.trans(h_lo)) + tl.dot(c_hi, tl.trans(h_hi))) * w0[:, None]
+    b_col = bi * b_cb + gi * s_bg
+    causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
+    for sb in range(0, tb + 1):
+        s0 = start + sb * BT
+        b_lo = b_desc.load([s0 + bi * b_rb, b_col])
+        b_hi = b_desc.load([s0 + bi * b_rb, b_col + N_HALF])
+        xs = x_desc.load([s0 + bi * x_rb, bi * x_cb + hi_ * s_xh])
+        d_s = tl.load(delta_base + s0 + tl.arange(0, BT))
+        cs_s = tl.load(cs_base + s0 + tl.arange(0, BT))
+        scores = tl.dot(c_lo, tl.trans(b_lo.to(DOT))) + tl.dot(c_hi, tl.trans(b_hi.to(DOT)))
+        if HAS_SEQ:
+            seq_s = tl.load(seq_ptr + b64 * L + s0 + tl.arange(0, BT))
+            scores = tl.where(seq_t[:, None] == seq_s[None, :], scores, 0.0)
+        diagonal = sb == tb
+        decay = tl.where(diagonal, diagonal_decay(cs_t[:, None], cs_s[None, :], causal),
+                         exp_ftz(pivot - cs_s)[None, :])
+        acc = acc * tl.where(diagonal, exp_ftz(cs_t - pivot), 1.0)[:, None]
+        acc += tl.dot((scores * decay * d_s[None, :]).to(DOT), xs.to(DOT))
+
+    yptr = y_ptr + b64 * s_yb + hi_ * s_yh + rows_t[:, None] * s_yl + offs_p[None, :] * s_yp
+    tl.store(yptr, acc.to(y_ptr.dtype.element_ty))

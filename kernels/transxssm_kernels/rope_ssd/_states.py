@@ -31,9 +31,11 @@ def chunk_sums_kernel(
     L, Lp, H, HPG, P, NC,
     N_HALF: tl.constexpr, Q: tl.constexpr, BS: tl.constexpr, BLOCK_P: tl.constexpr, BNH: tl.constexpr,
     MODE: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
+    STORE_ROTATED: tl.constexpr,
 ):
     """One chunk's sum of row outer products (MODE 0: S_c, MODE 1: T_c, see add_block_outer) for one (batch row,
-    head) and block of columns. Grid (b*H, N/2 / BNH, chunks)."""
+    head) and block of columns. Grid (b*H, N/2 / BNH, chunks). STORE_ROTATED writes the rotated rows of M over M
+    (B and C rotated in place: one head per group, so no other program reads them)."""
     b64, hi_, gi, bh64, half, mask_h, st_off, st_mask = scan_program(H, HPG, P, N_HALF, BLOCK_P, BNH)
     c = tl.program_id(2)
     v_base = v_ptr + b64 * s_vb + hi_ * s_vh
@@ -44,7 +46,8 @@ def chunk_sums_kernel(
         acc_lo, acc_hi = add_block_outer(acc_lo, acc_hi, v_base, s_vl, s_vp, m_base, s_ml, s_mn,
                                          cos_ptr + b64 * s_tb, sin_ptr + b64 * s_tb, s_tl,
                                          delta_ptr + bh64 * Lp, cs_ptr + bh64 * Lp, seq_ptr + b64 * L, c * Q, s0,
-                                         L, P, half, mask_h, N_HALF, Q, BS, BLOCK_P, MODE, HAS_ROPE, HAS_SEQ, DOT)
+                                         L, P, half, mask_h, N_HALF, Q, BS, BLOCK_P, MODE, HAS_ROPE, HAS_SEQ, DOT,
+                                         STORE_ROTATED)
     store_scan_state(sums_ptr + (bh64 * NC + c) * P * (2 * N_HALF), acc_lo, acc_hi, st_off, st_mask, N_HALF)
 
 

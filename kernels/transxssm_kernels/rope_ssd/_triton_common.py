@@ -53,6 +53,15 @@ def load_rotated(base, rows, row_mask, stride_row, stride_n, cos_base, sin_base,
 
 
 @triton.jit
+def store_halves(base, rows, row_mask, stride_row, stride_n, half, half_mask, lo, hi, N_HALF: tl.constexpr):
+    """Store the halves (lo, hi) of a (rows x N) tile of B or C (in the tensor's dtype), as load_rotated reads it."""
+    m = row_mask[:, None] & half_mask[None, :]
+    ptr = base + rows[:, None] * stride_row + half[None, :] * stride_n
+    tl.store(ptr, lo.to(base.dtype.element_ty), mask=m)
+    tl.store(ptr + N_HALF * stride_n, hi.to(base.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def pin(x):
     """x unchanged, through an opaque register move that Triton's layout pass cannot duplicate: a rotated tile used as
     a dot's register operand is then converted once per half, instead of each of its four raw inputs being staged

@@ -2,7 +2,7 @@
 
     y = rope_ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
                  rope_cos=None, rope_sin=None, seq_idx=None, initial_state=None, return_final_state=False,
-                 launch=DEFAULT_LAUNCH)
+                 rotate_bc_in_place=False, launch=DEFAULT_LAUNCH)
     -> y  or  (y, final_state) when return_final_state
 
     x  (b, l, H, P)   bf16 / fp16 / fp32; y has x's dtype. P: any multiple of 16 (64 is the tuned case)
@@ -27,7 +27,10 @@ How it works (per batch row and head; Q = chunk_size, cs = within-chunk cumulati
                 (state_scan_fwd_kernel: one program per batch row, head and block of N/2, walking the chunks
                  with the fp32 state in registers; stores the state entering each chunk)
             y_t = exp(cs_t) C~_t H_c^T + sum_{s<=t} exp(cs_t - cs_s) (C~_t.B~_s) delta_s x_s   (chunk_output_kernel)
-  B~, C~ are rotated inside the kernels as B and C are loaded; the rotated tensors never touch memory.
+  B~, C~ are rotated inside the kernels as B and C are loaded; the rotated tensors never touch memory, unless the
+  caller lets the forward overwrite B and C with them (rotate_bc_in_place, the SS mixer's call): then the chunk sums
+  write B~, chunk_output_tma_kernel reads it through the copy engine straight into its dots and writes C~, and the
+  backward loads both as they are (_in_place_descriptors says where it applies).
   With few batch rows x heads the two scans run chunk-parallel instead (_states.py: each chunk's own sum in
   parallel, then an elementwise pass over the chunks; LaunchConfig.scan_mode, _scan_mode).
   backward  state_scan_bwd_kernel (reverse walk), dc_kernel (dC), dxdb_kernel (dx, dB); see _bwd.py. The gradient
@@ -52,10 +55,16 @@ import triton.language as tl
 
 from ._bwd import dc_kernel, dxdb_kernel, state_scan_bwd_kernel
 from ._delta import delta_kernel, dt_grad_kernel
-from ._fwd import chunk_output_kernel, state_scan_fwd_kernel
+from ._fwd import chunk_output_kernel, chunk_output_tma_kernel, state_scan_fwd_kernel
 from ._states import chunk_sums_kernel, dstates_from_sums_kernel, states_from_sums_kernel
 from .launch import DEFAULT_LAUNCH, LaunchConfig
 from .naive import check_ssd_inputs
+
+try:  # host-side tensor descriptors (TMA) for chunk_output_tma_kernel
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
 
 def _strides4(t):
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
@@ -171,8 +180,9 @@ def _scan_mode(launch, b, H, device):
     return "walk" if b * H >= sms else "chunks"
 
 
-def _chunk_sums(mode, v, m, tables, delta_p, cs, seq_t, l, H, nc, meta, flags, launch):
-    """Every chunk's own sum (b, H, chunks, P, N) fp32: S_c from (x, B) with mode 0, T_c from (g, C) with mode 1."""
+def _chunk_sums(mode, v, m, tables, delta_p, cs, seq_t, l, H, nc, meta, flags, launch, store_rotated=False):
+    """Every chunk's own sum (b, H, chunks, P, N) fp32: S_c from (x, B) with mode 0, T_c from (g, C) with mode 1;
+    store_rotated writes the rotated rows over m."""
     b, _, _, P = v.shape
     G, N = m.shape[2], m.shape[3]
     cos_t, sin_t, s_tb, s_tl = tables
@@ -182,8 +192,43 @@ def _chunk_sums(mode, v, m, tables, delta_p, cs, seq_t, l, H, nc, meta, flags, l
         v, *_strides4(v), m, *_strides4(m), cos_t, sin_t, s_tb, s_tl, delta_p, cs, seq_t, sums,
         l, delta_p.shape[-1], H, H // G, P, nc, N_HALF=N // 2, Q=meta["Q"],
         BS=min(launch.block_scan_fwd if mode == 0 else launch.block_scan_bwd, meta["Q"]), BLOCK_P=meta["BLOCK_P"],
-        BNH=cols, MODE=mode, DOT=meta["DOT"], **flags, **launch.chunk_sums.as_kwargs())
+        BNH=cols, MODE=mode, DOT=meta["DOT"], STORE_ROTATED=store_rotated, **flags, **launch.chunk_sums.as_kwargs())
     return sums
+
+
+def _row_descriptor(t, block):
+    """(descriptor, rb, cb) of a (b, l, heads, cols) tensor whose element (batch, position, ., col) sits at row
+    position + batch * rb and column batch * cb + . of a 2-D descriptor: batch-first (rb = l) and sequence-first
+    (cb = the batch stride) layouts; None for other strides or a misaligned start."""
+    b, l = t.shape[0], t.shape[1]
+    s_b, s_l = t.stride(0), t.stride(1)
+    if t.stride(3) != 1 or (s_l * t.element_size()) % 16 or t.data_ptr() % 16:
+        return None
+    if b == 1 or s_b == l * s_l:
+        rows, rb, cb = b * l, l, 0
+    elif s_l == b * s_b:
+        rows, rb, cb = l, 0, s_b
+    else:
+        return None
+    return TensorDescriptor(t, [rows, s_l], [s_l, 1], block), rb, cb
+
+
+def _in_place_descriptors(x, B, C, cos_t, states, has_rope, scan_mode, even, BT, BI, meta):
+    """Descriptors of x and B for chunk_output_tma_kernel when B and C can be rotated in place (rope_ssd's
+    rotate_bc_in_place), else None: RoPE, one head per group (no two programs read the same rows), the
+    chunk-parallel state recurrence (its chunk sums write B~), whole chunks with one source block per row block,
+    16-bit inputs, tables and states, a Hopper GPU (or the interpreter) and descriptor-friendly strides."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if (TensorDescriptor is None or not has_rope or B.shape[2] != x.shape[2] or scan_mode != "chunks"
+            or not (even and BT == BI) or x.dtype not in (torch.bfloat16, torch.float16)
+            or not x.dtype == B.dtype == C.dtype == cos_t.dtype == states.dtype
+            or not (interpret or (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9))):
+        return None
+    views = _row_descriptor(x, [BT, x.shape[3]]), _row_descriptor(B, [BT, meta["N_HALF"]])
+    if None in views:
+        return None
+    (xd, x_rb, x_cb), (bd, b_rb, b_cb) = views
+    return xd, x_rb, x_cb, x.stride(2), bd, b_rb, b_cb, B.stride(2)
 
 
 def _tile_one_tensor(parts):
@@ -223,7 +268,7 @@ class _RopeSSDCore(torch.autograd.Function):
     sums come from delta_kernel, the gradients of dt, A, dt_bias from dt_grad_kernel (_delta.py)."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, dt_bias, B, C, cos, sin, seq, initial_state, Q, y_dtype, softplus, launch):
+    def forward(ctx, x, dt, A, dt_bias, B, C, cos, sin, seq, initial_state, Q, y_dtype, softplus, launch, in_place):
         b, l, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
         nc = triton.cdiv(max(l, 1), Q)
@@ -244,6 +289,9 @@ class _RopeSSDCore(torch.autograd.Function):
         final = torch.empty((b, H, P, N), device=x.device, dtype=torch.float32)
         init = initial_state.to(torch.float32).contiguous() if initial_state is not None else final
         scan_mode = _scan_mode(launch, b, H, x.device)
+        even = _even(l, P, N, Q, meta)
+        descriptors = (_in_place_descriptors(x, B, C, cos_t, states, has_rope, scan_mode, even, BT, BI, meta)
+                       if in_place else None)
         if scan_mode == "walk":
             scan_grid, scan_opts = _scan_launch(launch.scan_fwd, launch.scan_columns, b, H, N, x.device)
             _state_fwd[scan_grid](
@@ -251,23 +299,30 @@ class _RopeSSDCore(torch.autograd.Function):
                 final, l, Lp, H, H // G, P, nc, BS=min(launch.block_scan_fwd, Q), HAS_INIT=initial_state is not None,
                 **flags, **meta, **scan_opts)
         else:
-            sums = _chunk_sums(0, x, B, (cos_t, sin_t, s_tb, s_tl), delta_p, cs, seq_t, l, H, nc, meta, flags, launch)
+            sums = _chunk_sums(0, x, B, (cos_t, sin_t, s_tb, s_tl), delta_p, cs, seq_t, l, H, nc, meta, flags, launch,
+                               store_rotated=descriptors is not None)
             states_from_sums_kernel[_pass_grid(b, H, P, N, launch)](
                 sums, cs, seq_t, init, states, final, l, Lp, H, P * N, nc, Q=Q, BLOCK=launch.pass_block,
                 HAS_SEQ=has_seq, HAS_INIT=initial_state is not None, **launch.state_pass.as_kwargs())
             del sums
         y = torch.empty_like(x, dtype=y_dtype)  # x's memory layout: sequence-first views give a sequence-first y
-        _chunk_output[(nc * (Q // BT), b * H)](
-            x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
-            delta_p, cs, seq_t, states, y, *_strides4(y),
-            l, Lp, H, H // G, P, nc, BT=BT, BI=BI, EVEN=_even(l, P, N, Q, meta), **flags, **meta,
-            **_options(launch.output))
+        if descriptors is not None:   # B holds B~ now; this kernel writes C~ over C
+            chunk_output_tma_kernel[(nc * (Q // BT), b * H)](
+                *descriptors, C, *_strides4(C), cos_t, sin_t, s_tb, s_tl, delta_p, cs, seq_t, states, y, *_strides4(y),
+                l, Lp, H, H // G, nc, N_HALF=N // 2, Q=Q, BT=BT, BLOCK_P=meta["BLOCK_P"], HAS_SEQ=has_seq,
+                DOT=meta["DOT"], **launch.output_tma.as_kwargs())
+        else:
+            _chunk_output[(nc * (Q // BT), b * H)](
+                x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
+                delta_p, cs, seq_t, states, y, *_strides4(y),
+                l, Lp, H, H // G, P, nc, BT=BT, BI=BI, EVEN=even, **flags, **meta, **_options(launch.output))
 
         ctx.save_for_backward(x, dt, A32, bias, delta_p, cs, B, C, cos_t, sin_t, seq_t, states)
         ctx.cfg = (Q, s_tb, s_tl, has_rope, has_seq, initial_state is not None, dt_bias is not None, softplus)
         ctx.a_dtype = A.dtype
         ctx.launch = launch
         ctx.scan_mode = scan_mode
+        ctx.rotated = descriptors is not None   # B and C now hold B~ and C~
         ctx.set_materialize_grads(False)
         return y, final
 
@@ -283,7 +338,7 @@ class _RopeSSDCore(torch.autograd.Function):
         BT = min(launch.block_rows, Q)
         tf32 = x.dtype == torch.float32 and os.environ.get("TRITON_INTERPRET") != "1"
         meta = _meta(P, N, Q, x.dtype, launch)
-        flags = dict(HAS_ROPE=has_rope, HAS_SEQ=has_seq)
+        flags = dict(HAS_ROPE=has_rope and not ctx.rotated, HAS_SEQ=has_seq)   # rotate B, C as they are loaded
         even = _even(l, P, N, Q, meta)
         dev = x.device
         if dy is None:
@@ -327,12 +382,12 @@ class _RopeSSDCore(torch.autograd.Function):
             g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
             delta_p, cs, seq_t, states, dC_h, *_strides4(dC_h), e,
             l, Lp, H, H // G, P, nc, BT=BT, BI=min(launch.block_inner_dc, BT), TF32=tf32, EVEN=even, **flags, **meta,
-            **_options(launch.dc))
+            UNROTATE=has_rope, **_options(launch.dc))
         _dxdb[grid](
             g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
             delta_p, cs, seq_t, dstates, dx, *_strides4(dx), dB_h, *_strides4(dB_h), ddelta, v, k,
             l, Lp, H, H // G, P, nc, BT=BT, BI=min(launch.block_inner_dxdb, BT), TF32=tf32, EVEN=even,
-            **flags, **meta, **_options(launch.dxdb))
+            **flags, **meta, UNROTATE=has_rope, **_options(launch.dxdb))
         if G == H:
             dB, dC = dB_h, dC_h
         else:
@@ -345,14 +400,17 @@ class _RopeSSDCore(torch.autograd.Function):
                                     part_a, part_bias, l, Lp, H, nc, Q=Q, HAS_BIAS=has_bias, SOFTPLUS=softplus)
         dA = part_a.sum((0, 2)).to(ctx.a_dtype)
         dbias = part_bias.sum((0, 2)).to(bias.dtype) if has_bias else None
-        return (dx, ddt, dA, dbias, dB, dC, None, None, None, (dinit if has_init else None), None, None, None, None)
+        return (dx, ddt, dA, dbias, dB, dC, None, None, None, (dinit if has_init else None), None, None, None, None,
+                None)
 
 
 def rope_ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
              rope_cos=None, rope_sin=None, seq_idx=None, initial_state=None, return_final_state=False,
-             launch: LaunchConfig = DEFAULT_LAUNCH):
+             rotate_bc_in_place=False, launch: LaunchConfig = DEFAULT_LAUNCH):
     """Fused chunked SSD with Unified RoPE on CUDA (Triton). Signature and shapes: see the module docstring;
-    `launch` sets tile sizes, state precision and each kernel's launch options (launch.py)."""
+    `launch` sets tile sizes, state precision and each kernel's launch options (launch.py). rotate_bc_in_place:
+    the caller owns B and C and reads them no more, and the forward may overwrite them with their rotated values
+    (where _in_place_descriptors allows), which the backward then loads without rotating them again."""
     b, l, H, P, G, N = check_ssd_inputs(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, rope_cos=rope_cos,
                                         rope_sin=rope_sin, seq_idx=seq_idx, initial_state=initial_state)
     Q = int(chunk_size)
@@ -367,7 +425,8 @@ def rope_ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt
     seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     gated = D is not None or z is not None
     y, final = _RopeSSDCore.apply(x, dt, A, dt_bias, B, C, rope_cos, rope_sin, seq, initial_state, Q,
-                                  torch.float32 if gated else x.dtype, bool(dt_softplus), launch)
+                                  torch.float32 if gated else x.dtype, bool(dt_softplus), launch,
+                                  bool(rotate_bc_in_place))
     if gated:
         if D is not None:
             y = y + D.to(torch.float32)[:, None] * x.to(torch.float32)

@@ -69,6 +69,9 @@ class LaunchConfig:
     chunk_sums: KernelOptions = field(default_factory=lambda: KernelOptions(num_warps=4, num_stages=3))
     state_pass: KernelOptions = field(default_factory=lambda: KernelOptions(num_warps=4, num_stages=3))
     output: KernelOptions = field(default_factory=KernelOptions)
+    # chunk_output_tma_kernel, where B and C are rotated in place (rope_ssd's rotate_bc_in_place): its source blocks
+    # copied by TMA and multi-buffered in 3 stages
+    output_tma: KernelOptions = field(default_factory=lambda: KernelOptions(num_warps=4, num_stages=3))
     dc: KernelOptions = field(default_factory=KernelOptions)
     dxdb: KernelOptions = field(default_factory=KernelOptions)
 
