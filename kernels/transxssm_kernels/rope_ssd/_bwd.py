@@ -23,8 +23,8 @@ import triton.language as tl
 
 from ._fwd import add_block_outer, chunk_decay
 from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_scan_state,
-                             load_state_halves, pin, scan_program, store_scan_state, tile_program, to_dot, unrotate,
-                             valid)
+                             load_state_halves, pin, scan_program, store_halves, store_scan_state, tile_program, to_dot,
+                             unrotate, valid, whole_chunk_tile)
 
 
 @triton.jit
@@ -308,3 +308,145 @@ def dxdb_kernel(
     dmask = smask_r[:, None] & mask_h[None, :]
     tl.store(dptr, db_lo.to(db_ptr.dtype.element_ty), mask=dmask)
     tl.store(dptr + N_HALF * s_dn, db_hi.to(db_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def dc_tma_kernel(
+    b_desc, b_rb, b_cb, s_bg,                 # B~, x: 2-D descriptors (chunk.py, _row_descriptor), BI-row blocks
+    x_desc, x_rb, x_cb, s_xh,
+    g_ptr, s_gb, s_gl, s_gh, s_gp,            # (b, l, H, P)
+    c_ptr, s_cb_, s_cl_, s_cg, s_cn,          # C~ (b, l, G, N)
+    cos_ptr, sin_ptr, s_tb, s_tl,             # tables, for dC only
+    delta_ptr, cs_ptr, seq_ptr,
+    states_ptr,                               # (b, H, NC, P, N) state entering each chunk
+    dc_ptr, s_db, s_dl, s_dh, s_dn,           # dC per head (b, l, H, N)
+    e_ptr,                                    # out (b, H, Lp) fp32: E_t = C~_t . dC~_t
+    L, Lp, H, HPG, NC,
+    N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
+):
+    """dc_kernel where B and C hold B~ and C~ (rotated in place by the forward), for 16-bit whole chunks: the source
+    blocks of B~ and x come through the copy engine (TMA), multi-buffered by the pipeliner, B~ straight into its
+    dots. One loop over the source blocks without branches (the diagonal's decay chosen by tl.where, each element
+    the same product as in dc_kernel and dxdb, whose sums must agree)."""
+    c, tb, b64, bi, hi_, gi, bh64, start, rows_t, cs_base, delta_base = whole_chunk_tile(H, HPG, Lp, cs_ptr, delta_ptr,
+                                                                                          Q, BT)
+    all_t = rows_t < L
+    offs_p = tl.arange(0, BLOCK_P)
+    half = tl.arange(0, N_HALF)
+    cm_base = c_ptr + b64 * s_cb_ + gi * s_cg
+
+    cs_t = tl.load(cs_base + rows_t)
+    g = tl.load(g_ptr + b64 * s_gb + hi_ * s_gh + rows_t[:, None] * s_gl + offs_p[None, :] * s_gp).to(DOT)
+    h_lo, h_hi = load_state_halves(states_ptr + (bh64 * NC + c) * BLOCK_P * 2 * N_HALF, offs_p, offs_p < BLOCK_P,
+                                   half, half < N_HALF, N_HALF, DOT)
+    c_lo, c_hi = load_rotated(cm_base, rows_t, all_t, s_cl_, s_cn, cos_ptr, sin_ptr, s_tl, half, half < N_HALF,
+                              N_HALF, False)
+    pivot = tl.where(tb > 0, tl.load(cs_base + tl.maximum(start + tb * BT - 1, 0)), 0.0)
+    w_t, seq_t = entering_state_weight(cs_t, seq_ptr + b64 * L, rows_t, all_t, start, HAS_SEQ)
+    dc_lo = tl.dot(g, h_lo) * w_t[:, None]
+    dc_hi = tl.dot(g, h_hi) * w_t[:, None]
+    e_t = exp_ftz(cs_t - pivot)
+    b_col = bi * b_cb + gi * s_bg
+    for s0 in range(0, tb * BT + BT, BI):
+        s_row = start + s0
+        b_lo = b_desc.load([s_row + bi * b_rb, b_col])
+        b_hi = b_desc.load([s_row + bi * b_rb, b_col + N_HALF])
+        xs = x_desc.load([s_row + bi * x_rb, bi * x_cb + hi_ * s_xh])
+        d_s = tl.load(delta_base + s_row + tl.arange(0, BI))
+        cs_s = tl.load(cs_base + s_row + tl.arange(0, BI))
+        gu = tl.dot(g, tl.trans((xs.to(tl.float32) * d_s[:, None]).to(DOT)))
+        keep = tl.arange(0, BT)[:, None] >= (s0 - tb * BT) + tl.arange(0, BI)[None, :]
+        decay = tl.where(s0 >= tb * BT, diagonal_decay(cs_t[:, None], cs_s[None, :], keep),
+                         e_t[:, None] * exp_ftz(pivot - cs_s)[None, :])
+        if HAS_SEQ:
+            seq_s = tl.load(seq_ptr + b64 * L + s_row + tl.arange(0, BI))
+            decay = tl.where(seq_t[:, None] == seq_s[None, :], decay, 0.0)
+        w = (gu * decay).to(DOT)
+        dc_lo += tl.dot(w, b_lo.to(DOT))
+        dc_hi += tl.dot(w, b_hi.to(DOT))
+
+    e = tl.sum(c_lo.to(DOT).to(tl.float32) * dc_lo + c_hi.to(DOT).to(tl.float32) * dc_hi, 1)
+    tl.store(e_ptr + bh64 * Lp + rows_t, e)
+    dc_lo, dc_hi = unrotate(dc_lo, dc_hi, rows_t, all_t, cos_ptr + b64 * s_tb, sin_ptr + b64 * s_tb, s_tl, half,
+                            half < N_HALF, True)
+    store_halves(dc_ptr + b64 * s_db + hi_ * s_dh, rows_t, all_t, s_dl, s_dn, half, half < N_HALF, dc_lo, dc_hi,
+                 N_HALF)
+
+
+@triton.jit
+def dxdb_tma_kernel(
+    c_desc, c_rb, c_cb, s_cg,                 # C~, g: 2-D descriptors (chunk.py, _row_descriptor), BT-row blocks
+    g_desc, g_rb, g_cb, s_gh,
+    x_ptr, s_xb, s_xl, s_xh, s_xp,
+    b_ptr, s_bb, s_bl, s_bg, s_bn,            # B~ (b, l, G, N)
+    cos_ptr, sin_ptr, s_tb, s_tl,             # tables, for dB only
+    delta_ptr, cs_ptr, seq_ptr,
+    dstates_ptr,                              # (b, H, NC, P, N) gradient of the state leaving each chunk
+    dx_ptr, s_dxb, s_dxl, s_dxh, s_dxp,       # (b, l, H, P)
+    db_ptr, s_db, s_dl, s_dh, s_dn,           # dB per head (b, l, H, N)
+    ddelta_ptr, v_ptr, k_ptr,                 # out (b, H, Lp) fp32: du.x ; u_s . du_s (state path) ; K_s
+    L, Lp, H, HPG, NC,
+    N_HALF: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BLOCK_P: tl.constexpr, HAS_SEQ: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """dxdb_kernel where B and C hold B~ and C~ (rotated in place by the forward), for 16-bit whole chunks with
+    BT-row target blocks: the target blocks of C~ and g come through the copy engine (TMA), multi-buffered by the
+    pipeliner, and every dot takes them from shared memory (none is needed in registers). One loop over the target
+    blocks without branches, the decay chosen by tl.where as in dc_tma_kernel."""
+    c, sb, b64, bi, hi_, gi, bh64, start, rows_s, cs_base, delta_base = whole_chunk_tile(H, HPG, Lp, cs_ptr, delta_ptr,
+                                                                                          Q, BT)
+    all_s = rows_s < L
+    offs_p = tl.arange(0, BLOCK_P)
+    half = tl.arange(0, N_HALF)
+    bm_base = b_ptr + b64 * s_bb + gi * s_bg
+
+    dh_lo, dh_hi = load_state_halves(dstates_ptr + (bh64 * NC + c) * BLOCK_P * 2 * N_HALF, offs_p,
+                                     offs_p < BLOCK_P, half, half < N_HALF, N_HALF, DOT)
+    cs_s = tl.load(cs_base + rows_s)
+    d_s = tl.load(delta_base + rows_s)
+    b_lo, b_hi = load_rotated(bm_base, rows_s, all_s, s_bl, s_bn, cos_ptr, sin_ptr, s_tl, half, half < N_HALF,
+                              N_HALF, False)
+    b_lo = pin(b_lo.to(DOT))
+    b_hi = pin(b_hi.to(DOT))
+    xs = tl.load(x_ptr + b64 * s_xb + hi_ * s_xh + rows_s[:, None] * s_xl + offs_p[None, :] * s_xp).to(tl.float32)
+    u_f = xs * d_s[:, None]
+    u = u_f.to(DOT)
+
+    # the path through the state leaving the chunk
+    w_s = tl.exp(tl.load(cs_base + start + Q - 1) - cs_s)
+    seq_s = rows_s
+    if HAS_SEQ:
+        seq_s = tl.load(seq_ptr + b64 * L + rows_s)
+        w_s = tl.where(seq_s == tl.load(seq_ptr + b64 * L + start + Q - 1), w_s, 0.0)
+    du = (tl.dot(b_lo, tl.trans(dh_lo)) + tl.dot(b_hi, tl.trans(dh_hi))) * w_s[:, None]
+    db_lo = tl.dot(u, dh_lo) * w_s[:, None]
+    db_hi = tl.dot(u, dh_hi) * w_s[:, None]
+    tl.store(v_ptr + bh64 * Lp + rows_s, tl.sum(du * u_f, axis=1))
+    k = tl.zeros((BT,), dtype=tl.float32)
+
+    # within the chunk: the diagonal block (causal), then the target blocks after it
+    causal = tl.arange(0, BT)[None, :] >= tl.arange(0, BT)[:, None]
+    for tb in range(sb, Q // BT):
+        t_row = start + tb * BT
+        c_lo = c_desc.load([t_row + bi * c_rb, bi * c_cb + gi * s_cg])
+        c_hi = c_desc.load([t_row + bi * c_rb, bi * c_cb + gi * s_cg + N_HALF])
+        g = g_desc.load([t_row + bi * g_rb, bi * g_cb + hi_ * s_gh])
+        cs_t = tl.load(cs_base + t_row + tl.arange(0, BT))
+        pivot = tl.load(cs_base + tl.maximum(t_row - 1, 0))
+        decay = tl.where(tb == sb, diagonal_decay(cs_t[None, :], cs_s[:, None], causal),
+                         exp_ftz(pivot - cs_s)[:, None] * exp_ftz(cs_t - pivot)[None, :])
+        if HAS_SEQ:
+            seq_t = tl.load(seq_ptr + b64 * L + t_row + tl.arange(0, BT))
+            decay = tl.where(seq_t[None, :] == seq_s[:, None], decay, 0.0)
+        du, k, db_lo, db_hi = dxdb_step(b_lo, b_hi, u, c_lo.to(DOT), c_hi.to(DOT), g.to(DOT), decay, du, k, db_lo,
+                                        db_hi, DOT, False)
+
+    tl.store(dx_ptr + b64 * s_dxb + hi_ * s_dxh + rows_s[:, None] * s_dxl + offs_p[None, :] * s_dxp,
+             (du * d_s[:, None]).to(dx_ptr.dtype.element_ty))
+    tl.store(ddelta_ptr + bh64 * Lp + rows_s, tl.sum(du * xs, axis=1))
+    tl.store(k_ptr + bh64 * Lp + rows_s, k)
+    db_lo, db_hi = unrotate(db_lo, db_hi, rows_s, all_s, cos_ptr + b64 * s_tb, sin_ptr + b64 * s_tb, s_tl, half,
+                            half < N_HALF, True)
+    store_halves(db_ptr + b64 * s_db + hi_ * s_dh, rows_s, all_s, s_dl, s_dn, half, half < N_HALF, db_lo, db_hi,
+                 N_HALF)
