@@ -173,15 +173,8 @@ def main() -> None:
                                  DEFAULT_LAUNCH.output_tma.num_stages),
             "dc_rotated": (_bwd.dc_kernel, dict(cases["dc"][1], HAS_ROPE=False), args.warps, 1),
             "dxdb_rotated": (_bwd.dxdb_kernel, dict(cases["dxdb"][1], HAS_ROPE=False), args.warps, 1),
-            "dc_tma": (_bwd.dc_tma_kernel, dict(tma, BT=bt, BI=inner(args.inner_dc)), DEFAULT_LAUNCH.dc_tma.num_warps,
-                       DEFAULT_LAUNCH.dc_tma.num_stages),
-            "dxdb_tma": (_bwd.dxdb_tma_kernel, dict(tma, BT=bt), DEFAULT_LAUNCH.dxdb_tma.num_warps,
-                         DEFAULT_LAUNCH.dxdb_tma.num_stages),
         })
         descriptors["chunk_output_tma"] = {"x_desc": [bt, common["BLOCK_P"]], "b_desc": [bt, args.n // 2]}
-        descriptors["dc_tma"] = {"x_desc": [inner(args.inner_dc), common["BLOCK_P"]],
-                                 "b_desc": [inner(args.inner_dc), args.n // 2]}
-        descriptors["dxdb_tma"] = {"g_desc": [bt, common["BLOCK_P"]], "c_desc": [bt, args.n // 2]}
     table = {}
     for name, (k, c, w, stages) in cases.items():
         compiled = compile_kernel(k, c, w, stages, None if "scan" in name else args.maxnreg, descriptors.get(name))
@@ -189,14 +182,14 @@ def main() -> None:
         if args.sass:
             table[name]["loops"] = [dict(loop.most_common()) for loop in loop_instructions(compiled.asm["cubin"])]
     print(f"sm_90, triton {triton.__version__}, {vars(args)}")
-    print(f"{'kernel':24s} {'regs':>5s} {'spill st':>9s} {'spill ld':>9s} {'shared':>7s}")
+    print(f"{'kernel':16s} {'regs':>5s} {'spill st':>9s} {'spill ld':>9s} {'shared':>7s}")
     for name, r in table.items():
-        print(f"{name:24s} {r['registers']:5d} {r['spill_store_bytes']:9d} {r['spill_load_bytes']:9d} "
+        print(f"{name:16s} {r['registers']:5d} {r['spill_store_bytes']:9d} {r['spill_load_bytes']:9d} "
               f"{r['shared_bytes']:7d}")
         for loop in r.get("loops", []):
             if sum(loop.values()) >= 50:   # the small loops are the prologue's
                 top = ", ".join(f"{op} {n}" for op, n in list(loop.items())[:10])
-                print(f"{'':24s} loop of {sum(loop.values())} instructions: {top}")
+                print(f"{'':16s} loop of {sum(loop.values())} instructions: {top}")
     if args.json:
         Path(args.json).write_text(json.dumps({"triton": triton.__version__, "args": vars(args), "kernels": table},
                                               indent=1))

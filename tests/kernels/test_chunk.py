@@ -245,39 +245,21 @@ def test_split_views_get_gradients_without_copy(rope_ssd, heads_per_group):
     assert shared == (heads_per_group == 1), "the projection's gradient should be the kernels' own buffer iff G = H"
 
 
-class Launches:
-    """Counts the launches of a Triton kernel object (kernel[grid](...)) standing in for it in a module."""
-
-    def __init__(self, kernel):
-        self.kernel, self.count = kernel, 0
-
-    def __getitem__(self, grid):
-        self.count += 1
-        return self.kernel[grid]
-
-
-def test_rotate_bc_in_place(rope_ssd, monkeypatch):
+def test_rotate_bc_in_place(rope_ssd):
     """rotate_bc_in_place: with the chunk-parallel state recurrence, one head per group and bf16 whole chunks, the
     forward writes B~ and C~ over B and C (the chunk sums and chunk_output_tma_kernel) and the backward loads them
-    as they are (dc_tma_kernel, dxdb_tma_kernel), unrotating only the gradients: every output and gradient against
-    the float64 definition (2e-2),
+    as they are, unrotating only the gradients: every output and gradient against the float64 definition (2e-2),
     with documents inside a chunk and on a chunk edge, per-sequence tables and an initial state. The same call on
     views of one sequence-first projection (the SS mixer's) gives the same y and gradients bit for bit, and leaves
     the projection's B and C columns rotated. With the walking scans, or G < H, B and C stay as they were."""
     from transxssm_kernels.rope_ssd import apply_rope
-    chunk = importlib.import_module("transxssm_kernels.rope_ssd.chunk")
-    fn = chunk.rope_ssd
-    counted = {name: Launches(getattr(chunk, name))
-               for name in ("chunk_output_tma_kernel", "dc_tma_kernel", "dxdb_tma_kernel")}
-    for name, wrapper in counted.items():
-        monkeypatch.setattr(chunk, name, wrapper)
+    fn = importlib.import_module("transxssm_kernels.rope_ssd.chunk").rope_ssd
     b, l, H, P, N = 2, 128, 2, 16, 32
-    blocks = dict(block_rows=32, block_inner_fwd=32, block_inner_dc=16, block_inner_dxdb=32)
+    blocks = dict(block_rows=32, block_inner_fwd=32, block_inner_dc=16, block_inner_dxdb=16)
     t, kw = make_case(b, l, H, P, H, N, dtype=torch.bfloat16, seed=14, rope="per_batch",
                       seq_idx=docs(b, l, [[0, 64], [0, 77]]), init=True)
     in_place = functools.partial(fn, rotate_bc_in_place=True, launch=LaunchConfig(scan_mode="chunks", **blocks))
     check(in_place, t, kw, dtype=torch.bfloat16, chunk_size=64)
-    assert [w.count for w in counted.values()] == [1, 1, 1], "the copy-engine kernels did not run"
 
     packed = torch.cat([t["x"], t["B"], t["C"]], dim=-1).transpose(0, 1).contiguous().requires_grad_(True)
     x, B, C = (v.transpose(0, 1) for v in packed.split([P, N, N], dim=-1))

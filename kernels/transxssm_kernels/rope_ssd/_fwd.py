@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_scan_state,
                              load_state_halves, pin, prefetch_block, scan_program, store_halves, store_scan_state,
-                             tile_program, valid, whole_chunk_tile)
+                             tile_program, valid)
 
 
 @triton.jit
@@ -237,12 +237,16 @@ def chunk_output_tma_kernel(
     before the loop, in flight together (a descriptor load outside a loop is waited on at once), and no branch in
     the loop (loads used inside one stay unpipelined): the state's term starts the sum, weighted exp(pivot), and
     the sum is scaled by exp(cs_t - pivot) at the diagonal block, so every factor stays <= 1."""
-    c, tb, b64, bi, hi_, gi, bh64, start, rows_t, cs_base, delta_base = whole_chunk_tile(H, HPG, Lp, cs_ptr, delta_ptr,
-                                                                                          Q, BT)
+    c, tb, b64, hi_, gi, bh64 = tile_program(H, HPG, Q, BT)
+    bi = b64.to(tl.int32)
+    start = c * Q
     t0 = start + tb * BT
+    rows_t = t0 + tl.arange(0, BT)
     all_rows = rows_t < L
     half = tl.arange(0, N_HALF)
     offs_p = tl.arange(0, BLOCK_P)
+    cs_base = cs_ptr + bh64 * Lp
+    delta_base = delta_ptr + bh64 * Lp
     cm_base = c_ptr + b64 * s_cb_ + gi * s_cg
     cs_t = tl.load(cs_base + rows_t)
     c_lo, c_hi = load_rotated(cm_base, rows_t, all_rows, s_cl_, s_cn, cos_ptr + b64 * s_tb, sin_ptr + b64 * s_tb,

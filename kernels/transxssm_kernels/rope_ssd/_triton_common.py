@@ -169,17 +169,6 @@ def tile_program(H, HPG, Q: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
-def whole_chunk_tile(H, HPG, Lp, cs_ptr, delta_ptr, Q: tl.constexpr, BT: tl.constexpr):
-    """tile_program for the kernels that take whole chunks only, with the batch row also as int32 (a descriptor
-    coordinate): (chunk, row block, batch row int64 and int32, head, group, batch*H + head int64, the chunk's first
-    row, the block's rows, and this head's cs and delta rows)."""
-    c, blk, b64, hi_, gi, bh64 = tile_program(H, HPG, Q, BT)
-    start = c * Q
-    return (c, blk, b64, b64.to(tl.int32), hi_, gi, bh64, start, start + blk * BT + tl.arange(0, BT),
-            cs_ptr + bh64 * Lp, delta_ptr + bh64 * Lp)
-
-
-@triton.jit
 def load_state_halves(base, offs_p, mask_p, half, mask_h, N_HALF: tl.constexpr, DOT: tl.constexpr):
     """A (P x N) fp32 state (or its gradient) at `base` as two (P x N/2) halves in the dot dtype."""
     ptr = base + offs_p[:, None] * (2 * N_HALF) + half[None, :]

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._bwd import dc_kernel, dc_tma_kernel, dxdb_kernel, dxdb_tma_kernel, state_scan_bwd_kernel
+from ._bwd import dc_kernel, dxdb_kernel, state_scan_bwd_kernel
 from ._delta import delta_kernel, dt_grad_kernel
 from ._fwd import chunk_output_kernel, chunk_output_tma_kernel, state_scan_fwd_kernel
 from ._states import chunk_sums_kernel, dstates_from_sums_kernel, states_from_sums_kernel
@@ -378,34 +378,16 @@ class _RopeSSDCore(torch.autograd.Function):
             dC_h = torch.empty((b, l, H, N), device=dev, dtype=torch.float32)
         e, k, ddelta, v = torch.empty((4, b, H, Lp), device=dev, dtype=torch.float32)
         grid = (nc * (Q // BT), b * H)
-        BI_dc = min(launch.block_inner_dc, BT)
-        # with B and C rotated in place, the blocks the loops walk come through the copy engine where they can
-        views = ([_row_descriptor(B, [BI_dc, N // 2]), _row_descriptor(x, [BI_dc, P]),
-                  _row_descriptor(C, [BT, N // 2]), _row_descriptor(g, [BT, P])]
-                 if ctx.rotated and min(launch.block_inner_dxdb, BT) == BT else [None])
-        tma = None not in views
-        if tma:
-            (bd, b_rb, b_cb), (xd, x_rb, x_cb), (cd, c_rb, c_cb), (gd, g_rb, g_cb) = views
-            tma_meta = dict(N_HALF=N // 2, Q=Q, BT=BT, BLOCK_P=meta["BLOCK_P"], HAS_SEQ=has_seq, DOT=meta["DOT"])
-            dc_tma_kernel[grid](
-                bd, b_rb, b_cb, B.stride(2), xd, x_rb, x_cb, x.stride(2), g, *_strides4(g), C, *_strides4(C),
-                cos_t, sin_t, s_tb, s_tl, delta_p, cs, seq_t, states, dC_h, *_strides4(dC_h), e,
-                l, Lp, H, H // G, nc, BI=BI_dc, **tma_meta, **launch.dc_tma.as_kwargs())
-            dxdb_tma_kernel[grid](
-                cd, c_rb, c_cb, C.stride(2), gd, g_rb, g_cb, g.stride(2), x, *_strides4(x), B, *_strides4(B),
-                cos_t, sin_t, s_tb, s_tl, delta_p, cs, seq_t, dstates, dx, *_strides4(dx), dB_h, *_strides4(dB_h),
-                ddelta, v, k, l, Lp, H, H // G, nc, **tma_meta, **launch.dxdb_tma.as_kwargs())
-        else:
-            _dc[grid](
-                g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
-                delta_p, cs, seq_t, states, dC_h, *_strides4(dC_h), e,
-                l, Lp, H, H // G, P, nc, BT=BT, BI=BI_dc, TF32=tf32, EVEN=even, **flags, **meta,
-                UNROTATE=has_rope, **_options(launch.dc))
-            _dxdb[grid](
-                g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
-                delta_p, cs, seq_t, dstates, dx, *_strides4(dx), dB_h, *_strides4(dB_h), ddelta, v, k,
-                l, Lp, H, H // G, P, nc, BT=BT, BI=min(launch.block_inner_dxdb, BT), TF32=tf32, EVEN=even,
-                **flags, **meta, UNROTATE=has_rope, **_options(launch.dxdb))
+        _dc[grid](
+            g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
+            delta_p, cs, seq_t, states, dC_h, *_strides4(dC_h), e,
+            l, Lp, H, H // G, P, nc, BT=BT, BI=min(launch.block_inner_dc, BT), TF32=tf32, EVEN=even, **flags, **meta,
+            UNROTATE=has_rope, **_options(launch.dc))
+        _dxdb[grid](
+            g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
+            delta_p, cs, seq_t, dstates, dx, *_strides4(dx), dB_h, *_strides4(dB_h), ddelta, v, k,
+            l, Lp, H, H // G, P, nc, BT=BT, BI=min(launch.block_inner_dxdb, BT), TF32=tf32, EVEN=even,
+            **flags, **meta, UNROTATE=has_rope, **_options(launch.dxdb))
         if G == H:
             dB, dC = dB_h, dC_h
         else:

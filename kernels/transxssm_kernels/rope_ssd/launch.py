@@ -72,9 +72,6 @@ class LaunchConfig:
     # chunk_output_tma_kernel, where B and C are rotated in place (rope_ssd's rotate_bc_in_place): its source blocks
     # copied by TMA and multi-buffered in 3 stages
     output_tma: KernelOptions = field(default_factory=lambda: KernelOptions(num_warps=4, num_stages=3))
-    # dc_tma_kernel and dxdb_tma_kernel, the backward's tile kernels there
-    dc_tma: KernelOptions = field(default_factory=lambda: KernelOptions(num_warps=4, num_stages=3))
-    dxdb_tma: KernelOptions = field(default_factory=lambda: KernelOptions(num_warps=4, num_stages=3))
     dc: KernelOptions = field(default_factory=KernelOptions)
     dxdb: KernelOptions = field(default_factory=KernelOptions)
 
