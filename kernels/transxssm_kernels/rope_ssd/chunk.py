@@ -217,9 +217,11 @@ def _in_place_descriptors(x, B, C, cos_t, states, has_rope, scan_mode, even, BT,
     """Descriptors of x and B for chunk_output_tma_kernel when B and C can be rotated in place (rope_ssd's
     rotate_bc_in_place), else None: RoPE, one head per group (no two programs read the same rows), the
     chunk-parallel state recurrence (its chunk sums write B~), whole chunks with one source block per row block,
-    16-bit inputs, tables and states, a Hopper GPU (or the interpreter) and descriptor-friendly strides."""
+    16-bit inputs, tables and states, a Hopper GPU (or the interpreter) and descriptor-friendly strides; B and C
+    not one tensor passed twice (it would be rotated twice)."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if (TensorDescriptor is None or not has_rope or B.shape[2] != x.shape[2] or scan_mode != "chunks"
+            or B.data_ptr() == C.data_ptr()
             or not (even and BT == BI) or x.dtype not in (torch.bfloat16, torch.float16)
             or not x.dtype == B.dtype == C.dtype == cos_t.dtype == states.dtype
             or not (interpret or (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9))):
