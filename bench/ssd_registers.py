@@ -49,8 +49,7 @@ def compile_kernel(kernel, constexprs: dict, warps: int, stages: int, maxnreg=No
         elif name in (descriptors or {}):
             sig[name] = f"tensordesc<{dtype}[{','.join(map(str, descriptors[name]))}]>"
         elif name.endswith("_ptr"):
-            data = {tl.float32: "*fp32", tl.float16: "*fp16"}.get(constexprs["DOT"], "*bf16")
-            sig[name] = data if name in BF16_POINTERS else ("*i32" if name == "seq_ptr" else "*fp32")
+            sig[name] = f"*{dtype}" if name in BF16_POINTERS else ("*i32" if name == "seq_ptr" else "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in UNIT_STRIDES or name == "HPG":
             sig[name], consts[(i,)] = "constexpr", 1
@@ -164,7 +163,6 @@ def main() -> None:
     }
     descriptors = {}
     if even and not args.fp32:   # B and C rotated in place (rope_ssd's rotate_bc_in_place)
-        rotated = dict(common, HAS_ROPE=False)
         tma = {k: v for k, v in common.items() if k not in ("BLOCK_NH", "HAS_ROPE")}
         cases.update({
             "chunk_sums_fwd_in_place": (_states.chunk_sums_kernel, dict(cases["chunk_sums_fwd"][1], STORE_ROTATED=True),
