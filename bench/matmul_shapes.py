@@ -6,7 +6,9 @@ For every linear layer of the model (SS in_proj and dt_proj, out_proj, attention
 fc2, the LM head; and in_proj with dt_proj's rows inside it, not counted in the sums) it times, on random bf16
 operands, the forward matmul, the input gradient and the weight gradient added into an fp32 buffer (the training
 default, `training/wgrad_accumulation.py`) or formed in bf16, and sums them over the model's layers. Compare the
-sum with the matmul time of a profiled step (`bench/train_speed.py --profile`). Writes OUT/matmul-shapes.json and
+sum with the matmul time of a profiled step (`bench/train_speed.py --profile`). Each product is timed as replays
+of a CUDA graph of 20 launches, as training replays its step: the host's launch time, which exceeds the narrow
+products' (dt_proj's ~10 us), is not counted. Writes OUT/matmul-shapes.json and
 prints one line per layer.
 """
 
@@ -43,16 +45,24 @@ def layers(cfg: ModelConfig) -> list[tuple[str, int, int, int]]:
 
 
 def gpu_ms(fn, reps: int = 20) -> float:
+    """GPU time per call of `fn`, replayed from a CUDA graph of `reps` calls (as training replays its step): the
+    host's launch time, which exceeds a 10 us kernel's, is not counted."""
     for _ in range(3):
         fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
-    for _ in range(reps):
-        fn()
+    for _ in range(5):
+        graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+    return start.elapsed_time(end) / (5 * reps)
 
 
 def main() -> int:

@@ -19,7 +19,7 @@ block and our SSD kernel) with the same shapes. tokens/s is the median over the 
 first (which holds compilation and warm-up); each run does about --micro-batches micro-batches. --profile adds,
 per row and named variant (VARIANT/accN: N micro-batches per step, default 1), a torch.profiler breakdown of a
 step's GPU time by kind of work (matmuls, SSD kernels, attention, compiled elementwise, eager elementwise,
-optimizer, ...).
+optimizer, ...), and the GPU time and launches per step of its 80 largest kernels.
 --override passes a config override to every run of ours (recorded in the JSON), e.g. model.ss_chunk_size=128.
 --loss-curve DATA_DIR trains 320m fused and reference side by side on real preprocessed data (same seed, data order
 and schedule) and compares the loss curves step by step; --curve-variants trains others too (e.g.
@@ -166,6 +166,7 @@ def profile(row: str, variant: str, args) -> dict:
         trainer.close()
     kinds = {name: {"ms": 0.0, "kernels": 0} for name, _ in KINDS}
     top: dict[str, float] = {}
+    calls: dict[str, int] = {}
     for event in prof.events():
         if event.device_type != DeviceType.CUDA:
             continue
@@ -174,12 +175,15 @@ def profile(row: str, variant: str, args) -> dict:
         kinds[kind]["ms"] += us / 1e3 / steps
         kinds[kind]["kernels"] += 1 / steps
         top[event.name[:90]] = top.get(event.name[:90], 0.0) + us / 1e3 / steps
+        calls[event.name[:90]] = calls.get(event.name[:90], 0) + 1
     gpu_ms = sum(k["ms"] for k in kinds.values())
     return {"row": row, "variant": variant, "micro_batches_per_step": int(acc or 1),
             "wall_ms_per_step": round(wall_ms, 2), "gpu_ms_per_step": round(gpu_ms, 2),
             "kinds": {n: {"ms": round(k["ms"], 2), "share": round(k["ms"] / gpu_ms, 3), "kernels": round(k["kernels"])}
                       for n, k in kinds.items()},
-            "top_kernels_ms": dict(sorted(((k, round(v, 3)) for k, v in top.items()), key=lambda kv: -kv[1])[:80])}
+            "top_kernels_ms": dict(sorted(((k, round(v, 3)) for k, v in top.items()), key=lambda kv: -kv[1])[:80]),
+            # launches per step of each of those kernels: top_kernels_ms / calls is the time of one launch in the step
+            "top_kernels_calls": {k: calls[k] // steps for k in sorted(top, key=lambda k: -top[k])[:80]}}
 
 
 def loss_curves(args, log) -> dict:
