@@ -254,8 +254,9 @@ def dxdb_kernel(
     b_lo = pin(to_dot(b_lo, DOT, TF32))
     b_hi = pin(to_dot(b_hi, DOT, TF32))
     x_mask = smask_r[:, None] & mask_p[None, :]
-    x_rows = x_ptr + b64 * s_xb + hi_ * s_xh + rows_s[:, None] * s_xl + offs_p[None, :] * s_xp
-    u_f = tl.load(x_rows, mask=x_mask, other=0.0).to(tl.float32) * d_s[:, None]
+    xs = tl.load(x_ptr + b64 * s_xb + hi_ * s_xh + rows_s[:, None] * s_xl + offs_p[None, :] * s_xp, mask=x_mask,
+                 other=0.0).to(tl.float32)
+    u_f = xs * d_s[:, None]
     u = to_dot(u_f, DOT, TF32)
 
     # the path through the state leaving the chunk
@@ -300,7 +301,6 @@ def dxdb_kernel(
 
     tl.store(dx_ptr + b64 * s_dxb + hi_ * s_dxh + rows_s[:, None] * s_dxl + offs_p[None, :] * s_dxp,
              (du * d_s[:, None]).to(dx_ptr.dtype.element_ty), mask=x_mask)
-    xs = tl.load(x_rows, mask=x_mask, other=0.0).to(tl.float32)   # reloaded: no fp32 x tile lives across the loop
     tl.store(ddelta_ptr + bh64 * Lp + rows_s, tl.sum(du * xs, axis=1))
     tl.store(k_ptr + bh64 * Lp + rows_s, k)
     db_lo, db_hi = unrotate(db_lo, db_hi, rows_s, smask_r, cos_base, sin_base, s_tl, half, mask_h, UNROTATE)
