@@ -167,10 +167,8 @@ def rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_pe
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split the fused QKV projection and apply RoPE to q and k.
 
-    qkv (l, b, groups, heads_per_group + 2, D) -> q (b, heads, l, D), k, v (b, groups, l, D): SDPA's shapes as
-    views of sequence-first memory (q, k written (l, b, heads, D); v a view of qkv). cuDNN's attention reads that
-    layout as it is and writes its output and input gradients in it, so neither the output nor the gradients are
-    transposed. cos, sin fp32 (l, D/2) or (b, l, D/2), rotate_half pairing (dim i with i + D/2); fp32 math."""
+    qkv (l, b, groups, heads_per_group + 2, D) -> q (b, heads, l, D), k, v (b, groups, l, D), the layout SDPA
+    reads. cos, sin fp32 (l, D/2) or (b, l, D/2), rotate_half pairing (dim i with i + D/2); fp32 math."""
     l, b, groups, _, D = qkv.shape
     q, k, v = qkv.split([heads_per_group, 1, 1], dim=3)
     q = q.reshape(l, b, groups * heads_per_group, D)
@@ -184,7 +182,7 @@ def rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_pe
         t1, t2 = t.float().chunk(2, dim=-1)
         return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], dim=-1).to(t.dtype)
 
-    as_bhld = lambda t: t.permute(1, 2, 0, 3)
+    as_bhld = lambda t: t.permute(1, 2, 0, 3).contiguous()
     return as_bhld(rotate(q)), as_bhld(rotate(k)), as_bhld(v)
 
 
