@@ -67,7 +67,7 @@ VARIANTS = {"fused": [], "graph": ["train.cuda_graph=true"], "recompute": ["trai
 
 # Kernel name fragments -> kind of work, first match wins (names from PyTorch 2.11 / Triton 3.6 on an H200).
 KINDS = [
-    ("SSD (our Triton kernels)", ("state_scan_", "chunk_output_kernel", "dc_kernel", "dxdb_kernel", "delta_kernel",
+    ("SSD (our Triton kernels)", ("state_scan_", "chunk_output", "dc_kernel", "dxdb_kernel", "delta_kernel",
                                   "dt_grad_kernel", "chunk_sums_kernel", "states_from_sums_kernel")),
     ("attention (SDPA)", ("flash", "fmha", "attention", "cudnn")),
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "cublas")),
