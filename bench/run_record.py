@@ -1,7 +1,11 @@
-"""What every benchmark result records about its run: date, commit, GPU, library versions and the command.
+"""What every benchmark result records about its run: date, commit, GPU, library versions and the command; and
+the GPU's clock and power while a run lasts.
 
-    from run_record import environment          # bench/ is on sys.path when a bench script runs
+    from run_record import GpuClocks, environment     # bench/ is on sys.path when a bench script runs
     result = {"benchmark": "NAME", **environment("triton", "megatron.core"), ...}
+    with GpuClocks(work_dir / "clocks.csv") as clocks:
+        ...                                            # the timed run
+    result["gpu_clocks"] = clocks.summary()            # None without nvidia-smi
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 import datetime
 import importlib
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +48,55 @@ def environment(*packages: str) -> dict:
             record[name.replace(".", "_")] = None
     record["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     return record
+
+
+POWER_CAP = 0x4   # nvidia-smi's clock event reason bit: the software power cap holds the clock down
+
+
+def summarize_clocks(lines: list[str], busy_watts: float = 300.0) -> dict | None:
+    """nvidia-smi samples "sm_clock_mhz, power_w, power_limit_w, reasons_hex" (csv, no header, no units) -> their
+    summary over the samples drawing more than busy_watts (the run itself, not its start-up or compilation); None
+    when no sample does."""
+    samples = []
+    for line in lines:
+        parts = [p.strip() for p in line.split(",")]
+        try:
+            samples.append((float(parts[0]), float(parts[1]), float(parts[2]), int(parts[3], 16)))
+        except (IndexError, ValueError):
+            continue   # a partial last line, or "[N/A]"
+    busy = [s for s in samples if s[1] > busy_watts]
+    if not busy:
+        return None
+    clocks, watts = [s[0] for s in busy], [s[1] for s in busy]
+    return {"samples": len(busy), "sm_clock_mhz_median": statistics.median(clocks), "sm_clock_mhz_min": min(clocks),
+            "sm_clock_mhz_max": max(clocks), "power_w_median": round(statistics.median(watts), 1), "power_limit_w": busy[0][2],
+            "power_capped_share": round(sum(1 for s in busy if s[3] & POWER_CAP) / len(busy), 3)}
+
+
+class GpuClocks:
+    """nvidia-smi sampling GPU 0's SM clock, power draw, power limit and clock event reasons every 0.5 s into `path`
+    while the `with` block lasts; nothing where nvidia-smi is missing."""
+
+    QUERY = "clocks.sm,power.draw,power.limit,clocks_throttle_reasons.active"
+
+    def __init__(self, path: Path):
+        self.path, self.proc = Path(path), None
+
+    def __enter__(self):
+        if shutil.which("nvidia-smi"):
+            with open(self.path, "w") as out:
+                self.proc = subprocess.Popen(["nvidia-smi", "-i", "0", f"--query-gpu={self.QUERY}",
+                                              "--format=csv,noheader,nounits", "-lms", "500"],
+                                             stdout=out, stderr=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+        return False
+
+    def summary(self) -> dict | None:
+        if self.proc is None or not self.path.exists():
+            return None
+        return summarize_clocks(self.path.read_text().splitlines())

@@ -16,7 +16,9 @@ share), variants being:
   no-wgrad-fusion        fused, weight gradients formed in bf16 and added by a separate kernel
 and, with --anchor, the baseline script (a ~150-line PyTorch model of the same architecture with torch.compile per
 block and our SSD kernel) with the same shapes. tokens/s is the median over the logged intervals after the
-first (which holds compilation and warm-up); each run does about --micro-batches micro-batches. --profile adds,
+first (which holds compilation and warm-up); each run does about --micro-batches micro-batches, and records the
+GPU's SM clock and power while it lasts (nvidia-smi every 0.5 s, `gpu_clocks`: an H200 at its power cap runs below
+its top clock, and ours and the baseline may not run at the same one). --profile adds,
 per row and named variant (VARIANT/accN: N micro-batches per step, default 1), a torch.profiler breakdown of a
 step's GPU time by kind of work (matmuls, SSD kernels, attention, compiled elementwise, eager elementwise,
 optimizer, ...), and the GPU time and launches per step of its 80 largest kernels.
@@ -43,7 +45,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from run_record import environment  # noqa: E402
+from run_record import GpuClocks, environment  # noqa: E402
 from transxssm_megatron.training.metrics import read_metrics  # noqa: E402
 
 # name: (config, anchor architecture or None, size, seq_length, micro_batch_size)
@@ -106,14 +108,15 @@ def ours(row: str, variant: str, accumulation: int, args, log) -> dict:
     config, overrides = run_config_overrides(row, steps, max(1, steps // 6), accumulation, run_dir)
     cmd = [sys.executable, "-m", "transxssm_megatron.cli", "train", "--config", config, *overrides,
            *VARIANTS[variant], *args.override]
-    rc, wall = run(cmd, log, args.timeout)
+    with GpuClocks(Path(args.work) / f"{row}-{variant}-acc{accumulation}-clocks.csv") as clocks:
+        rc, wall = run(cmd, log, args.timeout)
     records, _ = read_metrics(run_dir / "metrics.jsonl")
     steady = [r for r in records if "tokens_per_s" in r][1:]
     med = lambda k: statistics.median(r[k] for r in steady) if steady and k in steady[0] else None
     return {"command": " ".join(cmd), "exit_code": rc, "wall_s": round(wall, 1), "tokens_per_s": med("tokens_per_s"),
             "mfu": med("mfu"), "tflops_per_gpu": med("tflops_per_device"), "step_time_s": med("step_time_s"),
             "mem_gib": max((r.get("mem_peak_gib", 0) for r in records), default=None),
-            "losses": [round(r["loss"], 4) for r in records if "loss" in r]}
+            "losses": [round(r["loss"], 4) for r in records if "loss" in r], "gpu_clocks": clocks.summary()}
 
 
 def anchor(row: str, args, log) -> dict | None:
@@ -126,14 +129,16 @@ def anchor(row: str, args, log) -> dict | None:
     log.flush()
     started = time.monotonic()
     try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
+        with GpuClocks(Path(args.work) / f"{row}-anchor-clocks.csv") as clocks:
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
         rc, text = proc.returncode, proc.stdout
         log.write(proc.stdout + proc.stderr[-3000:])
     except subprocess.TimeoutExpired:
         rc, text = "timeout", ""
     out_file.write_text(text)
     result = next((json.loads(x) for x in text.splitlines() if x.startswith("{")), {})
-    return {"command": " ".join(cmd), "exit_code": rc, "wall_s": round(time.monotonic() - started, 1), **result}
+    return {"command": " ".join(cmd), "exit_code": rc, "wall_s": round(time.monotonic() - started, 1), **result,
+            "gpu_clocks": clocks.summary()}
 
 
 def profile(row: str, variant: str, args) -> dict:
