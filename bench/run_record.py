@@ -68,9 +68,10 @@ def summarize_clocks(lines: list[str], busy_watts: float = 300.0) -> dict | None
     if not busy:
         return None
     clocks, watts = [s[0] for s in busy], [s[1] for s in busy]
+    capped = sum(1 for s in busy if s[3] & POWER_CAP)
     return {"samples": len(busy), "sm_clock_mhz_median": statistics.median(clocks), "sm_clock_mhz_min": min(clocks),
-            "sm_clock_mhz_max": max(clocks), "power_w_median": round(statistics.median(watts), 1), "power_limit_w": busy[0][2],
-            "power_capped_share": round(sum(1 for s in busy if s[3] & POWER_CAP) / len(busy), 3)}
+            "sm_clock_mhz_max": max(clocks), "power_w_median": round(statistics.median(watts), 1),
+            "power_limit_w": busy[0][2], "power_capped_share": round(capped / len(busy), 3)}
 
 
 class GpuClocks:

@@ -23,8 +23,8 @@ import triton.language as tl
 
 from ._fwd import add_block_outer, chunk_decay
 from ._triton_common import (diagonal_decay, entering_state_weight, exp_ftz, load_rotated, load_scan_state,
-                             load_state_halves, pin, scan_program, store_scan_state, tile_program, to_dot, unrotate,
-                             valid)
+                             load_state_halves, pin, scan_program, store_halves, store_scan_state, tile_program,
+                             to_dot, unrotate, valid)
 
 
 @triton.jit
@@ -176,10 +176,7 @@ def dc_kernel(
     e = tl.sum(to_dot(c_lo, DOT, TF32).to(tl.float32) * dc_lo + to_dot(c_hi, DOT, TF32).to(tl.float32) * dc_hi, 1)
     tl.store(e_ptr + bh64 * Lp + rows_t, e)
     dc_lo, dc_hi = unrotate(dc_lo, dc_hi, rows_t, tmask, cos_base, sin_base, s_tl, half, mask_h, UNROTATE)
-    dptr = dc_ptr + b64 * s_db + hi_ * s_dh + rows_t[:, None] * s_dl + half[None, :] * s_dn
-    dmask = tmask[:, None] & mask_h[None, :]
-    tl.store(dptr, dc_lo.to(dc_ptr.dtype.element_ty), mask=dmask)
-    tl.store(dptr + N_HALF * s_dn, dc_hi.to(dc_ptr.dtype.element_ty), mask=dmask)
+    store_halves(dc_ptr + b64 * s_db + hi_ * s_dh, rows_t, tmask, s_dl, s_dn, half, mask_h, dc_lo, dc_hi, N_HALF)
 
 
 @triton.jit
@@ -304,7 +301,4 @@ def dxdb_kernel(
     tl.store(ddelta_ptr + bh64 * Lp + rows_s, tl.sum(du * xs, axis=1))
     tl.store(k_ptr + bh64 * Lp + rows_s, k)
     db_lo, db_hi = unrotate(db_lo, db_hi, rows_s, smask_r, cos_base, sin_base, s_tl, half, mask_h, UNROTATE)
-    dptr = db_ptr + b64 * s_db + hi_ * s_dh + rows_s[:, None] * s_dl + half[None, :] * s_dn
-    dmask = smask_r[:, None] & mask_h[None, :]
-    tl.store(dptr, db_lo.to(db_ptr.dtype.element_ty), mask=dmask)
-    tl.store(dptr + N_HALF * s_dn, db_hi.to(db_ptr.dtype.element_ty), mask=dmask)
+    store_halves(db_ptr + b64 * s_db + hi_ * s_dh, rows_s, smask_r, s_dl, s_dn, half, mask_h, db_lo, db_hi, N_HALF)
