@@ -85,9 +85,9 @@ def run(fn, tensors, kw, *, cast=None, chunk_size, seed=123):
     return {k: v.detach().to(F64) for k, v in out.items()}
 
 
-def check(rope_ssd, tensors, kw, *, dtype, chunk_size):
+def check(rope_ssd, tensors, kw, *, dtype, chunk_size, reference=ssd_naive):
     ours = run(rope_ssd, tensors, kw, chunk_size=chunk_size)
-    ref = run(ssd_naive, tensors, kw, cast=F64, chunk_size=chunk_size)
+    ref = run(reference, tensors, kw, cast=F64, chunk_size=chunk_size)
     errs = {k: ((ours[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref}
     for k in ref:
         assert torch.isfinite(ours[k]).all(), f"{k} has non-finite values"
@@ -103,6 +103,17 @@ def test_default_path(rope_ssd, dtype):
     """The model's path: RoPE, G = H, softplus(dt), no D/z/dt_bias, no seq_idx; 3 chunks + a partial one."""
     t, kw = make_case(2, 57, 2, 32, 2, 32, dtype=dtype, seed=1)
     check(rope_ssd, t, kw, dtype=dtype, chunk_size=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decay_rate_given_as_log(rope_ssd, dtype):
+    """A given as log(-A), in the inputs' dtype (the SS mixer's A_log parameter; a_is_log): the kernels form
+    A = -exp(A_log) and return d A_log; with dt_bias, whose gradient the same per-head kernel adds up."""
+    t, kw = make_case(2, 57, 2, 32, 2, 32, dtype=dtype, seed=10)
+    t["A_log"] = torch.log(-t.pop("A")).to(dtype)
+    t["dt_bias"] = torch.tensor([0.2, -0.4])
+    check(lambda A_log, **k: rope_ssd(A=A_log, a_is_log=True, **k), t, kw, dtype=dtype, chunk_size=16,
+          reference=lambda A_log, **k: ssd_naive(A=-torch.exp(A_log), **k))
 
 
 def test_fp16_groups_and_odd_P(rope_ssd):

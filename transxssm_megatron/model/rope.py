@@ -13,7 +13,7 @@ bf16 wrapping of the model (megatron's Float16Module casts buffers) never lowers
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -27,6 +27,16 @@ class RopeTables:
 
     attention: Table
     state: Optional[Table]
+    _state_casts: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def state_in(self, dtype: torch.dtype) -> Table:
+        """`state` in `dtype`, cast once per forward for all the SS layers that read it (the SSD kernels read bf16
+        tables with bf16 inputs)."""
+        if self.state is None or self.state[0].dtype == dtype:
+            return self.state
+        if dtype not in self._state_casts:
+            self._state_casts[dtype] = (self.state[0].to(dtype), self.state[1].to(dtype))
+        return self._state_casts[dtype]
 
 
 def rope_table(positions: torch.Tensor, dim: int, base: float) -> Table:

@@ -181,21 +181,23 @@ class SSMixer(MegatronModule):
         # (l, b, H_loc, P): a view of proj when G = H or G = 1, a copy when a group holds some of several heads
         x = x.reshape(l, b, self.heads_local, self.P)                               # B, C: (l, b, G_loc, N)
 
+        ssd = select_ssd(x, self.N, self.model_cfg.ss_chunk_size)
         cos = sin = None
         if self.use_rope:
             if rope is None or rope.state is None:
                 raise ValueError("SSMixer with ss_positional='rope' needs the model's RopeTables (rope.state)")
-            cos, sin = rope.state
-        A = -torch.exp(self._cp_rows(self.A_log).float())                           # (H_loc,) negative, fp32
-        ssd = select_ssd(x, self.N, self.model_cfg.ss_chunk_size)
+            # the kernels read the tables in x's dtype (LaunchConfig.tables_in_input_dtype): cast once per forward
+            cos, sin = rope.state_in(x.dtype if ssd is rope_ssd else torch.float32)
         # The SSD takes (b, l, ...) tensors of any strides and returns y in x's memory layout: sequence-first
         # views in, a sequence-first y out, no copies on the way. Without the conv (whose backward may keep its
         # output) B and C are views of this layer's projection that nothing else reads, so the kernels may rotate
         # them in place for their backward.
         bl = lambda t: t.transpose(0, 1)
         in_place = {"rotate_bc_in_place": True} if ssd is rope_ssd and self.conv1d_weight is None else {}
-        y = bl(ssd(bl(x), bl(dt), A, bl(B), bl(C), chunk_size=self.model_cfg.ss_chunk_size,  # (l, b, H_loc, P)
-                   dt_bias=self._cp_rows(self.dt_bias), dt_softplus=True, rope_cos=cos, rope_sin=sin, **in_place))
+        # A = -exp(A_log) is formed by the SSD itself (a_is_log), which returns A_log's gradient
+        y = bl(ssd(bl(x), bl(dt), self._cp_rows(self.A_log), bl(B), bl(C), a_is_log=True,  # (l, b, H_loc, P)
+                   chunk_size=self.model_cfg.ss_chunk_size, dt_bias=self._cp_rows(self.dt_bias), dt_softplus=True,
+                   rope_cos=cos, rope_sin=sin, **in_place))
         D = self._cp_rows(self.D)
         if self.gate_norm_weight is not None:  # y = RMSNorm((y + D x) * silu(z)), normalised per B/C group
             y = gate_norm(y, x, D, z.reshape(x.shape), self._cp_rows(self.gate_norm_weight), self.model_cfg.norm_eps,

@@ -2,12 +2,13 @@
 
     y = rope_ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
                  rope_cos=None, rope_sin=None, seq_idx=None, initial_state=None, return_final_state=False,
-                 rotate_bc_in_place=False, launch=DEFAULT_LAUNCH)
+                 rotate_bc_in_place=False, a_is_log=False, launch=DEFAULT_LAUNCH)
     -> y  or  (y, final_state) when return_final_state
 
     x  (b, l, H, P)   bf16 / fp16 / fp32; y has x's dtype. P: any multiple of 16 (64 is the tuned case)
     dt (b, l, H)      raw; delta = softplus(dt + dt_bias) if dt_softplus else dt (+ dt_bias if given)
-    A  (H,)           fp32, negative; one scalar per head
+    A  (H,)           negative, one scalar per head (read in fp32); with a_is_log it holds log(-A) (the SS
+                      mixer's A_log parameter), the kernels form A = -exp(A_log) and return d A_log
     B, C (b, l, G, N) G divides H (head h uses group h // (H // G)); N even, N/2 a multiple of 16 (64, 128 tuned)
     D  (H,) or None;  z (b, l, H, P) or None: y = (ssd + D x) * silu(z)
     rope_cos, rope_sin: None or fp32 (l, N//2) or (b, l, N//2); rotate_half pairing over N (see rope.py)
@@ -54,7 +55,7 @@ import triton
 import triton.language as tl
 
 from ._bwd import dc_kernel, dxdb_kernel, state_scan_bwd_kernel
-from ._delta import delta_kernel, dt_grad_kernel
+from ._delta import delta_kernel, dt_grad_kernel, head_grads_kernel
 from ._fwd import chunk_output_kernel, chunk_output_tma_kernel, state_scan_fwd_kernel
 from ._states import chunk_sums_kernel, dstates_from_sums_kernel, states_from_sums_kernel
 from .launch import DEFAULT_LAUNCH, LaunchConfig
@@ -270,20 +271,21 @@ class _RopeSSDCore(torch.autograd.Function):
     sums come from delta_kernel, the gradients of dt, A, dt_bias from dt_grad_kernel (_delta.py)."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, dt_bias, B, C, cos, sin, seq, initial_state, Q, y_dtype, softplus, launch, in_place):
+    def forward(ctx, x, dt, A, dt_bias, B, C, cos, sin, seq, initial_state, Q, y_dtype, softplus, launch, in_place,
+                a_is_log):
         b, l, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
         nc = triton.cdiv(max(l, 1), Q)
         Lp = nc * Q
         BT, BI = min(launch.block_rows, Q), min(launch.block_inner_fwd, launch.block_rows, Q)
-        A32 = A.to(torch.float32).contiguous()
-        bias = dt_bias.contiguous() if dt_bias is not None else A32
+        A = A.contiguous()   # the kernels read it in fp32 (and form -exp of it when it holds log(-A))
+        bias = dt_bias.contiguous() if dt_bias is not None else A
         delta_p, cs = torch.empty((2, b, H, Lp), device=x.device, dtype=torch.float32)
-        delta_kernel[(nc, b * H)](dt, *dt.stride(), bias, A32, delta_p, cs, l, Lp, H, Q=Q,
-                                  HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus)
+        delta_kernel[(nc, b * H)](dt, *dt.stride(), bias, A, delta_p, cs, l, Lp, H, Q=Q,
+                                  HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus, A_IS_LOG=a_is_log)
         cos_t, sin_t, s_tb, s_tl, has_rope = _tables(cos, sin, x, launch)
         has_seq = seq is not None
-        seq_t = seq if has_seq else torch.zeros(1, device=x.device, dtype=torch.int32)
+        seq_t = seq if has_seq else torch.empty(1, device=x.device, dtype=torch.int32)   # not read
         meta = _meta(P, N, Q, x.dtype, launch)
         flags = dict(HAS_ROPE=has_rope, HAS_SEQ=has_seq)
 
@@ -319,9 +321,9 @@ class _RopeSSDCore(torch.autograd.Function):
                 delta_p, cs, seq_t, states, y, *_strides4(y),
                 l, Lp, H, H // G, P, nc, BT=BT, BI=BI, EVEN=even, **flags, **meta, **_options(launch.output))
 
-        ctx.save_for_backward(x, dt, A32, bias, delta_p, cs, B, C, cos_t, sin_t, seq_t, states)
-        ctx.cfg = (Q, s_tb, s_tl, has_rope, has_seq, initial_state is not None, dt_bias is not None, softplus)
-        ctx.a_dtype = A.dtype
+        ctx.save_for_backward(x, dt, A, bias, delta_p, cs, B, C, cos_t, sin_t, seq_t, states)
+        ctx.cfg = (Q, s_tb, s_tl, has_rope, has_seq, initial_state is not None, dt_bias is not None, softplus,
+                   a_is_log)
         ctx.launch = launch
         ctx.scan_mode = scan_mode
         ctx.rotated = descriptors is not None   # B and C now hold B~ and C~
@@ -330,8 +332,8 @@ class _RopeSSDCore(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, A32, bias, delta_p, cs, B, C, cos_t, sin_t, seq_t, states = ctx.saved_tensors
-        Q, s_tb, s_tl, has_rope, has_seq, has_init, has_bias, softplus = ctx.cfg
+        x, dt, A, bias, delta_p, cs, B, C, cos_t, sin_t, seq_t, states = ctx.saved_tensors
+        Q, s_tb, s_tl, has_rope, has_seq, has_init, has_bias, softplus, a_is_log = ctx.cfg
         b, l, H, P = x.shape
         G, N = B.shape[2], B.shape[3]
         Lp = delta_p.shape[-1]
@@ -349,27 +351,27 @@ class _RopeSSDCore(torch.autograd.Function):
         if g.stride(-1) != 1:
             g = g.contiguous()
 
-        # gradient of the state leaving each chunk (reverse scan) and the chunk-decay part of d a
+        # gradient of the state leaving each chunk (reverse scan) and the chunk-decay part of d a, K_c, in parts
+        # (b, H, nc, parts) that dt_grad_kernel adds up
         dstates = torch.empty((b, H, nc, P, N), device=dev, dtype=_state_dtype(x, launch.dstates_in_input_dtype))
         dinit = torch.empty((b, H, P, N), device=dev, dtype=torch.float32)
         dfin = dfinal.to(torch.float32).contiguous() if dfinal is not None else dinit
         if ctx.scan_mode == "walk":
-            kdec = torch.zeros((b, H, nc), device=dev, dtype=torch.float32)
+            kparts = torch.zeros((b, H, nc, 1), device=dev, dtype=torch.float32)
             scan_grid, scan_opts = _scan_launch(launch.scan_bwd, launch.scan_columns, b, H, N, dev)
             _state_bwd[scan_grid](
                 g, *_strides4(g), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl, cs, seq_t, states, dfin, dstates,
-                dinit, kdec, l, Lp, H, H // G, P, nc, BS=min(launch.block_scan_bwd, Q), HAS_DFINAL=dfinal is not None,
-                **flags, **meta, **scan_opts)
+                dinit, kparts, l, Lp, H, H // G, P, nc, BS=min(launch.block_scan_bwd, Q),
+                HAS_DFINAL=dfinal is not None, **flags, **meta, **scan_opts)
         else:
             sums = _chunk_sums(1, g, C, (cos_t, sin_t, s_tb, s_tl), cs, cs, seq_t, l, H, nc, meta, flags, launch)
-            grid = _pass_grid(b, H, P, N, launch)
-            kparts = torch.empty((b, H, nc, grid[1]), device=dev, dtype=torch.float32)
-            dstates_from_sums_kernel[grid](
+            pass_grid = _pass_grid(b, H, P, N, launch)
+            kparts = torch.empty((b, H, nc, pass_grid[1]), device=dev, dtype=torch.float32)
+            dstates_from_sums_kernel[pass_grid](
                 sums, cs, seq_t, states, dfin, dstates, dinit, kparts, l, Lp, H, P * N, nc, Q=Q,
                 BLOCK=launch.pass_block, HAS_SEQ=has_seq, HAS_DFINAL=dfinal is not None,
                 **launch.state_pass.as_kwargs())
             del sums
-            kdec = kparts.sum(-1)
 
         # per-token gradients; with G < H the per-head dB, dC are summed over each group's heads
         if G == H:
@@ -398,17 +400,22 @@ class _RopeSSDCore(torch.autograd.Function):
         # d a_j = sum_{t >= j} (E_t - K_t) + sum_{s < j} V_s + K_c (see _bwd.py), then dt, A, dt_bias (_delta.py)
         ddt = torch.empty_like(dt)
         part_a, part_bias = torch.empty((2, b, H, nc), device=dev, dtype=torch.float32)
-        dt_grad_kernel[(nc, b * H)](e, k, v, ddelta, kdec, delta_p, dt, *dt.stride(), bias, A32, ddt, *ddt.stride(),
-                                    part_a, part_bias, l, Lp, H, nc, Q=Q, HAS_BIAS=has_bias, SOFTPLUS=softplus)
-        dA = part_a.sum((0, 2)).to(ctx.a_dtype)
-        dbias = part_bias.sum((0, 2)).to(bias.dtype) if has_bias else None
+        nparts = kparts.shape[-1]
+        dt_grad_kernel[(nc, b * H)](e, k, v, ddelta, kparts, delta_p, dt, *dt.stride(), bias, A, ddt, *ddt.stride(),
+                                    part_a, part_bias, l, Lp, H, nc, nparts, Q=Q,
+                                    BLOCK_KPARTS=triton.next_power_of_2(nparts), HAS_BIAS=has_bias,
+                                    SOFTPLUS=softplus, A_IS_LOG=a_is_log)
+        dA = torch.empty_like(A)
+        dbias = torch.empty_like(bias) if has_bias else None
+        head_grads_kernel[(H,)](part_a, part_bias, A, dA, dbias if has_bias else dA, b, H, nc,
+                                BLOCK_C=min(triton.next_power_of_2(nc), 64), HAS_BIAS=has_bias, A_IS_LOG=a_is_log)
         return (dx, ddt, dA, dbias, dB, dC, None, None, None, (dinit if has_init else None), None, None, None, None,
-                None)
+                None, None)
 
 
 def rope_ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
              rope_cos=None, rope_sin=None, seq_idx=None, initial_state=None, return_final_state=False,
-             rotate_bc_in_place=False, launch: LaunchConfig = DEFAULT_LAUNCH):
+             rotate_bc_in_place=False, a_is_log=False, launch: LaunchConfig = DEFAULT_LAUNCH):
     """Fused chunked SSD with Unified RoPE on CUDA (Triton). Signature and shapes: see the module docstring;
     `launch` sets tile sizes, state precision and each kernel's launch options (launch.py). rotate_bc_in_place:
     the caller owns B and C and reads them no more, and the forward may overwrite them with their rotated values
@@ -428,7 +435,7 @@ def rope_ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt
     gated = D is not None or z is not None
     y, final = _RopeSSDCore.apply(x, dt, A, dt_bias, B, C, rope_cos, rope_sin, seq, initial_state, Q,
                                   torch.float32 if gated else x.dtype, bool(dt_softplus), launch,
-                                  bool(rotate_bc_in_place))
+                                  bool(rotate_bc_in_place), bool(a_is_log))
     if gated:
         if D is not None:
             y = y + D.to(torch.float32)[:, None] * x.to(torch.float32)

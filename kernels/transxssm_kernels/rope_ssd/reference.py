@@ -91,10 +91,13 @@ def _masked_exp(log_decay: torch.Tensor, allowed: torch.Tensor | None) -> torch.
 
 def ssd_chunked_reference(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
                           rope_cos=None, rope_sin=None, seq_idx=None, initial_state=None,
-                          return_final_state=False):
-    """Chunked SSD (see the module docstring for shapes); equal to ssd_naive up to rounding."""
+                          return_final_state=False, a_is_log=False):
+    """Chunked SSD (see the module docstring for shapes); equal to ssd_naive up to rounding. a_is_log: A holds
+    log(-A), as in rope_ssd."""
     b, l, H, P, G, N = check_ssd_inputs(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, rope_cos=rope_cos,
                                         rope_sin=rope_sin, seq_idx=seq_idx, initial_state=initial_state)
+    if a_is_log:
+        A = -torch.exp(A.to(state_dtype(x)))
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     dtype = state_dtype(x)
