@@ -260,6 +260,11 @@ VARIANTS = {
     **{f"in place {name}": dict(shape=shape, in_place=True)
        for name, shape in {"1.3B b2": (32, 128, 4096, 2), "1.3B b1 l32K": (32, 128, 32768, 1),
                            "320M b4": (12, 128, 4096, 4)}.items()},
+    # the backward's inner blocks re-chosen for B and C rotated in place (no rotation in dc and dxdb)
+    **{f"in place {name} {tag}": dict(shape=shape, in_place=True, **v)
+       for name, shape in {"1.3B b2": (32, 128, 4096, 2), "320M b4": (12, 128, 4096, 4)}.items()
+       for tag, v in {"dc inner64": dict(block_inner_dc=64), "dxdb inner32": dict(block_inner_dxdb=32),
+                      "dc inner64 dxdb inner32": dict(block_inner_dc=64, block_inner_dxdb=32)}.items()},
     **{f"default {name}": dict(shape=shape) for name, shape in {"1.3B b1 l32K": (32, 128, 32768, 1),
                                                                 "320M b4": (12, 128, 4096, 4)}.items()},
     # 128-row tiles with 8 warps (two warpgroups) in chunk_output, dc and dxdb: slower too (docs/kernels.md)

@@ -266,7 +266,7 @@ def test_rotate_bc_in_place(rope_ssd):
     from transxssm_kernels.rope_ssd import apply_rope
     fn = importlib.import_module("transxssm_kernels.rope_ssd.chunk").rope_ssd
     b, l, H, P, N = 2, 128, 2, 16, 32
-    blocks = dict(block_rows=32, block_inner_fwd=32, block_inner_dc=16, block_inner_dxdb=16)
+    blocks = dict(block_rows=32, block_inner_fwd=32, block_inner_dc=16, block_inner_dc_in_place=16, block_inner_dxdb=16)
     t, kw = make_case(b, l, H, P, H, N, dtype=torch.bfloat16, seed=14, rope="per_batch",
                       seq_idx=docs(b, l, [[0, 64], [0, 77]]), init=True)
     in_place = functools.partial(fn, rotate_bc_in_place=True, launch=LaunchConfig(scan_mode="chunks", **blocks))

@@ -385,8 +385,8 @@ class _RopeSSDCore(torch.autograd.Function):
         _dc[grid](
             g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
             delta_p, cs, seq_t, states, dC_h, *_strides4(dC_h), e,
-            l, Lp, H, H // G, P, nc, BT=BT, BI=min(launch.block_inner_dc, BT), TF32=tf32, EVEN=even, **flags, **meta,
-            UNROTATE=has_rope, **_options(launch.dc))
+            l, Lp, H, H // G, P, nc, BT=BT, TF32=tf32, EVEN=even, **flags, **meta, UNROTATE=has_rope,
+            BI=min(launch.block_inner_dc_in_place if ctx.rotated else launch.block_inner_dc, BT), **_options(launch.dc))
         _dxdb[grid](
             g, *_strides4(g), x, *_strides4(x), B, *_strides4(B), C, *_strides4(C), cos_t, sin_t, s_tb, s_tl,
             delta_p, cs, seq_t, dstates, dx, *_strides4(dx), dB_h, *_strides4(dB_h), ddelta, v, k,
