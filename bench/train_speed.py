@@ -70,7 +70,8 @@ VARIANTS = {"fused": [], "graph": ["train.cuda_graph=true"], "recompute": ["trai
 # Kernel name fragments -> kind of work, first match wins (names from PyTorch 2.11 / Triton 3.6 on an H200).
 KINDS = [
     ("SSD (our Triton kernels)", ("state_scan_", "chunk_output", "dc_kernel", "dxdb_kernel", "delta_kernel",
-                                  "dt_grad_kernel", "chunk_sums_kernel", "states_from_sums_kernel")),
+                                  "dt_grad_kernel", "head_grads_kernel", "chunk_sums_kernel",
+                                  "states_from_sums_kernel")),
     ("attention (SDPA)", ("flash", "fmha", "attention", "cudnn")),
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "cublas")),
     ("compiled elementwise (Inductor; SwiGLU's Triton kernels)", ("triton_", "swiglu_")),
@@ -182,13 +183,14 @@ def profile(row: str, variant: str, args) -> dict:
         top[event.name[:90]] = top.get(event.name[:90], 0.0) + us / 1e3 / steps
         calls[event.name[:90]] = calls.get(event.name[:90], 0) + 1
     gpu_ms = sum(k["ms"] for k in kinds.values())
+    largest = sorted(top, key=lambda k: -top[k])[:80]
     return {"row": row, "variant": variant, "micro_batches_per_step": int(acc or 1),
             "wall_ms_per_step": round(wall_ms, 2), "gpu_ms_per_step": round(gpu_ms, 2),
             "kinds": {n: {"ms": round(k["ms"], 2), "share": round(k["ms"] / gpu_ms, 3), "kernels": round(k["kernels"])}
                       for n, k in kinds.items()},
-            "top_kernels_ms": dict(sorted(((k, round(v, 3)) for k, v in top.items()), key=lambda kv: -kv[1])[:80]),
+            "top_kernels_ms": {k: round(top[k], 3) for k in largest},
             # launches per step of each of those kernels: top_kernels_ms / calls is the time of one launch in the step
-            "top_kernels_calls": {k: calls[k] // steps for k in sorted(top, key=lambda k: -top[k])[:80]}}
+            "top_kernels_calls": {k: calls[k] // steps for k in largest}}
 
 
 def loss_curves(args, log) -> dict:
