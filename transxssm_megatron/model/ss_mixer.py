@@ -46,7 +46,7 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
-from transxssm_kernels.rope_ssd import ROPE_SSD_IMPORT_ERROR, rope_ssd, ssd_chunked_reference
+from transxssm_kernels.rope_ssd import DEFAULT_LAUNCH, ROPE_SSD_IMPORT_ERROR, rope_ssd, ssd_chunked_reference
 
 from ..config import ModelConfig
 from .dt_projection import project_dt
@@ -186,8 +186,8 @@ class SSMixer(MegatronModule):
         if self.use_rope:
             if rope is None or rope.state is None:
                 raise ValueError("SSMixer with ss_positional='rope' needs the model's RopeTables (rope.state)")
-            # the kernels read the tables in x's dtype (LaunchConfig.tables_in_input_dtype): cast once per forward
-            cos, sin = rope.state_in(x.dtype if ssd is rope_ssd else torch.float32)
+            # in the dtype the kernels read them in (bf16 with bf16 x): cast once per forward, not in every layer
+            cos, sin = rope.state_in(DEFAULT_LAUNCH.table_dtype(x.dtype) if ssd is rope_ssd else torch.float32)
         # The SSD takes (b, l, ...) tensors of any strides and returns y in x's memory layout: sequence-first
         # views in, a sequence-first y out, no copies on the way. Without the conv (whose backward may keep its
         # output) B and C are views of this layer's projection that nothing else reads, so the kernels may rotate

@@ -106,7 +106,7 @@ def _tables(cos, sin, ref, launch):
     if cos is None:
         dummy = torch.zeros(1, device=ref.device, dtype=torch.float32)
         return dummy, dummy, 0, 0, False
-    dtype = ref.dtype if launch.tables_in_input_dtype and ref.dtype != torch.float32 else torch.float32
+    dtype = launch.table_dtype(ref.dtype)
     cos = cos.to(dtype).contiguous()
     sin = sin.to(dtype).contiguous()
     if cos.dim() == 2:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass(frozen=True)
 class KernelOptions:
@@ -77,6 +79,10 @@ class LaunchConfig:
     output_tma: KernelOptions = field(default_factory=lambda: KernelOptions(num_warps=4, num_stages=3))
     dc: KernelOptions = field(default_factory=KernelOptions)
     dxdb: KernelOptions = field(default_factory=KernelOptions)
+
+    def table_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the kernels read the RoPE tables in for inputs of `input_dtype` (tables_in_input_dtype)."""
+        return input_dtype if self.tables_in_input_dtype and input_dtype != torch.float32 else torch.float32
 
 
 DEFAULT_LAUNCH = LaunchConfig()

@@ -96,11 +96,11 @@ def ssd_chunked_reference(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_
     log(-A), as in rope_ssd."""
     b, l, H, P, G, N = check_ssd_inputs(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, rope_cos=rope_cos,
                                         rope_sin=rope_sin, seq_idx=seq_idx, initial_state=initial_state)
-    if a_is_log:
-        A = -torch.exp(A.to(state_dtype(x)))
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     dtype = state_dtype(x)
+    if a_is_log:
+        A = -torch.exp(A.to(dtype))
     delta = compute_delta(dt, dt_bias, dt_softplus, dtype)              # (b, l, H)
     B, C, R = rotate_and_expand(B, C, rope_cos, rope_sin, H, dtype)      # (b, l, G, N), rotated
     xs = x.to(dtype)
