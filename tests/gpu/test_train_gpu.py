@@ -8,12 +8,16 @@
   bf16 weight gradients added afterwards (`train.wgrad_fusion=false`; the same tolerances): a gradient counted
   twice or dropped moves the gradient norm by far more;
 - a run resumed from its step-4 checkpoint (fused AdamW state, distributed optimizer) continues with the losses
-  and gradient norms of the uninterrupted run (the same tolerances).
+  and gradient norms of the uninterrupted run (the same tolerances);
+- AdamW by transxssm_kernels.adamw, writing the bf16 parameters itself (the default), gives the losses and
+  gradient norms of torch's fused AdamW followed by megatron's copy (TRANSXSSM_ADAMW=torch; the same
+  tolerances): parameters left stale, or updated twice, would move them by far more.
 
     python -m pytest tests/gpu/test_train_gpu.py -q
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,11 +34,13 @@ SMALL = ["data.mode=mock", "model.num_layers=4", "model.attention_period=2", "mo
          "logging.interval=1", "logging.tensorboard=false", "optim.lr=1e-3", "checkpoint.save_at_end=false"]
 
 
-def train(run_dir: Path, *overrides: str) -> list[dict]:
+def train(run_dir: Path, *overrides: str, env: dict | None = None, expect: str = "") -> list[dict]:
     cmd = [sys.executable, "-m", "transxssm_megatron.cli", "train", "--config", "configs/320m.yaml", *SMALL,
            f"logging.run_dir={run_dir}", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=None if env is None else {**os.environ, **env})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert expect in proc.stdout + proc.stderr
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "loss" in r]
 
@@ -71,3 +77,11 @@ def test_resume_continues_the_run(tmp_path):
     resumed = train(tmp_path / "resumed", "checkpoint.interval=0", f"checkpoint.resume={checkpoint}")
     assert [r["step"] for r in resumed] == [5, 6, 7, 8]
     assert_same_steps(resumed, whole[4:])
+
+
+def test_triton_adamw_matches_torch_adamw(tmp_path):
+    torch_adamw = train(tmp_path / "torch", "checkpoint.interval=0", env={"TRANSXSSM_ADAMW": "torch"},
+                        expect="AdamW: torch's fused kernel, then megatron's copy")
+    triton_adamw = train(tmp_path / "triton", "checkpoint.interval=0", expect="AdamW: one Triton launch")
+    assert len({r["loss"] for r in torch_adamw}) > 1, "losses do not move: the comparison would prove nothing"
+    assert_same_steps(triton_adamw, torch_adamw)

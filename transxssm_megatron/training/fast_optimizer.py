@@ -9,8 +9,9 @@ per tensor, and AdamW runs torch's multi-kernel `foreach` path. Here, in one pla
   gradients with no host sync, one scaling launch. Only megatron's own fallbacks are replaced; TE's or apex's
   kernels, when installed, are kept. It also gives megatron a scaling by a device tensor, with which megatron
   leaves the gradient norm on the device instead of reading it back (`get_grad_norm_fp32`).
-- `use_fused_adamw(optimizer)` switches the AdamW megatron built (torch.optim.AdamW) to torch's single fused
-  kernel (`fused=True`), including after a checkpoint load.
+- `use_fused_adamw(optimizer)` switches the AdamW megatron built (torch.optim.AdamW) to one fused kernel: on CUDA
+  `transxssm_kernels.adamw` (`TritonAdamW`: one launch for all tensors, the bf16 model parameters written by the
+  same pass, megatron's per-tensor copy of the main parameters skipped), else torch's (`fused=True`).
 - `update_unless_nonfinite(optimizer, loss)` prepares the gradients, computes their norm once, clips and steps,
   and skips the update where the loss or the norm is NaN/inf, all decided on the device: torch's fused AdamW
   takes a `found_inf` flag and leaves parameters, moments and step count alone where it is 1, and a `grad_scale`
@@ -20,6 +21,8 @@ per tensor, and AdamW runs torch's multi-kernel `foreach` path. Here, in one pla
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -73,11 +76,117 @@ def _inner_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def use_fused_adamw(optimizer) -> bool:
-    """Turn on torch's fused AdamW (CUDA and CPU kernels) for every fp32 parameter group megatron built with
-    torch.optim.AdamW/Adam; returns whether any group uses it. Existing step counters move to the parameters'
-    device (fused wants them there, as fp32)."""
-    fused_any = False
+class TritonAdamW(torch.optim.AdamW):
+    """torch's AdamW, same state and checkpoints, stepped by `transxssm_kernels.adamw`: one launch per parameter
+    group that also writes each main parameter's bf16 model copy (`model_copies`: main parameter -> the bf16
+    tensor megatron would copy it into). Takes torch's `grad_scale` and `found_inf` attributes as its fused path
+    does. Groups the kernel does not cover (amsgrad, maximize, a tensor lr, non-contiguous tensors) take torch's
+    fused step, and megatron's copy then runs as before (`wrote_model_params` False)."""
+
+    model_copies: dict
+    wrote_model_params: bool = False
+
+    def _covered(self) -> bool:
+        return all(not g["amsgrad"] and not g["maximize"] and not torch.is_tensor(g["lr"]) and
+                   all(p.is_cuda and p.is_contiguous() and p.grad.is_contiguous() and p.grad.dtype == torch.float32
+                       for p in g["params"] if p.grad is not None) for g in self.param_groups)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None or not self._covered():
+            self.wrote_model_params = False
+            return super().step(closure)
+        from transxssm_kernels.adamw import AdamWTable, adamw_step
+
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        tables = self.__dict__.setdefault("_tables", {})
+        for i, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            states = [self.state[p] for p in params]
+            for p, state in zip(params, states):
+                if not state:   # as torch's fused path starts them
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            steps = [s["step"] for s in states]
+            torch._foreach_add_(steps, 1.0)
+            beta1, beta2 = group["betas"]
+            adamw_step(tables.setdefault(i, AdamWTable()), params, [p.grad for p in params],
+                       [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], steps,
+                       [self.model_copies.get(p) for p in params], lr=group["lr"], beta1=beta1, beta2=beta2,
+                       eps=group["eps"], weight_decay=group["weight_decay"], grad_scale=grad_scale,
+                       found_inf=found_inf)
+            if found_inf is not None:   # a skipped update does not count
+                torch._foreach_sub_(steps, [found_inf] * len(steps))
+        self.wrote_model_params = True
+
+
+def _model_copies(megatron_opt) -> dict | None:
+    """main parameter -> the bf16 tensor (a view of the model parameter, this rank's shard of it under the
+    distributed optimizer) that megatron's `_copy_main_params_to_model_params` copies it into; None where the
+    optimizer also holds fp32 model parameters (megatron copies those too) or is of a kind not known here."""
+    if hasattr(megatron_opt, "shard_fp32_from_float16_groups"):   # DistributedOptimizer
+        if any(megatron_opt.model_fp32_groups):
+            return None
+        copies = {}
+        for models, mains in zip(megatron_opt.model_float16_groups, megatron_opt.shard_fp32_from_float16_groups):
+            for model, main in zip(models, mains):
+                r = megatron_opt._get_model_param_range_map(model)["param"]
+                copies[main] = model.detach().view(-1)[r.start:r.end]
+    elif hasattr(megatron_opt, "fp32_from_float16_groups"):      # Float16OptimizerWithFloat16Params
+        if any(megatron_opt.fp32_from_fp32_groups):
+            return None
+        copies = {main: model.detach().view(-1) for models, mains in
+                  zip(megatron_opt.float16_groups, megatron_opt.fp32_from_float16_groups)
+                  for model, main in zip(models, mains)}
+    else:
+        return None
+    if not all(c.dtype == torch.bfloat16 and c.numel() == main.numel() for main, c in copies.items()):
+        return None
+    return copies
+
+
+def _use_triton_adamw(megatron_opt) -> str:
+    """Step `megatron_opt`'s AdamW with TritonAdamW where it can write the model parameters (not with
+    TRANSXSSM_ADAMW=torch); returns which kernel steps it, and why where it is torch's."""
+    inner = megatron_opt.optimizer
+    triton_step = "one Triton launch per parameter group that also writes the bf16 parameters"
+    if isinstance(inner, TritonAdamW):
+        return triton_step
+    params = [p for g in inner.param_groups for p in g["params"]]
+    if type(inner) is not torch.optim.AdamW or not params or not all(p.is_cuda for p in params):
+        return "torch's fused kernel"
+    if os.environ.get("TRANSXSSM_ADAMW") == "torch":
+        return "torch's fused kernel, then megatron's copy into the bf16 parameters (TRANSXSSM_ADAMW=torch)"
+    try:
+        import transxssm_kernels.adamw  # noqa: F401  (needs triton)
+    except ImportError as e:
+        return f"torch's fused kernel (transxssm_kernels.adamw: {e})"
+    copies = _model_copies(megatron_opt)
+    if copies is None:
+        return "torch's fused kernel (the optimizer also holds fp32 model parameters)"
+    inner.__class__ = TritonAdamW   # same state and param_groups: only the step changes
+    inner.model_copies = copies
+    copy_main_params = megatron_opt._copy_main_params_to_model_params
+
+    def copy_unless_written():
+        if inner.wrote_model_params:
+            inner.wrote_model_params = False
+            return
+        copy_main_params()
+
+    megatron_opt._copy_main_params_to_model_params = copy_unless_written
+    return triton_step
+
+
+def use_fused_adamw(optimizer) -> str:
+    """Turn on a fused AdamW for every fp32 parameter group megatron built with torch.optim.AdamW/Adam: on CUDA
+    TritonAdamW where it applies, else torch's fused kernels (CUDA and CPU), which TritonAdamW also falls back to.
+    Returns a line for the log saying which ('' where no group uses one). Existing step counters move to the
+    parameters' device (fused wants them there, as fp32)."""
+    fused_any, described = False, []
     for megatron_opt in _inner_optimizers(optimizer):
         inner = getattr(megatron_opt, "optimizer", None)
         if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
@@ -93,7 +202,9 @@ def use_fused_adamw(optimizer) -> bool:
                     state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
                 elif state and "step" in state:
                     state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=p.device)
-    return fused_any
+        if fused_any:
+            described.append(_use_triton_adamw(megatron_opt))
+    return "; ".join(dict.fromkeys(described))
 
 
 @torch.no_grad()

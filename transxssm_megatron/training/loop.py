@@ -300,7 +300,9 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
         self.preemption = PreemptionHandler()  # SIGTERM / SIGUSR1 -> checkpoint at the next step, exit cleanly
         self.resumed_from = self._maybe_resume()
-        fast_optimizer.use_fused_adamw(self.optimizer)   # its found_inf lets the device decide a skip
+        adamw = fast_optimizer.use_fused_adamw(self.optimizer)   # its found_inf lets the device decide a skip
+        if adamw:
+            self.print(f"[train] AdamW: {adamw}")
 
         total_samples = cfg.train.steps * cfg.train.global_batch_size
         valid_samples = cfg.train.eval_iters * cfg.train.global_batch_size  # the same set at any TP/PP/DP
