@@ -159,13 +159,18 @@ def profile(row: str, variant: str, args) -> dict:
         batches = trainer._data_iterators(lambda: data_lib.train_batches(trainer.datasets.train, 0, trainer.cfg,
                                                                          trainer.world))
         for _ in range(4):
-            trainer.train_step(batches)
+            trainer.train_step(batches, wait=False)   # as the training loop runs: the host a step ahead
+        trainer.settle()
         torch.cuda.synchronize()
         steps = 3
         started = time.perf_counter()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        activities = [torch.profiler.ProfilerActivity.CUDA]
+        if name != "graph":   # eager: also the host ops, to tell which op launches each kernel
+            activities.append(torch.profiler.ProfilerActivity.CPU)
+        with torch.profiler.profile(activities=activities) as prof:
             for _ in range(steps):
-                trainer.train_step(batches)
+                trainer.train_step(batches, wait=False)
+            trainer.settle()
             torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - started) * 1e3 / steps
     finally:
@@ -184,13 +189,59 @@ def profile(row: str, variant: str, args) -> dict:
         calls[event.name[:90]] = calls.get(event.name[:90], 0) + 1
     gpu_ms = sum(k["ms"] for k in kinds.values())
     largest = sorted(top, key=lambda k: -top[k])[:80]
+    idle = idle_between_kernels(prof, steps)
     return {"row": row, "variant": variant, "micro_batches_per_step": int(acc or 1),
             "wall_ms_per_step": round(wall_ms, 2), "gpu_ms_per_step": round(gpu_ms, 2),
             "kinds": {n: {"ms": round(k["ms"], 2), "share": round(k["ms"] / gpu_ms, 3), "kernels": round(k["kernels"])}
                       for n, k in kinds.items()},
             "top_kernels_ms": {k: round(top[k], 3) for k in largest},
             # launches per step of each of those kernels: top_kernels_ms / calls is the time of one launch in the step
-            "top_kernels_calls": {k: calls[k] // steps for k in largest}}
+            "top_kernels_calls": {k: calls[k] // steps for k in largest}, "idle": idle,
+            "launched_by": launching_ops(prof, steps) if name != "graph" else {}}
+
+
+def launching_ops(prof, steps: int, most: int = 12) -> dict:
+    """For the kernels launched most often, the host ops that launch them (the op and its two enclosing ones),
+    with launches per step: where a profile without a CUDA graph shows which code runs each small kernel."""
+    by_kernel: dict[str, dict[str, int]] = {}
+    for event in prof.events():
+        for kernel in getattr(event, "kernels", []):
+            chain, parent = [event.name], event.cpu_parent
+            while parent is not None and len(chain) < 3:
+                chain.append(parent.name)
+                parent = parent.cpu_parent
+            ops = by_kernel.setdefault(kernel.name[:60], {})
+            ops[" < ".join(chain)] = ops.get(" < ".join(chain), 0) + 1
+    frequent = sorted(by_kernel, key=lambda k: -sum(by_kernel[k].values()))[:most]
+    return {k: {chain: n // steps for chain, n in sorted(by_kernel[k].items(), key=lambda x: -x[1])[:4]}
+            for k in frequent}
+
+
+def idle_between_kernels(prof, steps: int) -> dict:
+    """GPU time per step with no kernel running, from the profiled kernels' start and end times: short gaps (under
+    20 us: the turnaround from one kernel to the next, inside a CUDA graph or a queue the host keeps full) apart
+    from longer ones (the GPU waiting for the host), with the kernels on either side of the longest."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end, e.name[:60]) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA)
+    short = long = 0.0
+    gaps = []
+    end, before = spans[0][1], spans[0][2]
+    for start, stop, name in spans[1:]:
+        gap = start - end
+        if gap > 0:
+            if gap < 20:
+                short += gap
+            else:
+                long += gap
+                gaps.append((gap, before, name))
+        if stop > end:
+            end, before = stop, name
+    gaps.sort(reverse=True)
+    return {"short_gaps_ms": round(short / 1e3 / steps, 2), "long_gaps_ms": round(long / 1e3 / steps, 2),
+            "long_gaps": len(gaps) // steps,
+            "longest": [{"us": round(g, 1), "after": a, "before": b} for g, a, b in gaps[:8]]}
 
 
 def loss_curves(args, log) -> dict:
@@ -321,7 +372,8 @@ def main() -> int:
         if "kinds" in p:
             parts = ", ".join(f"{n.split(' (')[0]} {k['ms']:.1f}" for n, k in p["kinds"].items() if k["ms"] > 0.05)
             print(f"profile {p['row']} {p['variant']}: wall {p['wall_ms_per_step']} ms, GPU {p['gpu_ms_per_step']} ms: "
-                  f"{parts}")
+                  f"{parts}; idle {p['idle']['short_gaps_ms']} ms in short gaps, {p['idle']['long_gaps_ms']} in "
+                  f"{p['idle']['long_gaps']} long ones")
     return 0
 
 
