@@ -104,8 +104,8 @@ class AdamWTable:
     """The launch tables of one list of tensors, rebuilt only when an address or a size changes (a checkpoint
     load replaces the optimizer's state tensors)."""
 
-    def __init__(self):
-        self.key = None
+    def __init__(self, block: int = BLOCK):
+        self.block, self.key = block, None
         self.table = self.block_tensor = self.block_index = None
 
     def update(self, rows: list[tuple[int, ...]], device: torch.device) -> None:
@@ -113,7 +113,7 @@ class AdamWTable:
         if key == self.key:
             return
         sizes = torch.tensor([r[6] for r in rows], dtype=torch.int64)
-        blocks = (sizes + BLOCK - 1) // BLOCK
+        blocks = (sizes + self.block - 1) // self.block
         self.table = torch.tensor(rows, dtype=torch.int64).to(device)
         self.block_tensor = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), blocks).to(device)
         starts = torch.repeat_interleave(torch.cumsum(blocks, 0) - blocks, blocks)
@@ -125,11 +125,12 @@ def adamw_step(table: AdamWTable, params: list[torch.Tensor], grads: list[torch.
                exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor],
                model_copies: list[torch.Tensor | None], *, lr: float, beta1: float, beta2: float, eps: float,
                weight_decay: float, grad_scale: torch.Tensor | None = None,
-               found_inf: torch.Tensor | None = None) -> None:
+               found_inf: torch.Tensor | None = None, warps: int = WARPS) -> None:
     """One AdamW update of every (param, grad, exp_avg, exp_avg_sq) in place, all fp32, contiguous and on one CUDA
     device; `steps` are the tensors' step counts (fp32 device scalars) after this step's increment, and
     `model_copies` bf16 tensors of the same sizes that receive the new parameters (None where there is none).
-    `grad_scale` divides every gradient; `found_inf` == 1 skips the update (both one-element fp32 tensors)."""
+    `grad_scale` divides every gradient; `found_inf` == 1 skips the update (both one-element fp32 tensors). The
+    launch: `table`'s block of elements per program, `warps` per program."""
     rows = []
     for p, g, m, v, t, out in zip(params, grads, exp_avgs, exp_avg_sqs, steps, model_copies, strict=True):
         for x in (p, g, m, v):
@@ -148,4 +149,4 @@ def adamw_step(table: AdamWTable, params: list[torch.Tensor], grads: list[torch.
         table.table, table.block_tensor, table.block_index,
         dummy if grad_scale is None else grad_scale, dummy if found_inf is None else found_inf,
         lr, beta1, beta2, eps, weight_decay, HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
-        ALIGNED=aligned, BLOCK=BLOCK, num_warps=WARPS)
+        ALIGNED=aligned, BLOCK=table.block, num_warps=warps)
