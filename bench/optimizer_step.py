@@ -114,7 +114,7 @@ def main() -> int:
     (args.out / "optimizer-step.json").write_text(json.dumps(result, indent=1))
     print(f"{args.preset}: {len(params)} tensors, {n / 1e9:.2f}B parameters")
     for name, v in result["variants"].items():
-        print(f"  {name:<42}{v['ms']:8.2f} ms  {v.get("tb_per_s", "")} {v.get('max_rel_err', '')}"
+        print(f"  {name:<42}{v['ms']:8.2f} ms  {v.get('tb_per_s', '')} {v.get('max_rel_err', '')}"
               f" {v.get('copies_exact', '')}")
     return 0
 

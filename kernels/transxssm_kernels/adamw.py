@@ -1,12 +1,12 @@
 """AdamW over many fp32 tensors in one Triton launch, writing each updated parameter's bf16 model copy as it goes.
 
-Why not torch's fused AdamW: its multi-tensor launcher hands each block of threads a fixed chunk of 65,536
-elements, 320 blocks per launch, so every launch ends in a partly empty wave; on an H200 it moved the 1.3b model's
-28 bytes per parameter at about 2.6 TB/s (14 ms per step), and megatron's copy of the fp32 main parameters into
-the bf16 model parameters then reads them all again, one kernel per tensor (2-3 ms more). Here every program takes
-`BLOCK` elements of one tensor from a table built once (tensor addresses, sizes and the block-to-tensor map), so
-one launch covers the whole model in full waves, and it stores the bf16 copy from the registers that hold the new
-parameter (30 bytes per parameter in all).
+Why not torch's fused AdamW alone: megatron then copies every fp32 main parameter into its bf16 model parameter,
+one copy kernel per tensor, which reads all the main parameters again. Here every program takes `BLOCK` elements
+of one tensor from a table built once (tensor addresses, sizes, the block-to-tensor map), one launch covers all
+tensors, and the bf16 copy is stored from the registers that hold the new parameter (30 bytes per parameter in
+all). On an H200 (bench/optimizer_step.py, the 1.3b model's 236 tensors, 1.29B parameters) torch's AdamW and
+the copies take 13.5 ms per step (AdamW alone 11.1), this kernel 10.8 ms (3.6 TB/s) with 2,048-element blocks
+and 4 warps; 4,096 x 8 warps took 11.5, 16,384 x 16 warps 14.3.
 
 The update is torch's AdamW (decoupled weight decay, no amsgrad), in the same order of operations as torch's fused
 kernel: g = grad / grad_scale; p *= 1 - lr * wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 4096     # elements per program
-WARPS = 8
+BLOCK = 2048     # elements per program
+WARPS = 4
 # a row of the tensor table (int64 x 8): the addresses of param, grad, exp_avg, exp_avg_sq, step and the bf16 model
 # copy (0: none), the size, one unused column
 
