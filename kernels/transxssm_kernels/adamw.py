@@ -28,35 +28,34 @@ WARPS = 4
 
 
 @triton.jit
-def _pointer(row, column: tl.constexpr, dtype: tl.constexpr, ALIGNED: tl.constexpr):
-    ptr = tl.load(row + column).to(tl.pointer_type(dtype))
+def _pointer(address, dtype: tl.constexpr, ALIGNED: tl.constexpr):
+    ptr = address.to(tl.pointer_type(dtype))
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
     return ptr
 
 
 @triton.jit
-def _update(row, offs, mask, grad_scale_ptr, lr, beta1, beta2, eps, weight_decay, HAS_SCALE: tl.constexpr,
+def _update(row, offs, size, grad_scale_ptr, lr, beta1, beta2, eps, weight_decay, HAS_SCALE: tl.constexpr,
             MASKED: tl.constexpr, ALIGNED: tl.constexpr):
     """One block of one tensor. Unmasked (whole blocks) and with addresses known to be 16-byte aligned (ALIGNED),
     the loads and stores are 16-byte vectors: an address read from memory tells the compiler nothing about its
-    alignment, and a mask against a size read from memory none about where it changes."""
-    p_ptr = _pointer(row, 0, tl.float32, ALIGNED)
-    g_ptr = _pointer(row, 1, tl.float32, ALIGNED)
-    m_ptr = _pointer(row, 2, tl.float32, ALIGNED)
-    v_ptr = _pointer(row, 3, tl.float32, ALIGNED)
-    out = tl.load(row + 5)
-    step = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32)))
+    alignment, and a mask against a size read from memory none about where it changes. Masked-off lanes load
+    nothing and store nothing."""
     if MASKED:
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        mask = offs < size
     else:
-        p = tl.load(p_ptr + offs)
-        g = tl.load(g_ptr + offs)
-        m = tl.load(m_ptr + offs)
-        v = tl.load(v_ptr + offs)
+        mask = None
+    p_ptr = _pointer(tl.load(row + 0), tl.float32, ALIGNED)
+    g_ptr = _pointer(tl.load(row + 1), tl.float32, ALIGNED)
+    m_ptr = _pointer(tl.load(row + 2), tl.float32, ALIGNED)
+    v_ptr = _pointer(tl.load(row + 3), tl.float32, ALIGNED)
+    step = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32)))
+    out = tl.load(row + 5)
+    p = tl.load(p_ptr + offs, mask=mask)
+    g = tl.load(g_ptr + offs, mask=mask)
+    m = tl.load(m_ptr + offs, mask=mask)
+    v = tl.load(v_ptr + offs, mask=mask)
     if HAS_SCALE:
         g = g / tl.load(grad_scale_ptr)
     p = p * (1.0 - lr * weight_decay)
@@ -65,19 +64,12 @@ def _update(row, offs, mask, grad_scale_ptr, lr, beta1, beta2, eps, weight_decay
     bias1 = 1.0 - tl.exp2(step * tl.log2(beta1))
     bias2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
     p = p - (lr / bias1) * m / (tl.sqrt(v) / bias2_sqrt + eps)
-    copy = p.to(tl.bfloat16, fp_downcast_rounding="rtne")
-    if MASKED:
-        tl.store(p_ptr + offs, p, mask=mask)
-        tl.store(m_ptr + offs, m, mask=mask)
-        tl.store(v_ptr + offs, v, mask=mask)
-        if out != 0:
-            tl.store(_pointer(row, 5, tl.bfloat16, ALIGNED) + offs, copy, mask=mask)
-    else:
-        tl.store(p_ptr + offs, p)
-        tl.store(m_ptr + offs, m)
-        tl.store(v_ptr + offs, v)
-        if out != 0:
-            tl.store(_pointer(row, 5, tl.bfloat16, ALIGNED) + offs, copy)
+    tl.store(p_ptr + offs, p, mask=mask)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    if out != 0:
+        tl.store(_pointer(out, tl.bfloat16, ALIGNED) + offs, p.to(tl.bfloat16, fp_downcast_rounding="rtne"),
+                 mask=mask)
 
 
 @triton.jit
@@ -93,11 +85,9 @@ def adamw_kernel(table_ptr, block_tensor_ptr, block_index_ptr, grad_scale_ptr, f
     offs = first + tl.arange(0, BLOCK)
     size = tl.load(row + 6)
     if first + BLOCK <= size:
-        _update(row, offs, offs < size, grad_scale_ptr, lr, beta1, beta2, eps, weight_decay, HAS_SCALE, False,
-                ALIGNED)
+        _update(row, offs, size, grad_scale_ptr, lr, beta1, beta2, eps, weight_decay, HAS_SCALE, False, ALIGNED)
     else:
-        _update(row, offs, offs < size, grad_scale_ptr, lr, beta1, beta2, eps, weight_decay, HAS_SCALE, True,
-                ALIGNED)
+        _update(row, offs, size, grad_scale_ptr, lr, beta1, beta2, eps, weight_decay, HAS_SCALE, True, ALIGNED)
 
 
 class AdamWTable:
