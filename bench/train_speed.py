@@ -210,8 +210,8 @@ def launching_ops(prof, steps: int, most: int = 12) -> dict:
             while parent is not None and len(chain) < 3:
                 chain.append(parent.name)
                 parent = parent.cpu_parent
-            ops = by_kernel.setdefault(kernel.name[:60], {})
-            ops[" < ".join(chain)] = ops.get(" < ".join(chain), 0) + 1
+            ops, key = by_kernel.setdefault(kernel.name[:60], {}), " < ".join(chain)
+            ops[key] = ops.get(key, 0) + 1
     frequent = sorted(by_kernel, key=lambda k: -sum(by_kernel[k].values()))[:most]
     return {k: {chain: n // steps for chain, n in sorted(by_kernel[k].items(), key=lambda x: -x[1])[:4]}
             for k in frequent}
