@@ -6,10 +6,12 @@ on one GPU (mock data, a 4-layer 320m-shaped model, 4 sequences of 1,024 tokens 
   per-rank statistics per chunk), the norms on sequence shards, the AdamW kernel on split tensors;
 - PP = 2 with two virtual stages per rank (interleaved 1F1B): the LM head on the last stage, the tied embedding's
   gradient summed over the two stages.
-The losses and gradient norms of each step match the one-GPU run within relative 5e-3 and 3e-2: the layouts sum
-matmuls and reductions in other orders in bf16, which training at lr 1e-3 amplifies over the steps; a shard left
-stale, a gradient counted twice or dropped, or a wrong vocabulary slice is off by far more. The largest differences
-are printed (run with -s).
+The first step (the same weights and data) matches the one-GPU run within relative 1e-3 in loss and 1e-2 in
+gradient norm, and every step within 1e-2 and 5e-2: the layouts sum matmuls and reductions in other orders in
+bf16 (TP=2 reduces the row-parallel layers' partial outputs in bf16), which training at lr 1e-3 amplifies over the
+steps. Measured on two H200s (bench/results/gpu-tests-2gpu-2026-12-04.txt): at most 4.4e-3 in loss and 2.2e-2 in
+gradient norm (TP=2 + SP, by the last step). A shard left stale, a gradient counted twice or dropped, or a wrong
+vocabulary slice is off by far more. Each step's differences are printed (run with -s).
 
     python -m pytest tests/gpu/test_multi_gpu_train.py -q -s      # needs 2 GPUs
 """
@@ -31,7 +33,8 @@ SMALL = ["data.mode=mock", "model.num_layers=4", "model.attention_period=2", "mo
          "train.global_batch_size=4", "train.steps=6", "train.eval_interval=0", "train.eval_iters=0",
          "logging.interval=1", "logging.tensorboard=false", "optim.lr=1e-3", "checkpoint.interval=0",
          "checkpoint.save_at_end=false"]
-TOLERANCE = {"loss": 5e-3, "grad_norm": 3e-2}   # relative; see the module docstring
+FIRST_STEP = {"loss": 1e-3, "grad_norm": 1e-2}   # relative; see the module docstring
+EVERY_STEP = {"loss": 1e-2, "grad_norm": 5e-2}
 
 
 def train(run_dir: Path, gpus: int, *overrides: str) -> list[dict]:
@@ -59,7 +62,9 @@ def one_gpu(tmp_path_factory) -> list[dict]:
 def test_two_gpus_match_one(one_gpu, layout, tmp_path):
     two = train(tmp_path / "two", 2, *layout)
     assert [r["step"] for r in two] == [r["step"] for r in one_gpu] and two
-    worst = {key: max(abs(a[key] - b[key]) / abs(b[key]) for a, b in zip(two, one_gpu)) for key in TOLERANCE}
-    print(f"\n{' '.join(layout)}: largest relative difference to one GPU {worst}")
-    for key, tol in TOLERANCE.items():
-        assert worst[key] < tol, f"{key}: {[r[key] for r in two]} vs {[r[key] for r in one_gpu]}"
+    diffs = {key: [abs(a[key] - b[key]) / abs(b[key]) for a, b in zip(two, one_gpu)] for key in EVERY_STEP}
+    print(f"\n{' '.join(layout)}: relative difference to one GPU by step",
+          {key: [f"{d:.1e}" for d in values] for key, values in diffs.items()})
+    for key, values in diffs.items():
+        assert values[0] < FIRST_STEP[key] and max(values) < EVERY_STEP[key], \
+            f"{key}: {[r[key] for r in two]} vs {[r[key] for r in one_gpu]}"
