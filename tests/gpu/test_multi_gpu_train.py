@@ -9,17 +9,17 @@ pipeline stages from other random streams, so only a loaded model is the same mo
 - PP = 2 with two virtual stages per rank (interleaved 1F1B): the LM head on the last stage, the tied embedding's
   gradient summed over the two stages;
 - CP = 2: each rank half of every sequence, all-to-alls around the mixers.
-Step 5 (the same weights, optimizer state and data) matches within relative 1e-3 in loss and 1e-2 in gradient
-norm, steps 5-8 within 5e-3 and 3e-2: the layouts sum matmuls and reductions in other orders in bf16 (TP=2
-reduces the row-parallel layers' partial outputs in bf16), which training at lr 1e-3 amplifies over the steps. A
-shard left stale, a gradient counted twice or dropped, a wrong vocabulary slice or optimizer state loaded into the
-wrong shard is off by far more. Each step's differences are printed (run with -s).
+Every step matches within relative 1e-3 in loss and 1e-2 in gradient norm: the layouts sum matmuls and
+reductions in other orders in bf16 (TP=2 reduces the row-parallel layers' partial outputs in bf16), and the SSD's
+backward adds a few values with atomics. Measured on two H200s (bench/results/gpu-tests-2gpu-2026-12-04.txt): at
+most 6.4e-5 in loss and 1.8e-3 in gradient norm (PP=2). A shard left stale, a gradient counted twice or dropped, a
+wrong vocabulary slice or optimizer state loaded into the wrong shard is off by far more. Each step's differences
+are printed (run with -s).
 
     python -m pytest tests/gpu/test_multi_gpu_train.py -q -s      # needs 2 GPUs
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +34,7 @@ SMALL = ["data.mode=mock", "model.num_layers=4", "model.attention_period=2", "mo
          "train.seq_length=1024", "model.max_seq_length=1024", "train.micro_batch_size=2",
          "train.global_batch_size=4", "train.steps=8", "train.eval_interval=0", "train.eval_iters=0",
          "logging.interval=1", "logging.tensorboard=false", "optim.lr=1e-3", "checkpoint.save_at_end=false"]
-FIRST_STEP = {"loss": 1e-3, "grad_norm": 1e-2}   # relative; see the module docstring
-EVERY_STEP = {"loss": 5e-3, "grad_norm": 3e-2}
+TOLERANCE = {"loss": 1e-3, "grad_norm": 1e-2}   # relative; see the module docstring
 
 
 def train(run_dir: Path, gpus: int, *overrides: str) -> list[dict]:
@@ -68,9 +67,9 @@ def test_two_gpus_match_one(one_gpu, layout, tmp_path):
     one_gpu, checkpoint = one_gpu
     two = train(tmp_path / "two", 2, "checkpoint.interval=0", f"checkpoint.resume={checkpoint}", *layout)
     assert [r["step"] for r in two] == [r["step"] for r in one_gpu] == [5, 6, 7, 8]
-    diffs = {key: [abs(a[key] - b[key]) / abs(b[key]) for a, b in zip(two, one_gpu)] for key in EVERY_STEP}
+    diffs = {key: [abs(a[key] - b[key]) / abs(b[key]) for a, b in zip(two, one_gpu)] for key in TOLERANCE}
     print(f"\n{' '.join(layout)}: relative difference to one GPU by step",
           {key: [f"{d:.1e}" for d in values] for key, values in diffs.items()})
     for key, values in diffs.items():
-        assert values[0] < FIRST_STEP[key] and max(values) < EVERY_STEP[key], \
+        assert max(values) < TOLERANCE[key], \
             f"{key}: {[r[key] for r in two]} vs {[r[key] for r in one_gpu]}"
