@@ -81,7 +81,8 @@ class TritonAdamW(torch.optim.AdamW):
     group that also writes each main parameter's bf16 model copy (`model_copies`: main parameter -> the bf16
     tensor megatron would copy it into). Takes torch's `grad_scale` and `found_inf` attributes as its fused path
     does. Groups the kernel does not cover (amsgrad, maximize, a tensor lr, non-contiguous tensors) take torch's
-    fused step, and megatron's copy then runs as before (`wrote_model_params` False)."""
+    fused step, and megatron's copy then runs as before (`wrote_model_params` False); so it does after a step in
+    which some updated parameter had no entry in `model_copies`."""
 
     model_copies: dict
     wrote_model_params: bool = False
@@ -100,6 +101,7 @@ class TritonAdamW(torch.optim.AdamW):
 
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         tables = self.__dict__.setdefault("_tables", {})
+        wrote_all = True   # every updated parameter's model copy written: megatron's copy may be skipped
         for i, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -113,14 +115,16 @@ class TritonAdamW(torch.optim.AdamW):
             steps = [s["step"] for s in states]
             torch._foreach_add_(steps, 1.0)
             beta1, beta2 = group["betas"]
+            copies = [self.model_copies.get(p) for p in params]
+            wrote_all = wrote_all and all(c is not None for c in copies)
             adamw_step(tables.setdefault(i, AdamWTable()), params, [p.grad for p in params],
                        [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], steps,
-                       [self.model_copies.get(p) for p in params], lr=group["lr"], beta1=beta1, beta2=beta2,
+                       copies, lr=group["lr"], beta1=beta1, beta2=beta2,
                        eps=group["eps"], weight_decay=group["weight_decay"], grad_scale=grad_scale,
                        found_inf=found_inf)
             if found_inf is not None:   # a skipped update does not count
                 torch._foreach_sub_(steps, [found_inf] * len(steps))
-        self.wrote_model_params = True
+        self.wrote_model_params = wrote_all
 
 
 def _model_copies(megatron_opt) -> dict | None:
@@ -186,23 +190,24 @@ def use_fused_adamw(optimizer) -> str:
     TritonAdamW where it applies, else torch's fused kernels (CUDA and CPU), which TritonAdamW also falls back to.
     Returns a line for the log saying which ('' where no group uses one). Existing step counters move to the
     parameters' device (fused wants them there, as fp32)."""
-    fused_any, described = False, []
+    described = []
     for megatron_opt in _inner_optimizers(optimizer):
         inner = getattr(megatron_opt, "optimizer", None)
         if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             continue
+        fused_here = False
         for group in inner.param_groups:
             if not group["params"] or not all(p.dtype == torch.float32 for p in group["params"]):
                 continue
             group["fused"], group["foreach"] = True, False
-            fused_any = True
+            fused_here = True
             for p in group["params"]:
                 state = inner.state.get(p)
                 if state and torch.is_tensor(state.get("step")):
                     state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
                 elif state and "step" in state:
                     state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=p.device)
-        if fused_any:
+        if fused_here:
             described.append(_use_triton_adamw(megatron_opt))
     return "; ".join(dict.fromkeys(described))
 
