@@ -5,17 +5,28 @@
 Forward, input gradient and fp32-accumulated weight gradient (addmm into an fp32 buffer, as training's linear layers
 do) of in_proj, out_proj, fc1 and fc2 at 8,192 tokens, six times each: 72 products. Prints and writes the time per
 pass (eager, on a side stream, graph replay, eager again) and the kernels of one replay and one eager pass by name,
-memsets included. PyTorch reads CUBLAS_WORKSPACE_CONFIG once per process, so each setting needs its own run;
-docs/performance.md compares them.
+memsets included, with the date, commit, GPU, versions and the workspace setting. PyTorch reads
+CUBLAS_WORKSPACE_CONFIG once per process, so each setting needs its own run; docs/performance.md compares them.
 """
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from matmul_shapes import layers  # noqa: E402
+from run_record import environment  # noqa: E402
+
+from transxssm_megatron.config import ModelConfig  # noqa: E402
+from transxssm_megatron.training.wgrad_accumulation import accumulate_fp32  # noqa: E402
+
 TOKENS = 8192
-SHAPES = [(2048, 10240), (2048, 2048), (2048, 8192), (4096, 2048)] * 6   # (in, out): in_proj, out_proj, fc1, fc2
+LAYERS = ("ss in_proj", "ss out_proj", "ffn fc1", "ffn fc2")
+SHAPES = [(fan_in, fan_out) for name, fan_in, fan_out, _ in layers(ModelConfig.from_preset("1.3b"))
+          if name in LAYERS] * 6   # (in, out)
 
 
 def products(xs, ws, gs, main_grads):
@@ -24,7 +35,7 @@ def products(xs, ws, gs, main_grads):
     for x, w, g, main_grad in zip(xs, ws, gs, main_grads):
         outs.append(x @ w.t())
         outs.append(g @ w)
-        torch.addmm(main_grad, g.t(), x, out_dtype=torch.float32, out=main_grad)
+        accumulate_fp32(x, g, main_grad)
     return outs
 
 
@@ -62,7 +73,8 @@ def main(out_path):
     main_grads = [torch.zeros(o, i, device=dev, dtype=torch.float32) for i, o in SHAPES]
     work = lambda: products(xs, ws, gs, main_grads)
 
-    res = {"eager_ms": ms_per_call(work)}
+    res = {"benchmark": "cublas-workspace", **environment(),
+           "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"), "eager_ms": ms_per_call(work)}
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -87,4 +99,6 @@ def main(out_path):
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python bench/cublas_workspace.py OUT.json")
+    if not torch.cuda.is_available():
+        sys.exit("bench/cublas_workspace.py needs a CUDA GPU")
     main(sys.argv[1])
