@@ -1,5 +1,5 @@
-"""What every benchmark result records about its run: date, commit, GPU, library versions and the command; and
-the GPU's clock and power while a run lasts.
+"""What every benchmark result records about its run: date, commit, GPU, library versions and the command; the
+GPU's clock and power while a run lasts; and the spreading of a benchmark's runs over the GPUs of one machine.
 
     from run_record import GpuClocks, environment     # bench/ is on sys.path when a bench script runs
     result = {"benchmark": "NAME", **environment("triton", "megatron.core"), ...}
@@ -17,7 +17,9 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Callable, Sequence, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,18 +77,19 @@ def summarize_clocks(lines: list[str], busy_watts: float = 300.0) -> dict | None
 
 
 class GpuClocks:
-    """nvidia-smi sampling GPU 0's SM clock, power draw, power limit and clock event reasons every 0.5 s into `path`
-    while the `with` block lasts; nothing where nvidia-smi is missing."""
+    """nvidia-smi sampling one GPU's SM clock, power draw, power limit and clock event reasons every 0.5 s into
+    `path` while the `with` block lasts; nothing where nvidia-smi is missing. `gpu` is nvidia-smi's index (the
+    machine's numbering, which CUDA_VISIBLE_DEVICES does not change: `GpuSlot.smi_index`)."""
 
     QUERY = "clocks.sm,power.draw,power.limit,clocks_throttle_reasons.active"
 
-    def __init__(self, path: Path):
-        self.path, self.proc = Path(path), None
+    def __init__(self, path: Path, gpu: str = "0"):
+        self.path, self.gpu, self.proc = Path(path), gpu, None
 
     def __enter__(self):
         if shutil.which("nvidia-smi"):
             with open(self.path, "w") as out:
-                self.proc = subprocess.Popen(["nvidia-smi", "-i", "0", f"--query-gpu={self.QUERY}",
+                self.proc = subprocess.Popen(["nvidia-smi", "-i", self.gpu, f"--query-gpu={self.QUERY}",
                                               "--format=csv,noheader,nounits", "-lms", "500"],
                                              stdout=out, stderr=subprocess.DEVNULL)
         return self
@@ -101,3 +104,53 @@ class GpuClocks:
         if self.proc is None or not self.path.exists():
             return None
         return summarize_clocks(self.path.read_text().splitlines())
+
+
+class GpuSlot:
+    """The i-th GPU this process may use: `env` for a child process that should see only it, `smi_index` for
+    nvidia-smi (CUDA_VISIBLE_DEVICES="2,3" makes slot 1 the machine's GPU 3)."""
+
+    def __init__(self, i: int):
+        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        self.index, self.smi_index = i, visible[i] if visible else str(i)
+        self.env = {**os.environ, "CUDA_VISIBLE_DEVICES": self.smi_index}
+
+
+Item, Result = TypeVar("Item"), TypeVar("Result")
+
+
+def on_gpus(items: Sequence[Item], gpus: int, work: Callable[[Item, GpuSlot], Result],
+            done: Callable[[list], None] = lambda results: None) -> list[Result]:
+    """work(item, slot) for every item, `gpus` of them at once, each on a GPU of its own: a GPU takes the next item
+    as soon as its last one ends. After each item, done(results so far, in the items' order, None where not run
+    yet). Returns the results in the items' order; the first error stops the handing out of items and is raised."""
+    results: list = [None] * len(items)
+    lock, pending, errors = threading.Lock(), list(enumerate(items)), []
+
+    def worker(slot: GpuSlot) -> None:
+        while True:
+            with lock:
+                if errors or not pending:
+                    return
+                i, item = pending.pop(0)
+            try:
+                result = work(item, slot)
+            except BaseException as error:   # re-raised in the caller's thread
+                with lock:
+                    errors.append(error)
+                return
+            with lock:
+                results[i] = result
+                done(list(results))
+
+    if gpus == 1:
+        worker(GpuSlot(0))
+    else:
+        threads = [threading.Thread(target=worker, args=(GpuSlot(g),), daemon=True) for g in range(gpus)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
+    return results

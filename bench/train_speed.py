@@ -27,9 +27,14 @@ optimizer, ...), and the GPU time and launches per step of its 80 largest kernel
 and schedule) and compares the loss curves step by step; --curve-variants trains others too (e.g.
 fused,reference,no-wgrad-fusion), each compared with the first.
 
+--gpus N spreads the rows over N GPUs of the machine (the table's rows take ~12 minutes one after another): each
+row runs on one GPU, its runs of ours and then its baseline one after the other, so that every ratio compares two
+runs of one GPU; a GPU takes the next row when it is free.
+
 Writes OUT/train-speed.json: `rows` (one object per row: model, seq_length, micro_batch_size, ours_tokens_per_s,
 anchor_tokens_per_s, ours_mfu, mem_gib, and per-variant details), the date, commit, GPU and versions, and every
-command. Prints a short table at the end.
+command (with --gpus, `gpu_index` per row); each row's processes log to OUT/train-speed-ROW.log. Prints a short
+table at the end.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from run_record import GpuClocks, environment  # noqa: E402
+from run_record import GpuClocks, GpuSlot, environment, on_gpus  # noqa: E402
 from transxssm_megatron.training.metrics import read_metrics  # noqa: E402
 
 # name: (config, anchor architecture or None, size, seq_length, micro_batch_size)
@@ -92,25 +97,26 @@ def run_config_overrides(row: str, steps: int, interval: int, accumulation: int,
         "checkpoint.interval=0", "checkpoint.save_at_end=false", "checkpoint.resume=none", f"logging.run_dir={run_dir}"]
 
 
-def run(cmd: list[str], log, timeout_s: float) -> tuple[int | str, float]:
+def run(cmd: list[str], log, timeout_s: float, slot: GpuSlot) -> tuple[int | str, float]:
     log.write(f"\n===== {' '.join(cmd)}\n")
     log.flush()
     started = time.monotonic()
     try:
-        rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+        rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s,
+                            env=slot.env).returncode
     except subprocess.TimeoutExpired:
         rc = "timeout"
     return rc, time.monotonic() - started
 
 
-def ours(row: str, variant: str, accumulation: int, args, log) -> dict:
+def ours(row: str, variant: str, accumulation: int, args, log, slot: GpuSlot) -> dict:
     run_dir = Path(args.work) / f"{row}-{variant}-acc{accumulation}"
     steps = max(7, args.micro_batches // accumulation)
     config, overrides = run_config_overrides(row, steps, max(1, steps // 6), accumulation, run_dir)
     cmd = [sys.executable, "-m", "transxssm_megatron.cli", "train", "--config", config, *overrides,
            *VARIANTS[variant], *args.override]
-    with GpuClocks(Path(args.work) / f"{row}-{variant}-acc{accumulation}-clocks.csv") as clocks:
-        rc, wall = run(cmd, log, args.timeout)
+    with GpuClocks(Path(args.work) / f"{row}-{variant}-acc{accumulation}-clocks.csv", slot.smi_index) as clocks:
+        rc, wall = run(cmd, log, args.timeout, slot)
     records, _ = read_metrics(run_dir / "metrics.jsonl")
     steady = [r for r in records if "tokens_per_s" in r][1:]
     med = lambda k: statistics.median(r[k] for r in steady) if steady and k in steady[0] else None
@@ -120,7 +126,7 @@ def ours(row: str, variant: str, accumulation: int, args, log) -> dict:
             "losses": [round(r["loss"], 4) for r in records if "loss" in r], "gpu_clocks": clocks.summary()}
 
 
-def anchor(row: str, args, log) -> dict | None:
+def anchor(row: str, args, log, slot: GpuSlot) -> dict | None:
     _, arch, size, seq, mbs = ROWS[row]
     if arch is None or not args.anchor:
         return None
@@ -130,8 +136,8 @@ def anchor(row: str, args, log) -> dict | None:
     log.flush()
     started = time.monotonic()
     try:
-        with GpuClocks(Path(args.work) / f"{row}-anchor-clocks.csv") as clocks:
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
+        with GpuClocks(Path(args.work) / f"{row}-anchor-clocks.csv", slot.smi_index) as clocks:
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout, env=slot.env)
         rc, text = proc.returncode, proc.stdout
         log.write(proc.stdout + proc.stderr[-3000:])
     except subprocess.TimeoutExpired:
@@ -260,7 +266,7 @@ def loss_curves(args, log) -> dict:
         run_dir = Path(args.work) / f"curve-{variant}"
         cmd = [sys.executable, "-m", "transxssm_megatron.cli", "train", "--config", "configs/320m.yaml", *common,
                f"logging.run_dir={run_dir}", *VARIANTS[variant]]
-        rc, wall = run(cmd, log, args.timeout)
+        rc, wall = run(cmd, log, args.timeout, GpuSlot(0))
         records, _ = read_metrics(run_dir / "metrics.jsonl")
         curves[variant] = {"command": " ".join(cmd), "exit_code": rc, "wall_s": round(wall, 1),
                            "loss": [r["loss"] for r in records if "loss" in r]}
@@ -272,6 +278,40 @@ def loss_curves(args, log) -> dict:
             "max_abs_diff": {v: max(d, default=None) for v, d in diffs.items()},
             "mean_abs_diff_last_50": {v: statistics.mean(d[tail]) if n else None for v, d in diffs.items()},
             "mean_loss_last_50": {v: statistics.mean(c["loss"][tail]) if n else None for v, c in curves.items()}}
+
+
+def measure_row(row: str, runs: list[tuple[str, int]], args, log, slot: GpuSlot) -> tuple[dict, list]:
+    """One row on one GPU: each run of ours, then the baseline script, then the profiles asked for."""
+    config, arch, size, seq, mbs = ROWS[row]
+    entry = {"model": f"{config.split('_')[0] if '_' in config else 'transxssm'}_{size}", "seq_length": seq,
+             "micro_batch_size": mbs, **({"gpu_index": slot.index} if args.gpus > 1 else {}), "variants": {}}
+    for variant, acc in runs:
+        name = f"{variant}/acc{acc}"
+        entry["variants"][name] = ours(row, variant, acc, args, log, slot)
+        print(f"[bench] {row} {name}: {entry['variants'][name]['tokens_per_s']}", flush=True)
+    entry["anchor"] = anchor(row, args, log, slot)
+    # The headline: the default path (fused, no graph) at the largest accumulation measured, and the same at
+    # one micro-batch per step (the baseline script's step) for the strict comparison.
+    default = "graph" if any(v == "graph" for v, _ in runs) else "fused"
+    accs = sorted(acc for v, acc in runs if v == default) or [1]
+    main = entry["variants"].get(f"{default}/acc{accs[-1]}", {})
+    strict = entry["variants"].get(f"{default}/acc1", {})
+    entry.update(ours_variant=default, micro_batches_per_step=accs[-1],
+                 ours_tokens_per_s=main.get("tokens_per_s"),
+                 ours_mfu=main.get("mfu"), mem_gib=main.get("mem_gib"),
+                 ours_tokens_per_s_one_micro_batch_per_step=strict.get("tokens_per_s"),
+                 anchor_tokens_per_s=(entry["anchor"] or {}).get("tokens_per_s"),
+                 anchor_mem_gib=(entry["anchor"] or {}).get("mem_gib"))
+    profiles = []
+    for variant in filter(None, args.profile.split(",")):
+        cmd = [sys.executable, __file__, "--out", str(args.out), "--profile-only", row, variant,
+               "--work", args.work, *(f"--override={o}" for o in args.override)]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout, env=slot.env)
+        log.write(proc.stdout[-5000:] + proc.stderr[-5000:])
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("PROFILE ")), None)
+        profiles.append(json.loads(line[8:]) if line else
+                        {"row": row, "variant": variant, "error": proc.stderr[-800:]})
+    return entry, profiles
 
 
 def main() -> int:
@@ -296,6 +336,8 @@ def main() -> int:
     parser.add_argument("--curve-variants", default="fused,reference",
                         help="variants trained for --loss-curve, compared with the first (names as for --variants)")
     parser.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/transxssm_speed"))
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs of this machine to spread the rows over: each "
+                        "row (its runs, then its baseline) on one GPU, the next row on the next GPU free")
     args = parser.parse_args()
     if args.profile_only:  # child process of --profile: print the breakdown as one JSON line
         print("PROFILE " + json.dumps(profile(*args.profile_only, args)), flush=True)
@@ -311,6 +353,13 @@ def main() -> int:
          if v and v not in VARIANTS]
     if unknown:
         parser.error(f"unknown row or variant: {', '.join(unknown)}")
+    if args.gpus > 1:
+        import torch
+
+        if torch.cuda.device_count() < args.gpus:
+            parser.error(f"--gpus {args.gpus}: this machine shows {torch.cuda.device_count()} GPU(s)")
+    elif args.gpus < 1:
+        parser.error("--gpus must be 1 or more")
     if args.loss_curve and (len(curve) < 2 or len(set(curve)) < len(curve)):
         parser.error(f"--curve-variants needs two or more different variants, got {args.curve_variants!r}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -319,43 +368,22 @@ def main() -> int:
         args.anchor = str(Path(args.anchor).resolve())
     path = args.out / "train-speed.json"
     result = {"benchmark": "train-speed", **environment("triton", "megatron.core"), "overrides": args.override,
-              "rows": [], "profiles": []}
-    with open(args.out / "train-speed.log", "a") as log:
-        for row in rows:
-            config, arch, size, seq, mbs = ROWS[row]
-            entry = {"model": f"{config.split('_')[0] if '_' in config else 'transxssm'}_{size}", "seq_length": seq,
-                     "micro_batch_size": mbs, "variants": {}}
-            for variant, acc in runs:
-                name = f"{variant}/acc{acc}"
-                entry["variants"][name] = ours(row, variant, acc, args, log)
-                print(f"[bench] {row} {name}: {entry['variants'][name]['tokens_per_s']}", flush=True)
-            entry["anchor"] = anchor(row, args, log)
-            # The headline: the default path (fused, no graph) at the largest accumulation measured, and the same at
-            # one micro-batch per step (the baseline script's step) for the strict comparison.
-            default = "graph" if any(v == "graph" for v, _ in runs) else "fused"
-            accs = sorted(acc for v, acc in runs if v == default) or [1]
-            main = entry["variants"].get(f"{default}/acc{accs[-1]}", {})
-            strict = entry["variants"].get(f"{default}/acc1", {})
-            entry.update(ours_variant=default, micro_batches_per_step=accs[-1],
-                         ours_tokens_per_s=main.get("tokens_per_s"),
-                         ours_mfu=main.get("mfu"), mem_gib=main.get("mem_gib"),
-                         ours_tokens_per_s_one_micro_batch_per_step=strict.get("tokens_per_s"),
-                         anchor_tokens_per_s=(entry["anchor"] or {}).get("tokens_per_s"),
-                         anchor_mem_gib=(entry["anchor"] or {}).get("mem_gib"))
-            result["rows"].append(entry)
-            if args.profile:
-                for variant in args.profile.split(","):
-                    cmd = [sys.executable, __file__, "--out", str(args.out), "--profile-only", row, variant,
-                           "--work", args.work, *(f"--override={o}" for o in args.override)]
-                    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
-                    log.write(proc.stdout[-5000:] + proc.stderr[-5000:])
-                    line = next((x for x in proc.stdout.splitlines() if x.startswith("PROFILE ")), None)
-                    result["profiles"].append(json.loads(line[8:]) if line else
-                                              {"row": row, "variant": variant, "error": proc.stderr[-800:]})
-            path.write_text(json.dumps(result, indent=1))
-        if args.loss_curve:
+              "gpus": args.gpus, "rows": [], "profiles": []}
+
+    def measure(row: str, slot: GpuSlot) -> tuple[dict, list]:
+        with open(args.out / f"train-speed-{row}.log", "a") as log:
+            return measure_row(row, runs, args, log, slot)
+
+    def save(done: list) -> None:
+        result["rows"] = [entry for entry, _ in filter(None, done)]
+        result["profiles"] = [p for _, profiles in filter(None, done) for p in profiles]
+        path.write_text(json.dumps(result, indent=1))
+
+    on_gpus(rows, args.gpus, measure, save)
+    if args.loss_curve:
+        with open(args.out / "train-speed.log", "a") as log:
             result["loss_curve"] = loss_curves(args, log)
-            path.write_text(json.dumps(result, indent=1))
+        path.write_text(json.dumps(result, indent=1))
     print(f"\n{'row':<22}{'variant':<16}{'tok/s':>10}{'MFU':>7}{'GiB':>6}{'anchor':>10}{'ratio':>7}")
     for entry, row in zip(result["rows"], rows):
         for name, v in entry["variants"].items():

@@ -1,5 +1,6 @@
 """bench/run_record.py's GPU clock record: nvidia-smi's samples summarised over the busy ones (the run, not its
-start-up), unreadable lines skipped, and nothing recorded where nvidia-smi is missing (this machine)."""
+start-up), unreadable lines skipped, and nothing recorded where nvidia-smi is missing (this machine); and on_gpus,
+which spreads a benchmark's rows over the GPUs of one machine."""
 
 from __future__ import annotations
 
@@ -46,3 +47,46 @@ def test_sampler_writes_while_the_block_lasts(tmp_path):
     with run_record.GpuClocks(tmp_path / "clocks.csv"):
         time.sleep(1.2)
     assert (tmp_path / "clocks.csv").read_text().strip()
+
+
+def test_on_gpus_runs_every_item_once_on_gpus_at_once_in_order():
+    import threading
+
+    both_busy = threading.Barrier(2, timeout=10)   # broken unless two items run at the same time
+    seen, snapshots = [], []
+
+    def work(item, slot):
+        if item < 2:
+            both_busy.wait()
+        seen.append((item, slot.index))
+        return item * 10
+
+    results = run_record.on_gpus(list(range(5)), 2, work, snapshots.append)
+    assert results == [0, 10, 20, 30, 40]
+    assert sorted(i for i, _ in seen) == list(range(5))
+    assert {gpu for i, gpu in seen if i < 2} == {0, 1}
+    assert len(snapshots) == 5 and snapshots[-1] == results
+    assert all(len(s) == 5 and sum(x is not None for x in s) == n + 1 for n, s in enumerate(snapshots))
+
+
+def test_on_gpus_stops_handing_out_items_after_an_error():
+    started = []
+
+    def work(item, slot):
+        started.append(item)
+        if item == 1:
+            raise RuntimeError("row 1 failed")
+        return item
+
+    with pytest.raises(RuntimeError, match="row 1 failed"):
+        run_record.on_gpus([0, 1, 2, 3], 1, work)
+    assert started == [0, 1]
+
+
+def test_gpu_slot_follows_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    slot = run_record.GpuSlot(1)
+    assert (slot.index, slot.smi_index, slot.env["CUDA_VISIBLE_DEVICES"]) == (1, "3", "3")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    slot = run_record.GpuSlot(1)
+    assert (slot.smi_index, slot.env["CUDA_VISIBLE_DEVICES"]) == ("1", "1")
