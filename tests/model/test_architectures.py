@@ -70,23 +70,39 @@ def test_architecture_trains(overrides):
 
 
 def _grads_with_recompute(recompute):
+    """Gradients of one step and the bytes autograd saved outside recomputed sub-layers; recompute: None (off), "all"
+    or the number of decoder layers recomputed (megatron's "block" method)."""
     from transxssm_megatron.model import build_model, build_transformer_config
+    from transxssm_megatron.training.loop import recompute_settings
 
     cfg = ModelConfig.from_preset("tiny", num_layers=2, attention_period=2, attention_offset=1, vocab_size=512,
                                   ffn_hidden_size=256, ss_chunk_size=16)
-    extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}
+    extra = {} if recompute is None else recompute_settings(None if recompute == "all" else recompute)
     torch.manual_seed(0)
     model = build_model(cfg, build_transformer_config(cfg, **extra))
     tokens = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(1))
-    model(tokens[:, :-1], None, labels=tokens[:, 1:]).mean().backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters()}
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens[:, :-1], None, labels=tokens[:, 1:]).mean()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved)
 
 
-def test_full_activation_recompute_gives_the_same_gradients():
-    plain = run_distributed(_grads_with_recompute, 1, False)[0]
-    recomputed = run_distributed(_grads_with_recompute, 1, True)[0]
+def test_activation_recompute_gives_the_same_gradients_and_saves_less():
+    """Every sub-layer recomputed, or only the first decoder layer (SS mixer + FFN) of two: the same gradients, and
+    autograd keeps fewer activations the more is recomputed."""
+    plain, plain_bytes = run_distributed(_grads_with_recompute, 1, None)[0]
+    block, block_bytes = run_distributed(_grads_with_recompute, 1, 1)[0]
+    full, full_bytes = run_distributed(_grads_with_recompute, 1, "all")[0]
     for name in plain:
-        torch.testing.assert_close(recomputed[name], plain[name], atol=1e-7, rtol=1e-5)
+        torch.testing.assert_close(block[name], plain[name], atol=1e-7, rtol=1e-5)
+        torch.testing.assert_close(full[name], plain[name], atol=1e-7, rtol=1e-5)
+    assert plain_bytes > block_bytes > full_bytes
 
 
 def _init_stats(depth_scaled):

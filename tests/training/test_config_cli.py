@@ -50,6 +50,17 @@ def test_bad_values_are_rejected_by_name(override, message):
     assert message in str(err.value)
 
 
+def test_recompute_layers_are_checked_against_a_pipeline_stage():
+    load = lambda *o: RunConfig.load(REPO / "configs/tiny.yaml", list(o))   # 8 decoder layers
+    assert load("train.recompute=true", "train.recompute_layers=8").train.recompute_layers == 8
+    with pytest.raises(ConfigError, match="train.recompute_layers: needs train.recompute=true"):
+        load("train.recompute_layers=2")
+    with pytest.raises(ConfigError, match="train.recompute_layers: 5; give 1 to 4, the decoder layers of a pipeline"):
+        load("train.recompute=true", "train.recompute_layers=5", "parallel.pp=2")
+    with pytest.raises(ConfigError, match="train.recompute_layers: 0; give 1 to 8"):
+        load("train.recompute=true", "train.recompute_layers=0")
+
+
 def test_batch_layout_errors_name_the_fields():
     cfg = RunConfig.load(REPO / "configs/tiny.yaml", ["train.global_batch_size=12", "train.micro_batch_size=8"])
     with pytest.raises(ConfigError, match="train.global_batch_size: 12 is not a multiple of micro_batch_size"):

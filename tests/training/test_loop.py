@@ -302,11 +302,12 @@ def _step_with(run_dir: Path, **train):
         parallel.teardown()
 
 
-@pytest.mark.parametrize("option", [{"recompute": True}, {"fused": False}], ids=["recompute", "unfused"])
+@pytest.mark.parametrize("option", [{"recompute": True}, {"recompute": True, "recompute_layers": 3}, {"fused": False}],
+                         ids=["recompute", "recompute-3-layers", "unfused"])
 def test_speed_options_keep_loss_and_gradients(tmp_path, option):
-    """train.recompute (activations recomputed in backward) and train.fused=false (megatron's LM head and
-    cross-entropy instead of the chunked one) change no result: same loss and gradients as the default (fp32,
-    relative 1e-6 and 1e-5)."""
+    """train.recompute (activations recomputed in backward: all layers, or the first 3 of 8) and train.fused=false
+    (megatron's LM head and cross-entropy instead of the chunked one) change no result: same loss and gradients as
+    the default (fp32, relative 1e-6 and 1e-5)."""
     loss, grads = _step_with(tmp_path / "default")
     other_loss, other_grads = _step_with(tmp_path / "other", **option)
     assert grads.abs().sum() > 0

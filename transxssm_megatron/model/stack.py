@@ -10,9 +10,10 @@ Two changes to HybridStack, made here once:
    function (`fused_ops.skip_add_norm`), so the loop carries both h and RMSNorm(h) from layer to layer.
 Layer construction, pipeline-segment bookkeeping, `set_input_tensor` and `sharded_state_dict` are HybridStack's.
 
-Activation recomputation: with `recompute_granularity == "full"` every sub-layer is recomputed in backward
-(torch.utils.checkpoint, non-reentrant; CPU and GPU alike). megatron's TransformerConfig also demands
-`recompute_method` / `recompute_num_layers` then; they are accepted and not used.
+Activation recomputation: with `recompute_granularity == "full"` each sub-layer is recomputed in backward
+(torch.utils.checkpoint, non-reentrant; CPU and GPU alike): every one with `recompute_method == "uniform"`, the first
+`recompute_num_layers` sub-layers of this stack (one pipeline or virtual stage) with "block", as megatron's
+TransformerBlock does.
 """
 
 from __future__ import annotations
@@ -41,12 +42,14 @@ class TransXSSMStack(HybridStack):
             hidden_states = self.input_tensor
         if isinstance(hidden_states, WrappedTensor):
             hidden_states = hidden_states.unwrap()
-        recompute = self.config.recompute_granularity == "full" and self.training
+        c = self.config
+        recompute = c.recompute_granularity == "full" and self.training
+        recomputed = len(self.layers) if c.recompute_method != "block" else c.recompute_num_layers
         last = self.final_norm if self.post_process and self.post_layer_norm else None
         next_norms = [layer.norm for layer in self.layers[1:]] + [last]
         normed = self.layers[0].norm(hidden_states)
-        for layer, next_norm in zip(self.layers, next_norms):
-            if recompute:
+        for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
+            if recompute and i < recomputed:
                 hidden_states, normed = torch.utils.checkpoint.checkpoint(
                     layer, hidden_states, normed, rotary_pos_emb, next_norm, use_reentrant=False)
             else:

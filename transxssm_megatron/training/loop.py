@@ -68,8 +68,7 @@ def build_model_chunks(cfg: RunConfig, world: parallel.World, bf16: bool) -> lis
         batch_p2p_sync=world.on_gpu and not world.vpp,
         batch_p2p_comm=world.on_gpu and not world.vpp,
         gradient_accumulation_fusion=uses_wgrad_fusion(cfg, world) and wgrad_accumulation.install(),
-        **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-           if cfg.train.recompute else {}),
+        **(recompute_settings(cfg.train.recompute_layers) if cfg.train.recompute else {}),
     )
     chunks = []
     for vp_stage in range(world.vpp or 1):
@@ -94,6 +93,14 @@ def build_model_chunks(cfg: RunConfig, world: parallel.World, bf16: bool) -> lis
             model = Float16Module(tconfig, model)
         wrapped.append(DistributedDataParallel(tconfig, ddp_config, model, disable_bucketing=i > 0))
     return wrapped
+
+
+def recompute_settings(decoder_layers: Optional[int]) -> dict:
+    """TransformerConfig's recompute fields: every sub-layer (None), or megatron's "block" method over the first
+    `decoder_layers` of each model chunk, counted in HybridStack sub-layers (two per decoder layer)."""
+    if decoder_layers is None:
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=2 * decoder_layers)
 
 
 def count_parameters(chunks) -> int:

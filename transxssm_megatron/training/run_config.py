@@ -58,6 +58,9 @@ class TrainConfig:
                                          # the CPU's kernel launches out of the step (GPU only)
     recompute: bool = False              # recompute each sub-layer's activations in backward: far less activation
                                          # memory (long contexts, larger micro-batches) for ~1/3 more compute
+    recompute_layers: Optional[int] = None  # with `recompute`: only the first N decoder layers of each pipeline
+                                         # (or virtual) stage are recomputed, the rest keep their activations;
+                                         # None: all layers
     exit_after_steps: Optional[int] = None  # stop (with a checkpoint) after reaching this step; for demos/tests
     time_limit_minutes: Optional[float] = None  # stop (with a checkpoint) once training ran this long
 
@@ -306,6 +309,13 @@ class RunConfig:
         if self.checkpoint.keep_last < 0:
             raise ConfigError(f"checkpoint.keep_last: {self.checkpoint.keep_last}; give the number of checkpoints "
                               f"to keep, or 0 to keep all")
+        if t.recompute_layers is not None:
+            per_stage = self.model.num_layers // (p.pp * (p.vpp or 1))
+            if not t.recompute:
+                raise ConfigError("train.recompute_layers: needs train.recompute=true (or recompute_layers: null)")
+            if not 1 <= t.recompute_layers <= per_stage:
+                raise ConfigError(f"train.recompute_layers: {t.recompute_layers}; give 1 to {per_stage}, the decoder "
+                                  f"layers of a pipeline stage (or null: all of them)")
         if p.vpp is not None and (p.vpp < 2 or p.pp < 2):
             raise ConfigError(f"parallel.vpp: {p.vpp}; virtual pipeline stages need parallel.pp >= 2 and vpp >= 2 "
                               f"(or vpp: null)")
