@@ -9,6 +9,7 @@
   twice or dropped moves the gradient norm by far more;
 - a run resumed from its step-4 checkpoint (fused AdamW state, distributed optimizer) continues with the losses
   and gradient norms of the uninterrupted run (the same tolerances);
+- the same with the CUDA graph, validating every 2 steps: the eager run's training and validation losses;
 - AdamW by transxssm_kernels.adamw, writing the bf16 parameters itself (the default), gives the losses and
   gradient norms of torch's fused AdamW followed by megatron's copy (TRANSXSSM_ADAMW=torch; the same
   tolerances): parameters left stale, or updated twice, would move them by far more.
@@ -61,6 +62,30 @@ def test_cuda_graph_matches_eager(tmp_path):
     graph = train(tmp_path / "graph", "checkpoint.interval=0", "train.cuda_graph=true")
     assert len({r["loss"] for r in eager}) > 1, "losses do not move: the comparison would prove nothing"
     assert_same_steps(graph, eager)
+
+
+def test_cuda_graph_with_validation_and_resume(tmp_path):
+    """Validation every 2 steps between replayed ones, and a run resumed from
+    a checkpoint into a new graph: the eager run's training and validation losses (the same tolerances)."""
+    evals = ["train.eval_interval=2", "train.eval_iters=1"]
+    eager = train(tmp_path / "eager", "checkpoint.interval=0", *evals)
+    graph = train(tmp_path / "graph", "checkpoint.interval=4", "train.cuda_graph=true", *evals)
+    checkpoint = tmp_path / "graph" / "checkpoints" / "iter_0000004"
+    resumed = train(tmp_path / "resumed", "checkpoint.interval=0", "train.cuda_graph=true", *evals,
+                    f"checkpoint.resume={checkpoint}")
+    assert_same_steps(graph, eager)
+    assert_same_steps(resumed, eager[4:])
+
+    def validation(run: str) -> list[tuple[int, float]]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["val_loss"]) for r in map(json.loads, lines) if "val_loss" in r]
+
+    want = validation("eager")
+    assert len(want) >= 4
+    for run, expected in (("graph", want), ("resumed", [v for v in want if v[0] > 4])):
+        got = validation(run)
+        assert [s for s, _ in got] == [s for s, _ in expected], run
+        assert all(abs(a - b) / abs(b) < TOLERANCE["loss"] for (_, a), (_, b) in zip(got, expected)), (got, expected)
 
 
 def test_wgrad_fusion_matches_separate_add(tmp_path):
