@@ -65,8 +65,8 @@ def test_cuda_graph_matches_eager(tmp_path):
 
 
 def test_cuda_graph_with_validation_and_resume(tmp_path):
-    """Validation every 2 steps between replayed ones, and a run resumed from
-    a checkpoint into a new graph: the eager run's training and validation losses (the same tolerances)."""
+    """Validation every 2 steps between replayed ones, and a run resumed from a checkpoint into a new graph: the
+    eager run's training and validation losses (the same tolerances)."""
     evals = ["train.eval_interval=2", "train.eval_iters=1"]
     eager = train(tmp_path / "eager", "checkpoint.interval=0", *evals)
     graph = train(tmp_path / "graph", "checkpoint.interval=4", "train.cuda_graph=true", *evals)
