@@ -24,10 +24,10 @@ import triton.language as tl
 
 WIDTH = 4
 # Tiles (positions x channels). The backward keeps four x tiles, the gradient and per-channel sums live: 16 x 64
-# compiles for sm_90 to 253 registers without spills (bench/ssd_registers.py's compiler; 16 x 128 spills), and a
-# program takes 16 tiles, 256 positions, to keep few partial weight sums.
+# over 8 warps compiles for sm_90 to 128 registers a thread (Triton 3.6 and 3.8; over 4 warps 253-255, 16 x 128
+# spills), and a program takes 16 tiles, 256 positions, to keep few partial weight sums.
 BLOCK_T, BLOCK_C = 32, 128
-BLOCK_T_BWD, BLOCK_C_BWD, TILES_PER_PROGRAM = 16, 64, 16
+BLOCK_T_BWD, BLOCK_C_BWD, TILES_PER_PROGRAM, WARPS_BWD = 16, 64, 16, 8
 
 
 @triton.jit
@@ -182,7 +182,8 @@ class _ConvSplit(torch.autograd.Function):
         conv_bwd_kernel[grid](proj, weight, bias, *pieces, dproj, dw_part, db_part, l, channels, conv_width,
                               z_width, group_width, x_width, n, proj.stride(0), proj.stride(1),
                               *(st for g in pieces for st in g.stride()[:3]), dproj.stride(0), dproj.stride(1),
-                              tiles=TILES_PER_PROGRAM, BT=BLOCK_T_BWD, BC=BLOCK_C_BWD)
+                              tiles=TILES_PER_PROGRAM, BT=BLOCK_T_BWD, BC=BLOCK_C_BWD,
+                              num_warps=WARPS_BWD)
         dweight = dw_part.sum(dim=(0, 1)).view(weight.shape).to(weight.dtype)
         dbias = db_part.sum(dim=(0, 1)).to(bias.dtype)
         return dproj.view(proj.shape), None, None, dweight, dbias

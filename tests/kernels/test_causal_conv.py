@@ -61,7 +61,7 @@ from triton.compiler import ASTSource
 from ssd_registers import TARGET, ptxas_report
 from transxssm_kernels import causal_conv as cc
 
-def report(kernel, constexprs):
+def report(kernel, constexprs, warps):
     sig, consts, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -71,10 +71,10 @@ def report(kernel, constexprs):
                 else "i32"
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-    return ptxas_report(triton.compile(src, target=TARGET, options=dict(num_warps=4)).asm["ptx"])
+    return ptxas_report(triton.compile(src, target=TARGET, options=dict(num_warps=warps)).asm["ptx"])
 
-print(report(cc.conv_fwd_kernel, dict(BT=cc.BLOCK_T, BC=cc.BLOCK_C)))
-print(report(cc.conv_bwd_kernel, dict(BT=cc.BLOCK_T_BWD, BC=cc.BLOCK_C_BWD, tiles=cc.TILES_PER_PROGRAM)))
+print(report(cc.conv_fwd_kernel, dict(BT=cc.BLOCK_T, BC=cc.BLOCK_C), 4))
+print(report(cc.conv_bwd_kernel, dict(BT=cc.BLOCK_T_BWD, BC=cc.BLOCK_C_BWD, tiles=cc.TILES_PER_PROGRAM), cc.WARPS_BWD))
 """
 
 
