@@ -54,42 +54,13 @@ def test_conv_split_refuses_other_widths():
         conv_split(torch.zeros(5, 1, 2 * 30), 2, (0, 10, 10, 10), torch.zeros(30, 1, 4), torch.zeros(30))
 
 
-SM90_REPORT = """
-import sys, triton
-sys.path.insert(0, "bench")
-from triton.compiler import ASTSource
-from ssd_registers import TARGET, ptxas_report
-from transxssm_kernels import causal_conv as cc
-
-def report(kernel, constexprs, warps):
-    sig, consts, attrs = {}, {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            sig[name], consts[(i,)] = "constexpr", constexprs[name]
-        else:   # bf16 tensors, fp32 partial sums, 16-divisible integers and pointers, as a launch specialises them
-            sig[name] = ("*fp32" if name in ("dw_part_ptr", "db_part_ptr") else "*bf16") if name.endswith("_ptr") \\
-                else "i32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-    return ptxas_report(triton.compile(src, target=TARGET, options=dict(num_warps=warps)).asm["ptx"])
-
-print(report(cc.conv_fwd_kernel, dict(BT=cc.BLOCK_T, BC=cc.BLOCK_C), 4))
-print(report(cc.conv_bwd_kernel, dict(BT=cc.BLOCK_T_BWD, BC=cc.BLOCK_C_BWD, tiles=cc.TILES_PER_PROGRAM), cc.WARPS_BWD))
-"""
-
-
 def test_conv_kernels_compile_for_sm90_without_spills():
-    """The GPU-only compile path (LLVM, PTX, ptxas for the H200) at the launch's tiles, here without a GPU."""
-    import ast
-    import subprocess
-    import sys
-    from pathlib import Path
+    """The GPU-only compile path at the launch's tiles and warps, here without a GPU."""
+    from sm90_report import sm90_reports
+    from transxssm_kernels import causal_conv as cc
 
-    repo = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", SM90_REPORT], cwd=repo, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    for line in out.stdout.splitlines()[-2:]:
-        report = ast.literal_eval(line)
-        assert 0 < report["registers"] <= 255 and report["spill_store_bytes"] == 0, out.stdout
+    kernels = [["conv_fwd_kernel", {"BT": cc.BLOCK_T, "BC": cc.BLOCK_C}, 4],
+               ["conv_bwd_kernel", {"BT": cc.BLOCK_T_BWD, "BC": cc.BLOCK_C_BWD, "tiles": cc.TILES_PER_PROGRAM},
+                cc.WARPS_BWD]]
+    for report in sm90_reports("transxssm_kernels.causal_conv", kernels, ["dw_part_ptr", "db_part_ptr"]):
+        assert 0 < report["registers"] <= 255 and report["spill_store_bytes"] == 0, report

@@ -273,8 +273,8 @@ def causal_conv_silu(xbc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 @fusible
-def gate_norm(y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor, weight: torch.Tensor,
-              eps: float, group_size: int) -> torch.Tensor:
+def _gate_norm(y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor, weight: torch.Tensor,
+               eps: float, group_size: int) -> torch.Tensor:
     """Mamba-2's output gate: RMSNorm((y + D x) * silu(z)) over groups of `group_size` channels, times weight.
 
     y, x, z (l, b, H, P); D (H,) or None; weight (H * P,). Returns (l, b, H * P); fp32 math, y's dtype out."""
@@ -286,3 +286,18 @@ def gate_norm(y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None, z: torch
     grouped = out.reshape(l, b, -1, group_size)
     grouped = grouped * torch.rsqrt(grouped.pow(2).mean(dim=-1, keepdim=True) + eps)
     return (grouped.reshape(l, b, -1) * weight.float()).to(y.dtype)
+
+
+def gate_norm(y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor, weight: torch.Tensor,
+              eps: float, group_size: int) -> torch.Tensor:
+    """`_gate_norm`; on CUDA with fusion on, the Triton kernels of transxssm_kernels.gate_norm, whose backward reads
+    the inputs once (Inductor's read them once per weight gradient: see that module)."""
+    _announce(y.device.type)
+    if _enabled and y.is_cuda:
+        from transxssm_kernels.gate_norm import gate_norm as gate_norm_kernels
+
+        return gate_norm_kernels(y, x, D, z, weight, eps, group_size)
+    return _gate_norm(y, x, D, z, weight, eps, group_size)
+
+
+gate_norm.reference = _gate_norm.reference
