@@ -1,8 +1,9 @@
 """The Mamba-2 mixer's input split with its causal depthwise conv1d + SiLU, forward and backward as Triton kernels.
 
 In: the in_proj output proj (l, b, G * (z + c)), laid out per group as [z | x B C] (c = x + 2N channels), a conv
-weight (G * c, 1, 4) and bias (G * c,). Out: z, a view of proj, and silu(conv(xBC)) as one (l, b, G, c) tensor.
-The conv runs along l, causally (zeros before the start), each channel on its own.
+weight (G * c, 1, 4) and bias (G * c,). Out: z, a view of proj, and x, B, C, views of silu(conv(xBC) + bias),
+one (l, b, G, c) tensor. The conv runs along l, causally (zeros before the start), each channel on its own; the
+gradients of x, B and C may come as separate tensors of any strides.
 
 Why not torch.compile: Inductor wrote the conv as shifted multiply-adds into a padded fp32 copy of x|B|C, and its
 backward as four kernels plus a reduction for the weight gradient; on an H200 that took ~1.1 ms per 320m layer
