@@ -47,15 +47,22 @@ def _load_x(proj_ptr, t, b, column, mask_c, length, stride_l, stride_b):
 
 
 @triton.jit
+def _weights(w_ptr, c, mask_c):
+    """The four taps of each channel's conv weight (C, 1, 4) as fp32 rows."""
+    w = w_ptr + c * 4
+    return (tl.load(w, mask=mask_c, other=0.0).to(tl.float32)[None, :],
+            tl.load(w + 1, mask=mask_c, other=0.0).to(tl.float32)[None, :],
+            tl.load(w + 2, mask=mask_c, other=0.0).to(tl.float32)[None, :],
+            tl.load(w + 3, mask=mask_c, other=0.0).to(tl.float32)[None, :])
+
+
+@triton.jit
 def conv_fwd_kernel(proj_ptr, w_ptr, bias_ptr, out_ptr, length, channels, conv_width, z_width, group_width,
                     stride_l, stride_b, out_stride_l, out_stride_b, BT: tl.constexpr, BC: tl.constexpr):
     pid_t, b, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, column, mask_c = _channels(pid_c, channels, conv_width, z_width, group_width, BC)
     t = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)[:, None]
-    w0 = tl.load(w_ptr + c * 4 + 0, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    w1 = tl.load(w_ptr + c * 4 + 1, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    w2 = tl.load(w_ptr + c * 4 + 2, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    w3 = tl.load(w_ptr + c * 4 + 3, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    w0, w1, w2, w3 = _weights(w_ptr, c, mask_c)
     acc = tl.load(bias_ptr + c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     acc += w0 * _load_x(proj_ptr, t - 3, b, column, mask_c, length, stride_l, stride_b)
     acc += w1 * _load_x(proj_ptr, t - 2, b, column, mask_c, length, stride_l, stride_b)
@@ -97,10 +104,7 @@ def conv_bwd_kernel(proj_ptr, w_ptr, bias_ptr, dx_ptr, db_ptr, dc_ptr, dproj_ptr
                     tiles: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     pid_t, b, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     c, column, mask_c = _channels(pid_c, channels, conv_width, z_width, group_width, BC)
-    w0 = tl.load(w_ptr + c * 4 + 0, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    w1 = tl.load(w_ptr + c * 4 + 1, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    w2 = tl.load(w_ptr + c * 4 + 2, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    w3 = tl.load(w_ptr + c * 4 + 3, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    w0, w1, w2, w3 = _weights(w_ptr, c, mask_c)
     bias = tl.load(bias_ptr + c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     dw0 = tl.zeros((BC,), tl.float32)
     dw1 = tl.zeros((BC,), tl.float32)
