@@ -10,6 +10,7 @@
 - a run resumed from its step-4 checkpoint (fused AdamW state, distributed optimizer) continues with the losses
   and gradient norms of the uninterrupted run (the same tolerances);
 - the same with the CUDA graph, validating every 2 steps: the eager run's training and validation losses;
+- activations recomputed in 2 of the 4 layers and in all: the same losses and gradient norms, less peak memory;
 - AdamW by transxssm_kernels.adamw, writing the bf16 parameters itself (the default), gives the losses and
   gradient norms of torch's fused AdamW followed by megatron's copy (TRANSXSSM_ADAMW=torch; the same
   tolerances): parameters left stale, or updated twice, would move them by far more.
@@ -86,6 +87,18 @@ def test_cuda_graph_with_validation_and_resume(tmp_path):
         got = validation(run)
         assert [s for s, _ in got] == [s for s, _ in expected], run
         assert all(abs(a - b) / abs(b) < TOLERANCE["loss"] for (_, a), (_, b) in zip(got, expected)), (got, expected)
+
+
+def test_recompute_layers_trade_memory_for_the_same_losses(tmp_path):
+    """train.recompute on 2 of the 4 layers, and on all: the losses of the run without, and a lower peak of
+    allocated memory the more layers are recomputed."""
+    runs = {name: train(tmp_path / name, "checkpoint.interval=0", *extra) for name, extra in
+            (("none", []), ("two", ["train.recompute=true", "train.recompute_layers=2"]),
+             ("all", ["train.recompute=true"]))}
+    for name in ("two", "all"):
+        assert_same_steps(runs[name], runs["none"])
+    peak = {name: max(r.get("mem_peak_gib", 0) for r in records) for name, records in runs.items()}
+    assert peak["none"] > peak["two"] > peak["all"] > 0, peak
 
 
 def test_wgrad_fusion_matches_separate_add(tmp_path):
