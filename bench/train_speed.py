@@ -27,7 +27,7 @@ optimizer, ...), and the GPU time and launches per step of its 80 largest kernel
 and schedule) and compares the loss curves step by step; --curve-variants trains others too (e.g.
 fused,reference,no-wgrad-fusion), each compared with the first.
 
---gpus N spreads the rows over N GPUs of the machine (the table's rows take ~12 minutes one after another): each
+--gpus N spreads the rows over N GPUs of the machine (the table's rows take ~680 s one after another): each
 row runs on one GPU, its runs of ours and then its baseline one after the other, so that every ratio compares two
 runs of one GPU; a GPU takes the next row when it is free.
 
