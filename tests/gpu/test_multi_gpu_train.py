@@ -8,7 +8,9 @@ pipeline stages from other random streams, so only a loaded model is the same mo
   per-rank statistics per chunk), the norms on sequence shards, the AdamW kernel on split tensors;
 - PP = 2 with two virtual stages per rank (interleaved 1F1B): the LM head on the last stage, the tied embedding's
   gradient summed over the two stages;
-- CP = 2: each rank half of every sequence, all-to-alls around the mixers.
+- CP = 2: each rank half of every sequence, all-to-alls around the mixers;
+- DP = 2 with the gradient reduce-scatter and the parameter all-gather overlapped with compute, and a resume from
+  its checkpoint (which must hold the last update of every weight, not only of the rank's own shard).
 Every step matches within relative 1e-3 in loss and 1e-2 in gradient norm: the layouts sum matmuls and
 reductions in other orders in bf16 (TP=2 reduces the row-parallel layers' partial outputs in bf16), and the SSD's
 backward adds a few values with atomics. Measured on two H200s (bench/results/gpu-tests-2gpu-2026-12-04.txt): at
@@ -37,14 +39,14 @@ SMALL = ["data.mode=mock", "model.num_layers=4", "model.attention_period=2", "mo
 TOLERANCE = {"loss": 1e-3, "grad_norm": 1e-2}   # relative; see the module docstring
 
 
-def train(run_dir: Path, gpus: int, *overrides: str) -> list[dict]:
+def train(run_dir: Path, gpus: int, *overrides: str, expect: str = "AdamW: one Triton launch") -> list[dict]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
     cmd = [*launcher, "-m", "transxssm_megatron.cli", "train", "--config", "configs/320m.yaml", *SMALL,
            f"logging.run_dir={run_dir}", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
-    assert "AdamW: one Triton launch" in log, log[-2000:]
+    assert "AdamW: one Triton launch" in log and expect in log, log[-2000:]
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "loss" in r]
 
@@ -66,10 +68,27 @@ def one_gpu(tmp_path_factory) -> tuple[list[dict], Path]:
 def test_two_gpus_match_one(one_gpu, layout, tmp_path):
     one_gpu, checkpoint = one_gpu
     two = train(tmp_path / "two", 2, "checkpoint.interval=0", f"checkpoint.resume={checkpoint}", *layout)
-    assert [r["step"] for r in two] == [r["step"] for r in one_gpu] == [5, 6, 7, 8]
-    diffs = {key: [abs(a[key] - b[key]) / abs(b[key]) for a, b in zip(two, one_gpu)] for key in TOLERANCE}
-    print(f"\n{' '.join(layout)}: relative difference to one GPU by step",
+    assert_matches(two, one_gpu, " ".join(layout))
+
+
+def test_overlapped_data_parallel_matches_one_and_saves_the_update(one_gpu, tmp_path):
+    """DP = 2 with the gradient reduce-scatter and the parameter all-gather overlapped with compute; its
+    checkpoint at step 6, taken before a next forward has gathered step 6's update, resumes (without overlap)
+    into steps 7-8 that match too: a stale half of the weights in the checkpoint would not."""
+    one_gpu, checkpoint = one_gpu
+    overlap = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"]
+    two = train(tmp_path / "two", 2, "checkpoint.interval=2", f"checkpoint.resume={checkpoint}", *overlap,
+                expect="gradient reduce and parameter all-gather overlapped with compute")
+    assert_matches(two, one_gpu, "overlapped")
+    saved = tmp_path / "two" / "checkpoints" / "iter_0000006"
+    resumed = train(tmp_path / "resumed", 2, "checkpoint.interval=0", f"checkpoint.resume={saved}")
+    assert_matches(resumed, one_gpu[2:], "resumed from the overlapped run's step 6")
+
+
+def assert_matches(two: list[dict], one: list[dict], label: str) -> None:
+    assert [r["step"] for r in two] == [r["step"] for r in one] and two
+    diffs = {key: [abs(a[key] - b[key]) / abs(b[key]) for a, b in zip(two, one)] for key in TOLERANCE}
+    print(f"\n{label}: relative difference to one GPU by step",
           {key: [f"{d:.1e}" for d in values] for key, values in diffs.items()})
     for key, values in diffs.items():
-        assert max(values) < TOLERANCE[key], \
-            f"{key}: {[r[key] for r in two]} vs {[r[key] for r in one_gpu]}"
+        assert max(values) < TOLERANCE[key], f"{key}: {[r[key] for r in two]} vs {[r[key] for r in one]}"

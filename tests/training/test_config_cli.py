@@ -6,11 +6,14 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from transxssm_megatron.cli import main
 from transxssm_megatron.config import ConfigError, ModelConfig
+from transxssm_megatron.training.loop import describe_speed_paths, overlapped_communication
 from transxssm_megatron.training.metrics import layer_forward_flops_per_token, train_flops_per_token
+from transxssm_megatron.training.parallel import World
 from transxssm_megatron.training.run_config import RunConfig, parse_overrides
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,6 +62,35 @@ def test_recompute_layers_are_checked_against_a_pipeline_stage():
         load("train.recompute=true", "train.recompute_layers=5", "parallel.pp=2")
     with pytest.raises(ConfigError, match="train.recompute_layers: 0; give 1 to 8"):
         load("train.recompute=true", "train.recompute_layers=0")
+
+
+def test_overlap_param_gather_needs_its_partners():
+    load = lambda *o: RunConfig.load(REPO / "configs/tiny.yaml", list(o))
+    both = ("parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true")
+    assert load(*both).parallel.overlap_param_gather is True
+    with pytest.raises(ConfigError, match="parallel.overlap_param_gather: needs parallel.use_distributed_optimizer"):
+        load("parallel.overlap_param_gather=true")
+    with pytest.raises(ConfigError, match="parallel.overlap_param_gather: needs parallel.use_distributed_optimizer"):
+        load(*both, "parallel.use_distributed_optimizer=false")
+    with pytest.raises(ConfigError, match="parallel.overlap_param_gather: a CUDA graph replay skips the hooks"):
+        load(*both, "train.cuda_graph=true")
+
+
+
+@pytest.mark.parametrize("device, dp, cp, gradients, parameters", [
+    ("cuda", 2, 1, True, True), ("cuda", 1, 2, True, True),   # data- or context-parallel ranks to talk to
+    ("cuda", 1, 1, False, False),                               # one rank: nothing to overlap
+    ("cpu", 2, 1, True, False),                                 # no distributed optimizer on CPU: no gather
+])
+def test_overlap_is_on_where_there_is_something_to_overlap(device, dp, cp, gradients, parameters):
+    cfg = RunConfig.load(REPO / "configs/tiny.yaml", ["parallel.overlap_grad_reduce=true",
+                                                      "parallel.overlap_param_gather=true"])
+    world = World(rank=0, world_size=dp * cp, local_rank=0, device=torch.device(device), tp=1, pp=1, vpp=None,
+                  dp=dp, cp=cp)
+    assert overlapped_communication(cfg, world) == {"overlap_grad_reduce": gradients,
+                                                    "overlap_param_gather": parameters}
+    line = describe_speed_paths(cfg, world)
+    assert ("gradient reduce" in line) == gradients and ("parameter all-gather" in line) == parameters
 
 
 def test_batch_layout_errors_name_the_fields():

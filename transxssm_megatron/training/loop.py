@@ -81,10 +81,8 @@ def build_model_chunks(cfg: RunConfig, world: parallel.World, bf16: bool) -> lis
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        # Gradient reduce-scatter / all-reduce of each bucket as soon as its gradients are ready, overlapping the
-        # rest of the backward (over the data-parallel x context-parallel ranks; nothing to overlap without them).
-        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce and world.dp * world.cp > 1,
         use_distributed_optimizer=world.on_gpu and cfg.parallel.use_distributed_optimizer,
+        **overlapped_communication(cfg, world),
         check_for_nan_in_grad=False,  # we detect NaN/inf ourselves and skip the step instead of crashing
     )
     wrapped = []
@@ -93,6 +91,17 @@ def build_model_chunks(cfg: RunConfig, world: parallel.World, bf16: bool) -> lis
             model = Float16Module(tconfig, model)
         wrapped.append(DistributedDataParallel(tconfig, ddp_config, model, disable_bucketing=i > 0))
     return wrapped
+
+
+def overlapped_communication(cfg: RunConfig, world: parallel.World) -> dict:
+    """DDP's overlap settings, each on only where it has something to overlap: the gradient reduce(-scatter) of
+    each bucket as soon as its gradients are ready, while the backward goes on; the distributed optimizer's
+    all-gather of the updated parameters bucket by bucket, in forward hooks as the next forward reaches them,
+    instead of all at once after the step. Both over the data-parallel x context-parallel ranks."""
+    data_parallel = world.dp * world.cp > 1
+    distributed_optimizer = world.on_gpu and cfg.parallel.use_distributed_optimizer
+    return dict(overlap_grad_reduce=cfg.parallel.overlap_grad_reduce and data_parallel,
+                overlap_param_gather=cfg.parallel.overlap_param_gather and distributed_optimizer and data_parallel)
 
 
 def recompute_settings(decoder_layers: Optional[int]) -> dict:
@@ -141,7 +150,11 @@ def describe_speed_paths(cfg: RunConfig, world: parallel.World) -> str:
     else:
         ops = "elementwise ops eager on CPU (fusion needs CUDA), chunked LM head + cross-entropy"
     graph = ", forward+backward replayed as a CUDA graph" if cfg.train.cuda_graph else ""
-    return f"speed: {ops}{graph}"
+    overlap = overlapped_communication(cfg, world)
+    overlapped = [name for name, key in (("gradient reduce", "overlap_grad_reduce"),
+                                         ("parameter all-gather", "overlap_param_gather")) if overlap[key]]
+    overlapped = f", {' and '.join(overlapped)} overlapped with compute" if overlapped else ""
+    return f"speed: {ops}{graph}{overlapped}"
 
 
 def release_cuda_graphs(wrapper) -> None:
@@ -370,6 +383,9 @@ class Trainer:
 
     def save_checkpoint(self, reason: str) -> Path:
         self.settle()   # the schedule, skip count and history must include the last step
+        for chunk in self.model:
+            if chunk.ddp_config.overlap_param_gather:   # the last update's all-gather waits for the next forward:
+                chunk.start_param_sync(force_sync=True)  # do it now, so every saved weight is the updated one
         t0 = time.perf_counter()
         path = self.checkpoints.save(self.step, self.model, self.optimizer, self.scheduler, self.train_state())
         self.print(f"[train] checkpoint ({reason}) at step {self.step} -> {path} "

@@ -55,8 +55,9 @@ def build_optimizer(cfg, model_chunks, world, bf16: bool):
     """megatron get_megatron_optimizer over the DDP-wrapped chunks, with our weight-decay groups."""
     from megatron.core.optimizer import get_megatron_optimizer
 
-    return get_megatron_optimizer(optimizer_config(cfg, world, bf16), model_chunks,
-                                  config_overrides=no_weight_decay_overrides())
+    config = optimizer_config(cfg, world, bf16)
+    config.overlap_param_gather = any(chunk.ddp_config.overlap_param_gather for chunk in model_chunks)
+    return get_megatron_optimizer(config, model_chunks, config_overrides=no_weight_decay_overrides())
 
 
 def build_scheduler(cfg, optimizer):

@@ -32,6 +32,8 @@ class ParallelConfig:
                                          # to head shards around attention and the SS scan (docs/training.md)
     use_distributed_optimizer: bool = True  # shard optimizer state over DP (GPU only; CPU uses the plain one)
     overlap_grad_reduce: bool = False    # reduce each gradient bucket over DP while the backward goes on
+    overlap_param_gather: bool = False   # all-gather each bucket's updated parameters (distributed optimizer)
+                                         # during the next forward, as its layers need them
 
 
 @dataclass
@@ -321,6 +323,13 @@ class RunConfig:
                               f"(or vpp: null)")
         if p.sequence_parallel and p.tp == 1:
             raise ConfigError("parallel.sequence_parallel: needs parallel.tp > 1")
+        if p.overlap_param_gather:
+            if not (p.use_distributed_optimizer and p.overlap_grad_reduce):
+                raise ConfigError("parallel.overlap_param_gather: needs parallel.use_distributed_optimizer=true and "
+                                  "parallel.overlap_grad_reduce=true")
+            if t.cuda_graph:
+                raise ConfigError("parallel.overlap_param_gather: a CUDA graph replay skips the hooks that wait for "
+                                  "the gathered parameters; set train.cuda_graph=false or overlap_param_gather=false")
         if p.cp < 1:
             raise ConfigError(f"parallel.cp: {p.cp}; the context parallel size must be >= 1")
         blocks = p.cp * (p.tp if p.sequence_parallel else 1)
