@@ -107,23 +107,26 @@ class GpuClocks:
 
 
 class GpuSlot:
-    """The i-th GPU this process may use: `env` for a child process that should see only it, `smi_index` for
-    nvidia-smi (CUDA_VISIBLE_DEVICES="2,3" makes slot 1 the machine's GPU 3)."""
+    """The i-th group of `count` GPUs this process may use: `env` for a child process that should see only them,
+    `smi_index` for nvidia-smi, the machine's index of the group's first GPU (CUDA_VISIBLE_DEVICES="2,3" makes
+    slot 1 the machine's GPU 3)."""
 
-    def __init__(self, i: int):
+    def __init__(self, i: int, count: int = 1):
         visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-        self.index, self.smi_index = i, visible[i] if visible else str(i)
-        self.env = {**os.environ, "CUDA_VISIBLE_DEVICES": self.smi_index}
+        gpus = [visible[g] if visible else str(g) for g in range(i * count, (i + 1) * count)]
+        self.index, self.smi_index = i, gpus[0]
+        self.env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus)}
 
 
 Item, Result = TypeVar("Item"), TypeVar("Result")
 
 
 def on_gpus(items: Sequence[Item], gpus: int, work: Callable[[Item, GpuSlot], Result],
-            done: Callable[[list], None] = lambda results: None) -> list[Result]:
-    """work(item, slot) for every item, `gpus` of them at once, each on a GPU of its own: a GPU takes the next item
-    as soon as its last one ends. After each item, done(results so far, in the items' order, None where not run
-    yet). Returns the results in the items' order; the first error stops the handing out of items and is raised."""
+            done: Callable[[list], None] = lambda results: None, per_item: int = 1) -> list[Result]:
+    """work(item, slot) for every item, gpus // per_item of them at once, each on `per_item` GPUs of its own: a
+    slot takes the next item as soon as its last one ends. After each item, done(results so far, in the items'
+    order, None where not run yet). Returns the results in the items' order; the first error stops the handing
+    out of items and is raised."""
     results: list = [None] * len(items)
     lock, pending, errors = threading.Lock(), list(enumerate(items)), []
 
@@ -143,10 +146,11 @@ def on_gpus(items: Sequence[Item], gpus: int, work: Callable[[Item, GpuSlot], Re
                 results[i] = result
                 done(list(results))
 
-    if gpus == 1:
-        worker(GpuSlot(0))
+    slots = gpus // per_item
+    if slots == 1:
+        worker(GpuSlot(0, per_item))
     else:
-        threads = [threading.Thread(target=worker, args=(GpuSlot(g),), daemon=True) for g in range(gpus)]
+        threads = [threading.Thread(target=worker, args=(GpuSlot(g, per_item),), daemon=True) for g in range(slots)]
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -1,4 +1,4 @@
-"""Training speed on one GPU: `transxssm train` beside a compiled plain-PyTorch baseline, and where the time goes.
+"""Training speed per GPU: `transxssm train` beside a compiled plain-PyTorch baseline, and where the time goes.
 
     python bench/train_speed.py --out DIR [--rows 320m_4k,1.3b_4k] [--variants fused,graph,reference]
                                 [--accumulation 1,8] [--anchor PATH] [--profile fused,reference]
@@ -11,6 +11,7 @@ share), variants being:
   fused      the default: elementwise work compiled, chunked LM head + cross-entropy, fused AdamW
   graph      fused + train.cuda_graph=true (forward+backward replayed as one CUDA graph)
   recompute  fused + train.recompute=true (activations recomputed in backward: long contexts)
+  overlap    fused + the gradient reduce-scatter and parameter all-gather overlapped with compute (--nproc > 1)
   reference  train.fused=false: the eager path the fused one is checked against
   graph-no-wgrad-fusion  graph, weight gradients formed in bf16 and added to the fp32 buffer by a separate kernel
   no-wgrad-fusion        fused, weight gradients formed in bf16 and added by a separate kernel
@@ -30,11 +31,15 @@ fused,reference,no-wgrad-fusion), each compared with the first.
 --gpus N spreads the rows over N GPUs of the machine (the table's rows take ~680 s one after another): each
 row runs on one GPU, its runs of ours and then its baseline one after the other, so that every ratio compares two
 runs of one GPU; a GPU takes the next row when it is free.
+--nproc N trains each run of ours under torchrun on N GPUs (data-parallel, or the layout an --override sets:
+parallel.tp=2, ...), each data-parallel rank accumulating the same micro-batches per step as one GPU would; its
+tokens/s per GPU is compared with the one-GPU baseline. Variant `overlap` overlaps the gradient reduce-scatter and
+the parameter all-gather with compute (docs/training.md). A row then takes N of the --gpus.
 
 Writes OUT/train-speed.json: `rows` (one object per row: model, seq_length, micro_batch_size, ours_tokens_per_s,
-anchor_tokens_per_s, ours_mfu, mem_gib, and per-variant details), the date, commit, GPU and versions, and every
-command (with --gpus, `gpu_index` per row); each row's processes log to OUT/train-speed-ROW.log. Prints a short
-table at the end.
+anchor_tokens_per_s, ours_mfu, mem_gib, and per-variant details; with --nproc, `processes` and tokens/s per GPU),
+the date, commit, GPU and versions, and every command (with --gpus, `gpu_index` per row); each row's processes
+log to OUT/train-speed-ROW.log. Prints a short table at the end (the ratio per GPU).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 from run_record import GpuClocks, GpuSlot, environment, on_gpus  # noqa: E402
 from transxssm_megatron.training.metrics import read_metrics  # noqa: E402
+from transxssm_megatron.training.run_config import RunConfig  # noqa: E402
 
 # name: (config, anchor architecture or None, size, seq_length, micro_batch_size)
 ROWS = {
@@ -68,6 +74,7 @@ ROWS = {
     "1.3b_32k": ("1.3b", "hybrid", "1.3b", 32768, 1),
 }
 VARIANTS = {"fused": [], "graph": ["train.cuda_graph=true"], "recompute": ["train.recompute=true"],
+            "overlap": ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"],
             "reference": ["train.fused=false"],
             "graph-no-wgrad-fusion": ["train.cuda_graph=true", "train.wgrad_fusion=false"],
             "no-wgrad-fusion": ["train.wgrad_fusion=false"]}
@@ -87,14 +94,17 @@ KINDS = [
 ]
 
 
-def run_config_overrides(row: str, steps: int, interval: int, accumulation: int, run_dir: Path
-                         ) -> tuple[str, list[str]]:
+def run_config_overrides(row: str, steps: int, interval: int, accumulation: int, run_dir: Path,
+                         layout: tuple[str, ...] = (), processes: int = 1) -> tuple[str, list[str]]:
+    """The row's config file and overrides: `accumulation` micro-batches per step on each data-parallel rank of
+    `processes` ranks laid out by the `layout` overrides (parallel.tp=2, ...)."""
     config, _, _, seq, mbs = ROWS[row]
+    dp = RunConfig.load(REPO / "configs" / f"{config}.yaml", list(layout)).data_parallel_size(processes)
     return f"configs/{config}.yaml", [
-        "data.mode=mock", f"train.seq_length={seq}", f"model.max_seq_length={seq}",
-        f"train.micro_batch_size={mbs}", f"train.global_batch_size={mbs * accumulation}", f"train.steps={steps}",
-        "train.eval_interval=0", "train.eval_iters=0", f"logging.interval={interval}", "logging.tensorboard=false",
-        "checkpoint.interval=0", "checkpoint.save_at_end=false", "checkpoint.resume=none", f"logging.run_dir={run_dir}"]
+        "data.mode=mock", f"train.seq_length={seq}", f"model.max_seq_length={seq}", f"train.micro_batch_size={mbs}",
+        f"train.global_batch_size={mbs * accumulation * dp}", f"train.steps={steps}", "train.eval_interval=0",
+        "train.eval_iters=0", f"logging.interval={interval}", "logging.tensorboard=false", "checkpoint.interval=0",
+        "checkpoint.save_at_end=false", "checkpoint.resume=none", f"logging.run_dir={run_dir}"]
 
 
 def run(cmd: list[str], log, timeout_s: float, slot: GpuSlot) -> tuple[int | str, float]:
@@ -112,16 +122,22 @@ def run(cmd: list[str], log, timeout_s: float, slot: GpuSlot) -> tuple[int | str
 def ours(row: str, variant: str, accumulation: int, args, log, slot: GpuSlot) -> dict:
     run_dir = Path(args.work) / f"{row}-{variant}-acc{accumulation}"
     steps = max(7, args.micro_batches // accumulation)
-    config, overrides = run_config_overrides(row, steps, max(1, steps // 6), accumulation, run_dir)
-    cmd = [sys.executable, "-m", "transxssm_megatron.cli", "train", "--config", config, *overrides,
-           *VARIANTS[variant], *args.override]
+    chosen = (*VARIANTS[variant], *args.override)
+    config, overrides = run_config_overrides(row, steps, max(1, steps // 6), accumulation, run_dir, chosen,
+                                             args.nproc)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"] \
+        if args.nproc > 1 else []
+    cmd = [sys.executable, *launcher, "-m", "transxssm_megatron.cli", "train", "--config", config, *overrides,
+           *chosen]
     with GpuClocks(Path(args.work) / f"{row}-{variant}-acc{accumulation}-clocks.csv", slot.smi_index) as clocks:
         rc, wall = run(cmd, log, args.timeout, slot)
     records, _ = read_metrics(run_dir / "metrics.jsonl")
     steady = [r for r in records if "tokens_per_s" in r][1:]
     med = lambda k: statistics.median(r[k] for r in steady) if steady and k in steady[0] else None
-    return {"command": " ".join(cmd), "exit_code": rc, "wall_s": round(wall, 1), "tokens_per_s": med("tokens_per_s"),
-            "mfu": med("mfu"), "tflops_per_gpu": med("tflops_per_device"), "step_time_s": med("step_time_s"),
+    tokens_per_s = med("tokens_per_s")
+    return {"command": " ".join(cmd), "exit_code": rc, "wall_s": round(wall, 1), "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_gpu": tokens_per_s / args.nproc if tokens_per_s else None, "mfu": med("mfu"),
+            "tflops_per_gpu": med("tflops_per_device"), "step_time_s": med("step_time_s"),
             "mem_gib": max((r.get("mem_peak_gib", 0) for r in records), default=None),
             "losses": [round(r["loss"], 4) for r in records if "loss" in r], "gpu_clocks": clocks.summary()}
 
@@ -284,7 +300,8 @@ def measure_row(row: str, runs: list[tuple[str, int]], args, log, slot: GpuSlot)
     """One row on one GPU: each run of ours, then the baseline script, then the profiles asked for."""
     config, arch, size, seq, mbs = ROWS[row]
     entry = {"model": f"{config.split('_')[0] if '_' in config else 'transxssm'}_{size}", "seq_length": seq,
-             "micro_batch_size": mbs, **({"gpu_index": slot.index} if args.gpus > 1 else {}), "variants": {}}
+             "micro_batch_size": mbs, **({"processes": args.nproc} if args.nproc > 1 else {}),
+             **({"gpu_index": slot.index} if args.gpus > args.nproc else {}), "variants": {}}
     for variant, acc in runs:
         name = f"{variant}/acc{acc}"
         entry["variants"][name] = ours(row, variant, acc, args, log, slot)
@@ -298,7 +315,8 @@ def measure_row(row: str, runs: list[tuple[str, int]], args, log, slot: GpuSlot)
     strict = entry["variants"].get(f"{default}/acc1", {})
     entry.update(ours_variant=default, micro_batches_per_step=accs[-1],
                  ours_tokens_per_s=main.get("tokens_per_s"),
-                 ours_mfu=main.get("mfu"), mem_gib=main.get("mem_gib"),
+                 ours_tokens_per_s_per_gpu=main.get("tokens_per_s_per_gpu"), ours_mfu=main.get("mfu"),
+                 mem_gib=main.get("mem_gib"),
                  ours_tokens_per_s_one_micro_batch_per_step=strict.get("tokens_per_s"),
                  anchor_tokens_per_s=(entry["anchor"] or {}).get("tokens_per_s"),
                  anchor_mem_gib=(entry["anchor"] or {}).get("mem_gib"))
@@ -336,8 +354,11 @@ def main() -> int:
     parser.add_argument("--curve-variants", default="fused,reference",
                         help="variants trained for --loss-curve, compared with the first (names as for --variants)")
     parser.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/transxssm_speed"))
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs of this machine to spread the rows over: each "
-                        "row (its runs, then its baseline) on one GPU, the next row on the next GPU free")
+    parser.add_argument("--gpus", type=int, help="GPUs of this machine to spread the rows over: each row (its runs, "
+                        "then its baseline) on --nproc GPUs, the next row on the next ones free (default: --nproc)")
+    parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run of ours, under torchrun: "
+                        "data-parallel unless --override sets parallel.tp / pp / cp; tokens/s per GPU is compared "
+                        "with the one-GPU baseline")
     args = parser.parse_args()
     if args.profile_only:  # child process of --profile: print the breakdown as one JSON line
         print("PROFILE " + json.dumps(profile(*args.profile_only, args)), flush=True)
@@ -353,13 +374,16 @@ def main() -> int:
          if v and v not in VARIANTS]
     if unknown:
         parser.error(f"unknown row or variant: {', '.join(unknown)}")
+    args.gpus = args.gpus or args.nproc
+    if args.nproc < 1 or args.gpus < args.nproc:
+        parser.error(f"--gpus {args.gpus} --nproc {args.nproc}: each row needs --nproc GPUs (1 or more)")
+    if args.nproc > 1 and args.profile:
+        parser.error("--profile traces one process: leave it out with --nproc > 1")
     if args.gpus > 1:
         import torch
 
         if torch.cuda.device_count() < args.gpus:
             parser.error(f"--gpus {args.gpus}: this machine shows {torch.cuda.device_count()} GPU(s)")
-    elif args.gpus < 1:
-        parser.error("--gpus must be 1 or more")
     if args.loss_curve and (len(curve) < 2 or len(set(curve)) < len(curve)):
         parser.error(f"--curve-variants needs two or more different variants, got {args.curve_variants!r}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -368,7 +392,7 @@ def main() -> int:
         args.anchor = str(Path(args.anchor).resolve())
     path = args.out / "train-speed.json"
     result = {"benchmark": "train-speed", **environment("triton", "megatron.core"), "overrides": args.override,
-              "gpus": args.gpus, "rows": [], "profiles": []}
+              "gpus": args.gpus, "nproc": args.nproc, "rows": [], "profiles": []}
 
     def measure(row: str, slot: GpuSlot) -> tuple[dict, list]:
         with open(args.out / f"train-speed-{row}.log", "a") as log:
@@ -379,7 +403,7 @@ def main() -> int:
         result["profiles"] = [p for _, profiles in filter(None, done) for p in profiles]
         path.write_text(json.dumps(result, indent=1))
 
-    on_gpus(rows, args.gpus, measure, save)
+    on_gpus(rows, args.gpus, measure, save, per_item=args.nproc)
     if args.loss_curve:
         with open(args.out / "train-speed.log", "a") as log:
             result["loss_curve"] = loss_curves(args, log)
@@ -388,7 +412,7 @@ def main() -> int:
     for entry, row in zip(result["rows"], rows):
         for name, v in entry["variants"].items():
             a = entry["anchor_tokens_per_s"]
-            ratio = f"{v['tokens_per_s'] / a:.2f}" if a and v["tokens_per_s"] else "-"
+            ratio = f"{v['tokens_per_s_per_gpu'] / a:.2f}" if a and v["tokens_per_s"] else "-"
             fmt = lambda x, f: f.format(x) if x is not None else "-"
             print(f"{row:<22}{name:<16}{fmt(v['tokens_per_s'], '{:,.0f}'):>10}{fmt(v['mfu'], '{:.1%}'):>7}"
                   f"{fmt(v['mem_gib'], '{:.0f}'):>6}{fmt(a, '{:,.0f}'):>10}{ratio:>7}")

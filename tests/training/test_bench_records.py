@@ -90,3 +90,14 @@ def test_gpu_slot_follows_cuda_visible_devices(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     slot = run_record.GpuSlot(1)
     assert (slot.smi_index, slot.env["CUDA_VISIBLE_DEVICES"]) == ("1", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    slot = run_record.GpuSlot(1, count=2)        # a row trained by two processes: the second pair of GPUs
+    assert (slot.smi_index, slot.env["CUDA_VISIBLE_DEVICES"]) == ("6", "6,7")
+
+
+def test_on_gpus_hands_each_item_a_group_of_gpus(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    seen = []
+    run_record.on_gpus(list(range(4)), 5, lambda item, slot: seen.append(slot.env["CUDA_VISIBLE_DEVICES"]),
+                       per_item=2)
+    assert len(seen) == 4 and set(seen) <= {"0,1", "2,3"}   # two groups of two; the fifth GPU left idle
