@@ -25,7 +25,8 @@ step's GPU time by kind of work (matmuls, SSD kernels, attention, compiled eleme
 optimizer, ...), and the GPU time and launches per step of its 80 largest kernels.
 --override passes a config override to every run of ours (recorded in the JSON), e.g. model.ss_chunk_size=128.
 --loss-curve DATA_DIR trains 320m fused and reference side by side on real preprocessed data (same seed, data order
-and schedule) and compares the loss curves step by step; --curve-variants trains others too (e.g.
+and schedule) and compares the loss curves step by step; --curve-config trains another model (e.g. mamba2_320m,
+whose conv1d and output gate have kernels of their own); --curve-variants trains others too (e.g.
 fused,reference,no-wgrad-fusion), each compared with the first.
 
 --gpus N spreads the rows over N GPUs of the machine (the table's rows take ~680 s one after another): each
@@ -268,7 +269,7 @@ def idle_between_kernels(prof, steps: int) -> dict:
 
 def loss_curves(args, log) -> dict:
     """Variants (the fused path and the eager reference by default) trained side by side: same data, seed and
-    schedule, 320m at l=4096; differences are taken against the first variant."""
+    schedule, the --curve-config model (320m) at l=4096; differences are taken against the first variant."""
     found = sorted(Path(args.loss_curve).resolve().glob("*.idx"))
     prefixes = "[" + ",".join(str(p.with_suffix("")) for p in found) + "]"
     common = ["train.seq_length=4096", "model.max_seq_length=4096", "train.micro_batch_size=4",
@@ -276,11 +277,11 @@ def loss_curves(args, log) -> dict:
               "train.eval_iters=0", "logging.interval=1", "logging.tensorboard=false", "checkpoint.interval=0",
               "checkpoint.save_at_end=false", "checkpoint.resume=none", f"data.prefixes={prefixes}",
               "data.split=100,0,0"]
-    curves = {}
+    curves, curve_config = {}, f"configs/{args.curve_config}.yaml"
     variants = args.curve_variants.split(",")
     for variant in variants:
         run_dir = Path(args.work) / f"curve-{variant}"
-        cmd = [sys.executable, "-m", "transxssm_megatron.cli", "train", "--config", "configs/320m.yaml", *common,
+        cmd = [sys.executable, "-m", "transxssm_megatron.cli", "train", "--config", curve_config, *common,
                f"logging.run_dir={run_dir}", *VARIANTS[variant]]
         rc, wall = run(cmd, log, args.timeout, GpuSlot(0))
         records, _ = read_metrics(run_dir / "metrics.jsonl")
@@ -290,7 +291,7 @@ def loss_curves(args, log) -> dict:
     tail = slice(max(0, n - 50), n)
     first = curves[variants[0]]["loss"]
     diffs = {v: [abs(x - y) for x, y in zip(first, curves[v]["loss"])] for v in variants[1:]}
-    return {"data": prefixes, "steps": n, **curves, "against": variants[0],
+    return {"data": prefixes, "config": curve_config, "steps": n, **curves, "against": variants[0],
             "max_abs_diff": {v: max(d, default=None) for v, d in diffs.items()},
             "mean_abs_diff_last_50": {v: statistics.mean(d[tail]) if n else None for v, d in diffs.items()},
             "mean_loss_last_50": {v: statistics.mean(c["loss"][tail]) if n else None for v, c in curves.items()}}
@@ -349,8 +350,10 @@ def main() -> int:
     parser.add_argument("--profile", default="", help="variants to profile (one step each) per row, e.g. fused")
     parser.add_argument("--profile-only", nargs=2, metavar=("ROW", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--loss-curve", metavar="DATA_DIR", help="folder of preprocessed prefixes (*.bin/.idx): also "
-                        "train 320m fused and reference side by side on them and compare the loss curves")
+                        "train the --curve-config model fused and reference side by side on them and compare the loss "
+                        "curves")
     parser.add_argument("--curve-steps", type=int, default=200)
+    parser.add_argument("--curve-config", default="320m", help="the model of --loss-curve: a config of configs/")
     parser.add_argument("--curve-variants", default="fused,reference",
                         help="variants trained for --loss-curve, compared with the first (names as for --variants)")
     parser.add_argument("--work", default=os.environ.get("BENCH_WORK", "/tmp/transxssm_speed"))
@@ -386,6 +389,8 @@ def main() -> int:
             parser.error(f"--gpus {args.gpus}: this machine shows {torch.cuda.device_count()} GPU(s)")
     if args.loss_curve and (len(curve) < 2 or len(set(curve)) < len(curve)):
         parser.error(f"--curve-variants needs two or more different variants, got {args.curve_variants!r}")
+    if args.loss_curve and not (REPO / "configs" / f"{args.curve_config}.yaml").is_file():
+        parser.error(f"--curve-config {args.curve_config}: no configs/{args.curve_config}.yaml")
     args.out.mkdir(parents=True, exist_ok=True)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     if args.anchor:
