@@ -10,7 +10,8 @@ pipeline stages from other random streams, so only a loaded model is the same mo
   gradient summed over the two stages;
 - CP = 2: each rank half of every sequence, all-to-alls around the mixers;
 - DP = 2 with the gradient reduce-scatter and the parameter all-gather overlapped with compute, and a resume from
-  its checkpoint (which must hold the last update of every weight, not only of the rank's own shard).
+  its checkpoint (which must hold the last update of every weight, not only of the rank's own shard);
+- the Jamba baseline at TP = 2 with sequence parallelism: its conv1d and output-gate kernels on head shards.
 Every step matches within relative 1e-3 in loss and 1e-2 in gradient norm: the layouts sum matmuls and
 reductions in other orders in bf16 (TP=2 reduces the row-parallel layers' partial outputs in bf16), and the SSD's
 backward adds a few values with atomics. Measured on two H200s (bench/results/gpu-tests-2gpu-2026-12-04.txt): at
@@ -39,9 +40,10 @@ SMALL = ["data.mode=mock", "model.num_layers=4", "model.attention_period=2", "mo
 TOLERANCE = {"loss": 1e-3, "grad_norm": 1e-2}   # relative; see the module docstring
 
 
-def train(run_dir: Path, gpus: int, *overrides: str, expect: str = "AdamW: one Triton launch") -> list[dict]:
+def train(run_dir: Path, gpus: int, *overrides: str, expect: str = "AdamW: one Triton launch",
+          config: str = "320m") -> list[dict]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
-    cmd = [*launcher, "-m", "transxssm_megatron.cli", "train", "--config", "configs/320m.yaml", *SMALL,
+    cmd = [*launcher, "-m", "transxssm_megatron.cli", "train", "--config", f"configs/{config}.yaml", *SMALL,
            f"logging.run_dir={run_dir}", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
@@ -83,6 +85,17 @@ def test_overlapped_data_parallel_matches_one_and_saves_the_update(one_gpu, tmp_
     saved = tmp_path / "two" / "checkpoints" / "iter_0000006"
     resumed = train(tmp_path / "resumed", 2, "checkpoint.interval=0", f"checkpoint.resume={saved}")
     assert_matches(resumed, one_gpu[2:], "resumed from the overlapped run's step 6")
+
+
+def test_jamba_tensor_parallel_matches_one(tmp_path):
+    """The Jamba baseline's own kernels (split + causal conv1d, output gate norm) on TP shards: TP = 2 with
+    sequence parallelism against one GPU, from the one-GPU run's checkpoint at step 4."""
+    one = train(tmp_path / "one", 1, "checkpoint.interval=4", config="jamba_320m")
+    assert len({r["loss"] for r in one[4:]}) > 1, "losses do not move: the comparison would prove nothing"
+    two = train(tmp_path / "two", 2, "checkpoint.interval=0",
+                f"checkpoint.resume={tmp_path / 'one' / 'checkpoints' / 'iter_0000004'}", "parallel.tp=2",
+                "parallel.sequence_parallel=true", config="jamba_320m")
+    assert_matches(two, one[4:], "jamba tp2-sp")
 
 
 def assert_matches(two: list[dict], one: list[dict], label: str) -> None:
