@@ -11,7 +11,7 @@ import yaml
 
 from transxssm_megatron.cli import main
 from transxssm_megatron.config import ConfigError, ModelConfig
-from transxssm_megatron.training.loop import describe_speed_paths, overlapped_communication
+from transxssm_megatron.training.loop import describe_speed_paths, overlapped_communication, speed_hint
 from transxssm_megatron.training.metrics import layer_forward_flops_per_token, train_flops_per_token
 from transxssm_megatron.training.parallel import World
 from transxssm_megatron.training.run_config import RunConfig, parse_overrides
@@ -91,6 +91,15 @@ def test_overlap_is_on_where_there_is_something_to_overlap(device, dp, cp, gradi
                                                     "overlap_param_gather": parameters}
     line = describe_speed_paths(cfg, world)
     assert ("gradient reduce" in line) == gradients and ("parameter all-gather" in line) == parameters
+
+
+@pytest.mark.parametrize("device, world_size, graph, hinted", [
+    ("cuda", 1, False, True), ("cuda", 1, True, False), ("cuda", 2, False, False), ("cpu", 1, False, False)])
+def test_one_gpu_runs_without_the_graph_are_told_of_it(device, world_size, graph, hinted):
+    cfg = RunConfig.load(REPO / "configs/tiny.yaml", [f"train.cuda_graph={str(graph).lower()}"])
+    world = World(rank=0, world_size=world_size, local_rank=0, device=torch.device(device), tp=1, pp=1, vpp=None,
+                  dp=world_size)
+    assert (speed_hint(cfg, world) is not None) == hinted
 
 
 def test_batch_layout_errors_name_the_fields():
