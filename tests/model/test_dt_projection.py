@@ -8,12 +8,12 @@ import torch
 from transxssm_megatron.model.dt_projection import project_dt
 
 
-def _grads(use_join: bool, into_main_grad: bool, seed: int = 0):
+def _grads(use_join: bool, into_main_grad: bool, heads: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(7, 3, 16, generator=g, dtype=torch.float64, requires_grad=True)
     w_in = torch.randn(40, 16, generator=g, dtype=torch.float64, requires_grad=True)
-    w_dt = torch.randn(4, 16, generator=g, dtype=torch.float64, requires_grad=True)
-    prior = torch.randn(4, 16, generator=g, dtype=torch.float64)
+    w_dt = torch.randn(heads, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    prior = torch.randn(heads, 16, generator=g, dtype=torch.float64)
     if into_main_grad:
         w_dt.main_grad = prior.clone()
     if use_join:
@@ -28,10 +28,11 @@ def _grads(use_join: bool, into_main_grad: bool, seed: int = 0):
     return x.grad, w_in.grad, dw_dt, w_dt
 
 
+@pytest.mark.parametrize("heads", [12, 8], ids=["padded-to-16", "aligned"])
 @pytest.mark.parametrize("into_main_grad", [False, True])
-def test_joined_input_gradient_matches_autograd(into_main_grad):
-    *got, w_dt = _grads(True, into_main_grad)
-    *want, _ = _grads(False, False)
+def test_joined_input_gradient_matches_autograd(into_main_grad, heads):
+    *got, w_dt = _grads(True, into_main_grad, heads)
+    *want, _ = _grads(False, False, heads)
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
     assert getattr(w_dt, "grad_added_to_main_grad", False) == into_main_grad

@@ -10,6 +10,12 @@ an identity on in_proj's input adds d dt @ W_dt into in_proj's input gradient wi
 (beta = 1) into it. The weight gradient is formed as megatron's linears do it: added into the fp32 `main_grad`
 when asked (gradient accumulation fusion), else returned.
 
+With a head count that is not a multiple of 8 (12 at 320m) the projection runs with the weight padded by zero
+rows to one: the product's output then has a row length of 16 bytes' multiple, which cuBLAS's Hopper kernels
+need, where 12 rows took its unaligned sm80 kernels (`cutlass_80_..._align2`: ~25-30 us for each of the three
+products per 320m layer and micro-batch of 16K tokens, for ~10 us of memory traffic). dt is a view of the first H
+columns; the pad columns' gradient is zero.
+
 Only for TP = 1 without context parallelism: there in_proj's input gradient is final when its backward returns
 (no all-reduce or reduce-scatter over ranks follows inside megatron's linear). The join relies on dt_proj's
 backward running first, which autograd's order gives (dt_proj is created after in_proj, and both wait on the SSD's
@@ -49,28 +55,35 @@ class _JoinInputGrad(torch.autograd.Function):
 
 
 class _DtProjection(torch.autograd.Function):
+    """x @ padded^T, padded = weight with zero rows up to a multiple of 8; its gradient goes to weight."""
+
     @staticmethod
-    def forward(ctx, x, weight, pending, into_main_grad):
-        ctx.save_for_backward(x, weight)
+    def forward(ctx, x, weight, padded, pending, into_main_grad):
+        ctx.save_for_backward(x, weight, padded)
         ctx.pending, ctx.into_main_grad = pending, into_main_grad
-        return torch.matmul(x, weight.t())
+        return torch.matmul(x, padded.t())
 
     @staticmethod
     def backward(ctx, grad_dt):
-        x, weight = ctx.saved_tensors
-        grad_dt = grad_dt.contiguous()
-        ctx.pending.grad_dt, ctx.pending.weight = grad_dt, weight
-        g2, x2 = grad_dt.view(-1, grad_dt.shape[-1]), x.reshape(-1, x.shape[-1])
+        x, weight, padded = ctx.saved_tensors
+        grad_dt = grad_dt.contiguous()   # (l, b, H padded); zero in the pad columns
+        ctx.pending.grad_dt, ctx.pending.weight = grad_dt, padded
+        g2 = grad_dt.view(-1, grad_dt.shape[-1])[:, :weight.shape[0]]   # a view: rows stay 16-byte aligned
+        x2 = x.reshape(-1, x.shape[-1])
         main_grad = getattr(weight, "main_grad", None) if ctx.into_main_grad else None
         if main_grad is None:
-            return None, (g2.t() @ x2).to(weight.dtype), None, None
+            return None, (g2.t() @ x2).to(weight.dtype), None, None, None
         accumulate_wgrad(main_grad, g2, x2)
-        return None, weight_grad_stand_in(weight), None, None
+        return None, weight_grad_stand_in(weight), None, None, None
 
 
 def project_dt(x: torch.Tensor, weight: torch.Tensor, into_main_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(x for in_proj, x @ weight^T) with dt_proj's input gradient added into in_proj's; x (l, b, d), weight
     (H, d). `into_main_grad`: add weight's gradient into its `main_grad` (megatron's gradient accumulation
     fusion)."""
-    pending = _Pending()
-    return _JoinInputGrad.apply(x, pending), _DtProjection.apply(x, weight, pending, into_main_grad)
+    pending, heads = _Pending(), weight.shape[0]
+    padded = weight.detach()
+    if heads % 8:
+        padded = torch.nn.functional.pad(padded, (0, 0, 0, 8 - heads % 8))
+    x_in = _JoinInputGrad.apply(x, pending)   # made first, so that autograd runs dt_proj's backward before it
+    return x_in, _DtProjection.apply(x, weight, padded, pending, into_main_grad)[..., :heads]
