@@ -229,11 +229,11 @@ def _global_mean_loss(pair: Optional[torch.Tensor], world: parallel.World) -> to
 @dataclass
 class _LaunchedStep:
     """A step whose update is queued on the device; its [loss, grad_norm, skipped] reach `values` (pinned host
-    memory on CUDA) once `ready` has passed."""
+    memory on CUDA) once the device has passed `finished` (its end: an event on CUDA, else the host's clock)."""
     step: int
     consumed_samples: int
     values: torch.Tensor
-    ready: Optional[torch.cuda.Event]
+    finished: metrics_lib.TimeMark
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -342,6 +342,7 @@ class Trainer:
         peak = metrics_lib.peak_flops_per_device(w.device, cfg.logging.peak_tflops)
         tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
         self.throughput = metrics_lib.Throughput(tokens_per_step, flops_per_token, w.world_size, peak)
+        self._restart_throughput()
         log_print = partial(print, flush=True) if print_fn is print else print_fn
         self.metrics = (metrics_lib.MetricsWriter(cfg.run_dir, cfg, self.step, log_print,
                                                   resumed_from=self.resumed_from) if self.is_logger else None)
@@ -427,11 +428,11 @@ class Trainer:
         grad_norm, skipped = fast_optimizer.update_unless_nonfinite(self.optimizer, loss)
         self.step += 1
         self.consumed_samples += t.global_batch_size
-        values, ready = torch.stack([loss.float(), grad_norm, skipped]), None
+        values = torch.stack([loss.float(), grad_norm, skipped])
         if values.is_cuda:   # to pinned memory: the copy queues behind the update instead of waiting for it
-            values, ready = torch.empty(3, pin_memory=True).copy_(values, non_blocking=True), torch.cuda.Event()
-            ready.record()
-        self._launched = _LaunchedStep(self.step, self.consumed_samples, values, ready)
+            values = torch.empty(3, pin_memory=True).copy_(values, non_blocking=True)
+        finished = metrics_lib.time_mark(self.world.device)
+        self._launched = _LaunchedStep(self.step, self.consumed_samples, values, finished)
         return self.settle() if wait else previous
 
     def settle(self) -> Optional[dict]:
@@ -441,8 +442,8 @@ class Trainer:
         launched, self._launched = self._launched, None
         if launched is None:
             return None
-        if launched.ready is not None:
-            launched.ready.synchronize()
+        if isinstance(launched.finished, torch.cuda.Event):
+            launched.finished.synchronize()
         loss, grad_norm, skipped = launched.values.tolist()
         t, step, bad = self.cfg.train, launched.step, skipped != 0.0
         if bad:
@@ -460,7 +461,7 @@ class Trainer:
             self.consecutive_skips = 0
             self._window.append(loss)
         if step % self.cfg.logging.interval == 0 or step == self._log_at:
-            self._log(step, launched.consumed_samples, grad_norm)
+            self._log(step, launched.consumed_samples, grad_norm, launched.finished)
         return {"step": step, "loss": loss, "grad_norm": grad_norm, "skipped": bad}
 
     @torch.no_grad()
@@ -499,16 +500,15 @@ class Trainer:
         self._log_at = stop_at
         if t.eval_at_start:
             self._validate(self.step)
-        self.throughput.reset()
+        self._restart_throughput()
         while self.step < stop_at:
             self.train_step(batches, wait=False)
-            self.throughput.step()
             step = self.step
             if (t.eval_interval and step % t.eval_interval == 0) or step == t.steps:
                 self._validate(step)
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < stop_at:
                 last_saved, last_saved_step = self.save_checkpoint("interval"), step
-                self.throughput.reset()  # keep checkpoint time out of tokens/s
+                self._restart_throughput()  # keep checkpoint time out of tokens/s
             # one collective for both: ranks' clocks and signals can disagree, the decision must not
             preempted, out_of_time = self.preemption.poll(deadline is not None and time.monotonic() > deadline,
                                                           group=self.world.host_group)
@@ -533,16 +533,21 @@ class Trainer:
                 "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                 "num_params": self.num_params}
 
-    def _log(self, step: int, consumed_samples: int, grad_norm: float) -> None:
-        """One metrics record: the mean loss of the settled steps since the last one."""
+    def _log(self, step: int, consumed_samples: int, grad_norm: float, finished: metrics_lib.TimeMark) -> None:
+        """One metrics record: the mean loss of the settled steps since the last one, and their speed up to the
+        end of this step (`finished`)."""
         losses, self._window = self._window, []
         record = {"step": step, "loss": float(np.mean(losses)) if losses else float("nan"),
                   "lr": optim_lib.current_lr(self.optimizer), "grad_norm": grad_norm,
                   "consumed_samples": consumed_samples, "skipped_total": self.skipped_total,
-                  **self.throughput.read(), **metrics_lib.memory_stats(self.world.device)}
+                  **self.throughput.read(finished, step), **metrics_lib.memory_stats(self.world.device)}
         if self.is_logger:
             self.metrics.write(record)
         self.history.append({"step": step, "loss": record["loss"]})
+
+    def _restart_throughput(self) -> None:
+        """A new tokens/s window from now, after the last settled step (every caller has settled it)."""
+        self.throughput.reset(metrics_lib.time_mark(self.world.device), self.step)
 
     def _validate(self, step: int) -> None:
         self.settle()   # its log line first
@@ -550,7 +555,7 @@ class Trainer:
         if self.is_logger and math.isfinite(val):
             self.metrics.write({"step": step, "val_loss": val})
         self.val_history.append({"step": step, "val_loss": val})
-        self.throughput.reset()  # keep validation time out of tokens/s
+        self._restart_throughput()  # keep validation time out of tokens/s
 
     def close(self) -> None:
         """Flush the metric sinks, free a captured graph and give the signal handlers back (the process groups

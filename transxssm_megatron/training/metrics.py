@@ -24,7 +24,7 @@ import math
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -69,31 +69,55 @@ def peak_flops_per_device(device: torch.device, override_tflops: Optional[float]
     return None
 
 
+TimeMark = Union[float, torch.cuda.Event]
+
+
+def time_mark(device: torch.device) -> TimeMark:
+    """A point in the run: on CUDA an event queued behind the work launched so far (timed when the device reaches
+    it), elsewhere the host's clock (the host then runs the work itself)."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def seconds_between(start: TimeMark, end: TimeMark) -> float:
+    """Seconds from one mark to a later one; waits for `end` on CUDA."""
+    if isinstance(start, float):
+        return end - start
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
 class Throughput:
-    """Tokens/s, TFLOP/s per device and MFU over the steps since the last `read()`."""
+    """Tokens/s, TFLOP/s per device and MFU of the steps finished between two marks (`time_mark`): the window from
+    `reset` or the last `read` to the mark of the step read now, counting the steps between them. On CUDA the marks
+    are the events each step's update records, so a window holds exactly its steps' device time (or, where the
+    host is slower, its launches) however far the host runs ahead of the device."""
 
     def __init__(self, tokens_per_step: int, flops_per_token: float, world_size: int, peak: Optional[float]):
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         self.world_size = world_size
         self.peak = peak
-        self.reset()
+        self.start: Optional[TimeMark] = None
+        self.start_step = 0
 
-    def reset(self) -> None:
-        self.start = time.perf_counter()
-        self.steps = 0
+    def reset(self, mark: TimeMark, step: int) -> None:
+        """Start a window at `mark`, after step `step` finished (validation, checkpoints stay out of it)."""
+        self.start, self.start_step = mark, step
 
-    def step(self) -> None:
-        self.steps += 1
-
-    def read(self) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        tokens_per_s = self.steps * self.tokens_per_step / elapsed
+    def read(self, mark: TimeMark, step: int) -> dict[str, float]:
+        """The window up to `mark`, the end of step `step`; the next window starts there."""
+        steps = step - self.start_step
+        elapsed = max(seconds_between(self.start, mark), 1e-9)
+        self.reset(mark, step)
+        tokens_per_s = steps * self.tokens_per_step / elapsed
         tflops = tokens_per_s * self.flops_per_token / self.world_size / 1e12
-        out = {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "step_time_s": elapsed / max(self.steps, 1)}
+        out = {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops, "step_time_s": elapsed / max(steps, 1)}
         if self.peak:
             out["mfu"] = tflops * 1e12 / self.peak
-        self.reset()
         return out
 
 
