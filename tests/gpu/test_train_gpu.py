@@ -20,6 +20,7 @@
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,10 @@ def test_cuda_graph_matches_eager(tmp_path):
     graph = train(tmp_path / "graph", "checkpoint.interval=0", "train.cuda_graph=true")
     assert len({r["loss"] for r in eager}) > 1, "losses do not move: the comparison would prove nothing"
     assert_same_steps(graph, eager)
+    for run in (eager, graph):   # tokens/s timed on the device: the last step like the steady ones before it
+        speeds = [r["tokens_per_s"] for r in run]
+        typical = statistics.median(speeds[2:-1])   # after compilation and the graph's capture
+        assert 0.5 * typical < speeds[-1] < 2 * typical, speeds
 
 
 def test_cuda_graph_with_validation_and_resume(tmp_path):
