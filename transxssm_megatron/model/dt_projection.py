@@ -10,9 +10,9 @@ an identity on in_proj's input adds d dt @ W_dt into in_proj's input gradient wi
 (beta = 1) into it. The weight gradient is formed as megatron's linears do it: added into the fp32 `main_grad`
 when asked (gradient accumulation fusion), else returned.
 
-With a head count that is not a multiple of 8 (12 at 320m) the projection runs with the weight padded by zero
-rows to one: the product's output then has a row length of 16 bytes' multiple, which cuBLAS's Hopper kernels
-need, where 12 rows took its unaligned sm80 kernels (`cutlass_80_..._align2`: 19-32 us for each of the three
+With a head count that is not a multiple of 8 (12 at 320m) the projection runs with the weight padded with zero
+rows to the next multiple of 8: the output's rows are then a multiple of 16 bytes long, as cuBLAS's Hopper kernels
+need, where rows of 12 took its unaligned sm80 kernels (`cutlass_80_..._align2`: 19-32 us for each of the three
 products per 320m layer and micro-batch of 16K tokens, for ~10 us of memory traffic). dt is a view of the first H
 columns; the pad columns' gradient is zero.
 
