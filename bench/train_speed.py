@@ -298,7 +298,8 @@ def loss_curves(args, log) -> dict:
 
 
 def measure_row(row: str, runs: list[tuple[str, int]], args, log, slot: GpuSlot) -> tuple[dict, list]:
-    """One row on one GPU: each run of ours, then the baseline script, then the profiles asked for."""
+    """One row on one slot (one GPU, or --nproc of them): each run of ours, then the baseline script, then the
+    profiles asked for."""
     config, arch, size, seq, mbs = ROWS[row]
     entry = {"model": f"{config.split('_')[0] if '_' in config else 'transxssm'}_{size}", "seq_length": seq,
              "micro_batch_size": mbs, **({"processes": args.nproc} if args.nproc > 1 else {}),

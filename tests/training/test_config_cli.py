@@ -77,6 +77,12 @@ def test_overlap_param_gather_needs_its_partners():
 
 
 
+def _world(device: str, dp: int, cp: int = 1) -> World:
+    """Rank 0 of dp x cp data- and context-parallel ranks (no TP, PP) on `device`; no process group needed."""
+    return World(rank=0, world_size=dp * cp, local_rank=0, device=torch.device(device), tp=1, pp=1, vpp=None, dp=dp,
+                 cp=cp)
+
+
 @pytest.mark.parametrize("device, dp, cp, gradients, parameters", [
     ("cuda", 2, 1, True, True), ("cuda", 1, 2, True, True),   # data- or context-parallel ranks to talk to
     ("cuda", 1, 1, False, False),                               # one rank: nothing to overlap
@@ -85,8 +91,7 @@ def test_overlap_param_gather_needs_its_partners():
 def test_overlap_is_on_where_there_is_something_to_overlap(device, dp, cp, gradients, parameters):
     cfg = RunConfig.load(REPO / "configs/tiny.yaml", ["parallel.overlap_grad_reduce=true",
                                                       "parallel.overlap_param_gather=true"])
-    world = World(rank=0, world_size=dp * cp, local_rank=0, device=torch.device(device), tp=1, pp=1, vpp=None,
-                  dp=dp, cp=cp)
+    world = _world(device, dp, cp)
     assert overlapped_communication(cfg, world) == {"overlap_grad_reduce": gradients,
                                                     "overlap_param_gather": parameters}
     line = describe_speed_paths(cfg, world)
@@ -97,9 +102,7 @@ def test_overlap_is_on_where_there_is_something_to_overlap(device, dp, cp, gradi
     ("cuda", 1, False, True), ("cuda", 1, True, False), ("cuda", 2, False, False), ("cpu", 1, False, False)])
 def test_one_gpu_runs_without_the_graph_are_told_of_it(device, world_size, graph, hinted):
     cfg = RunConfig.load(REPO / "configs/tiny.yaml", [f"train.cuda_graph={str(graph).lower()}"])
-    world = World(rank=0, world_size=world_size, local_rank=0, device=torch.device(device), tp=1, pp=1, vpp=None,
-                  dp=world_size)
-    assert (speed_hint(cfg, world) is not None) == hinted
+    assert (speed_hint(cfg, _world(device, world_size)) is not None) == hinted
 
 
 def test_batch_layout_errors_name_the_fields():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -313,3 +314,20 @@ def test_speed_options_keep_loss_and_gradients(tmp_path, option):
     assert grads.abs().sum() > 0
     assert abs(other_loss - loss) < 1e-6 * abs(loss)
     assert ((other_grads - grads).norm() / grads.norm()).item() < 1e-5   # fp32 sums in another order
+
+
+def test_the_last_steps_speed_is_that_of_the_others(tmp_path):
+    """tokens/s of the run's last step, logged after the loop with no next forward to launch, is like the others'
+    (timed from the end of one update to the end of the next, it used to be several times too high)."""
+    cfg = _mock_config(tmp_path, steps=6, seq_length=64, global_batch_size=16)
+    cfg.logging.interval = 1
+    trainer = Trainer(cfg)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+        parallel.teardown()
+    speeds = [r["tokens_per_s"] for r in map(json.loads, (tmp_path / "metrics.jsonl").open()) if "tokens_per_s" in r]
+    assert len(speeds) == 6
+    typical = statistics.median(speeds[1:-1])
+    assert 0.5 * typical < speeds[-1] < 2 * typical, speeds

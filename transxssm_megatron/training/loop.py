@@ -150,11 +150,9 @@ def describe_speed_paths(cfg: RunConfig, world: parallel.World) -> str:
     else:
         ops = "elementwise ops eager on CPU (fusion needs CUDA), chunked LM head + cross-entropy"
     graph = ", forward+backward replayed as a CUDA graph" if cfg.train.cuda_graph else ""
-    overlap = overlapped_communication(cfg, world)
-    overlapped = [name for name, key in (("gradient reduce", "overlap_grad_reduce"),
-                                         ("parameter all-gather", "overlap_param_gather")) if overlap[key]]
-    overlapped = f", {' and '.join(overlapped)} overlapped with compute" if overlapped else ""
-    return f"speed: {ops}{graph}{overlapped}"
+    names = {"overlap_grad_reduce": "gradient reduce", "overlap_param_gather": "parameter all-gather"}
+    overlap = " and ".join(names[key] for key, on in overlapped_communication(cfg, world).items() if on)
+    return f"speed: {ops}{graph}" + (f", {overlap} overlapped with compute" if overlap else "")
 
 
 def speed_hint(cfg: RunConfig, world: parallel.World) -> Optional[str]:
@@ -293,8 +291,9 @@ class Trainer:
 
             torch.cuda.set_stream(get_shared_capture_stream())
         self.print(f"[train] {describe_speed_paths(cfg, w)}")
-        if speed_hint(cfg, w):
-            self.print(f"[train] {speed_hint(cfg, w)}")
+        hint = speed_hint(cfg, w)
+        if hint:
+            self.print(f"[train] {hint}")
         self.model = build_model_chunks(cfg, w, self.bf16)
         self.num_params = count_parameters(self.model)
         fast_optimizer.install_multi_tensor_ops()
