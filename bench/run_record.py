@@ -35,13 +35,24 @@ def commit() -> str:
         return "unknown"
 
 
+def gpu_uuids() -> list[str]:
+    """The UUID of every GPU this process sees, in CUDA's order (empty without CUDA): two records holding the same
+    UUID ran on the same physical GPU, whichever call or container they came from."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    uuids = (str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count()))
+    return [u if u.startswith("GPU-") else f"GPU-{u}" for u in uuids]   # nvidia-smi's spelling
+
+
 def environment(*packages: str) -> dict:
-    """date, commit, gpu, python, torch, cuda, the version of each named package (None when it does not import;
-    `megatron.core` is recorded as `megatron_core`) and the command line."""
+    """date, commit, gpu, gpu_uuids, python, torch, cuda, the version of each named package (None when it does not
+    import; `megatron.core` is recorded as `megatron_core`) and the command line."""
     import torch
 
     record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
-              "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+              "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "gpu_uuids": gpu_uuids(),
               "python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda}
     for name in packages:
         try:

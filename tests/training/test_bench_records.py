@@ -1,6 +1,6 @@
 """bench/run_record.py's GPU clock record: nvidia-smi's samples summarised over the busy ones (the run, not its
-start-up), unreadable lines skipped, and nothing recorded where nvidia-smi is missing (this machine); and on_gpus,
-which spreads a benchmark's rows over the GPUs of one machine."""
+start-up), unreadable lines skipped, and nothing recorded where nvidia-smi is missing (this machine); the GPUs'
+UUIDs; and on_gpus, which spreads a benchmark's rows over the GPUs of one machine."""
 
 from __future__ import annotations
 
@@ -47,6 +47,21 @@ def test_sampler_writes_while_the_block_lasts(tmp_path):
     with run_record.GpuClocks(tmp_path / "clocks.csv"):
         time.sleep(1.2)
     assert (tmp_path / "clocks.csv").read_text().strip()
+
+
+def test_gpu_uuids_name_each_visible_gpu_as_nvidia_smi_does(monkeypatch):
+    import types
+    import uuid
+
+    import torch
+
+    ids = [uuid.UUID(int=7), uuid.UUID(int=9)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(uuid=ids[i]))
+    assert run_record.gpu_uuids() == [f"GPU-{ids[0]}", f"GPU-{ids[1]}"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_record.gpu_uuids() == []
 
 
 def test_on_gpus_runs_every_item_once_on_gpus_at_once_in_order():
