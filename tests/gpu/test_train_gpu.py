@@ -1,5 +1,5 @@
 """`transxssm train` on one CUDA GPU (mock data, a 4-layer 320m-shaped model, 2 micro-batches per step):
-- a step replayed as a CUDA graph gives the losses (relative 2e-3) and gradient norms (1e-2) of the eager step:
+- a step replayed as a CUDA graph (the default on one GPU) gives the losses (relative 2e-3) and gradient norms (1e-2) of the eager step:
   the same kernels, except that the SSD backward sums a few values with atomics, in any order, and bf16 training
   at lr 1e-3 amplifies that over steps. Measured on an H200 (bench/results/gpu-suite-2026-12-02.txt): losses
   within 1e-4, gradient norms within 3.2e-3 at step 6 of 8; a graph replaying stale buffers or skipping a
@@ -59,9 +59,13 @@ def assert_same_steps(a: list[dict], b: list[dict]) -> None:
             assert err < tol, f"step {ra['step']} {key}: {ra[key]} vs {rb[key]}"
 
 
+EAGER = "train.cuda_graph=false"
+GRAPHED = "forward+backward replayed as a CUDA graph"   # the log's speed line
+
+
 def test_cuda_graph_matches_eager(tmp_path):
-    eager = train(tmp_path / "eager", "checkpoint.interval=0")
-    graph = train(tmp_path / "graph", "checkpoint.interval=0", "train.cuda_graph=true")
+    eager = train(tmp_path / "eager", "checkpoint.interval=0", EAGER)
+    graph = train(tmp_path / "graph", "checkpoint.interval=0", expect=GRAPHED)   # the default
     assert len({r["loss"] for r in eager}) > 1, "losses do not move: the comparison would prove nothing"
     assert_same_steps(graph, eager)
     for run in (eager, graph):   # tokens/s timed on the device: the last step like the steady ones before it
@@ -74,11 +78,11 @@ def test_cuda_graph_with_validation_and_resume(tmp_path):
     """Validation every 2 steps between replayed ones, and a run resumed from a checkpoint into a new graph: the
     eager run's training and validation losses (the same tolerances)."""
     evals = ["train.eval_interval=2", "train.eval_iters=1"]
-    eager = train(tmp_path / "eager", "checkpoint.interval=0", *evals)
-    graph = train(tmp_path / "graph", "checkpoint.interval=4", "train.cuda_graph=true", *evals)
+    eager = train(tmp_path / "eager", "checkpoint.interval=0", EAGER, *evals)
+    graph = train(tmp_path / "graph", "checkpoint.interval=4", *evals, expect=GRAPHED)
     checkpoint = tmp_path / "graph" / "checkpoints" / "iter_0000004"
-    resumed = train(tmp_path / "resumed", "checkpoint.interval=0", "train.cuda_graph=true", *evals,
-                    f"checkpoint.resume={checkpoint}")
+    resumed = train(tmp_path / "resumed", "checkpoint.interval=0", *evals, f"checkpoint.resume={checkpoint}",
+                    expect=GRAPHED)
     assert_same_steps(graph, eager)
     assert_same_steps(resumed, eager[4:])
 
@@ -96,8 +100,8 @@ def test_cuda_graph_with_validation_and_resume(tmp_path):
 
 def test_recompute_layers_trade_memory_for_the_same_losses(tmp_path):
     """train.recompute on 2 of the 4 layers, and on all: the losses of the run without, and a lower peak of
-    allocated memory the more layers are recomputed."""
-    runs = {name: train(tmp_path / name, "checkpoint.interval=0", *extra) for name, extra in
+    allocated memory the more layers are recomputed (all three eager: recompute leaves the graph off)."""
+    runs = {name: train(tmp_path / name, "checkpoint.interval=0", EAGER, *extra) for name, extra in
             (("none", []), ("two", ["train.recompute=true", "train.recompute_layers=2"]),
              ("all", ["train.recompute=true"]))}
     for name in ("two", "all"):

@@ -13,7 +13,7 @@ from transxssm_megatron.cli import main
 from transxssm_megatron.config import ConfigError, ModelConfig
 from transxssm_megatron.training.loop import describe_speed_paths, overlapped_communication, speed_hint
 from transxssm_megatron.training.metrics import layer_forward_flops_per_token, train_flops_per_token
-from transxssm_megatron.training.parallel import World
+from transxssm_megatron.training.parallel import World, uses_cuda_graph
 from transxssm_megatron.training.run_config import RunConfig, parse_overrides
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,11 +98,29 @@ def test_overlap_is_on_where_there_is_something_to_overlap(device, dp, cp, gradi
     assert ("gradient reduce" in line) == gradients and ("parameter all-gather" in line) == parameters
 
 
-@pytest.mark.parametrize("device, world_size, graph, hinted", [
-    ("cuda", 1, False, True), ("cuda", 1, True, False), ("cuda", 2, False, False), ("cpu", 1, False, False)])
-def test_one_gpu_runs_without_the_graph_are_told_of_it(device, world_size, graph, hinted):
-    cfg = RunConfig.load(REPO / "configs/tiny.yaml", [f"train.cuda_graph={str(graph).lower()}"])
-    assert (speed_hint(cfg, _world(device, world_size)) is not None) == hinted
+@pytest.mark.parametrize("device, world_size, overrides, graph", [
+    ("cuda", 1, [], True),                                        # the default on one GPU
+    ("cuda", 2, [], False), ("cpu", 1, [], False),                # more GPUs, or none
+    ("cuda", 1, ["train.fused=false"], False), ("cuda", 1, ["train.recompute=true"], False),
+    ("cuda", 1, ["train.deterministic=true"], False),
+    ("cuda", 1, ["train.cuda_graph=false"], False),               # the user's choice wins either way
+    ("cuda", 2, ["train.cuda_graph=true"], True),
+    ("cuda", 1, ["train.recompute=true", "train.cuda_graph=true"], True),
+])
+def test_the_cuda_graph_is_on_by_default_for_one_gpu_only(device, world_size, overrides, graph):
+    cfg = RunConfig.load(REPO / "configs/tiny.yaml", overrides)
+    world = _world(device, world_size)
+    assert uses_cuda_graph(cfg, world) == graph
+    assert ("replayed as a CUDA graph" in describe_speed_paths(cfg, world)) == graph
+
+
+@pytest.mark.parametrize("overrides, hinted", [
+    ([], False), (["train.recompute=true"], True), (["train.deterministic=true"], True),
+    (["train.cuda_graph=false"], False), (["train.fused=false"], False)])
+def test_one_gpu_runs_left_without_the_graph_by_another_option_are_told_of_it(overrides, hinted):
+    cfg = RunConfig.load(REPO / "configs/tiny.yaml", overrides)
+    assert (speed_hint(cfg, _world("cuda", 1)) is not None) == hinted
+    assert speed_hint(cfg, _world("cuda", 2)) is None and speed_hint(cfg, _world("cpu", 1)) is None
 
 
 def test_batch_layout_errors_name_the_fields():

@@ -149,17 +149,21 @@ def describe_speed_paths(cfg: RunConfig, world: parallel.World) -> str:
             ops += ", weight gradients accumulated in fp32 by the matmuls"
     else:
         ops = "elementwise ops eager on CPU (fusion needs CUDA), chunked LM head + cross-entropy"
-    graph = ", forward+backward replayed as a CUDA graph" if cfg.train.cuda_graph else ""
+    graph = ", forward+backward replayed as a CUDA graph" if parallel.uses_cuda_graph(cfg, world) else ""
     names = {"overlap_grad_reduce": "gradient reduce", "overlap_param_gather": "parameter all-gather"}
     overlap = " and ".join(names[key] for key, on in overlapped_communication(cfg, world).items() if on)
     return f"speed: {ops}{graph}" + (f", {overlap} overlapped with compute" if overlap else "")
 
 
 def speed_hint(cfg: RunConfig, world: parallel.World) -> Optional[str]:
-    """A log line for a one-GPU run that leaves the CUDA graph off (None otherwise)."""
-    if world.on_gpu and world.world_size == 1 and cfg.train.fused and not cfg.train.cuda_graph:
-        return ("hint: train.cuda_graph=true replays each step as one CUDA graph, for models whose step waits on "
-                "kernel launches (320m: 1.65x on one H200; docs/performance.md)")
+    """A log line for a one-GPU run of the fused path whose CUDA graph was left off by train.recompute or
+    train.deterministic rather than by the user (None otherwise)."""
+    t = cfg.train
+    if world.on_gpu and world.world_size == 1 and t.fused and t.cuda_graph is None and \
+            not parallel.uses_cuda_graph(cfg, world):
+        return ("hint: no CUDA graph with train.recompute or train.deterministic unless asked for; "
+                "train.cuda_graph=true replays each step as one graph, for models whose step waits on kernel "
+                "launches (320m: 1.65x on one H200; docs/performance.md)")
     return None
 
 
@@ -283,7 +287,8 @@ class Trainer:
             cfg.save(cfg.run_dir / "config.yaml")
 
         set_fusion(cfg.train.fused)
-        if cfg.train.cuda_graph:
+        self.cuda_graph = parallel.uses_cuda_graph(cfg, w)
+        if self.cuda_graph:
             # Everything runs on the stream the graph is captured on. Autograd's gradient accumulators are made
             # when DDP registers its hooks and keep the stream current then; on the default (legacy) stream, the
             # captured backward would make that stream wait on the capture and CUDA refuses the capture.
@@ -309,7 +314,7 @@ class Trainer:
         tconfig.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
         self.forward_backward = get_forward_backward_func()
         self.train_forward_backward = self.forward_backward
-        if cfg.train.cuda_graph:
+        if self.cuda_graph:
             from megatron.core.full_cuda_graph import FullCudaGraphWrapper
 
             # Step 1 runs eagerly (compiles, allocates), step 2 is captured, later steps replay the graph.

@@ -116,12 +116,24 @@ def setup(cfg) -> World:
         context_parallel_size=p.cp,
     )
     host_group = torch.distributed.new_group(backend="gloo") if backend == "nccl" and world_size > 1 else None
-    seed_everything(cfg.train.seed, graph_safe=cfg.train.cuda_graph and device.type == "cuda")
+    world = World(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                  tp=p.tp, pp=p.pp, vpp=p.vpp, dp=dp, cp=p.cp, host_group=host_group)
+    seed_everything(cfg.train.seed, graph_safe=uses_cuda_graph(cfg, world))
     choose_cublas_workspace(cuda=device.type == "cuda", deterministic=cfg.train.deterministic)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
-                 tp=p.tp, pp=p.pp, vpp=p.vpp, dp=dp, cp=p.cp, host_group=host_group)
+    return world
+
+
+def uses_cuda_graph(cfg, world: World) -> bool:
+    """Whether each step's forward+backward is replayed as one CUDA graph: `train.cuda_graph` where it is set;
+    where it is null (the default), on for a one-GPU run of the fused path without train.recompute or
+    train.deterministic. That is where the CPU's kernel launches bound the step (320m: 1.65x on an H200) and where
+    the graph is tested against the eager step; with more GPUs, recompute or deterministic algorithms it is not."""
+    t = cfg.train
+    if t.cuda_graph is not None:
+        return t.cuda_graph and world.on_gpu
+    return world.on_gpu and world.world_size == 1 and t.fused and not t.recompute and not t.deterministic
 
 
 def choose_cublas_workspace(cuda: bool, deterministic: bool) -> None:

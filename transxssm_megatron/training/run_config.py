@@ -56,8 +56,9 @@ class TrainConfig:
                                          # add their weight gradients into the fp32 gradient buffer (megatron's
                                          # gradient accumulation fusion); false: bf16 weight gradients added by a
                                          # separate kernel
-    cuda_graph: bool = False             # replay each step's forward+backward as one captured CUDA graph: takes
-                                         # the CPU's kernel launches out of the step (GPU only)
+    cuda_graph: Optional[bool] = None    # replay each step's forward+backward as one captured CUDA graph: takes
+                                         # the CPU's kernel launches out of the step (GPU only); null: on for a
+                                         # one-GPU run with `fused`, without `recompute` or `deterministic`
     recompute: bool = False              # recompute each sub-layer's activations in backward: far less activation
                                          # memory (long contexts, larger micro-batches) for ~1/3 more compute
     recompute_layers: Optional[int] = None  # with `recompute`: only the first N decoder layers of each pipeline
