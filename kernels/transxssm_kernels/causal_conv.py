@@ -12,7 +12,9 @@ reads x|B|C once where proj holds it and writes the output once. The backward is
 tile of positions and channels, loads x at the 7 positions t-3..t+3 and the incoming gradient at t..t+3 (the
 overlapping tiles come from cache), recomputes the conv at t..t+3 for SiLU's derivative, and writes
 d xBC(t) = sum_k w[k] g(t + 3 - k) into a gradient laid out like proj, next to z's gradient; the weight and bias
-gradients are summed per program in fp32 and then over programs (no atomics: the sums do not depend on timing).
+gradients are summed per program in fp32, per element over its tiles and across positions once at the end (a sum
+across the warps in every tile put 20 barriers in the loop), and then over programs (no atomics: the sums do not
+depend on timing).
 Width 4 only (Mamba-2's; the caller keeps the compiled path for others). fp32 math, proj's dtype out, as the
 eager reference (`transxssm_megatron.model.fused_ops.split_projection.reference`).
 """
@@ -106,11 +108,12 @@ def conv_bwd_kernel(proj_ptr, w_ptr, bias_ptr, dx_ptr, db_ptr, dc_ptr, dproj_ptr
     c, column, mask_c = _channels(pid_c, channels, conv_width, z_width, group_width, BC)
     w0, w1, w2, w3 = _weights(w_ptr, c, mask_c)
     bias = tl.load(bias_ptr + c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    dw0 = tl.zeros((BC,), tl.float32)
-    dw1 = tl.zeros((BC,), tl.float32)
-    dw2 = tl.zeros((BC,), tl.float32)
-    dw3 = tl.zeros((BC,), tl.float32)
-    db = tl.zeros((BC,), tl.float32)
+    # per-element partial sums of the weight and bias gradients, reduced over positions once, after the loop
+    dw0 = tl.zeros((BT, BC), tl.float32)
+    dw1 = tl.zeros((BT, BC), tl.float32)
+    dw2 = tl.zeros((BT, BC), tl.float32)
+    dw3 = tl.zeros((BT, BC), tl.float32)
+    db = tl.zeros((BT, BC), tl.float32)
     strides = (sx_l, sx_b, sx_g), (sb_l, sb_b, sb_g), (sc_l, sc_b, sc_g)
     for i in range(tiles):
         t = ((pid_t * tiles + i) * BT + tl.arange(0, BT)).to(tl.int64)[:, None]
@@ -123,11 +126,11 @@ def conv_bwd_kernel(proj_ptr, w_ptr, bias_ptr, dx_ptr, db_ptr, dc_ptr, dproj_ptr
         g = _silu_grad(bias + w0 * xa + w1 * xb + w2 * xc + w3 * xd,
                        _load_grad(dx_ptr, db_ptr, dc_ptr, t, b, c, mask_c, length, conv_width, x_width, n, *strides))
         # weight k multiplies x(t - 3 + k) in the output at t
-        dw0 += tl.sum(g * xa, axis=0)
-        dw1 += tl.sum(g * xb, axis=0)
-        dw2 += tl.sum(g * xc, axis=0)
-        dw3 += tl.sum(g * xd, axis=0)
-        db += tl.sum(g, axis=0)
+        dw0 += g * xa
+        dw1 += g * xb
+        dw2 += g * xc
+        dw3 += g * xd
+        db += g
         dx = w3 * g
         xa = _load_x(proj_ptr, t + 1, b, column, mask_c, length, stride_l, stride_b)
         dx += w2 * _silu_grad(bias + w0 * xb + w1 * xc + w2 * xd + w3 * xa,
@@ -144,11 +147,11 @@ def conv_bwd_kernel(proj_ptr, w_ptr, bias_ptr, dx_ptr, db_ptr, dc_ptr, dproj_ptr
         tl.store(dproj_ptr + t * dproj_stride_l + b * dproj_stride_b + column[None, :],
                  dx.to(dproj_ptr.dtype.element_ty), mask=(t < length) & mask_c[None, :])
     part = (pid_t * tl.num_programs(1) + b) * channels
-    tl.store(dw_part_ptr + (part + c) * 4 + 0, dw0, mask=mask_c)
-    tl.store(dw_part_ptr + (part + c) * 4 + 1, dw1, mask=mask_c)
-    tl.store(dw_part_ptr + (part + c) * 4 + 2, dw2, mask=mask_c)
-    tl.store(dw_part_ptr + (part + c) * 4 + 3, dw3, mask=mask_c)
-    tl.store(db_part_ptr + part + c, db, mask=mask_c)
+    tl.store(dw_part_ptr + (part + c) * 4 + 0, tl.sum(dw0, axis=0), mask=mask_c)
+    tl.store(dw_part_ptr + (part + c) * 4 + 1, tl.sum(dw1, axis=0), mask=mask_c)
+    tl.store(dw_part_ptr + (part + c) * 4 + 2, tl.sum(dw2, axis=0), mask=mask_c)
+    tl.store(dw_part_ptr + (part + c) * 4 + 3, tl.sum(dw3, axis=0), mask=mask_c)
+    tl.store(db_part_ptr + part + c, tl.sum(db, axis=0), mask=mask_c)
 
 
 class _ConvSplit(torch.autograd.Function):
