@@ -480,8 +480,8 @@ class Trainer:
         it = self._data_iterators(lambda: data_lib.valid_batches(self.datasets.valid, self.cfg, self.world))
         reports = self.forward_backward(
             forward_step_func=self.forward_step, data_iterator=it, model=self.model,
-            num_microbatches=t.eval_iters * self.num_microbatches, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
-            forward_only=True)
+            num_microbatches=t.eval_iters * self.num_microbatches, seq_length=t.seq_length,
+            micro_batch_size=t.micro_batch_size, forward_only=True)
         for chunk in self.model:
             chunk.train()
         return float(_global_mean_loss(_sum_reports(reports), self.world))
