@@ -76,7 +76,8 @@ ROWS = {
     "1.3b_16k": ("1.3b", "hybrid", "1.3b", 16384, 1),
     "1.3b_32k": ("1.3b", "hybrid", "1.3b", 32768, 1),
 }
-VARIANTS = {"fused": ["train.cuda_graph=false"], "graph": ["train.cuda_graph=true"], "recompute": ["train.recompute=true"],
+VARIANTS = {"fused": ["train.cuda_graph=false"], "graph": ["train.cuda_graph=true"],
+            "recompute": ["train.recompute=true"],
             "overlap": ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"],
             "reference": ["train.fused=false"],
             "graph-no-wgrad-fusion": ["train.cuda_graph=true", "train.wgrad_fusion=false"],

@@ -1,6 +1,6 @@
 """`transxssm train` on one CUDA GPU (mock data, a 4-layer 320m-shaped model, 2 micro-batches per step):
-- a step replayed as a CUDA graph (the default on one GPU) gives the losses (relative 2e-3) and gradient norms (1e-2) of the eager step:
-  the same kernels, except that the SSD backward sums a few values with atomics, in any order, and bf16 training
+- a step replayed as a CUDA graph (the default on one GPU) gives the losses (relative 2e-3) and gradient norms
+  (1e-2) of the eager step: the same kernels, except that the SSD backward sums a few values with atomics, in any order, and bf16 training
   at lr 1e-3 amplifies that over steps. Measured on an H200 (bench/results/gpu-suite-2026-12-02.txt): losses
   within 1e-4, gradient norms within 3.2e-3 at step 6 of 8; a graph replaying stale buffers or skipping a
   micro-batch is off by far more;
