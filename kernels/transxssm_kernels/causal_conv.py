@@ -5,16 +5,20 @@ weight (G * c, 1, 4) and bias (G * c,). Out: z, a view of proj, and x, B, C, vie
 one (l, b, G, c) tensor. The conv runs along l, causally (zeros before the start), each channel on its own; the
 gradients of x, B and C may come as separate tensors of any strides.
 
-Why not torch.compile: Inductor wrote the conv as shifted multiply-adds into a padded fp32 copy of x|B|C, and its
-backward as four kernels plus a reduction for the weight gradient; on an H200 that took ~1.1 ms per 320m layer
+Used where asked for (TRANSXSSM_CONV_KERNELS=1; the model's default is the compiled conv): on an H200 the backward
+of an earlier version, whose per-tile sums across warps put 20 barriers in its loop, took ~2 ms per 320m layer and
+micro-batch of 16K tokens, and Mamba-2 320m trained 17% slower than with Inductor's conv; this version is not yet
+timed (docs/performance.md).
+
+The aim: Inductor writes the conv as shifted multiply-adds into a padded fp32 copy of x|B|C, and its
+backward as four kernels plus a reduction for the weight gradient; on an H200 that takes ~1.1 ms per 320m layer
 and micro-batch of 16K tokens, several times what reading and writing the activations once needs. Here the forward
 reads x|B|C once where proj holds it and writes the output once. The backward is one pass too: a program takes a
 tile of positions and channels, loads x at the 7 positions t-3..t+3 and the incoming gradient at t..t+3 (the
 overlapping tiles come from cache), recomputes the conv at t..t+3 for SiLU's derivative, and writes
 d xBC(t) = sum_k w[k] g(t + 3 - k) into a gradient laid out like proj, next to z's gradient; the weight and bias
-gradients are summed per program in fp32, per element over its tiles and across positions once at the end (a sum
-across the warps in every tile put 20 barriers in the loop), and then over programs (no atomics: the sums do not
-depend on timing).
+gradients are summed per program in fp32, per element over its tiles and across positions once at the end, and
+then over programs (no atomics: the sums do not depend on timing).
 Width 4 only (Mamba-2's; the caller keeps the compiled path for others). fp32 math, proj's dtype out, as the
 eager reference (`transxssm_megatron.model.fused_ops.split_projection.reference`).
 """

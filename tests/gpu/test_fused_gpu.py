@@ -60,7 +60,7 @@ def rand(*shape, dtype=torch.bfloat16, scale=1.0):
     return (torch.randn(*shape, device="cuda") * scale).to(dtype)
 
 
-def test_compiled_elementwise_ops_match_eager():
+def test_compiled_elementwise_ops_match_eager(monkeypatch):
     from transxssm_megatron.model import fused_ops
 
     torch.manual_seed(0)
@@ -78,8 +78,12 @@ def test_compiled_elementwise_ops_match_eager():
     compare_op(fused_ops.rotate_qkv, [rand(l, b, 2, 4, 64), cos[None].expand(b, -1, -1).contiguous(),
                                       sin[None].expand(b, -1, -1).contiguous(), 2])
     compare_op(fused_ops.split_projection, [rand(l, b, 4 * (64 + 256)), 4, (0, 64, 128, 128), None, None])
-    compare_op(fused_ops.split_projection, [rand(l, b, 4 * (128 + 128 + 256)), 4, (128, 128, 128, 128),
-                                            rand(4 * 384, 1, 4, scale=0.3), rand(4 * 384, scale=0.1)])
+    with_conv = [rand(l, b, 4 * (128 + 128 + 256)), 4, (128, 128, 128, 128), rand(4 * 384, 1, 4, scale=0.3),
+                 rand(4 * 384, scale=0.1)]
+    compare_op(fused_ops.split_projection, with_conv)           # compiled
+    monkeypatch.setenv("TRANSXSSM_CONV_KERNELS", "1")
+    compare_op(fused_ops.split_projection, with_conv)           # transxssm_kernels.causal_conv
+    monkeypatch.delenv("TRANSXSSM_CONV_KERNELS")
     compare_op(fused_ops.gate_norm, [rand(l, b, 4, 64), rand(l, b, 4, 64), rand(4, dtype=torch.float32),
                                      rand(l, b, 4, 64), rand(256) + 1, 1e-6, 128])
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -197,14 +198,16 @@ def split_projection(proj: torch.Tensor, groups: int, widths: tuple[int, int, in
     (of proj, or of the conv's output): the SSD kernels read any strides, so nothing is copied forward.
     Backward: without z and conv (TransXSSM's mixer) the SSD kernels write the gradients of x, B, C as views of one
     tensor laid out like proj, which `split_last_dim` passes on as proj's gradient, no copy; otherwise one compiled
-    write of proj's gradient from the pieces'. With the conv (width 4) on CUDA and fusion on, the Triton kernels of
-    transxssm_kernels.causal_conv run the split and the conv forward and backward (Inductor's conv took several
-    times the memory traffic: see that module)."""
+    write of proj's gradient from the pieces'. The conv (width 4) can run in the Triton kernels of
+    transxssm_kernels.causal_conv instead (CUDA, fusion on, TRANSXSSM_CONV_KERNELS=1): less memory traffic by
+    design, but their backward measured slower than Inductor's on an H200 (docs/performance.md), so compiled is
+    the default."""
     if widths[0] == 0 and conv_weight is None:
         l, b = proj.shape[:2]
         return (None, *split_last_dim(proj.view(l, b, groups, -1), widths[1:]))
     _announce(proj.device.type)
-    if _enabled and proj.is_cuda and conv_weight is not None and conv_weight.shape[-1] == 4:
+    if (_enabled and proj.is_cuda and conv_weight is not None and conv_weight.shape[-1] == 4
+            and os.environ.get("TRANSXSSM_CONV_KERNELS") == "1"):
         from transxssm_kernels.causal_conv import conv_split
 
         return conv_split(proj, groups, widths, conv_weight, conv_bias)
