@@ -14,7 +14,10 @@ With a head count that is not a multiple of 8 (12 at 320m) the projection runs w
 rows to the next multiple of 8: the output's rows are then a multiple of 16 bytes long, as cuBLAS's Hopper kernels
 need, where rows of 12 took its unaligned sm80 kernels (`cutlass_80_..._align2`: 19-32 us for each of the three
 products per 320m layer and micro-batch of 16K tokens, for ~10 us of memory traffic). dt is a view of the first H
-columns; the pad columns' gradient is zero.
+columns; the pad columns' gradient is zero. The weight gradient is formed from a contiguous copy of d dt's first H
+columns (T x 12 at 320m, a few microseconds): from the strided view of them cuBLAS ran its slowest kernel
+(`cutlass_75_..._align1`, 0.64 ms per layer and micro-batch, against 19-31 us for each of the three products
+before the padding) in a profiled Mamba-2 320m step (docs/performance.md).
 
 Only for TP = 1 without context parallelism: there in_proj's input gradient is final when its backward returns
 (no all-reduce or reduce-scatter over ranks follows inside megatron's linear). The join relies on dt_proj's
@@ -68,7 +71,9 @@ class _DtProjection(torch.autograd.Function):
         x, weight, padded = ctx.saved_tensors
         grad_dt = grad_dt.contiguous()   # (l, b, H padded); zero in the pad columns
         ctx.pending.grad_dt, ctx.pending.weight = grad_dt, padded
-        g2 = grad_dt.view(-1, grad_dt.shape[-1])[:, :weight.shape[0]]   # a view: rows stay 16-byte aligned
+        g2 = grad_dt.view(-1, grad_dt.shape[-1])
+        if g2.shape[1] != weight.shape[0]:
+            g2 = g2[:, :weight.shape[0]].contiguous()   # see the module docstring: not a strided view
         x2 = x.reshape(-1, x.shape[-1])
         main_grad = getattr(weight, "main_grad", None) if ctx.into_main_grad else None
         if main_grad is None:
