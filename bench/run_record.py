@@ -48,7 +48,8 @@ def gpu_uuids() -> list[str]:
 
 def environment(*packages: str) -> dict:
     """date, commit, gpu, gpu_uuids, python, torch, cuda, the version of each named package (None when it does not
-    import; `megatron.core` is recorded as `megatron_core`) and the command line."""
+    import; `megatron.core` is recorded as `megatron_core`), the command line, and the TRANSXSSM_* environment
+    variables set (`TRANSXSSM_CONV_KERNELS=1`, `TRANSXSSM_ADAMW=torch` choose other kernels)."""
     import torch
 
     record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
@@ -60,6 +61,7 @@ def environment(*packages: str) -> dict:
         except ImportError:
             record[name.replace(".", "_")] = None
     record["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+    record["environment_variables"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("TRANSXSSM_")}
     return record
 
 

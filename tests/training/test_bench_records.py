@@ -64,6 +64,14 @@ def test_gpu_uuids_name_each_visible_gpu_as_nvidia_smi_does(monkeypatch):
     assert run_record.gpu_uuids() == []
 
 
+def test_environment_records_the_kernel_choices_made_by_environment_variables(monkeypatch):
+    for name in [k for k in run_record.os.environ if k.startswith("TRANSXSSM_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("TRANSXSSM_CONV_KERNELS", "1")
+    monkeypatch.setenv("UNRELATED_SETTING", "x")
+    assert run_record.environment()["environment_variables"] == {"TRANSXSSM_CONV_KERNELS": "1"}
+
+
 def test_on_gpus_runs_every_item_once_on_gpus_at_once_in_order():
     import threading
 

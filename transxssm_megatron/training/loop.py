@@ -147,6 +147,8 @@ def describe_speed_paths(cfg: RunConfig, world: parallel.World) -> str:
         ops = "elementwise ops fused by torch.compile, chunked LM head + cross-entropy"
         if uses_wgrad_fusion(cfg, world):
             ops += ", weight gradients accumulated in fp32 by the matmuls"
+        if cfg.model.ss_conv1d and os.environ.get("TRANSXSSM_CONV_KERNELS") == "1":
+            ops += ", the causal conv1d in its Triton kernels (TRANSXSSM_CONV_KERNELS=1)"
     else:
         ops = "elementwise ops eager on CPU (fusion needs CUDA), chunked LM head + cross-entropy"
     graph = ", forward+backward replayed as a CUDA graph" if parallel.uses_cuda_graph(cfg, world) else ""
