@@ -37,6 +37,11 @@ def fusion_enabled() -> bool:
     return _enabled
 
 
+def conv_kernels_requested() -> bool:
+    """TRANSXSSM_CONV_KERNELS=1: the causal conv1d in transxssm_kernels.causal_conv rather than compiled."""
+    return os.environ.get("TRANSXSSM_CONV_KERNELS") == "1"
+
+
 def _announce(device_type: str) -> None:
     global _announced
     if not _announced:
@@ -207,7 +212,7 @@ def split_projection(proj: torch.Tensor, groups: int, widths: tuple[int, int, in
         return (None, *split_last_dim(proj.view(l, b, groups, -1), widths[1:]))
     _announce(proj.device.type)
     if (_enabled and proj.is_cuda and conv_weight is not None and conv_weight.shape[-1] == 4
-            and os.environ.get("TRANSXSSM_CONV_KERNELS") == "1"):
+            and conv_kernels_requested()):
         from transxssm_kernels.causal_conv import conv_split
 
         return conv_split(proj, groups, widths, conv_weight, conv_bias)
