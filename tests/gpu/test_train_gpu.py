@@ -1,15 +1,16 @@
 """`transxssm train` on one CUDA GPU (mock data, a 4-layer 320m-shaped model, 2 micro-batches per step):
 - a step replayed as a CUDA graph (the default on one GPU) gives the losses (relative 2e-3) and gradient norms
-  (1e-2) of the eager step: the same kernels, except that the SSD backward sums a few values with atomics, in any order, and bf16 training
-  at lr 1e-3 amplifies that over steps. Measured on an H200 (bench/results/gpu-suite-2026-12-02.txt): losses
-  within 1e-4, gradient norms within 3.2e-3 at step 6 of 8; a graph replaying stale buffers or skipping a
-  micro-batch is off by far more;
+  (1e-2) of the eager step: the same kernels, except that the SSD backward sums a few values with atomics, in any
+  order, and bf16 training at lr 1e-3 amplifies that over steps. Measured on an H200
+  (bench/results/gpu-suite-2026-12-02.txt): losses within 1e-4, gradient norms within 3.2e-3 at step 6 of 8; a
+  graph replaying stale buffers or skipping a micro-batch is off by far more;
 - weight gradients added into the fp32 buffer by the matmuls (the default) give the losses and gradient norms of
   bf16 weight gradients added afterwards (`train.wgrad_fusion=false`; the same tolerances): a gradient counted
   twice or dropped moves the gradient norm by far more;
 - a run resumed from its step-4 checkpoint (fused AdamW state, distributed optimizer) continues with the losses
   and gradient norms of the uninterrupted run (the same tolerances);
 - the same with the CUDA graph, validating every 2 steps: the eager run's training and validation losses;
+- two graphed trainers one after the other in one process (the demo's stop and resume): the eager run's losses;
 - activations recomputed in 2 of the 4 layers and in all: the same losses and gradient norms, less peak memory;
 - AdamW by transxssm_kernels.adamw, writing the bf16 parameters itself (the default), gives the losses and
   gradient norms of torch's fused AdamW followed by megatron's copy (TRANSXSSM_ADAMW=torch; the same
@@ -96,6 +97,29 @@ def test_cuda_graph_with_validation_and_resume(tmp_path):
         got = validation(run)
         assert [s for s, _ in got] == [s for s, _ in expected], run
         assert all(abs(a - b) / abs(b) < TOLERANCE["loss"] for (_, a), (_, b) in zip(got, expected)), (got, expected)
+
+
+TWO_TRAINERS = """
+import sys
+from transxssm_megatron.training.loop import train
+from transxssm_megatron.training.run_config import RunConfig
+overrides = sys.argv[2:]
+train(RunConfig.load("configs/320m.yaml", overrides + ["train.exit_after_steps=4", "checkpoint.interval=4"]))
+train(RunConfig.load("configs/320m.yaml", overrides + ["checkpoint.resume=auto", "checkpoint.interval=0"]))
+"""
+
+
+def test_two_graphed_trainers_in_one_process(tmp_path):
+    """The demo's pattern, under the one-GPU default: a trainer stops at step 4 with a checkpoint and a second one
+    in the same process resumes it, capturing its own graph (the first's is released): the eager run's losses."""
+    eager = train(tmp_path / "eager", "checkpoint.interval=0", EAGER)
+    run_dir = tmp_path / "two"
+    proc = subprocess.run([sys.executable, "-c", TWO_TRAINERS, "-", *SMALL, f"logging.run_dir={run_dir}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (proc.stdout + proc.stderr).count(GRAPHED) == 2
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert_same_steps([r for r in map(json.loads, lines) if "loss" in r], eager)
 
 
 def test_recompute_layers_trade_memory_for_the_same_losses(tmp_path):

@@ -39,11 +39,12 @@ def demo_config(out: Path, prefixes: list[str], weights: list[float], steps: int
     """The demo's run config: configs/tiny.yaml's model and recipe, with a CPU-sized batch and sequence.
 
     512 tokens per step: on 2 CPU cores a step of the tiny model costs ~0.5 s, most of it in the 50,304-word
-    LM head, so 200 steps take ~2 minutes of compute."""
+    LM head, so 200 steps take ~2 minutes of compute. Eager on a GPU too (train.cuda_graph=false): the demo shows
+    the workflow, not speed, and its two trainers share one process."""
     return {
         "model": {"preset": "tiny", "architecture": "transxssm"},
         "train": {"steps": steps, "seq_length": 128, "micro_batch_size": 4, "global_batch_size": 4,
-                  "eval_interval": max(steps // 4, 1), "eval_iters": 4},
+                  "eval_interval": max(steps // 4, 1), "eval_iters": 4, "cuda_graph": False},
         "optim": {"lr": 2e-3, "min_lr_ratio": 0.1, "warmup_fraction": 0.1, "weight_decay": 0.01, "clip_grad": 1.0},
         "data": {"mode": "gpt", "prefixes": prefixes, "weights": weights, "split": "95,5,0"},
         "checkpoint": {"interval": max(steps // 4, 1), "keep_last": 2, "resume": "auto"},
