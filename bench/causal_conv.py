@@ -8,8 +8,8 @@ model runs by default (`fused_ops.split_projection` through Inductor).
 POSITIONSxCHANNELSxWARPSxTILES: the backward's tile, warps per program and tiles per program. Every path is
 checked against the eager reference in fp32 (largest relative error over the outputs and the gradients of proj,
 the weight and the bias); times are medians of triton.testing.do_bench over forward + backward. Writes
-DIR/causal-conv.json and prints a table with each path's time and memory traffic per second (x|B|C read and the
-split written forward, the gradients read and proj's gradient written backward, each once).
+DIR/causal-conv.json and prints a table with each path's time and memory traffic per second (forward: x|B|C read
+and the conv's output written; backward: the gradients and x|B|C read, proj's gradient written; each once).
 """
 
 from __future__ import annotations
@@ -35,15 +35,21 @@ def main() -> int:
     parser.add_argument("--variants", default="16x64x8x16,16x64x8x4,16x64x8x1,16x64x4x16,16x64x4x1,32x64x8x4,"
                         "32x64x8x1,16x128x8x4,16x128x8x1,64x64x8x1")
     args = parser.parse_args()
+    try:
+        l, b, groups = map(int, args.shape.split(","))
+    except ValueError:
+        parser.error(f"--shape {args.shape!r}: want three integers l,b,G, e.g. 4096,4,12")
+    launches = {v: tuple(int(n) for n in v.split("x") if n.isdigit()) for v in args.variants.split(",")}
+    if any(len(launch) != 4 or len(v.split("x")) != 4 for v, launch in launches.items()):
+        parser.error(f"--variants {args.variants!r}: each is POSITIONSxCHANNELSxWARPSxTILES, e.g. 16x64x8x16")
     import transxssm_kernels.causal_conv as kernels
     from transxssm_megatron.model.fused_ops import split_projection
 
-    l, b, groups = map(int, args.shape.split(","))
     g = torch.Generator(device="cuda").manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, device="cuda", generator=g)  # noqa: E731
     channels = groups * sum(WIDTHS[1:])
     proj = rand(l, b, groups * sum(WIDTHS)).bfloat16()
-    weight, bias = (rand(channels, 1, 4) * 0.5).bfloat16(), (rand(channels) * 0.5).bfloat16()
+    weight, bias = (rand(channels, 1, kernels.WIDTH) * 0.5).bfloat16(), (rand(channels) * 0.5).bfloat16()
     grads = [rand(l, b, groups, w).bfloat16() for w in WIDTHS]
 
     def step(split, dtype=torch.bfloat16) -> list[torch.Tensor]:
@@ -57,17 +63,17 @@ def main() -> int:
     def record(split) -> dict:
         error = max(((a.float() - w).norm() / w.norm()).item() for a, w in zip(step(split), want))
         ms = do_bench(lambda: step(split), rep=200)
-        traffic = 2 * (proj.numel() + sum(d.numel() for d in grads) + proj.numel()) * 2   # bytes, bf16
+        xbc = l * b * channels
+        traffic = (3 * xbc + 2 * proj.numel()) * 2   # bytes, bf16: forward 2 x xbc, backward xbc + 2 x proj
         return {"ms_fwd_bwd": round(ms, 4), "tb_per_s": round(traffic / (ms * 1e-3) / 1e12, 2),
                 "max_rel_err": error}
 
     result = {"benchmark": "causal-conv", **environment("triton"), "l": l, "b": b, "groups": groups,
               "widths": WIDTHS, "compiled": record(split_projection), "kernels": {}}
     launch = (kernels.BLOCK_T_BWD, kernels.BLOCK_C_BWD, kernels.WARPS_BWD, kernels.TILES_PER_PROGRAM)
-    for variant in args.variants.split(","):
+    for variant, shape in launches.items():
         # the backward reads its launch shape from these module constants when it runs
-        (kernels.BLOCK_T_BWD, kernels.BLOCK_C_BWD, kernels.WARPS_BWD,
-         kernels.TILES_PER_PROGRAM) = map(int, variant.split("x"))
+        kernels.BLOCK_T_BWD, kernels.BLOCK_C_BWD, kernels.WARPS_BWD, kernels.TILES_PER_PROGRAM = shape
         result["kernels"][variant] = record(kernels.conv_split)
     kernels.BLOCK_T_BWD, kernels.BLOCK_C_BWD, kernels.WARPS_BWD, kernels.TILES_PER_PROGRAM = launch
     args.out.mkdir(parents=True, exist_ok=True)
