@@ -1,6 +1,6 @@
 """The Mamba-2 mixer's projection split with its causal conv1d + SiLU alone on one GPU, forward and backward:
-`transxssm_kernels.causal_conv.conv_split` for several backward launch shapes against the compiled split the
-model runs by default (`fused_ops.split_projection` through Inductor).
+`transxssm_kernels.causal_conv.conv_split` (the model's default on CUDA) for several backward launch shapes
+against Inductor's compiled split (`fused_ops.split_projection` with TRANSXSSM_CONV_KERNELS=0, set here).
 
     python bench/causal_conv.py --out DIR [--shape 4096,4,12] [--variants 16x64x8x16,16x64x8x1,...]
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def main() -> int:
         parser.error(f"--variants {args.variants!r}: each is POSITIONSxCHANNELSxWARPSxTILES, e.g. 16x64x8x16")
     import transxssm_kernels.causal_conv as kernels
     from transxssm_megatron.model.fused_ops import split_projection
+
+    os.environ["TRANSXSSM_CONV_KERNELS"] = "0"   # split_projection through Inductor: the baseline
 
     g = torch.Generator(device="cuda").manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, device="cuda", generator=g)  # noqa: E731

@@ -49,7 +49,7 @@ def gpu_uuids() -> list[str]:
 def environment(*packages: str) -> dict:
     """date, commit, gpu, gpu_uuids, python, torch, cuda, the version of each named package (None when it does not
     import; `megatron.core` is recorded as `megatron_core`), the command line, and the TRANSXSSM_* environment
-    variables set (`TRANSXSSM_CONV_KERNELS=1`, `TRANSXSSM_ADAMW=torch` choose other kernels)."""
+    variables set (`TRANSXSSM_CONV_KERNELS=0`, `TRANSXSSM_ADAMW=torch` choose other kernels)."""
     import torch
 
     record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),

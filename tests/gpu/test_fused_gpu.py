@@ -80,9 +80,10 @@ def test_compiled_elementwise_ops_match_eager(monkeypatch):
     compare_op(fused_ops.split_projection, [rand(l, b, 4 * (64 + 256)), 4, (0, 64, 128, 128), None, None])
     with_conv = [rand(l, b, 4 * (128 + 128 + 256)), 4, (128, 128, 128, 128), rand(4 * 384, 1, 4, scale=0.3),
                  rand(4 * 384, scale=0.1)]
-    compare_op(fused_ops.split_projection, with_conv)           # compiled
-    monkeypatch.setenv("TRANSXSSM_CONV_KERNELS", "1")
+    monkeypatch.delenv("TRANSXSSM_CONV_KERNELS", raising=False)
     compare_op(fused_ops.split_projection, with_conv)           # transxssm_kernels.causal_conv
+    monkeypatch.setenv("TRANSXSSM_CONV_KERNELS", "0")
+    compare_op(fused_ops.split_projection, with_conv)           # compiled
     monkeypatch.delenv("TRANSXSSM_CONV_KERNELS")
     compare_op(fused_ops.gate_norm, [rand(l, b, 4, 64), rand(l, b, 4, 64), rand(4, dtype=torch.float32),
                                      rand(l, b, 4, 64), rand(256) + 1, 1e-6, 128])

@@ -115,14 +115,15 @@ def test_the_cuda_graph_is_on_by_default_for_one_gpu_only(device, world_size, ov
 
 
 def test_the_speed_line_names_the_conv_kernels_where_they_run(monkeypatch):
-    monkeypatch.setenv("TRANSXSSM_CONV_KERNELS", "1")
+    monkeypatch.delenv("TRANSXSSM_CONV_KERNELS", raising=False)
     mamba2 = RunConfig.load(REPO / "configs/tiny.yaml", ["model.architecture=mamba2"])
     transxssm = RunConfig.load(REPO / "configs/tiny.yaml", [])
     assert "causal conv1d in its Triton kernels" in describe_speed_paths(mamba2, _world("cuda", 1))
     assert "conv1d" not in describe_speed_paths(transxssm, _world("cuda", 1))
     assert "conv1d" not in describe_speed_paths(mamba2, _world("cpu", 1))
-    monkeypatch.delenv("TRANSXSSM_CONV_KERNELS")
-    assert "conv1d" not in describe_speed_paths(mamba2, _world("cuda", 1))
+    monkeypatch.setenv("TRANSXSSM_CONV_KERNELS", "0")
+    assert "causal conv1d compiled (TRANSXSSM_CONV_KERNELS=0)" in describe_speed_paths(mamba2, _world("cuda", 1))
+    assert "conv1d" not in describe_speed_paths(transxssm, _world("cuda", 1))
 
 
 @pytest.mark.parametrize("overrides, hinted", [

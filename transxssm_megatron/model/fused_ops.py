@@ -37,9 +37,9 @@ def fusion_enabled() -> bool:
     return _enabled
 
 
-def conv_kernels_requested() -> bool:
-    """TRANSXSSM_CONV_KERNELS=1: the causal conv1d in transxssm_kernels.causal_conv rather than compiled."""
-    return os.environ.get("TRANSXSSM_CONV_KERNELS") == "1"
+def conv_kernels_chosen() -> bool:
+    """The causal conv1d in transxssm_kernels.causal_conv (the default); TRANSXSSM_CONV_KERNELS=0: compiled."""
+    return os.environ.get("TRANSXSSM_CONV_KERNELS", "1") != "0"
 
 
 def _announce(device_type: str) -> None:
@@ -203,16 +203,15 @@ def split_projection(proj: torch.Tensor, groups: int, widths: tuple[int, int, in
     (of proj, or of the conv's output): the SSD kernels read any strides, so nothing is copied forward.
     Backward: without z and conv (TransXSSM's mixer) the SSD kernels write the gradients of x, B, C as views of one
     tensor laid out like proj, which `split_last_dim` passes on as proj's gradient, no copy; otherwise one compiled
-    write of proj's gradient from the pieces'. The conv (width 4) can run in the Triton kernels of
-    transxssm_kernels.causal_conv instead (CUDA, fusion on, TRANSXSSM_CONV_KERNELS=1): less memory traffic by
-    design, but their backward measured slower than Inductor's on an H200 (docs/performance.md), so compiled is
-    the default."""
+    write of proj's gradient from the pieces'. With fusion on CUDA the conv (width 4) runs in the Triton kernels of
+    transxssm_kernels.causal_conv, which read and write the activations once (Mamba-2 320m 9% faster than with
+    Inductor's conv on an H200, docs/performance.md); TRANSXSSM_CONV_KERNELS=0 keeps it compiled."""
     if widths[0] == 0 and conv_weight is None:
         l, b = proj.shape[:2]
         return (None, *split_last_dim(proj.view(l, b, groups, -1), widths[1:]))
     _announce(proj.device.type)
     if (_enabled and proj.is_cuda and conv_weight is not None and conv_weight.shape[-1] == 4
-            and conv_kernels_requested()):
+            and conv_kernels_chosen()):
         from transxssm_kernels.causal_conv import conv_split
 
         return conv_split(proj, groups, widths, conv_weight, conv_bias)

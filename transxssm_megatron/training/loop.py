@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from transxssm_megatron.config import ConfigError
-from transxssm_megatron.model.fused_ops import conv_kernels_requested, set_fusion
+from transxssm_megatron.model.fused_ops import conv_kernels_chosen, set_fusion
 from transxssm_megatron.training import data as data_lib
 from transxssm_megatron.training import fast_optimizer
 from transxssm_megatron.training import metrics as metrics_lib
@@ -147,8 +147,9 @@ def describe_speed_paths(cfg: RunConfig, world: parallel.World) -> str:
         ops = "elementwise ops fused by torch.compile, chunked LM head + cross-entropy"
         if uses_wgrad_fusion(cfg, world):
             ops += ", weight gradients accumulated in fp32 by the matmuls"
-        if cfg.model.ss_conv1d and conv_kernels_requested():
-            ops += ", the causal conv1d in its Triton kernels (TRANSXSSM_CONV_KERNELS=1)"
+        if cfg.model.ss_conv1d:
+            ops += (", the causal conv1d in its Triton kernels" if conv_kernels_chosen()
+                    else ", the causal conv1d compiled (TRANSXSSM_CONV_KERNELS=0)")
     else:
         ops = "elementwise ops eager on CPU (fusion needs CUDA), chunked LM head + cross-entropy"
     graph = ", forward+backward replayed as a CUDA graph" if parallel.uses_cuda_graph(cfg, world) else ""
