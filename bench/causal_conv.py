@@ -15,6 +15,7 @@ and the conv's output written; backward: the gradients and x|B|C read, proj's gr
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -73,12 +74,9 @@ def main() -> int:
 
     result = {"benchmark": "causal-conv", **environment("triton"), "l": l, "b": b, "groups": groups,
               "widths": WIDTHS, "compiled": record(split_projection), "kernels": {}}
-    launch = (kernels.BLOCK_T_BWD, kernels.BLOCK_C_BWD, kernels.WARPS_BWD, kernels.TILES_PER_PROGRAM)
     for variant, shape in launches.items():
-        # the backward reads its launch shape from these module constants when it runs
-        kernels.BLOCK_T_BWD, kernels.BLOCK_C_BWD, kernels.WARPS_BWD, kernels.TILES_PER_PROGRAM = shape
-        result["kernels"][variant] = record(kernels.conv_split)
-    kernels.BLOCK_T_BWD, kernels.BLOCK_C_BWD, kernels.WARPS_BWD, kernels.TILES_PER_PROGRAM = launch
+        launch = kernels.BackwardLaunch(*shape)
+        result["kernels"][variant] = record(functools.partial(kernels.conv_split, backward_launch=launch))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "causal-conv.json").write_text(json.dumps(result, indent=1))
     print(f"l {l}, b {b}, {groups} groups: forward + backward ms, TB/s, largest relative error")

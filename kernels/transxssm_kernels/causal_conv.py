@@ -25,16 +25,29 @@ eager reference (`transxssm_megatron.model.fused_ops.split_projection.reference`
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 WIDTH = 4
-# Tiles (positions x channels). The backward keeps four x tiles, the gradient and per-channel sums live: 16 x 64
-# over 8 warps compiles for sm_90 to 128 registers a thread (Triton 3.6 and 3.8; over 4 warps 253-255, 16 x 128
-# spills), and a program takes 16 tiles, 256 positions, to keep few partial weight sums.
-BLOCK_T, BLOCK_C = 32, 128
-BLOCK_T_BWD, BLOCK_C_BWD, TILES_PER_PROGRAM, WARPS_BWD = 16, 64, 16, 8
+BLOCK_T, BLOCK_C = 32, 128   # the forward's tile (positions x channels)
+
+
+class BackwardLaunch(NamedTuple):
+    """The backward's tile (positions x channels), warps per program and tiles a program walks."""
+    positions: int
+    channels: int
+    warps: int
+    tiles: int
+
+
+# The backward keeps four x tiles, the gradient and per-channel sums live: 16 x 64 over 8 warps compiles for sm_90
+# to 128 registers a thread (Triton 3.6 and 3.8; over 4 warps 253-255, 16 x 128 spills). The fastest of ten launch
+# shapes on an H200 (bench/causal_conv.py): 0.83 ms forward + backward at Mamba-2 320m's split of 16K tokens, 1.89
+# with one tile per program, 1.04 over 4 warps.
+DEFAULT_BACKWARD = BackwardLaunch(positions=16, channels=64, warps=8, tiles=16)
 
 
 @triton.jit
@@ -160,7 +173,7 @@ def conv_bwd_kernel(proj_ptr, w_ptr, bias_ptr, dx_ptr, db_ptr, dc_ptr, dproj_ptr
 
 class _ConvSplit(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, proj, groups, widths, weight, bias):
+    def forward(ctx, proj, groups, widths, weight, bias, launch):
         l, b = proj.shape[:2]
         z_width, x_width, n, _ = widths
         group_width, conv_width = proj.shape[-1] // groups, x_width + 2 * n
@@ -170,14 +183,14 @@ class _ConvSplit(torch.autograd.Function):
         conv_fwd_kernel[grid](proj, weight, bias, out, l, channels, conv_width, z_width, group_width,
                               proj.stride(0), proj.stride(1), out.stride(0), out.stride(1), BT=BLOCK_T, BC=BLOCK_C)
         ctx.save_for_backward(proj, weight, bias)
-        ctx.groups, ctx.widths = groups, widths
+        ctx.groups, ctx.widths, ctx.launch = groups, widths, launch
         z = proj.view(l, b, groups, group_width)[..., :z_width] if z_width else None
         return (z, *out.split([x_width, n, n], dim=-1))
 
     @staticmethod
     def backward(ctx, dz, dx, dB, dC):
         proj, weight, bias = ctx.saved_tensors
-        groups, (z_width, x_width, n, _) = ctx.groups, ctx.widths
+        groups, (z_width, x_width, n, _), launch = ctx.groups, ctx.widths, ctx.launch
         l, b = proj.shape[:2]
         group_width, conv_width = proj.shape[-1] // groups, x_width + 2 * n
         channels = groups * conv_width
@@ -187,25 +200,27 @@ class _ConvSplit(torch.autograd.Function):
         # a piece no loss depends on has no gradient: zeros; a piece's last dim must be contiguous
         pieces = [torch.zeros((l, b, groups, w), device=proj.device, dtype=proj.dtype) if g is None else
                   g if g.stride(-1) == 1 else g.contiguous() for g, w in ((dx, x_width), (dB, n), (dC, n))]
-        programs_t = triton.cdiv(l, BLOCK_T_BWD * TILES_PER_PROGRAM)
+        programs_t = triton.cdiv(l, launch.positions * launch.tiles)
         dw_part = torch.empty((programs_t, b, channels, WIDTH), device=proj.device, dtype=torch.float32)
         db_part = torch.empty((programs_t, b, channels), device=proj.device, dtype=torch.float32)
-        grid = (programs_t, b, triton.cdiv(channels, BLOCK_C_BWD))
+        grid = (programs_t, b, triton.cdiv(channels, launch.channels))
         conv_bwd_kernel[grid](proj, weight, bias, *pieces, dproj, dw_part, db_part, l, channels, conv_width,
                               z_width, group_width, x_width, n, proj.stride(0), proj.stride(1),
                               *(st for g in pieces for st in g.stride()[:3]), dproj.stride(0), dproj.stride(1),
-                              tiles=TILES_PER_PROGRAM, BT=BLOCK_T_BWD, BC=BLOCK_C_BWD,
-                              num_warps=WARPS_BWD)
+                              tiles=launch.tiles, BT=launch.positions, BC=launch.channels,
+                              num_warps=launch.warps)
         dweight = dw_part.sum(dim=(0, 1)).view(weight.shape).to(weight.dtype)
         dbias = db_part.sum(dim=(0, 1)).to(bias.dtype)
-        return dproj.view(proj.shape), None, None, dweight, dbias
+        return dproj.view(proj.shape), None, None, dweight, dbias, None
 
 
 def conv_split(proj: torch.Tensor, groups: int, widths: tuple[int, int, int, int], weight: torch.Tensor,
-               bias: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+               bias: torch.Tensor, backward_launch: BackwardLaunch = DEFAULT_BACKWARD
+               ) -> tuple[torch.Tensor | None, ...]:
     """proj (l, b, G * (z + x + 2N)), per group [z | x B C], widths = (z, x, N, N) -> z (l, b, G, z), a view of proj
     (None when z is 0 wide), and x (l, b, G, x), B, C (l, b, G, N): views of silu(causal_conv(xBC) + bias);
-    weight (G * (x + 2N), 1, 4), bias (G * (x + 2N),). Differentiable; CUDA (or the Triton interpreter)."""
+    weight (G * (x + 2N), 1, 4), bias (G * (x + 2N),). Differentiable; CUDA (or the Triton interpreter).
+    backward_launch: the backward kernel's launch shape (bench/causal_conv.py compares them)."""
     z_width, x_width, n, n2 = widths
     channels = groups * (x_width + 2 * n)
     if weight.shape[-1] != WIDTH:
@@ -216,4 +231,4 @@ def conv_split(proj: torch.Tensor, groups: int, widths: tuple[int, int, int, int
     if weight.shape[0] != channels or bias.shape != (channels,):
         raise ValueError(f"conv_split: weight {tuple(weight.shape)} / bias {tuple(bias.shape)} do not match the "
                          f"{channels} conv channels")
-    return _ConvSplit.apply(proj, groups, tuple(widths), weight.contiguous(), bias.contiguous())
+    return _ConvSplit.apply(proj, groups, tuple(widths), weight.contiguous(), bias.contiguous(), backward_launch)

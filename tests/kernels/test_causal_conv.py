@@ -22,10 +22,10 @@ def rel(a, b):
 @pytest.mark.parametrize("widths, used", [((16, 24, 20, 20), "zxBC"), ((0, 24, 20, 20), "xBC"),
                                           ((16, 24, 20, 20), "xB")], ids=["z-gate", "no-z", "some-unused"])
 def test_conv_split_kernels_match_reference(widths, used):
-    from transxssm_kernels.causal_conv import BLOCK_C, BLOCK_T_BWD, TILES_PER_PROGRAM, conv_split
+    from transxssm_kernels.causal_conv import BLOCK_C, DEFAULT_BACKWARD, conv_split
 
     g = torch.Generator().manual_seed(0)
-    l, b, groups = BLOCK_T_BWD * TILES_PER_PROGRAM + 44, 2, 3
+    l, b, groups = DEFAULT_BACKWARD.positions * DEFAULT_BACKWARD.tiles + 44, 2, 3
     channels = groups * (widths[1] + 2 * widths[2])
     assert channels > BLOCK_C
     proj = torch.randn(l, b, groups * sum(widths), generator=g)
@@ -59,8 +59,9 @@ def test_conv_kernels_compile_for_sm90_without_spills():
     from sm90_report import sm90_reports
     from transxssm_kernels import causal_conv as cc
 
+    launch = cc.DEFAULT_BACKWARD
     kernels = [["conv_fwd_kernel", {"BT": cc.BLOCK_T, "BC": cc.BLOCK_C}, 4],
-               ["conv_bwd_kernel", {"BT": cc.BLOCK_T_BWD, "BC": cc.BLOCK_C_BWD, "tiles": cc.TILES_PER_PROGRAM},
-                cc.WARPS_BWD]]
+               ["conv_bwd_kernel", {"BT": launch.positions, "BC": launch.channels, "tiles": launch.tiles},
+                launch.warps]]
     for report in sm90_reports("transxssm_kernels.causal_conv", kernels, ["dw_part_ptr", "db_part_ptr"]):
         assert 0 < report["registers"] <= 255 and report["spill_store_bytes"] == 0, report
