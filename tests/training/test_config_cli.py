@@ -124,6 +124,9 @@ def test_the_speed_line_names_the_conv_kernels_where_they_run(monkeypatch):
     monkeypatch.setenv("TRANSXSSM_CONV_KERNELS", "0")
     assert "causal conv1d compiled (TRANSXSSM_CONV_KERNELS=0)" in describe_speed_paths(mamba2, _world("cuda", 1))
     assert "conv1d" not in describe_speed_paths(transxssm, _world("cuda", 1))
+    monkeypatch.delenv("TRANSXSSM_CONV_KERNELS")
+    width3 = RunConfig.load(REPO / "configs/tiny.yaml", ["model.architecture=mamba2", "model.ss_conv_width=3"])
+    assert "causal conv1d compiled (width 3; the kernels take 4)" in describe_speed_paths(width3, _world("cuda", 1))
 
 
 @pytest.mark.parametrize("overrides, hinted", [

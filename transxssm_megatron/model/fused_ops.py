@@ -37,9 +37,10 @@ def fusion_enabled() -> bool:
     return _enabled
 
 
-def conv_kernels_chosen() -> bool:
-    """The causal conv1d in transxssm_kernels.causal_conv (the default); TRANSXSSM_CONV_KERNELS=0: compiled."""
-    return os.environ.get("TRANSXSSM_CONV_KERNELS", "1") != "0"
+def conv_kernels_chosen(width: int) -> bool:
+    """Whether a causal conv1d of this width runs in transxssm_kernels.causal_conv (on CUDA, fusion on): width 4,
+    the kernels' one, unless TRANSXSSM_CONV_KERNELS=0 keeps it compiled."""
+    return width == 4 and os.environ.get("TRANSXSSM_CONV_KERNELS", "1") != "0"
 
 
 def _announce(device_type: str) -> None:
@@ -210,8 +211,7 @@ def split_projection(proj: torch.Tensor, groups: int, widths: tuple[int, int, in
         l, b = proj.shape[:2]
         return (None, *split_last_dim(proj.view(l, b, groups, -1), widths[1:]))
     _announce(proj.device.type)
-    if (_enabled and proj.is_cuda and conv_weight is not None and conv_weight.shape[-1] == 4
-            and conv_kernels_chosen()):
+    if _enabled and proj.is_cuda and conv_weight is not None and conv_kernels_chosen(conv_weight.shape[-1]):
         from transxssm_kernels.causal_conv import conv_split
 
         return conv_split(proj, groups, widths, conv_weight, conv_bias)

@@ -147,9 +147,12 @@ def describe_speed_paths(cfg: RunConfig, world: parallel.World) -> str:
         ops = "elementwise ops fused by torch.compile, chunked LM head + cross-entropy"
         if uses_wgrad_fusion(cfg, world):
             ops += ", weight gradients accumulated in fp32 by the matmuls"
-        if cfg.model.ss_conv1d:
-            ops += (", the causal conv1d in its Triton kernels" if conv_kernels_chosen()
-                    else ", the causal conv1d compiled (TRANSXSSM_CONV_KERNELS=0)")
+        width = cfg.model.ss_conv_width
+        if cfg.model.ss_conv1d and conv_kernels_chosen(width):
+            ops += ", the causal conv1d in its Triton kernels"
+        elif cfg.model.ss_conv1d:
+            why = "TRANSXSSM_CONV_KERNELS=0" if width == 4 else f"width {width}; the kernels take 4"
+            ops += f", the causal conv1d compiled ({why})"
     else:
         ops = "elementwise ops eager on CPU (fusion needs CUDA), chunked LM head + cross-entropy"
     graph = ", forward+backward replayed as a CUDA graph" if parallel.uses_cuda_graph(cfg, world) else ""
