@@ -119,7 +119,8 @@ def setup(cfg) -> World:
     world = World(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
                   tp=p.tp, pp=p.pp, vpp=p.vpp, dp=dp, cp=p.cp, host_group=host_group)
     seed_everything(cfg.train.seed, graph_safe=uses_cuda_graph(cfg, world))
-    choose_cublas_workspace(cuda=device.type == "cuda", deterministic=cfg.train.deterministic)
+    choose_cublas_workspace(cuda=device.type == "cuda", deterministic=cfg.train.deterministic,
+                            hidden_size=cfg.model.hidden_size)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     return world
@@ -136,15 +137,22 @@ def uses_cuda_graph(cfg, world: World) -> bool:
     return world.on_gpu and world.world_size == 1 and t.fused and not t.recompute and not t.deterministic
 
 
-def choose_cublas_workspace(cuda: bool, deterministic: bool) -> None:
+# From this hidden size on, CUDA training runs cuBLAS without a workspace (see choose_cublas_workspace).
+NO_WORKSPACE_FROM_HIDDEN = 2048
+
+
+def choose_cublas_workspace(cuda: bool, deterministic: bool, hidden_size: int) -> None:
     """Set cuBLAS's workspace (CUBLAS_WORKSPACE_CONFIG) unless the environment already does; PyTorch reads it at its
-    first matmul. Deterministic runs get the 4 MiB x 8 that cuBLAS needs for repeatable GEMMs. Other CUDA runs get
-    none: with a workspace cuBLAS zeroes part of it before each of its Hopper kernels (a memset per matmul, 271 per
-    1.3b micro-batch, each also a turnaround); without one it picks kernels that need none, and the 1.3b step ran
-    0.7% faster on an H200 (docs/performance.md)."""
+    first matmul. Deterministic runs get the 4 MiB x 8 that cuBLAS needs for repeatable GEMMs. CUDA runs of models
+    with hidden_size >= NO_WORKSPACE_FROM_HIDDEN get none: with a workspace cuBLAS zeroes part of it before each of
+    its Hopper kernels (a memset per matmul, 271 per 1.3b micro-batch, each also a turnaround); without one it picks
+    kernels that need none, and the 1.3b step ran 0.7% faster on an H200. Narrower models keep PyTorch's default
+    (32 MiB): without it TransXSSM 320m trained 2.4% slower on an H200 and Transformer 320m as fast
+    (docs/performance.md; likely the SS mixer's thin products, such as dt_proj's 12 x 768 weight gradient over
+    16K tokens, for which cuBLAS splits K only with a workspace)."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    elif cuda:
+    elif cuda and hidden_size >= NO_WORKSPACE_FROM_HIDDEN:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":0:0")
 
 
