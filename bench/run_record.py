@@ -49,7 +49,8 @@ def gpu_uuids() -> list[str]:
 def environment(*packages: str) -> dict:
     """date, commit, gpu, gpu_uuids, python, torch, cuda, the version of each named package (None when it does not
     import; `megatron.core` is recorded as `megatron_core`), the command line, and the TRANSXSSM_* environment
-    variables set (`TRANSXSSM_CONV_KERNELS=0`, `TRANSXSSM_ADAMW=torch` choose other kernels)."""
+    variables set (`TRANSXSSM_CONV_KERNELS=0`, `TRANSXSSM_ADAMW=torch` choose other kernels) and
+    CUBLAS_WORKSPACE_CONFIG where the command's environment sets it (training chooses one otherwise)."""
     import torch
 
     record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
@@ -61,7 +62,8 @@ def environment(*packages: str) -> dict:
         except ImportError:
             record[name.replace(".", "_")] = None
     record["command"] = " ".join([Path(sys.executable).name, *sys.argv])
-    record["environment_variables"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("TRANSXSSM_")}
+    record["environment_variables"] = {k: v for k, v in sorted(os.environ.items())
+                                       if k.startswith("TRANSXSSM_") or k == "CUBLAS_WORKSPACE_CONFIG"}
     return record
 
 

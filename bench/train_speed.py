@@ -41,8 +41,9 @@ the parameter all-gather with compute (docs/training.md). A row then takes N of 
 Writes OUT/train-speed.json: `rows` (one object per row: model, seq_length, micro_batch_size, ours_tokens_per_s,
 anchor_tokens_per_s, ours_mfu, mem_gib, and per-variant details; with --nproc, `processes` and tokens/s per GPU),
 the date, commit, GPU, the UUIDs of the GPUs seen (`gpu_uuids`: two calls that name the same ran on the same
-GPUs), versions, the TRANSXSSM_* environment variables set, and every command (with --gpus, `gpu_index` per
-row); each row's processes log to OUT/train-speed-ROW.log. Prints a short table at the end (the ratio per GPU).
+GPUs), versions, the TRANSXSSM_* environment variables and CUBLAS_WORKSPACE_CONFIG where set, and every command
+(with --gpus, `gpu_index` per row); each row's processes log to OUT/train-speed-ROW.log. Prints a short table
+at the end (the ratio per GPU).
 """
 
 from __future__ import annotations

@@ -69,7 +69,11 @@ def test_environment_records_the_kernel_choices_made_by_environment_variables(mo
         monkeypatch.delenv(name)
     monkeypatch.setenv("TRANSXSSM_CONV_KERNELS", "1")
     monkeypatch.setenv("UNRELATED_SETTING", "x")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     assert run_record.environment()["environment_variables"] == {"TRANSXSSM_CONV_KERNELS": "1"}
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    assert run_record.environment()["environment_variables"] == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+                                                                 "TRANSXSSM_CONV_KERNELS": "1"}
 
 
 def test_on_gpus_runs_every_item_once_on_gpus_at_once_in_order():

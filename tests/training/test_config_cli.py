@@ -234,3 +234,16 @@ def test_baseline_configs_are_their_size_with_another_architecture(arch, size):
     assert variant["logging"]["run_dir"] == f"runs/{arch}_{size}"
     for section in ("parallel", "train", "optim", "data", "checkpoint"):
         assert variant[section] == base[section], section
+
+
+@pytest.mark.parametrize("device, workspace, said", [
+    ("cuda", ":0:0", "cuBLAS without a workspace"), ("cuda", None, "cuBLAS with PyTorch's default workspace"),
+    ("cuda", ":4096:8", "cuBLAS workspace :4096:8"), ("cpu", ":0:0", None),
+])
+def test_the_speed_line_names_cublas_workspace(monkeypatch, device, workspace, said):
+    if workspace is None:
+        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", workspace)
+    line = describe_speed_paths(RunConfig.load(REPO / "configs/tiny.yaml", []), _world(device, 1))
+    assert (said in line) if said else ("cuBLAS" not in line)
