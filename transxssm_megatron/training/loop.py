@@ -158,9 +158,7 @@ def describe_speed_paths(cfg: RunConfig, world: parallel.World) -> str:
     graph = ", forward+backward replayed as a CUDA graph" if parallel.uses_cuda_graph(cfg, world) else ""
     names = {"overlap_grad_reduce": "gradient reduce", "overlap_param_gather": "parameter all-gather"}
     overlap = " and ".join(names[key] for key, on in overlapped_communication(cfg, world).items() if on)
-    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")   # parallel.choose_cublas_workspace's choice, or the user's
-    blas = "" if not world.on_gpu else ", cuBLAS without a workspace" if workspace == ":0:0" else \
-        f", cuBLAS workspace {workspace}" if workspace else ", cuBLAS with PyTorch's default workspace"
+    blas = f", {parallel.describe_cublas_workspace()}" if world.on_gpu else ""
     return f"speed: {ops}{graph}{blas}" + (f", {overlap} overlapped with compute" if overlap else "")
 
 

@@ -139,6 +139,7 @@ def uses_cuda_graph(cfg, world: World) -> bool:
 
 # From this hidden size on, CUDA training runs cuBLAS without a workspace (see choose_cublas_workspace).
 NO_WORKSPACE_FROM_HIDDEN = 2048
+NO_WORKSPACE = ":0:0"   # CUBLAS_WORKSPACE_CONFIG for none
 
 
 def choose_cublas_workspace(cuda: bool, deterministic: bool, hidden_size: int) -> None:
@@ -153,7 +154,15 @@ def choose_cublas_workspace(cuda: bool, deterministic: bool, hidden_size: int) -
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     elif cuda and hidden_size >= NO_WORKSPACE_FROM_HIDDEN:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", NO_WORKSPACE)
+
+
+def describe_cublas_workspace() -> str:
+    """The workspace cuBLAS runs with, for the log: choose_cublas_workspace's choice or the environment's."""
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if workspace == NO_WORKSPACE:
+        return "cuBLAS without a workspace"
+    return f"cuBLAS workspace {workspace}" if workspace else "cuBLAS with PyTorch's default workspace"
 
 
 def seed_everything(seed: int, graph_safe: bool = False) -> None:
